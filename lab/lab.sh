@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# lab.sh - compile SystemTap scripts for a Debian kernel and run them for real
+# in a throwaway QEMU guest. Everything (stap, kernel, qemu) comes from a
+# debootstrapped root under $LAB; QEMU uses TCG (this host's nested KVM is unusable).
+#
+#   lab.sh setup                                  # once; idempotent
+#   lab.sh compile SCRIPT.stp [stap args...]      # -> ./NAME.ko (NAME from script, or -m NAME)
+#   lab.sh run MODULE.ko [--] [modargs...] [--workload 'sh cmd in guest']
+#
+# run: module output -> stdout; /proc/net/snmp + netstat snapshots before/after,
+# staprun/workload messages -> stderr; exit = staprun rc, else workload rc,
+# 125 if the guest never reported. Env: LAB_DIR (default: ~/.cache/stap-lab),
+# LAB_SUITE=bookworm|trixie, LAB_GUEST_TIMEOUT (s, default 300), LAB_SMP, LAB_MEM, LAB_KEEP=1.
+set -euo pipefail
+LAB=${LAB_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tcpipstat-lab}; mkdir -p "$LAB"
+SUITE=${LAB_SUITE:-bookworm}        # bookworm: stap 4.8 + kernel 6.1; trixie: stap 5.1 + kernel 6.12
+ROOT=$LAB/$SUITE                    # debootstrapped root: stap, kernel, qemu, guest binaries
+APT=(apt-get -y -q -o DPkg::Lock::Timeout=900 --no-install-recommends)
+GUEST_BINS="/bin/busybox /usr/bin/staprun /usr/lib/systemtap/stapio /usr/bin/iperf3"
+
+# run a command chrooted in $ROOT with private /proc and /dev mounts (vanish on exit)
+in_root() {
+  unshare -m --propagation private sh -c \
+    'mount -t proc proc "$0/proc" && mount --bind /dev "$0/dev" && exec chroot "$0" "$@"' "$ROOT" "$@"
+}
+kver() { cat "$ROOT/.lab-kver"; }
+
+setup() {
+  export DEBIAN_FRONTEND=noninteractive
+  "${APT[@]}" install debootstrap cpio
+  if [ ! -e "$ROOT/.lab-debootstrap-ok" ]; then
+    grep -q " $ROOT/" /proc/mounts && { echo "refusing: mounts under $ROOT" >&2; exit 1; }
+    rm -rf "$ROOT"
+    debootstrap --variant=minbase "$SUITE" "$ROOT" http://deb.debian.org/debian
+    touch "$ROOT/.lab-debootstrap-ok"
+  fi
+  in_root apt-get -q update
+  # headers + -dbg (vmlinux with DWARF) + image of the suite's current cloud kernel
+  in_root env DEBIAN_FRONTEND=noninteractive "${APT[@]}" install systemtap iperf3 busybox-static \
+    qemu-system-x86 linux-headers-cloud-amd64 linux-image-cloud-amd64 linux-image-cloud-amd64-dbg
+  local v; v=$(ls "$ROOT"/usr/lib/debug/boot/ | sed -n 's/^vmlinux-//p' | sort -V | tail -1)
+  [ -d "$ROOT/usr/src/linux-headers-$v" ] && [ -f "$ROOT/boot/vmlinuz-$v" ] || { echo "no headers/image for $v" >&2; exit 1; }
+  echo "$v" > "$ROOT/.lab-kver"
+  local st=$ROOT/usr/share/systemtap     # minimal source fixes, see NOTES.md; idempotent
+  case $SUITE in
+    bookworm)  # stap 4.8: Debian 6.1.1xx backported task_work_cancel_func; kretprobe_instance lost ->rp in 5.11
+      sed -i 's/\btask_work_cancel\b/task_work_cancel_func/g' "$st/runtime/stp_task_work.c"
+      sed -i 's/pi->rp->data_size/get_kretprobe(pi)->data_size/' "$st/tapset/linux/kretprobe.stp"
+      cp "$ROOT/usr/lib/debug/boot/System.map-$v" "$ROOT/boot/" ;;  # /boot one is a stub
+    trixie)    # stap 5.1: 6.12 split uprobe_unregister into _nosync/_sync; make the lookup non-fatal
+      sed -i '/resolve uprobe_unregister!/{s/_stp_error(.*);/;/;n;s/goto err0;/;/}' "$st/runtime/transport/transport.c" ;;
+  esac
+  rm -rf "$ROOT/root/.systemtap/cache"  # don't reuse modules built before the fixes
+  # base initramfs: static busybox, staprun/stapio/iperf3 + their shared libraries
+  local g="$LAB/guest-$SUITE"; rm -rf "$g"; mkdir -p "$g"/{proc,sys,dev,tmp}
+  for f in $GUEST_BINS $(in_root ldd $GUEST_BINS 2>/dev/null | grep -o '/[^ ]*\.so[^ ]*' | sort -u); do
+    mkdir -p "$g$(dirname "$f")"; cp -L "$ROOT$f" "$g$f"
+  done
+  cat > "$g/init" <<'EOF'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/usr/bin TERM=dumb
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+mount -t debugfs debugfs /sys/kernel/debug; mount -t tmpfs tmp /tmp
+ip link set lo up
+stty -F /dev/ttyS1 raw -echo; stty -F /dev/ttyS2 raw -echo
+sh /run.sh >/dev/ttyS2 2>&1
+poweroff -f
+EOF
+  chmod +x "$g/init"
+  (cd "$g" && find . | cpio -o -H newc --quiet | gzip -1) > "$LAB/guest-$SUITE.cpio.gz"
+  echo "setup done: suite=$SUITE kernel=$(kver) stap=$(in_root dpkg-query -W -f='${Version}' systemtap)"
+}
+
+compile() {
+  local script=$1; shift
+  local name; name=$(basename "$script" .stp | tr -c 'a-zA-Z0-9_\n' _)
+  local w; w=$(mktemp -d "$ROOT/tmp/compile.XXXX"); trap "rm -rf '$w'" EXIT
+  cp "$script" "$w/"
+  local m=(); [[ " $* " == *" -m "* ]] || m=(-m "$name")
+  in_root sh -c 'cd "$1" && k=$2 && shift 2 && exec stap -p4 -r "$k" "$@"' sh "${w#"$ROOT"}" "$(kver)" \
+    "${m[@]}" "$(basename "$script")" "$@" > "$w/stdout"
+  local ko; ko=$(tail -1 "$w/stdout")
+  cp "$w/$ko" . && echo "$PWD/$ko"
+}
+
+run() {
+  local ko=$1; shift; [ -f "$ko" ] || { echo "no such module: $ko" >&2; exit 2; }
+  local args=() workload=""
+  while [ $# -gt 0 ]; do
+    case $1 in --) ;; --workload) workload=$2; shift ;; *) args+=("$1") ;; esac; shift
+  done
+  local r; r=$(mktemp -d "$ROOT/tmp/run.XXXX"); mkdir "$r/ov"; local q=${r#"$ROOT"}  # q: path seen in root
+  if [ -n "${LAB_KEEP:-}" ]; then echo "run dir: $r" >&2; else trap "rm -rf '$r'" EXIT; fi
+  cp "$ko" "$r/ov/"
+  local cflag=""
+  if [ -n "$workload" ]; then
+    printf '#!/bin/sh\nexec >/dev/ttyS2 2>&1\n( %s )\necho "@@WORKLOAD_RC=$?"\n' "$workload" > "$r/ov/workload.sh"
+    chmod +x "$r/ov/workload.sh"; cflag="-c /workload.sh"
+  fi
+  cat > "$r/ov/run.sh" <<EOF
+snap() { echo "@@SNMP_\$1"; grep -E '^(Ip|Tcp):' /proc/net/snmp; grep '^TcpExt:' /proc/net/netstat; }
+snap BEFORE
+timeout -s INT ${LAB_GUEST_TIMEOUT:-300} staprun $cflag /$(basename "$ko") ${args[*]+$(printf '%q ' "${args[@]}")} >/dev/ttyS1
+echo "@@STAPRUN_RC=\$?"
+snap AFTER
+EOF
+  (cd "$r/ov" && find . | cpio -o -H newc --quiet | gzip -1) | cat "$LAB/guest-$SUITE.cpio.gz" - > "$r/initrd"
+  local try
+  for try in 1 2 3; do  # retry only guests that died before /init ran (TCG early-boot flakes)
+    in_root timeout $(( ${LAB_GUEST_TIMEOUT:-300} + 120 )) qemu-system-x86_64 -accel tcg \
+      -smp "${LAB_SMP:-2}" -m "${LAB_MEM:-1024}" -nodefaults -no-user-config -display none -no-reboot \
+      -kernel "/boot/vmlinuz-$(kver)" -initrd "$q/initrd" -append 'console=ttyS0 quiet panic=-1' \
+      -serial "file:$q/console.log" -serial "file:$q/stdout" -serial "file:$q/meta" || true
+    [ -s "$r/meta" ] && break
+    echo "lab.sh: guest died before /init ran (try $try): $(grep -m1 -i panic "$r/console.log" || true)" >&2
+  done
+  touch "$r/stdout" "$r/meta" "$r/console.log"; cat "$r/stdout"; grep -v '^$' "$r/meta" >&2 || true
+  awk '/^@@SNMP_/ {s=substr($1,8); next}                     # oracle: non-zero counter deltas
+       /^[A-Za-z]+: [A-Za-z]/ {h[$1]=$0; next} /^[A-Za-z]+: -?[0-9]/ {v[s,$1]=$0}
+       END {for (p in h) {n=split(h[p],H," "); split(v["BEFORE",p],B," "); split(v["AFTER",p],A," "); o=""
+            for (i=2; i<=n; i++) if (A[i]-B[i]) o=o" "H[i]"="A[i]-B[i]; if (o) print "@@SNMP_DELTA " p o}}' "$r/meta" >&2
+  local rc wrc
+  rc=$(sed -n 's/^@@STAPRUN_RC=//p' "$r/meta"); wrc=$(sed -n 's/^@@WORKLOAD_RC=//p' "$r/meta")
+  if [ -z "$rc" ]; then echo "guest did not report; console log:" >&2; tail -40 "$r/console.log" >&2; rc=125; fi
+  [ "$rc" = 0 ] && rc=${wrc:-0}
+  return "$rc"
+}
+
+cmd=${1:-}; shift || true
+case $cmd in
+  setup) setup ;;
+  compile) [ $# -ge 1 ] || { echo "usage: $0 compile SCRIPT.stp [stap args]" >&2; exit 2; }; compile "$@" ;;
+  run) [ $# -ge 1 ] || { echo "usage: $0 run MODULE.ko [--] [modargs] [--workload CMD]" >&2; exit 2; }; run "$@" ;;
+  *) sed -n '2,13p' "$0"; exit 2 ;;
+esac

@@ -1,0 +1,136 @@
+"""The counter catalogue: what tcpipstat can count, where in the kernel, and how it is shown.
+
+A *unit* is one probe handler in tcpipstat/stp_templates/units.stp.j2 (same name).
+Its ``points`` are the probe points it is attached to; a unit whose points do not
+all resolve on a kernel is left out of the script, and the counters it feeds are
+reported as unavailable there (see tcpipstat/resolve.py).  A counter fed by several
+units (InSegs for IPv4 and IPv6, say) is available when at least one of its
+*primary* units is.
+
+Groups are what the user selects with ``--groups``; sections are how reports
+are laid out (like the classic tcpipstat.stp: Socket / Ip / Tcp / TcpExt).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GROUPS = ("socket", "tcp", "ip", "ext")
+SECTIONS = ("Socket", "Ip", "Tcp", "TcpExt")
+
+
+@dataclass(frozen=True)
+class Counter:
+    name: str
+    section: str
+    group: str
+    description: str
+    gauge: bool = False  # may go negative (a change, not a count)
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str
+    group: str
+    points: tuple[str, ...]
+    counters: tuple[str, ...]
+    primary: bool = True  # False: only adds coverage (e.g. IPv6) to a counter
+    note: str = ""
+
+
+def _f(name: str, ret: bool = False) -> str:
+    return f'kernel.function("{name}")' + (".return" if ret else "")
+
+
+COUNTERS: tuple[Counter, ...] = (
+    Counter("SendBytes", "Socket", "socket", "bytes handed to tcp_sendmsg() and accepted"),
+    Counter("SendMsgs", "Socket", "socket", "tcp_sendmsg() calls that sent at least one byte"),
+    Counter("RecvBytes", "Socket", "socket", "bytes returned by tcp_recvmsg()"),
+    Counter("RecvMsgs", "Socket", "socket", "tcp_recvmsg() calls that returned at least one byte"),
+    Counter("InReceives", "Ip", "ip", "IP datagrams received carrying TCP (ip_rcv)"),
+    Counter("OutRequests", "Ip", "ip", "IP datagrams carrying TCP passed to ip_output()"),
+    Counter("InDiscards", "Ip", "ip", "received datagrams dropped by ip_rcv() (includes header errors)"),
+    Counter("InNoRoutes", "Ip", "ip", "received datagrams with no route (ENETUNREACH)"),
+    Counter("InAddrErrors", "Ip", "ip", "received datagrams with an invalid destination (EHOSTUNREACH)"),
+    Counter("InUnknownProtos", "Ip", "ip", "datagrams answered by ICMP protocol unreachable"),
+    Counter("ForwDatagrams", "Ip", "ip", "datagrams forwarded (ip_forward_finish)"),
+    Counter("ReasmTimeout", "Ip", "ip", "reassembly time-outs answered by ICMP"),
+    Counter("ReasmReqds", "Ip", "ip", "fragments passed to ip_defrag()"),
+    Counter("FragOKs", "Ip", "ip", "datagrams fragmented successfully"),
+    Counter("FragFails", "Ip", "ip", "datagrams that needed fragmenting but could not be"),
+    Counter("ActiveOpens", "Tcp", "tcp", "connections opened by connect() (tcp_connect() succeeded)"),
+    Counter("PassiveOpens", "Tcp", "tcp", "connections accepted (child socket created from a listener)"),
+    Counter("AttemptFails", "Tcp", "tcp", "connections that died in SYN-SENT or SYN-RECV"),
+    Counter("EstabResets", "Tcp", "tcp", "ESTABLISHED or CLOSE-WAIT sockets that went straight to CLOSED"),
+    Counter("CurrEstab", "Tcp", "tcp", "change in ESTABLISHED/CLOSE-WAIT sockets (+1 in, -1 out)", gauge=True),
+    Counter("InSegs", "Tcp", "tcp", "TCP segments received (tcp_v4_rcv/tcp_v6_rcv)"),
+    Counter("OutSegs", "Tcp", "tcp", "TCP segments sent, retransmissions excluded (as the kernel counts)"),
+    Counter("RetransSegs", "Tcp", "tcp", "segments retransmitted (tcp_retransmit_skb() succeeded)"),
+    Counter("OutRsts", "Tcp", "tcp", "resets sent"),
+    Counter("DelayedACKs", "TcpExt", "ext", "ACKs sent by the delayed-ACK timer"),
+    Counter("ListenOverflows", "TcpExt", "ext", "handshakes dropped because the accept queue was full"),
+    Counter("ListenDrops", "TcpExt", "ext", "handshakes dropped at the listener (any reason)"),
+    Counter("TCPMemoryPressures", "TcpExt", "ext", "times TCP entered memory pressure"),
+)
+
+COUNTER_BY_NAME = {c.name: c for c in COUNTERS}
+
+UNITS: tuple[Unit, ...] = (
+    Unit("sendmsg", "socket", (_f("tcp_sendmsg", True),), ("SendBytes", "SendMsgs")),
+    Unit("recvmsg", "socket", (_f("tcp_recvmsg", True),), ("RecvBytes", "RecvMsgs")),
+    Unit("InReceives", "ip", (_f("ip_rcv"),), ("InReceives",), note="IPv4 only"),
+    Unit("OutRequests", "ip", (_f("ip_output"),), ("OutRequests",), note="IPv4 only"),
+    Unit("InDiscards", "ip", (_f("ip_rcv", True),), ("InDiscards",), note="IPv4 only"),
+    Unit("InRouteErrors", "ip", (_f("ip_route_input_noref", True),), ("InNoRoutes", "InAddrErrors")),
+    Unit("IcmpErrors", "ip", (_f("__icmp_send"),), ("InUnknownProtos", "ReasmTimeout"),
+         note="icmp_send() is an inline wrapper of __icmp_send() since Linux 5.7"),
+    Unit("ForwDatagrams", "ip", (_f("ip_forward_finish"),), ("ForwDatagrams",)),
+    Unit("ReasmReqds", "ip", (_f("ip_defrag"),), ("ReasmReqds",)),
+    Unit("Frag", "ip", (_f("ip_fragment", True),), ("FragOKs", "FragFails")),
+    Unit("ActiveOpens", "tcp", (_f("tcp_connect", True),), ("ActiveOpens",)),
+    Unit("PassiveOpens", "tcp", (_f("tcp_v4_syn_recv_sock", True),), ("PassiveOpens",)),
+    Unit("PassiveOpens6", "tcp", (_f("tcp_v6_syn_recv_sock", True),), ("PassiveOpens",), primary=False),
+    Unit("AttemptFails", "tcp", (_f("tcp_done"),), ("AttemptFails",)),
+    Unit("StateChanges", "tcp", (_f("tcp_set_state"),), ("EstabResets", "CurrEstab")),
+    Unit("InSegs", "tcp", (_f("tcp_v4_rcv"),), ("InSegs",)),
+    Unit("InSegs6", "tcp", (_f("tcp_v6_rcv"),), ("InSegs",), primary=False),
+    Unit("OutSegs", "tcp", (_f("__tcp_transmit_skb"),), ("OutSegs",)),
+    Unit("OutSegsCtl", "tcp", (_f("tcp_v4_send_ack"), _f("tcp_v4_send_reset")), ("OutSegs", "OutRsts"),
+         primary=False),
+    Unit("OutSegsSynack", "tcp", (_f("tcp_make_synack"),), ("OutSegs",), primary=False),
+    Unit("RetransSegs", "tcp", (_f("tcp_retransmit_skb", True),), ("RetransSegs",)),
+    Unit("OutRsts", "tcp", (_f("tcp_send_active_reset"),), ("OutRsts",)),
+    Unit("DelayedACKs", "ext", (_f("tcp_delack_timer_handler"), _f("tcp_delack_timer_handler", True),
+                                _f("tcp_delack_timer", True), _f("tcp_send_ack")), ("DelayedACKs",)),
+    Unit("ListenDrops", "ext", (_f("tcp_v4_syn_recv_sock", True),), ("ListenOverflows", "ListenDrops")),
+    Unit("TCPMemoryPressures", "ext", (_f("tcp_enter_memory_pressure"),), ("TCPMemoryPressures",)),
+)
+
+UNIT_BY_NAME = {u.name: u for u in UNITS}
+
+
+def units_for_groups(groups: tuple[str, ...] | list[str]) -> list[Unit]:
+    return [u for u in UNITS if u.group in groups]
+
+
+def counters_for_units(units: list[Unit]) -> list[str]:
+    """Counters fed by a primary unit among ``units``, in catalogue order."""
+    fed = {c for u in units if u.primary for c in u.counters}
+    return [c.name for c in COUNTERS if c.name in fed]
+
+
+def all_points() -> list[str]:
+    seen: dict[str, None] = {}
+    for u in UNITS:
+        for p in u.points:
+            seen.setdefault(p, None)
+    return list(seen)
+
+
+@dataclass
+class Availability:
+    """Which units resolve on one kernel."""
+    kernel: str
+    resolved_points: frozenset[str] = field(default_factory=frozenset)
+
+    def unit_ok(self, unit: Unit) -> bool:
+        return all(p in self.resolved_points for p in unit.points)

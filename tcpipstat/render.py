@@ -1,0 +1,71 @@
+"""Plan -> SystemTap script text (Jinja templates in tcpipstat/stp_templates/).
+
+Only the probe units and the table size reach the script text; everything else
+the user chooses travels as module parameters (see :func:`module_args`), so the
+compiled module is reused for every filter, index, timeout and report option.
+Nothing the user types is ever placed into the script text.
+"""
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+
+import jinja2
+
+from . import __version__
+from .counters import UNITS, counters_for_units
+from .filters import FILTER_FIELDS, MAX_FILTERS, Filter
+
+FORMAT_VERSION = 1
+
+
+@lru_cache(maxsize=1)
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("tcpipstat", "stp_templates"),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def select_units(unit_names: set[str] | frozenset[str]) -> list[str]:
+    """Close a set of available unit names: drop secondary units whose counter
+    has no primary unit (their array would not exist)."""
+    chosen = [u for u in UNITS if u.name in unit_names]
+    fed = set(counters_for_units(chosen))
+    return [u.name for u in chosen if u.primary or u.counters[0] in fed]
+
+
+def render_script(unit_names: list[str] | set[str], max_sockets: int) -> str:
+    units = select_units(set(unit_names))
+    counters = counters_for_units([u for u in UNITS if u.name in units])
+    return _env().get_template("tcpipstat.stp.j2").render(
+        version=__version__,
+        format_version=FORMAT_VERSION,
+        units=set(units),
+        counters=counters,
+        max_sockets=int(max_sockets),
+        max_filters=MAX_FILTERS,
+        filter_fields=FILTER_FIELDS,
+    )
+
+
+def render_probe_check(points: list[str]) -> str:
+    """A script whose pass 2 tells which of ``points`` resolve on a kernel."""
+    return _env().get_template("probe_check.stp.j2").render(points=points)
+
+
+def script_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def module_args(filters: list[Filter], timeout_s: float | None) -> list[str]:
+    """staprun NAME=VALUE arguments: numbers only, whatever the user typed."""
+    args = [f"tis_nfilters={len(filters)}"]
+    for i, flt in enumerate(filters):
+        for name, value in zip(FILTER_FIELDS, flt.slots()):
+            args.append(f"tis_f{i}_{name}={int(value)}")
+    if timeout_s:
+        args.append(f"tis_timeout_ms={int(round(timeout_s * 1000))}")
+    return args
