@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
-# lab.sh - compile SystemTap scripts for a Debian kernel and run them for real
-# in a throwaway QEMU guest. Everything (stap, kernel, qemu) comes from a
-# debootstrapped root under $LAB; QEMU uses TCG (this host's nested KVM is unusable).
+# lab.sh - tcpipstat's kernel lab: compile SystemTap scripts for a Debian kernel and
+# run them for real in a throwaway QEMU guest. Everything (stap, kernel, qemu) comes
+# from a debootstrapped root under $LAB; QEMU uses TCG (nested KVM is unusable here).
 #
 #   lab.sh setup                                  # once; idempotent
 #   lab.sh compile SCRIPT.stp [stap args...]      # -> ./NAME.ko (NAME from script, or -m NAME)
 #   lab.sh run MODULE.ko [--] [modargs...] [--workload 'sh cmd in guest']
+#   lab.sh kver                                   # the lab kernel's release
+#   lab.sh stap ARGS...      # stand-in for `stap` (TCPIPSTAT_STAP): runs in the root, .ko back in cwd
+#   lab.sh staprun [-c CMD] MODULE.ko [modargs]   # stand-in for `staprun` (TCPIPSTAT_STAPRUN): in the guest
 #
 # run: module output -> stdout; /proc/net/snmp + netstat snapshots before/after,
 # staprun/workload messages -> stderr; exit = staprun rc, else workload rc,
-# 125 if the guest never reported. Env: LAB_DIR (default: ~/.cache/stap-lab),
+# 125 if the guest never reported. LAB_META_OUT=FILE: the guest meta (snapshots,
+# @@ lines) goes there instead of stderr. Env: LAB_DIR (default: ~/.cache/tcpipstat-lab),
 # LAB_SUITE=bookworm|trixie, LAB_GUEST_TIMEOUT (s, default 300), LAB_SMP, LAB_MEM, LAB_KEEP=1.
 set -euo pipefail
 LAB=${LAB_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tcpipstat-lab}; mkdir -p "$LAB"
 SUITE=${LAB_SUITE:-bookworm}        # bookworm: stap 4.8 + kernel 6.1; trixie: stap 5.1 + kernel 6.12
 ROOT=$LAB/$SUITE                    # debootstrapped root: stap, kernel, qemu, guest binaries
 APT=(apt-get -y -q -o DPkg::Lock::Timeout=900 --no-install-recommends)
-GUEST_BINS="/bin/busybox /usr/bin/staprun /usr/lib/systemtap/stapio /usr/bin/iperf3"
+GUEST_BINS="/bin/busybox /usr/bin/staprun /usr/lib/systemtap/stapio /usr/bin/iperf3 /usr/local/bin/tcpwork"
+HERE=$(cd "$(dirname "$0")" && pwd)
 
 # run a command chrooted in $ROOT with private /proc and /dev mounts (vanish on exit)
 in_root() {
@@ -36,7 +41,7 @@ setup() {
   fi
   in_root apt-get -q update
   # headers + -dbg (vmlinux with DWARF) + image of the suite's current cloud kernel
-  in_root env DEBIAN_FRONTEND=noninteractive "${APT[@]}" install systemtap iperf3 busybox-static \
+  in_root env DEBIAN_FRONTEND=noninteractive "${APT[@]}" install systemtap iperf3 busybox-static libc6-dev \
     qemu-system-x86 linux-headers-cloud-amd64 linux-image-cloud-amd64 linux-image-cloud-amd64-dbg
   local v; v=$(ls "$ROOT"/usr/lib/debug/boot/ | sed -n 's/^vmlinux-//p' | sort -V | tail -1)
   [ -d "$ROOT/usr/src/linux-headers-$v" ] && [ -f "$ROOT/boot/vmlinuz-$v" ] || { echo "no headers/image for $v" >&2; exit 1; }
@@ -51,6 +56,9 @@ setup() {
       sed -i '/resolve uprobe_unregister!/{s/_stp_error(.*);/;/;n;s/goto err0;/;/}' "$st/runtime/transport/transport.c" ;;
   esac
   rm -rf "$ROOT/root/.systemtap/cache"  # don't reuse modules built before the fixes
+  # the lab's own workload with known counts (lab/workload/tcpwork.c), static for the guest
+  mkdir -p "$ROOT/usr/local/src" && cp "$HERE/workload/tcpwork.c" "$ROOT/usr/local/src/"
+  in_root gcc -O2 -Wall -static -o /usr/local/bin/tcpwork /usr/local/src/tcpwork.c
   # base initramfs: static busybox, staprun/stapio/iperf3 + their shared libraries
   local g="$LAB/guest-$SUITE"; rm -rf "$g"; mkdir -p "$g"/{proc,sys,dev,tmp}
   for f in $GUEST_BINS $(in_root ldd $GUEST_BINS 2>/dev/null | grep -o '/[^ ]*\.so[^ ]*' | sort -u); do
@@ -115,16 +123,43 @@ EOF
     [ -s "$r/meta" ] && break
     echo "lab.sh: guest died before /init ran (try $try): $(grep -m1 -i panic "$r/console.log" || true)" >&2
   done
-  touch "$r/stdout" "$r/meta" "$r/console.log"; cat "$r/stdout"; grep -v '^$' "$r/meta" >&2 || true
+  touch "$r/stdout" "$r/meta" "$r/console.log"; cat "$r/stdout"
+  local meta=/dev/stderr
+  if [ -n "${LAB_META_OUT:-}" ]; then  # meta to the file; staprun's and the workload's own lines to stderr
+    meta=$LAB_META_OUT; grep -v -E '^$|^@@|^(Ip|Tcp|TcpExt): ' "$r/meta" >&2 || true
+  fi
+  grep -v '^$' "$r/meta" >> "$meta" || true
   awk '/^@@SNMP_/ {s=substr($1,8); next}                     # oracle: non-zero counter deltas
        /^[A-Za-z]+: [A-Za-z]/ {h[$1]=$0; next} /^[A-Za-z]+: -?[0-9]/ {v[s,$1]=$0}
        END {for (p in h) {n=split(h[p],H," "); split(v["BEFORE",p],B," "); split(v["AFTER",p],A," "); o=""
-            for (i=2; i<=n; i++) if (A[i]-B[i]) o=o" "H[i]"="A[i]-B[i]; if (o) print "@@SNMP_DELTA " p o}}' "$r/meta" >&2
+            for (i=2; i<=n; i++) if (A[i]-B[i]) o=o" "H[i]"="A[i]-B[i]; if (o) print "@@SNMP_DELTA " p o}}' "$r/meta" >> "$meta"
   local rc wrc
   rc=$(sed -n 's/^@@STAPRUN_RC=//p' "$r/meta"); wrc=$(sed -n 's/^@@WORKLOAD_RC=//p' "$r/meta")
   if [ -z "$rc" ]; then echo "guest did not report; console log:" >&2; tail -40 "$r/console.log" >&2; rc=125; fi
-  [ "$rc" = 0 ] && rc=${wrc:-0}
+  [ "$rc" = 0 ] && [ -z "${LAB_STAPRUN_RC_ONLY:-}" ] && rc=${wrc:-0}
   return "$rc"
+}
+
+# stand-in for `stap` as tcpipstat calls it (cwd holds the script; -m NAME -> NAME.ko back in cwd)
+stap_cmd() {
+  local w; w=$(mktemp -d "$ROOT/tmp/stap.XXXX"); trap "rm -rf '$w'" EXIT
+  local a; for a in "$@"; do case $a in *.stp) [ -f "$a" ] && cp "$a" "$w/" ;; esac; done
+  local rc=0
+  in_root sh -c 'cd "$1" && shift && exec stap "$@"' sh "${w#"$ROOT"}" "$@" || rc=$?
+  for a in "$w"/*.ko; do [ -f "$a" ] && cp "$a" .; done
+  return $rc
+}
+
+# stand-in for `staprun [-c CMD] MODULE.ko [modargs]`: the module runs in the guest
+staprun_cmd() {
+  local workload=""
+  while [ $# -gt 0 ]; do
+    case $1 in -c) workload=$2; shift 2 ;; -*) echo "lab.sh staprun: unsupported option $1" >&2; exit 2 ;; *) break ;; esac
+  done
+  [ $# -ge 1 ] || { echo "usage: $0 staprun [-c CMD] MODULE.ko [modargs]" >&2; exit 2; }
+  local ko=$1; shift
+  export LAB_STAPRUN_RC_ONLY=1   # like staprun: its own status, not the command's
+  if [ -n "$workload" ]; then run "$ko" -- "$@" --workload "$workload"; else run "$ko" -- "$@"; fi
 }
 
 cmd=${1:-}; shift || true
@@ -132,5 +167,8 @@ case $cmd in
   setup) setup ;;
   compile) [ $# -ge 1 ] || { echo "usage: $0 compile SCRIPT.stp [stap args]" >&2; exit 2; }; compile "$@" ;;
   run) [ $# -ge 1 ] || { echo "usage: $0 run MODULE.ko [--] [modargs] [--workload CMD]" >&2; exit 2; }; run "$@" ;;
-  *) sed -n '2,13p' "$0"; exit 2 ;;
+  kver) kver ;;
+  stap) stap_cmd "$@" ;;
+  staprun) staprun_cmd "$@" ;;
+  *) sed -n '2,17p' "$0"; exit 2 ;;
 esac

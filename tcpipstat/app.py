@@ -1,0 +1,212 @@
+"""The main path: arguments -> plan -> script -> stap -> records -> model -> report.
+
+``main()`` is the one place where errors become exit statuses (errors.ExitStatus).
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+from typing import IO
+
+from rich.console import Console
+
+from .counters import UNITS, all_points, counters_for_units, units_for_groups
+from .errors import EnvironmentNotReady, ExitStatus, TcpipstatError, UsageError
+from .model import Collection
+from .plan import Plan, build_plan
+from .procs import fill_processes
+from .records import Parser
+from .render import module_args, render_probe_check, render_script, select_units
+from .report import (ReportContext, closed_socket_row, render_footer, render_tables, row_table,
+                     write_csv, write_json)
+from .stap import Collector, RunOutcome, Toolchain
+
+PROG = "tcpipstat"
+
+
+def dump_script(plan: Plan) -> str:
+    """The script for the chosen groups, before probe resolution (every unit)."""
+    return render_script([u.name for u in units_for_groups(plan.groups)], plan.max_sockets)
+
+
+def kernel_release(plan: Plan) -> str:
+    return plan.kernel_release or os.uname().release
+
+
+def prepare(plan: Plan, tc: Toolchain, log) -> tuple[str, list[str], list[str]]:
+    """Resolve probe points on the target kernel; returns (script, available, unavailable)."""
+    kver = kernel_release(plan)
+    points = all_points()
+    log(f"checking which probe points exist on kernel {kver}...")
+    resolved = tc.resolve(points, kver, render_probe_check(points))
+    wanted = units_for_groups(plan.groups)
+    ok = [u.name for u in wanted if all(p in resolved for p in u.points)]
+    units = select_units(set(ok))
+    available = counters_for_units([u for u in UNITS if u.name in units])
+    every = counters_for_units(wanted)
+    unavailable = [c for c in every if c not in available]
+    return render_script(units, plan.max_sockets), available, unavailable
+
+
+def _consoles(plan: Plan, out: IO[str], err: IO[str]):
+    console = Console(file=out, highlight=False, soft_wrap=False)
+    errc = Console(file=err, highlight=False, stderr=True)
+    return console, errc
+
+
+def _on_close(plan: Plan, collection: Collection, ctx: ReportContext, console: Console, out: IO[str]) -> None:
+    if not plan.onclose:
+        return
+    if plan.output == "table":
+        collection.on_close = lambda st: console.print(row_table(
+            closed_socket_row(st), ctx,
+            "" if st.opened_during_collection else "(opened before collection started: partial totals)"))
+    elif plan.output == "json":
+        collection.on_close = lambda st: (write_json(out, [closed_socket_row(st)], ctx), out.flush())
+
+
+def collect_live(plan: Plan, console: Console, errc: Console, out: IO[str], err: IO[str]):
+    def log(msg: str) -> None:
+        if plan.output == "table" or plan.verbose:
+            errc.print(f"[dim]{PROG}: {msg}[/]")
+
+    tc = Toolchain.find()
+    if not tc.overridden and os.geteuid() != 0:
+        raise EnvironmentNotReady("collecting needs root (staprun loads a kernel module)",
+                                  "run it with sudo, or use --dump-script to see the script")
+    script, available, unavailable = prepare(plan, tc, log)
+    kver = kernel_release(plan)
+    log(f"compiling the collector for {kver} (cached after the first run)...")
+    ko = tc.compile(script, kver, plan.compile_flags(), plan.verbose)
+
+    ctx = ReportContext(tuple(available), tuple(unavailable), plan.nozeros)
+    collection = Collection()
+    _on_close(plan, collection, ctx, console, out)
+    runner = Collector(tc, ko, module_args(list(plan.filters), plan.timeout_s), plan.command,
+                       echo_stderr=lambda line: print(line, file=err))
+    parser = Parser("staprun")
+    saved = open(plan.save_records, "w") if plan.save_records else None
+    if saved:
+        saved.write(f"# tcpipstat records; kernel={kver}; unavailable={','.join(unavailable)}\n")
+    previous = signal.signal(signal.SIGINT, lambda *_: runner.interrupt())
+    try:
+        what = f"running {plan.command!r}" if plan.command else (
+            f"for {plan.timeout_s:g} s" if plan.timeout_s else "until Ctrl-C")
+        log(f"collecting {what}...")
+        for lineno, line in enumerate(runner.lines(), 1):
+            if saved:
+                saved.write(line)
+            rec = parser.parse_line(line, lineno)
+            if rec is not None:
+                collection.add(rec)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if saved:
+            saved.close()
+    if not tc.overridden:
+        fill_processes(collection.sockets.values())
+    return collection, ctx, runner.outcome
+
+
+def collect_saved(plan: Plan, console: Console, out: IO[str]):
+    path = plan.from_records
+    try:
+        f = open(path, encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise UsageError(f"cannot read --from-records '{path}': {e.strerror}") from None
+    unavailable: tuple[str, ...] = ()
+    with f:
+        first = f.readline()
+        m = re.search(r"unavailable=([A-Za-z0-9,]*)", first) if first.startswith("#") else None
+        if m:
+            unavailable = tuple(x for x in m.group(1).split(",") if x)
+        parser = Parser(path)
+        collection = Collection()
+        ctx = ReportContext((), unavailable, plan.nozeros)
+        _on_close(plan, collection, ctx, console, out)
+        lines = [first] + list(f) if not first.startswith("#") else list(f)
+        for lineno, line in enumerate(lines, 2 if first.startswith("#") else 1):
+            rec = parser.parse_line(line, lineno)
+            if rec is not None:
+                collection.add(rec)
+                if rec is collection.header:
+                    ctx.available = rec.counters
+    if collection.header is None:
+        raise UsageError(f"'{path}' holds no tcpipstat records (no header line)")
+    ctx.available = collection.header.counters
+    return collection, ctx, RunOutcome()
+
+
+def collect(plan: Plan, out: IO[str], err: IO[str]) -> int:
+    console, errc = _consoles(plan, out, err)
+    if plan.from_records:
+        collection, ctx, outcome = collect_saved(plan, console, out)
+    else:
+        collection, ctx, outcome = collect_live(plan, console, errc, out, err)
+
+    notes = ctx.notes
+    if outcome.skipped:
+        notes.append(f"stap skipped {outcome.skipped} probe hits (reentrancy or missed returns): "
+                     "counters may be low by up to that many events")
+    tr = collection.trailer
+    if tr and tr.dropped:
+        notes.append(f"{tr.dropped} events were not counted: more than {plan.max_sockets} socket tuples were "
+                     "live at once (raise --max-sockets)")
+    if tr and tr.faults:
+        notes.append(f"{tr.faults} events could not be read (memory faults in probes)")
+    for w in outcome.warnings:
+        notes.append(f"stap: {w}")
+    if tr is None:
+        notes.append("the collector did not finish normally: the report holds what was received")
+
+    if plan.onclose:
+        still_open = sum(1 for s in collection.sockets.values() if not s.closed and s.has_activity)
+        if still_open:
+            notes.append(f"{still_open} sockets were still open at the end and are not reported (onclose=1)")
+        rows = []
+    else:
+        rows = collection.rows(plan.index)
+    if plan.output == "json":
+        write_json(out, rows, ctx)
+    elif plan.output == "csv":
+        write_csv(out, rows, ctx)
+    elif not plan.onclose:
+        dur = collection.duration_s
+        header = f"tcpipstat: {len(rows)} rows, index={plan.index}" + (f", {dur:.1f} s" if dur is not None else "")
+        render_tables(console, rows, ctx, header)
+    render_footer(console if plan.output == "table" else errc, ctx)
+
+    if outcome.returncode not in (0, None) and not outcome.interrupted:
+        problem = outcome.problem()
+        msg = problem[0] if problem else (outcome.error_lines[0] if outcome.error_lines
+                                          else f"staprun exited with status {outcome.returncode}")
+        raise TcpipstatError(f"collection ended abnormally: {msg} (the report above holds what was collected)",
+                             problem[1] if problem else "")
+    return ExitStatus.INTERRUPTED if outcome.interrupted else ExitStatus.OK
+
+
+def run(argv: list[str], out: IO[str] | None = None, err: IO[str] | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        plan = build_plan(argv)
+        if plan.dump_script:
+            out.write(dump_script(plan))
+            return ExitStatus.OK
+        return collect(plan, out, err)
+    except TcpipstatError as e:
+        print(f"{PROG}: {e.message}", file=err)
+        if e.hint:
+            print(f"{PROG}: fix: {e.hint}", file=err)
+        return e.status
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted before collection started; nothing was collected", file=err)
+        return ExitStatus.INTERRUPTED
+    except BrokenPipeError:
+        return ExitStatus.OK
+
+
+def main() -> None:
+    sys.exit(int(run(sys.argv[1:])))

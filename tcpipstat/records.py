@@ -1,0 +1,185 @@
+"""The collector's output lines -> typed records.
+
+The script (stp_templates/tcpipstat.stp.j2) writes tab-separated lines:
+
+``H  tcpipstat  FORMAT  VERSION  START_MS  NFILTERS  MAX_SOCKETS  COUNTER,COUNTER,...``
+    once, from the begin probe.
+``R  REASON  FAMILY  LADDR_HI  LADDR_LO  LPORT  RADDR_HI  RADDR_LO  RPORT  PID  COMM  NAME=VALUE...``
+    one socket tuple's counts since it was last written out. REASON is ``close``
+    (the socket closed), ``spill`` (the table was emptied to make room) or ``end``.
+    Addresses are hex: IPv4 in the low word, IPv6 as two 64-bit halves. COMM is
+    escaped by stap's text_str().  Several records for one tuple add up.
+``T  END_MS  IDS  SPILLS  DROPPED  FAULTS``
+    once, from the end probe.
+
+Lines starting with ``#`` are comments (tcpipstat --save-records writes one).
+Anything else on stdout is an error: it names the source, the line number and
+the text.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+from .errors import RecordParseError
+
+FORMAT_VERSION = 1
+REASONS = ("close", "spill", "end")
+AF_INET, AF_INET6 = 2, 10
+
+
+@dataclass(frozen=True)
+class Tuple:
+    family: int
+    laddr: int
+    lport: int
+    raddr: int
+    rport: int
+
+    def addr_str(self, which: str) -> str:
+        value = self.laddr if which == "l" else self.raddr
+        if self.family == AF_INET6:
+            return str(ipaddress.IPv6Address(value))
+        return str(ipaddress.IPv4Address(value & 0xFFFFFFFF))
+
+
+@dataclass(frozen=True)
+class Header:
+    format: int
+    version: str
+    start_ms: int
+    nfilters: int
+    max_sockets: int
+    counters: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SocketRecord:
+    reason: str
+    tuple: Tuple
+    pid: int
+    comm: str
+    counters: dict[str, int] = field(hash=False)
+
+
+@dataclass(frozen=True)
+class Trailer:
+    end_ms: int
+    ids: int
+    spills: int
+    dropped: int
+    faults: int
+
+
+Record = Header | SocketRecord | Trailer
+
+
+def _hex64(tok: str) -> int:
+    v = int(tok, 16)
+    if v < 0 or v >= 1 << 64:
+        raise ValueError(tok)
+    return v
+
+
+def unescape_comm(text: str) -> str:
+    """Undo stap's text_str() C-style escapes (\\n, \\t, \\\\, \\", \\ooo)."""
+    if "\\" not in text:
+        return text
+    out = bytearray()
+    i = 0
+    simple = {"n": 10, "t": 9, "r": 13, "v": 11, "f": 12, "a": 7, "b": 8, "\\": 92, '"': 34, "'": 39, "?": 63}
+    raw = text.encode("latin-1", "replace")
+    while i < len(raw):
+        c = raw[i]
+        if c == 92 and i + 1 < len(raw):
+            n = chr(raw[i + 1])
+            if n in simple:
+                out.append(simple[n])
+                i += 2
+                continue
+            j = i + 1
+            while j < len(raw) and j < i + 4 and 48 <= raw[j] <= 55:
+                j += 1
+            if j > i + 1:
+                out.append(int(raw[i + 1:j], 8) & 0xFF)
+                i = j
+                continue
+        out.append(c)
+        i += 1
+    return out.decode("utf-8", "replace")
+
+
+class Parser:
+    """Parses one stream of collector output; keeps the header's counter names."""
+
+    def __init__(self, source: str = "<stap>"):
+        self.source = source
+        self.header: Header | None = None
+        self.trailer: Trailer | None = None
+        self._known: frozenset[str] = frozenset()
+
+    def _err(self, lineno: int, line: str, why: str) -> RecordParseError:
+        return RecordParseError(self.source, lineno, line, why)
+
+    def parse_line(self, line: str, lineno: int) -> Record | None:
+        line = line.rstrip("\n")
+        if not line or line.startswith("#"):   # '#' lines: comments in saved record files
+            return None
+        f = line.split("\t")
+        kind = f[0]
+        try:
+            if kind == "H":
+                if len(f) != 8 or f[1] != "tcpipstat":
+                    raise self._err(lineno, line, "malformed header")
+                if int(f[2]) != FORMAT_VERSION:
+                    raise self._err(lineno, line, f"record format {f[2]} is not {FORMAT_VERSION} "
+                                                  "(script and parser from different tcpipstat versions)")
+                counters = tuple(c for c in f[7].split(",") if c)
+                self.header = Header(int(f[2]), f[3], int(f[4]), int(f[5]), int(f[6]), counters)
+                self._known = frozenset(counters)
+                return self.header
+            if kind == "R":
+                if self.header is None:
+                    raise self._err(lineno, line, "socket record before the header")
+                if len(f) < 11:
+                    raise self._err(lineno, line, "socket record has too few fields")
+                reason = f[1]
+                if reason not in REASONS:
+                    raise self._err(lineno, line, f"unknown reason {reason!r}")
+                fam = int(f[2])
+                if fam not in (AF_INET, AF_INET6):
+                    raise self._err(lineno, line, f"unknown address family {fam}")
+                lport, rport = int(f[5]), int(f[8])
+                if not (0 <= lport <= 65535 and 0 <= rport <= 65535):
+                    raise self._err(lineno, line, "port out of range")
+                laddr = (_hex64(f[3]) << 64) | _hex64(f[4])
+                raddr = (_hex64(f[6]) << 64) | _hex64(f[7])
+                counters: dict[str, int] = {}
+                for item in f[11:]:
+                    name, sep, value = item.partition("=")
+                    if not sep or name not in self._known:
+                        raise self._err(lineno, line, f"unknown counter {name!r}")
+                    counters[name] = int(value)
+                return SocketRecord(reason, Tuple(fam, laddr, lport, raddr, rport),
+                                    int(f[9]), unescape_comm(f[10]), counters)
+            if kind == "T":
+                if len(f) != 6:
+                    raise self._err(lineno, line, "malformed trailer")
+                self.trailer = Trailer(*(int(x) for x in f[1:]))
+                return self.trailer
+        except RecordParseError:
+            raise
+        except ValueError as e:
+            raise self._err(lineno, line, f"bad number ({e})") from None
+        raise self._err(lineno, line, "not a tcpipstat record")
+
+    def parse(self, lines: Iterable[str]) -> Iterator[Record]:
+        for lineno, line in enumerate(lines, 1):
+            rec = self.parse_line(line, lineno)
+            if rec is not None:
+                yield rec
+
+
+def parse_text(text: str, source: str = "<text>") -> list[Record]:
+    return list(Parser(source).parse(text.splitlines()))

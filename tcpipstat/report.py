@@ -1,0 +1,179 @@
+"""Model -> what the user reads: rich tables, NDJSON or CSV (one layer for all)."""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from typing import IO, Iterable
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .counters import COUNTER_BY_NAME, COUNTERS, SECTIONS
+from .model import GroupKey, Row, SocketTotals
+from .records import AF_INET6, Tuple
+
+
+@dataclass
+class ReportContext:
+    available: tuple[str, ...]                  # counters the collector had
+    unavailable: tuple[str, ...] = ()           # in the selected groups, not on this kernel
+    nozeros: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+def _addr(family: int | None, value: int | None) -> str:
+    if value is None:
+        return "*"
+    return Tuple(family or 2, value, 0, 0, 0).addr_str("l")
+
+
+def _endpoint(family: int | None, addr: int | None, port: int | None) -> str:
+    a = _addr(family, addr)
+    if family == AF_INET6:
+        a = f"[{a}]"
+    return f"{a}:{port}"
+
+
+def key_fields(key: GroupKey) -> dict[str, object]:
+    out: dict[str, object] = {"index": key.index}
+    if key.family is not None:
+        out["family"] = "ipv6" if key.family == AF_INET6 else "ipv4"
+    if key.laddr is not None:
+        out["laddr"] = _addr(key.family, key.laddr)
+    if key.lport is not None:
+        out["lport"] = key.lport
+    if key.raddr is not None:
+        out["raddr"] = _addr(key.family, key.raddr)
+    if key.rport is not None:
+        out["rport"] = key.rport
+    return out
+
+
+def key_label(key: GroupKey) -> str:
+    if key.index == "tuple":
+        return (f"{_endpoint(key.family, key.laddr, key.lport)} <-> "
+                f"{_endpoint(key.family, key.raddr, key.rport)}")
+    if key.index == "laddr":
+        return f"Local address: {_addr(key.family, key.laddr)}"
+    if key.index == "raddr":
+        return f"Remote address: {_addr(key.family, key.raddr)}"
+    if key.index == "lport":
+        return f"Local port: {key.lport}"
+    return f"Remote port: {key.rport}"
+
+
+def _procs(row: Row) -> str:
+    items = [f"{comm or '?'}[{pid}]" for pid, comm in sorted(row.processes.items())]
+    if len(items) > 4:
+        items = items[:4] + [f"+{len(row.processes) - 4} more"]
+    return ", ".join(items)
+
+
+def row_table(row: Row, ctx: ReportContext, title_suffix: str = "") -> Table:
+    title = Text(key_label(row.key), style="bold")
+    procs = _procs(row)
+    if procs:
+        title.append(f"  {procs}", style="cyan")
+    if row.key.index != "tuple":
+        title.append(f"  ({row.sockets} socket{'s' if row.sockets != 1 else ''})", style="dim")
+    if title_suffix:
+        title.append(f"  {title_suffix}", style="yellow")
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, expand=False, pad_edge=False)
+    cells = []
+    for section in SECTIONS:
+        t.add_column(section, no_wrap=True)
+        lines = []
+        for c in COUNTERS:
+            if c.section != section:
+                continue
+            if c.name in ctx.available:
+                v = row.counters.get(c.name, 0)
+                if v == 0 and ctx.nozeros:
+                    continue
+                lines.append(f"{c.name} {v:,}")
+            elif c.name in ctx.unavailable and not ctx.nozeros:
+                lines.append(f"{c.name} n/a")
+        cells.append("\n".join(lines) or "-")
+    t.add_row(*cells)
+    return t
+
+
+def render_tables(console: Console, rows: Iterable[Row], ctx: ReportContext, header: str) -> int:
+    n = 0
+    console.print(Text(header, style="bold"))
+    for row in rows:
+        note = "" if row.opened_during_collection else "(open before collection started: partial totals)"
+        console.print(row_table(row, ctx, note))
+        n += 1
+    if n == 0:
+        console.print("No socket activity was accepted by the filters.")
+    return n
+
+
+def render_footer(console: Console, ctx: ReportContext) -> None:
+    if ctx.unavailable:
+        console.print(f"[yellow]Unavailable on this kernel[/] (probe did not resolve, not zero): "
+                      + ", ".join(ctx.unavailable))
+    for note in ctx.notes:
+        console.print(f"[yellow]note:[/] {note}")
+
+
+def closed_socket_row(st: SocketTotals) -> Row:
+    key = GroupKey.of("tuple", st.tuple)
+    row = Row(key, dict(st.counters), 1, 1, {st.pid: st.comm} if st.pid else {},
+              st.opened_during_collection)
+    return row
+
+
+def row_dict(row: Row, ctx: ReportContext) -> dict:
+    d = key_fields(row.key)
+    d["sockets"] = row.sockets
+    d["closed"] = row.closed
+    d["processes"] = [{"pid": p, "comm": c} for p, c in sorted(row.processes.items())]
+    d["opened_during_collection"] = row.opened_during_collection
+    counters: dict[str, int | None] = {}
+    for c in COUNTERS:
+        if c.name in ctx.available:
+            counters[c.name] = row.counters.get(c.name, 0)
+        elif c.name in ctx.unavailable:
+            counters[c.name] = None
+    d["counters"] = counters
+    return d
+
+
+def write_json(out: IO[str], rows: Iterable[Row], ctx: ReportContext) -> int:
+    n = 0
+    for row in rows:
+        out.write(json.dumps(row_dict(row, ctx), separators=(",", ":")) + "\n")
+        n += 1
+    return n
+
+
+CSV_KEYS = ("index", "family", "laddr", "lport", "raddr", "rport", "sockets", "closed", "processes")
+
+
+def csv_columns(ctx: ReportContext) -> list[str]:
+    return list(CSV_KEYS) + [c.name for c in COUNTERS if c.name in ctx.available or c.name in ctx.unavailable]
+
+
+def write_csv(out: IO[str], rows: Iterable[Row], ctx: ReportContext) -> int:
+    cols = csv_columns(ctx)
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(cols)
+    n = 0
+    for row in rows:
+        d = row_dict(row, ctx)
+        d["processes"] = " ".join(f"{p['comm']}[{p['pid']}]" for p in d["processes"])
+        vals = []
+        for c in cols:
+            if c in COUNTER_BY_NAME:
+                v = d["counters"].get(c)
+                vals.append("" if v is None else v)
+            else:
+                vals.append(d.get(c, ""))
+        w.writerow(vals)
+        n += 1
+    return n

@@ -1,0 +1,276 @@
+"""Running SystemTap: probe resolution (stap -p2), compiling (stap -p4, cached) and
+collecting (staprun, streaming its output).
+
+``TCPIPSTAT_STAP`` / ``TCPIPSTAT_STAPRUN`` replace the two commands (a command
+line, split like a shell would); the kernel lab uses them to compile in its
+Debian root and to run the module in a QEMU guest (see lab/README.md).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import EnvironmentNotReady, StapFailed
+
+INSTALL_HINT = ("install SystemTap: 'apt-get install systemtap' (Debian/Ubuntu) or "
+                "'dnf install systemtap' (Fedora/RHEL)")
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("TCPIPSTAT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tcpipstat")
+    return Path(base)
+
+
+def _cmd_from_env(var: str, default: str) -> list[str]:
+    val = os.environ.get(var)
+    if val:
+        return shlex.split(val)
+    path = shutil.which(default)
+    if not path:
+        raise EnvironmentNotReady(f"{default} not found on PATH", INSTALL_HINT)
+    return [path]
+
+
+# ---- stap's messages -> one clear line with the fix ----
+_DIAG = (
+    (re.compile(r"missing .*kernel.*debuginfo|debuginfo.*(not|missing)|Couldn't find .*vmlinux", re.I),
+     "the kernel's debug information is missing",
+     "install it: 'apt-get install linux-image-$(uname -r)-dbg' (Debian; Ubuntu: the -dbgsym package) or "
+     "'debuginfo-install kernel-$(uname -r)' (Fedora/RHEL)"),
+    (re.compile(r"build/\.config.*(No such file|failed)|kernel build tree.*not found|"
+                r"Checking \".*/build/\.config\" failed", re.I),
+     "the kernel headers (build tree) are missing",
+     "install them: 'apt-get install linux-headers-$(uname -r)' or 'dnf install kernel-devel-$(uname -r)'"),
+    (re.compile(r"probe overhead .* exceeded threshold", re.I),
+     "stap stopped collection: its probe-overhead guard tripped",
+     "run again with --no-overload-guard (slow or emulated machines) or collect fewer --groups"),
+    (re.compile(r"Array overflow|MAXMAPENTRIES", re.I),
+     "a collector table overflowed",
+     "run again with a larger --max-sockets"),
+    (re.compile(r"Couldn't insert module|Operation not permitted.*insert|module verification failed|"
+                r"Key was rejected|Lockdown|lockdown", re.I),
+     "the kernel refused to load the module",
+     "loadable modules must be enabled and unsigned modules allowed (Secure Boot / lockdown off, "
+     "or sign stap modules: see stap's --use-server and mokutil)"),
+    (re.compile(r"Cannot attach to module control channel|transport failure", re.I),
+     "stap's transport to the module failed",
+     "check dmesg; another stap session or a stale module may be loaded (staprun -d NAME)"),
+)
+
+
+def diagnose(stderr: str) -> tuple[str, str] | None:
+    for rx, what, fix in _DIAG:
+        if rx.search(stderr):
+            return what, fix
+    return None
+
+
+def _first_error(stderr: str) -> str:
+    for line in stderr.splitlines():
+        if re.search(r"(semantic|parse) error|ERROR:|error:", line):
+            return line.strip()
+    lines = [l.strip() for l in stderr.splitlines() if l.strip()]
+    return lines[-1] if lines else "(no message)"
+
+
+@dataclass
+class Toolchain:
+    stap: list[str]
+    staprun: list[str]
+    overridden: bool = False
+
+    @classmethod
+    def find(cls) -> "Toolchain":
+        over = bool(os.environ.get("TCPIPSTAT_STAP") or os.environ.get("TCPIPSTAT_STAPRUN"))
+        return cls(_cmd_from_env("TCPIPSTAT_STAP", "stap"), _cmd_from_env("TCPIPSTAT_STAPRUN", "staprun"), over)
+
+    def version(self) -> str:
+        try:
+            out = subprocess.run([*self.stap, "-V"], capture_output=True, text=True, timeout=60)
+        except OSError as e:
+            raise EnvironmentNotReady(f"cannot run stap: {e}", INSTALL_HINT) from None
+        text = (out.stdout + out.stderr).strip().splitlines()
+        return text[0] if text else "unknown"
+
+    # -- pass 2: which probe points exist on this kernel --
+    def resolve(self, points: list[str], kver: str, script: str) -> frozenset[str]:
+        key = hashlib.sha256("\0".join([kver, self.version(), script]).encode()).hexdigest()[:20]
+        path = cache_dir() / "resolve" / f"{key}.json"
+        try:
+            return frozenset(json.loads(path.read_text())["resolved"])
+        except (OSError, ValueError, KeyError):
+            pass
+        with tempfile.TemporaryDirectory(prefix="tcpipstat-") as tmp:
+            f = Path(tmp) / "tcpipstat_check.stp"
+            f.write_text(script)
+            res = self._run_stap(["-p2", "-r", kver, f.name], cwd=tmp, capture=True)
+        if res.returncode != 0:
+            self._fail("probe check (stap -p2)", res.stderr)
+        resolved = parse_resolved(res.stdout, points)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"kernel": kver, "resolved": sorted(resolved)}))
+        return resolved
+
+    # -- pass 4: the module, cached by everything that shapes it --
+    def compile(self, script: str, kver: str, flags: list[str], verbose: int = 0) -> Path:
+        key = hashlib.sha256("\0".join([kver, self.version(), script, *flags]).encode()).hexdigest()[:16]
+        name = f"tcpipstat_{key}"
+        ko = cache_dir() / "modules" / f"{name}.ko"
+        if ko.is_file():
+            return ko
+        with tempfile.TemporaryDirectory(prefix="tcpipstat-") as tmp:
+            (Path(tmp) / "tcpipstat.stp").write_text(script)
+            args = ["-p4", "-m", name, "-r", kver, *flags] + ["-v"] * verbose + ["tcpipstat.stp"]
+            res = self._run_stap(args, cwd=tmp, capture=not verbose)
+            if res.returncode != 0:
+                self._fail("compile (stap -p4)", res.stderr or "")
+            built = Path(tmp) / f"{name}.ko"
+            if not built.is_file():
+                raise StapFailed(f"stap -p4 succeeded but left no {name}.ko")
+            ko.parent.mkdir(parents=True, exist_ok=True)
+            tmp_ko = ko.with_suffix(".ko.tmp")
+            shutil.copyfile(built, tmp_ko)
+            os.replace(tmp_ko, ko)
+        return ko
+
+    def _run_stap(self, args: list[str], cwd: str, capture: bool) -> subprocess.CompletedProcess:
+        cmd = [*self.stap, *args]
+        try:
+            proc = subprocess.Popen(cmd, cwd=cwd, text=True, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE if capture else None, start_new_session=True)
+        except OSError as e:
+            raise EnvironmentNotReady(f"cannot run stap: {e}", INSTALL_HINT) from None
+        try:
+            out, err = proc.communicate()
+        except KeyboardInterrupt:
+            _stop(proc)
+            raise
+        return subprocess.CompletedProcess(cmd, proc.returncode, out or "", err or "")
+
+    @staticmethod
+    def _fail(step: str, stderr: str) -> None:
+        d = diagnose(stderr)
+        if d:
+            raise EnvironmentNotReady(f"{step} failed: {d[0]}", d[1])
+        raise StapFailed(f"{step} failed: {_first_error(stderr)}",
+                         "run with -v to see stap's passes, or --dump-script to see the script")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except OSError:
+        pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+_POINT_LINE = re.compile(r'^kernel\.function\("([A-Za-z0-9_.]+)(?:@[^"]*)?"\)(\.return|\.call)?')
+
+
+def parse_resolved(p2_stdout: str, points: list[str]) -> frozenset[str]:
+    """Probe points of ``points`` that `stap -p2` kept (its '# probes' section)."""
+    found: set[str] = set()
+    in_probes = False
+    for line in p2_stdout.splitlines():
+        if line.startswith("# probes"):
+            in_probes = True
+            continue
+        if line.startswith("# ") and in_probes:
+            in_probes = False
+        if not in_probes:
+            continue
+        m = _POINT_LINE.match(line)
+        if m:
+            found.add(f'kernel.function("{m.group(1)}")' + (".return" if m.group(2) == ".return" else ""))
+    return frozenset(p for p in points if p in found)
+
+
+# ---- collection ----
+_SKIPPED = re.compile(r"Number of errors: (\d+), skipped probes: (\d+)")
+
+
+@dataclass
+class RunOutcome:
+    returncode: int = 0
+    interrupted: bool = False
+    errors: int = 0
+    skipped: int = 0
+    warnings: list[str] = field(default_factory=list)
+    error_lines: list[str] = field(default_factory=list)
+    stderr: str = ""
+
+    def problem(self) -> tuple[str, str] | None:
+        return diagnose(self.stderr)
+
+
+class Collector:
+    """staprun MODULE ARGS, its stdout streamed line by line."""
+
+    def __init__(self, tc: Toolchain, ko: Path, module_args: list[str], command: str | None,
+                 echo_stderr: Callable[[str], None] | None = None):
+        self.cmd = [*tc.staprun]
+        if command:
+            # stapio splits -c with wordexp (no shell): give it a shell, quoted.
+            self.cmd += ["-c", "/bin/sh -c " + shlex.quote(command)]
+        self.cmd += [str(ko), *module_args]
+        self.outcome = RunOutcome()
+        self._echo = echo_stderr or (lambda line: print(line, file=sys.stderr))
+        self._proc: subprocess.Popen | None = None
+        self._stderr_lines: list[str] = []
+
+    def _read_stderr(self, stream) -> None:
+        for line in stream:
+            line = line.rstrip("\n")
+            self._stderr_lines.append(line)
+            m = _SKIPPED.search(line)
+            if m:
+                self.outcome.errors, self.outcome.skipped = int(m.group(1)), int(m.group(2))
+                continue
+            if line.startswith("WARNING:"):
+                self.outcome.warnings.append(line[len("WARNING:"):].strip())
+                continue
+            if line.startswith("ERROR:"):
+                self.outcome.error_lines.append(line[len("ERROR:"):].strip())
+                continue
+            self._echo(line)
+
+    def interrupt(self) -> None:
+        self.outcome.interrupted = True
+        if self._proc and self._proc.poll() is None:
+            try:
+                os.kill(self._proc.pid, signal.SIGINT)
+            except OSError:
+                pass
+
+    def lines(self) -> Iterator[str]:
+        try:
+            self._proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, errors="replace", start_new_session=True)
+        except OSError as e:
+            raise EnvironmentNotReady(f"cannot run staprun: {e}", INSTALL_HINT) from None
+        t = threading.Thread(target=self._read_stderr, args=(self._proc.stderr,), daemon=True)
+        t.start()
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            yield line
+        self._proc.wait()
+        t.join(timeout=5)
+        self.outcome.returncode = self._proc.returncode
+        self.outcome.stderr = "\n".join(self._stderr_lines)
