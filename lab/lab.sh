@@ -41,7 +41,7 @@ setup() {
   fi
   in_root apt-get -q update
   # headers + -dbg (vmlinux with DWARF) + image of the suite's current cloud kernel
-  in_root env DEBIAN_FRONTEND=noninteractive "${APT[@]}" install systemtap iperf3 busybox-static libc6-dev \
+  in_root env DEBIAN_FRONTEND=noninteractive "${APT[@]}" install systemtap iperf3 busybox-static libc6-dev gcc \
     qemu-system-x86 linux-headers-cloud-amd64 linux-image-cloud-amd64 linux-image-cloud-amd64-dbg
   local v; v=$(ls "$ROOT"/usr/lib/debug/boot/ | sed -n 's/^vmlinux-//p' | sort -V | tail -1)
   [ -d "$ROOT/usr/src/linux-headers-$v" ] && [ -f "$ROOT/boot/vmlinuz-$v" ] || { echo "no headers/image for $v" >&2; exit 1; }
@@ -67,7 +67,7 @@ setup() {
   cat > "$g/init" <<'EOF'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
-export PATH=/bin:/usr/bin TERM=dumb
+export PATH=/bin:/usr/bin:/usr/local/bin TERM=dumb
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mount -t debugfs debugfs /sys/kernel/debug; mount -t tmpfs tmp /tmp
 ip link set lo up

@@ -64,7 +64,7 @@ OPTIONS: tuple[Opt, ...] = (
     Opt(("--no-overload-guard",), "disable stap's probe-overhead guard (-DSTP_NO_OVERLOAD); needed "
         "on slow machines such as emulated VMs, where the guard stops collection", dest="overload_guard",
         action="store_false", default=True),
-    Opt(("--stap-arg",), "pass ARG to stap when compiling (repeatable). Allowed: -DNAME=NUMBER, -sNUM, "
+    Opt(("--stap-arg",), "pass ARG to stap when compiling (repeatable; write --stap-arg=ARG). Allowed: -DNAME=NUMBER, -sNUM, "
         "-t, -w, -u, -k, --suppress-time-limits", dest="stap_args", metavar="ARG", action="append",
         default=None),
     Opt(("--save-records",), "also write the collector's raw records to FILE (re-report them later "

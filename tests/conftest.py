@@ -1,0 +1,51 @@
+"""Test tiers (like SystemTap's own tcpipstat.meta):
+
+1. unit tests: no kernel, no stap (everything not marked).
+2. ``@pytest.mark.stap``: every script tcpipstat can render passes ``stap -p2``/``-p4``
+   against the lab kernels' real debuginfo.
+3. ``@pytest.mark.lab``: real runs in the QEMU guest, checked against the guest's
+   /proc/net/snmp and against what the workload did.
+
+Tiers 2 and 3 need the kernel lab (``lab/setup``, root, Debian's archive) and
+``TCPIPSTAT_LAB=1``. Without that variable they skip and say so; with it, a lab
+that is not set up is an error, not a skip, so CI cannot pass by skipping.
+"""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tcpipstat.app import run
+
+ROOT = Path(__file__).resolve().parent.parent
+LAB = ROOT / "lab"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SUITES = ("bookworm", "trixie")
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """tcpipstat in-process: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    status = run(list(argv), out, err)
+    return int(status), out.getvalue(), err.getvalue()
+
+
+def lab_kver(suite: str) -> str:
+    """The lab kernel of ``suite``; skips (no TCPIPSTAT_LAB) or fails (lab missing)."""
+    if os.environ.get("TCPIPSTAT_LAB") != "1":
+        pytest.skip("kernel lab tests: run `sudo lab/setup` once, then set TCPIPSTAT_LAB=1 "
+                    "(.ci/run does both)")
+    res = subprocess.run([str(LAB / "lab.sh"), "kver"], capture_output=True, text=True,
+                         env={**os.environ, "LAB_SUITE": suite})
+    if res.returncode != 0 or not res.stdout.strip():
+        pytest.fail(f"TCPIPSTAT_LAB=1 but the {suite} lab is not set up: run `sudo lab/setup {suite}`")
+    return res.stdout.strip()
+
+
+@pytest.fixture(params=SUITES)
+def suite(request) -> str:
+    return request.param

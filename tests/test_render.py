@@ -1,0 +1,90 @@
+import itertools
+import re
+
+from hypothesis import given, settings, strategies as st
+
+from tcpipstat.counters import GROUPS, UNITS, all_points, counters_for_units, units_for_groups
+from tcpipstat.plan import build_plan
+from tcpipstat.render import module_args, render_probe_check, render_script, select_units
+
+TEMPLATE_DIR = __import__("pathlib").Path(__file__).resolve().parent.parent / "tcpipstat" / "stp_templates"
+
+
+def all_units():
+    return [u.name for u in UNITS]
+
+
+def test_every_unit_renders_its_points_and_only_them():
+    for u in UNITS:
+        # a unit's probes appear exactly when the unit is selected
+        primary = u.name if u.primary else None
+        names = {u.name} | ({n.name for n in UNITS if n.primary and n.counters[0] == u.counters[0]}
+                            if not primary else set())
+        text = render_script(names, 1024)
+        for p in u.points:
+            assert f"probe {p}" in text or f", {p}" in text, (u.name, p)
+
+
+def test_template_points_are_all_in_the_catalogue():
+    src = (TEMPLATE_DIR / "units.stp.j2").read_text()
+    used = set(re.findall(r'kernel\.function\("[A-Za-z0-9_]+"\)(?:\.return)?', src))
+    assert used == set(all_points())
+
+
+def test_group_combinations_render_distinct_consistent_scripts():
+    seen = set()
+    for r in range(1, len(GROUPS) + 1):
+        for combo in itertools.combinations(GROUPS, r):
+            units = [u.name for u in units_for_groups(combo)]
+            text = render_script(units, 8192)
+            counters = counters_for_units([u for u in UNITS if u.name in select_units(set(units))])
+            header = re.search(r'printf\("H\\ttcpipstat.*?\\t8192\\t([A-Za-z,]*)\\n"', text).group(1)
+            assert header.split(",") == counters
+            for c in counters:
+                assert f"global tis_c_{c}[8192]" in text
+            seen.add(text)
+    assert len(seen) == 2 ** len(GROUPS) - 1
+
+
+def test_secondary_units_need_their_primary():
+    assert "OutSegsCtl" not in select_units({"OutSegsCtl", "InSegs"})
+    assert "OutSegsCtl" in select_units({"OutSegsCtl", "OutSegs"})
+
+
+def test_no_tapset_filter_functions_are_used():
+    text = render_script(all_units(), 8192)
+    assert "filter_key" not in text
+    assert "tcpmib." not in text and "ipmib." not in text and "linuxmib." not in text
+
+
+def test_probe_check_lists_every_point_optionally():
+    text = render_probe_check(all_points())
+    for p in all_points():
+        assert f"probe {p} ?" in text
+
+
+_word = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30)
+_filter = st.one_of(
+    st.builds(lambda a, b, c, d: f"{a}:{b}-{c}:{d}",
+              st.sampled_from(["*", "*.*.*.*", "10.0.0.0/8", "127.0.0.1", "[::1]", "[2001:db8::/32]", "1.*.3.*"]),
+              st.sampled_from(["*", "80", "0", "65535", "1..1024"]),
+              st.sampled_from(["*", "192.168.1.103", "9.*.*.*", "[fe80::/10]"]),
+              st.sampled_from(["*", "5201", "22"])),
+    _word,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_filter, max_size=5), st.sampled_from(["tuple", "laddr", "raddr", "lport", "rport", "x"]),
+       st.one_of(st.none(), st.sampled_from(["1", "2.5", "0", "abc", "1e9"]), _word))
+def test_no_input_changes_the_script_text(filters, index, timeout):
+    argv = [f"index={index}"] + ([f"timeout={timeout}"] if timeout is not None else []) + filters
+    try:
+        plan = build_plan(argv)
+    except Exception as e:  # only usage errors may come out of bad input
+        assert type(e).__name__ == "UsageError", e
+        return
+    baseline = render_script([u.name for u in units_for_groups(plan.groups)], plan.max_sockets)
+    assert baseline == render_script([u.name for u in units_for_groups(GROUPS)], 8192)
+    for arg in module_args(list(plan.filters), plan.timeout_s):
+        assert re.fullmatch(r"tis_[a-z0-9_]+=-?[0-9]+", arg), arg
