@@ -1,0 +1,135 @@
+"""Parser, model and reports on records recorded from real lab runs (tests/fixtures,
+refreshed by tests/fixtures/refresh.sh)."""
+import csv
+import io
+import json
+
+import pytest
+
+from tcpipstat.errors import RecordParseError
+from tcpipstat.model import INDEXES, Collection
+from tcpipstat.records import Header, Parser, SocketRecord, Trailer, parse_text, unescape_comm
+from tcpipstat.report import ReportContext, write_csv, write_json
+
+from .conftest import FIXTURES, run_cli
+
+# what tcpwork did in bookworm-tcpwork-v4 (see refresh.sh): port 7001: 3 connections,
+# 1000 bytes up and 100 down each; port 7002: 2 connections, 5000 up, 50 down.
+V4 = FIXTURES / "bookworm-tcpwork-v4.records"
+V6 = FIXTURES / "trixie-tcpwork-v6.records"
+
+
+def load(path) -> Collection:
+    return Collection().extend(Parser(path.name).parse(path.read_text().splitlines()))
+
+
+def test_fixture_parses_into_typed_records():
+    recs = list(Parser("f").parse(V4.read_text().splitlines()))
+    assert isinstance(recs[0], Header) and isinstance(recs[-1], Trailer)
+    socks = [r for r in recs if isinstance(r, SocketRecord)]
+    assert socks and all(r.tuple.family == 2 for r in socks)
+    assert {r.reason for r in socks} <= {"close", "end", "spill"}
+
+
+def test_exact_counts_of_the_known_workload():
+    c = load(V4)
+    rows = {r.key.lport: r for r in c.rows("lport")}
+    assert rows[7001].counters["PassiveOpens"] == 3
+    assert rows[7001].counters["RecvBytes"] == 3000 and rows[7001].counters["SendBytes"] == 300
+    assert rows[7002].counters["PassiveOpens"] == 2
+    assert rows[7002].counters["RecvBytes"] == 10000 and rows[7002].counters["SendBytes"] == 100
+    clients = [r for p, r in rows.items() if p not in (7001, 7002)]
+    assert sum(r.counters.get("ActiveOpens", 0) for r in clients) == 5
+    assert sorted(r.counters["SendBytes"] for r in clients) == [1000, 1000, 1000, 5000, 5000]
+
+
+@pytest.mark.parametrize("path", [V4, V6, FIXTURES / "bookworm-iperf3.records"])
+def test_every_index_mode_sums_to_the_same_totals(path):
+    c = load(path)
+    totals = c.totals()
+    for index in INDEXES:
+        summed: dict[str, int] = {}
+        for row in c.rows(index):
+            for k, v in row.counters.items():
+                summed[k] = summed.get(k, 0) + v
+        assert summed == {k: v for k, v in totals.items()}, index
+
+
+def test_ipv6_addresses_are_real():
+    c = load(V6)
+    rows = c.rows("tuple")
+    assert rows and all(r.key.family == 10 for r in rows)
+    out = io.StringIO()
+    write_json(out, rows, ReportContext(c.counter_names))
+    objs = [json.loads(l) for l in out.getvalue().splitlines()]
+    assert {o["laddr"] for o in objs} == {"::1"}
+    assert sum(o["counters"]["PassiveOpens"] for o in objs) == 2
+
+
+def test_json_and_csv_mark_unavailable_counters_not_zero():
+    c = load(V4)
+    ctx = ReportContext(tuple(n for n in c.counter_names if n != "DelayedACKs"), ("DelayedACKs",))
+    rows = c.rows("lport")
+    out = io.StringIO()
+    write_json(out, rows, ctx)
+    first = json.loads(out.getvalue().splitlines()[0])
+    assert first["counters"]["DelayedACKs"] is None
+    out = io.StringIO()
+    assert write_csv(out, rows, ctx) == len(rows)
+    table = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert table[0]["DelayedACKs"] == "" and table[0]["index"] == "lport"
+
+
+def test_from_records_cli_round_trip():
+    status, out, err = run_cli("--from-records", str(V4), "index=lport", "--json")
+    assert status == 0, err
+    objs = [json.loads(l) for l in out.splitlines()]
+    assert {o["lport"] for o in objs} >= {7001, 7002}
+    status, out, _ = run_cli("--from-records", str(V4), "index=raddr")
+    assert status == 0 and "Remote address: 127.0.0.1" in out and "PassiveOpens 5" in out
+
+
+def test_nozeros_hides_zero_counters():
+    _, out, _ = run_cli("--from-records", str(V4), "index=lport", "nozeros=1")
+    assert "RetransSegs" not in out
+    _, out, _ = run_cli("--from-records", str(V4), "index=lport", "nozeros=0")
+    assert "RetransSegs 0" in out
+
+
+def test_onclose_reports_each_closed_socket_once():
+    status, out, err = run_cli("--from-records", str(V4), "onclose=1", "--json")
+    assert status == 0, err
+    objs = [json.loads(l) for l in out.splitlines()]
+    tuples = [(o["lport"], o["rport"]) for o in objs]
+    assert len(tuples) == len(set(tuples)) == 10  # 5 connections, both ends
+    assert all(o["closed"] == 1 for o in objs)
+
+
+@pytest.mark.parametrize("line,why", [
+    ("X\t1", "not a tcpipstat record"),
+    ("R\tclose\t2\t0\t7f000001\t1\t0\t7f000001\t2\t0\tx\tBogus=1", "unknown counter"),
+    ("R\tweird\t2\t0\t7f000001\t1\t0\t7f000001\t2\t0\tx", "unknown reason"),
+    ("R\tclose\t7\t0\t7f000001\t1\t0\t7f000001\t2\t0\tx", "unknown address family"),
+    ("R\tclose\t2\t0\t7f000001\t70000\t0\t7f000001\t2\t0\tx", "port out of range"),
+    ("R\tclose\t2\t0\tzz\t1\t0\t7f000001\t2\t0\tx", "bad number"),
+    ("H\ttcpipstat\t99\tv\t1\t0\t8\tA", "record format 99"),
+])
+def test_parse_errors_name_source_line_and_text(line, why):
+    header = "H\ttcpipstat\t1\t0.1.0\t1\t0\t8192\tSendBytes,InSegs"
+    p = Parser("capture.out")
+    p.parse_line(header, 1)
+    with pytest.raises(RecordParseError) as e:
+        p.parse_line(line, 7)
+    msg = e.value.message
+    assert msg.startswith("capture.out:7:") and why in msg and repr(line)[1:20] in msg
+
+
+def test_record_before_header_is_an_error():
+    with pytest.raises(RecordParseError):
+        parse_text("R\tclose\t2\t0\t1\t1\t0\t1\t2\t0\tx\n")
+
+
+def test_comm_escapes():
+    assert unescape_comm("plain") == "plain"
+    assert unescape_comm("a\\tb\\\\c\\\"") == 'a\tb\\c"'
+    assert unescape_comm("x\\033y") == "x\x1by"

@@ -1,0 +1,43 @@
+"""stap interaction that needs no kernel: probe-resolution parsing on recorded
+`stap -p2` output, error diagnosis, the module cache."""
+import pytest
+
+from tcpipstat.counters import all_points
+from tcpipstat.stap import diagnose, parse_resolved
+
+from .conftest import FIXTURES
+
+
+@pytest.mark.parametrize("suite", ["bookworm", "trixie"])
+def test_parse_resolved_on_recorded_pass2(suite):
+    text = (FIXTURES / f"{suite}-probe-check.p2").read_text()
+    points = all_points()
+    resolved = parse_resolved(text, points)
+    assert 'kernel.function("tcp_v4_rcv")' in resolved
+    assert 'kernel.function("tcp_sendmsg").return' in resolved
+    # a point the kernel lacks is not reported as resolved
+    assert parse_resolved(text, points + ['kernel.function("no_such_function")']) == resolved
+
+
+def test_parse_resolved_only_reads_the_probes_section():
+    text = '# globals\nkernel.function("tcp_v4_rcv") junk\n# probes\nkernel.function("ip_rcv@net/ipv4/ip_input.c:560")? /* pc=_stext+0x1 */\n# functions\n'
+    assert parse_resolved(text, ['kernel.function("tcp_v4_rcv")', 'kernel.function("ip_rcv")']) == \
+        frozenset({'kernel.function("ip_rcv")'})
+
+
+@pytest.mark.parametrize("stderr,what", [
+    ("semantic error: missing x86_64 kernel/module debuginfo [man warning::debuginfo] under '/lib/modules/6.1.0/build'",
+     "debug information"),
+    ('Checking "/lib/modules/6.1.0-50-cloud-amd64/build/.config" failed with error: No such file or directory',
+     "headers"),
+    ("ERROR: probe overhead (555608199 cycles) exceeded threshold (500000000 cycles), rate (1111) exceeded threshold",
+     "overhead guard"),
+    ("ERROR: Couldn't insert module '/tmp/x.ko': Operation not permitted", "refused to load"),
+])
+def test_diagnose_gives_the_fix(stderr, what):
+    d = diagnose(stderr)
+    assert d is not None and what in d[0] and d[1]
+
+
+def test_unknown_stderr_is_not_diagnosed():
+    assert diagnose("something else entirely") is None
