@@ -90,6 +90,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
+        allow_abbrev=False,
         description=SUMMARY + ".",
         usage="%(prog)s [options] [index=tuple|laddr|raddr|lport|rport] [timeout=N] "
               "[nozeros=0|1] [onclose=0|1] [FILTER ...]",

@@ -1,0 +1,154 @@
+"""Tier 3: tcpipstat runs for real in the QEMU guest (lab/run), and its numbers are
+checked against what the workload did and against the guest's /proc/net/snmp."""
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tcpipstat.model import INDEXES
+
+from . import lab_workloads as W
+from .conftest import LAB, lab_kver, run_cli
+
+pytestmark = pytest.mark.lab
+
+
+class LabRun:
+    def __init__(self, suite: str, tmp: Path, *args: str, env: dict | None = None):
+        lab_kver(suite)
+        meta = tmp / f"meta-{len(list(tmp.iterdir()))}"
+        cache = os.environ.get("TCPIPSTAT_TEST_CACHE")
+        e = {**os.environ, **(env or {})}
+        if cache:
+            e["TCPIPSTAT_CACHE"] = f"{cache}/{suite}"
+        self.proc = subprocess.run([str(LAB / "run"), "--kernel", suite, "--meta", str(meta), "--", *args],
+                                   capture_output=True, text=True, env=e, timeout=900)
+        self.rc = self.proc.returncode
+        self.stdout, self.stderr = self.proc.stdout, self.proc.stderr
+        self.meta = meta.read_text() if meta.exists() else ""
+
+    def json(self) -> list[dict]:
+        return [json.loads(l) for l in self.stdout.splitlines() if l.startswith("{")]
+
+    def snmp_delta(self) -> dict[str, int]:
+        out = {}
+        for line in self.meta.splitlines():
+            if line.startswith("@@SNMP_DELTA "):
+                sec, _, rest = line[len("@@SNMP_DELTA "):].partition(": ")
+                for kv in rest.split():
+                    k, v = kv.split("=")
+                    out[f"{sec}.{k}"] = int(v)
+        return out
+
+    def skipped(self) -> int:
+        m = re.search(r"stap skipped (\d+) probe hits", self.stderr)
+        return int(m.group(1)) if m else 0
+
+
+def _by_ports(objs):
+    return {(o["lport"], o["rport"]): o["counters"] for o in objs}
+
+
+def test_known_workload_exact_and_against_snmp(suite, tmp_path):
+    rec = tmp_path / "records"
+    r = LabRun(suite, tmp_path, "--json", "*:*-*:*", "-c", W.TCPWORK_V4, "--save-records", str(rec))
+    assert r.rc == 0, r.stderr
+    objs = r.json()
+    for port, (n, up, down) in W.TCPWORK_V4_PORTS.items():
+        server = [o["counters"] for o in objs if o["lport"] == port]
+        client = [o["counters"] for o in objs if o["rport"] == port]
+        assert len(server) == len(client) == n
+        assert all(c["PassiveOpens"] == 1 and c["ActiveOpens"] == 0 for c in server)
+        assert all(c["ActiveOpens"] == 1 and c["PassiveOpens"] == 0 for c in client)
+        assert all(c["RecvBytes"] == up and c["SendBytes"] == down for c in server)
+        assert all(c["SendBytes"] == up and c["RecvBytes"] == down for c in client)
+    # the match-everything filter against the kernel's own counters
+    d = r.snmp_delta()
+    tot = {k: sum(o["counters"][k] for o in objs) for k in objs[0]["counters"] if objs[0]["counters"][k] is not None}
+    assert tot["ActiveOpens"] == d["Tcp.ActiveOpens"] == 5
+    assert tot["PassiveOpens"] == d["Tcp.PassiveOpens"] == 5
+    # segments: exact unless stap skipped probe hits (reported), which can only lower ours
+    slack = r.skipped()
+    for ours, theirs in (("InSegs", "Tcp.InSegs"), ("OutSegs", "Tcp.OutSegs"),
+                         ("InReceives", "Ip.InReceives"), ("OutRequests", "Ip.OutRequests")):
+        assert d[theirs] - slack <= tot[ours] <= d[theirs], (ours, tot[ours], d[theirs], slack)
+    # index modes regroup the same run: sums agree, row keys are right
+    for index in INDEXES:
+        status, out, err = run_cli("--from-records", str(rec), f"index={index}", "--json")
+        assert status == 0, err
+        rows = [json.loads(l) for l in out.splitlines()]
+        for k in ("InSegs", "OutSegs", "SendBytes", "RecvBytes", "ActiveOpens", "PassiveOpens"):
+            assert sum(o["counters"][k] for o in rows) == tot[k], (index, k)
+        if index == "lport":
+            lp = {o["lport"]: o for o in rows}
+            assert lp[7001]["sockets"] == 3 and lp[7001]["counters"]["RecvBytes"] == 3000
+            assert lp[7002]["sockets"] == 2 and lp[7002]["counters"]["RecvBytes"] == 10000
+        if index == "raddr":
+            assert [o["raddr"] for o in rows] == ["127.0.0.1"]
+
+
+def test_filters_really_filter(suite, tmp_path):
+    r = LabRun(suite, tmp_path, "--json", "*.*.*.*:7001-*:*", "*:*-127.0.0.1:7001", "-c", W.TCPWORK_V4)
+    assert r.rc == 0, r.stderr
+    objs = r.json()
+    assert objs, r.stderr
+    assert all(7001 in (o["lport"], o["rport"]) for o in objs)
+    assert not any(7002 in (o["lport"], o["rport"]) for o in objs)
+    assert sum(o["counters"]["PassiveOpens"] for o in objs) == 3
+    assert sum(o["counters"]["ActiveOpens"] for o in objs) == 3
+    # and a filter that matches nothing counts nothing
+    r = LabRun(suite, tmp_path, "--json", "*:9-*:*", "-c", W.TCPWORK_V4)
+    assert r.rc == 0 and r.json() == []
+
+
+def test_ipv6_loopback(suite, tmp_path):
+    r = LabRun(suite, tmp_path, "--json", "[::1]:*-*:*", "-c", W.TCPWORK_V6)
+    assert r.rc == 0, r.stderr
+    objs = r.json()
+    assert {o["family"] for o in objs} == {"ipv6"} and {o["laddr"] for o in objs} == {"::1"}
+    server = [o["counters"] for o in objs if o["lport"] == 7003]
+    client = [o["counters"] for o in objs if o["rport"] == 7003]
+    assert len(server) == len(client) == 2
+    assert all(c["PassiveOpens"] == 1 and c["RecvBytes"] == 10 and c["SendBytes"] == 7 for c in server)
+    assert all(c["ActiveOpens"] == 1 and c["SendBytes"] == 10 and c["RecvBytes"] == 7 for c in client)
+    d = r.snmp_delta()
+    assert sum(o["counters"]["InSegs"] for o in objs) <= d["Tcp.InSegs"]
+    assert sum(o["counters"]["InSegs"] for o in objs) >= d["Tcp.InSegs"] - r.skipped()
+
+
+def test_onclose_reports_each_socket_once(suite, tmp_path):
+    r = LabRun(suite, tmp_path, "--json", "onclose=1", "*:7001-*:*", "*:*-*:7001", "-c", W.TCPWORK_V4)
+    assert r.rc == 0, r.stderr
+    objs = r.json()
+    keys = [(o["lport"], o["rport"]) for o in objs]
+    assert len(keys) == len(set(keys)) == 6
+    assert all(o["closed"] == 1 for o in objs)
+    assert sum(o["counters"]["RecvBytes"] for o in objs if o["lport"] == 7001) == 3000
+
+
+def test_timeout_ends_the_run_on_time(suite, tmp_path):
+    r = LabRun(suite, tmp_path, "timeout=2")
+    assert r.rc == 0, r.stderr
+    m = re.search(r"index=tuple, ([0-9.]+) s", r.stdout)
+    assert m, r.stdout
+    assert 1.9 <= float(m.group(1)) <= 2.8
+
+
+def test_command_ends_the_run(suite, tmp_path):
+    r = LabRun(suite, tmp_path, "timeout=60", "-c", "sleep 1")
+    assert r.rc == 0, r.stderr
+    m = re.search(r"index=tuple, ([0-9.]+) s", r.stdout)
+    assert m and float(m.group(1)) < 5, r.stdout
+
+
+def test_stap_warnings_are_surfaced(suite, tmp_path):
+    """Under emulation stap's overhead guard trips on a busy loopback: the tool must say
+    so in one line with the fix, keep what it collected, and exit non-zero."""
+    r = LabRun(suite, tmp_path, "-c", W.IPERF3, env={"LAB_OVERLOAD_GUARD": "1"})
+    if r.rc == 0:
+        pytest.xfail("the guard did not trip on this run (it depends on the host's speed)")
+    assert r.rc == 1
+    assert "overhead guard" in r.stderr and "--no-overload-guard" in r.stderr
