@@ -1,0 +1,135 @@
+"""man/tcpipstat.8, generated from the same definitions as --help (cli.OPTIONS) and
+the counter catalogue (counters.COUNTERS):
+
+    python3 -m tcpipstat.manpage > man/tcpipstat.8
+
+tests/test_manpage.py fails when the committed page is out of date.
+"""
+from __future__ import annotations
+
+from . import __version__
+from .cli import OPTIONS, PROG, SUMMARY
+from .counters import COUNTERS, GROUPS, SECTIONS, UNITS
+from .filters import MAX_FILTERS
+
+
+def _esc(text: str) -> str:
+    out = text.replace("\\", "\\e").replace("-", "\\-")
+    return "\n".join(("\\&" + l) if l.startswith((".", "'")) else l for l in out.split("\n"))
+
+
+def _opt_line(o) -> str:
+    flags = ", ".join(f"\\fB{_esc(f)}\\fR" + (f" \\fI{_esc(o.metavar)}\\fR" if o.metavar and o.action in ("store", "append") else "")
+                      for f in o.flags)
+    if o.classic:
+        flags += f", \\fB{o.classic}=\\fR\\fIVALUE\\fR"
+    return flags
+
+
+def render_man() -> str:
+    L: list[str] = []
+    a = L.append
+    a(f'.TH TCPIPSTAT 8 "" "{PROG} {__version__}" "System Manager\'s Manual"')
+    a(".SH NAME")
+    a(f"{PROG} \\- {_esc(SUMMARY)}")
+    a(".SH SYNOPSIS")
+    a(f".B {PROG}")
+    a("[\\fIoptions\\fR] [\\fBindex=\\fR\\fItuple|laddr|raddr|lport|rport\\fR] [\\fBtimeout=\\fR\\fIN\\fR] "
+      "[\\fBnozeros=\\fR\\fI0|1\\fR] [\\fBonclose=\\fR\\fI0|1\\fR] [\\fIFILTER\\fR ...]")
+    a(".SH DESCRIPTION")
+    a(_esc("tcpipstat counts the kernel's SNMP MIB events (the Tcp, Ip and TcpExt counters of "
+           "netstat -s) and the bytes and messages sent and received, per TCP socket or per group of "
+           "sockets. It generates a SystemTap script, compiles it once per kernel (the module is cached: "
+           "filters and other options are passed at run time and never recompile), loads it with staprun, "
+           "reads the records it writes and prints a report: tables, NDJSON (--json) or CSV (--csv)."))
+    a(".PP")
+    a(_esc("It keeps the command language of SystemTap's classic tcpipstat.stp example (index=, timeout=, "
+           "nozeros=, onclose=, address filters) and adds IPv6 and v4-mapped sockets, CIDR prefixes, port "
+           "ranges, the owning process of each socket, and machine-readable output."))
+    a(".SH OPTIONS")
+    for o in OPTIONS:
+        a(".TP")
+        a(_opt_line(o))
+        a(_esc(o.help[0].upper() + o.help[1:] + "."))
+    a(".SH FILTERS")
+    a(_esc("A filter is <laddr>:<lport>-<raddr>:<rport>. Several filters are ORed (at most "
+           f"{MAX_FILTERS}); with none, every socket is counted."))
+    a(".TP\n.B *")
+    a(_esc("Any address of either family, or any port."))
+    a(".TP\n.B 10.*.*.*")
+    a(_esc("Dotted IPv4; each octet may be *. *.*.*.* is any IPv4 address (IPv6 sockets are not matched)."))
+    a(".TP\n.B 10.0.0.0/8")
+    a(_esc("An IPv4 prefix."))
+    a(".TP\n.B [::1], [2001:db8::/32]")
+    a(_esc("An IPv6 address or prefix, in brackets."))
+    a(".TP\n.B 8000..8080")
+    a(_esc("A port range, both ends included."))
+    a(".PP")
+    a(_esc("Sockets of the AF_INET6 family that carry IPv4 (v4-mapped, e.g. accepted by a listener on ::) "
+           "are shown and filtered as IPv4, with their real addresses."))
+    a(".SH FIELDS")
+    a(_esc("Counters are grouped as the report shows them (" + " / ".join(SECTIONS) + "). Each belongs "
+           "to a group selectable with --groups (" + ", ".join(GROUPS) + "). A counter whose probe does "
+           "not exist on the running kernel is reported as unavailable (n/a, null in JSON, empty in CSV), "
+           "never as 0."))
+    for sec in SECTIONS:
+        a(f".SS {sec}")
+        for c in COUNTERS:
+            if c.section != sec:
+                continue
+            where = sorted({p for u in UNITS if c.name in u.counters for p in u.points})
+            a(".TP")
+            a(f"\\fB{c.name}\\fR ({c.group})")
+            a(_esc(c.description[0].upper() + c.description[1:] + ". Probes: " + ", ".join(where) + "."))
+    a(".SS Row keys")
+    a(_esc("index, family, laddr, lport, raddr, rport (those of the index), sockets (socket tuples in "
+           "the row), closed (of which closed during collection), processes (pid and name of the process "
+           "in whose context the socket was first used; for sockets only seen in softirq context, the "
+           "owner found with psutil if the socket still exists), opened_during_collection (false: the "
+           "socket was open before tcpipstat started, so its totals are partial)."))
+    a(".SH EXAMPLES")
+    for cmd, what in (
+        ("tcpipstat timeout=60", "Per-socket statistics of every TCP socket for 60 seconds."),
+        ("tcpipstat index=raddr '*.*.*.*:80-*:*'", "Who is talking to my web server?"),
+        ("tcpipstat index=rport '*:*-192.168.1.103:*'", "Which services of 192.168.1.103 does this host use?"),
+        ("tcpipstat index=lport", "Which local services are busy?"),
+        ("tcpipstat -c 'iperf3 -c 127.0.0.1 -t 5' '*:*-*:5201'", "What did one iperf3 run do to TCP?"),
+        ("tcpipstat onclose=1 '[::1]:*-*:*'", "A report for each IPv6 loopback socket as it closes."),
+        ("tcpipstat --json timeout=10 > run.ndjson", "NDJSON for other tools, one object per socket."),
+        ("tcpipstat --save-records r.txt timeout=10; tcpipstat --from-records r.txt index=raddr",
+         "Collect once, report in several ways."),
+    ):
+        a(".TP")
+        a(f"\\fB{_esc(cmd)}\\fR")
+        a(_esc(what))
+    a(".SH OVERHEAD")
+    a(_esc("Every TCP segment in and out and every IP datagram carrying TCP runs a probe handler (a "
+           "kprobe; tcp_sendmsg, tcp_recvmsg and a few rare functions use kretprobes), and each handler "
+           "looks the socket tuple up in a hash table. Expect a few percent of CPU on a busy host; select "
+           "fewer --groups (socket,tcp is the cheapest useful set) to probe less. The collector holds at most "
+           "--max-sockets tuples: when three quarters are in use it hands them all to tcpipstat, which adds "
+           "them up, so nothing is lost on a long run; events are lost only if more tuples than that are "
+           "live within 0.1 s, and then the report says how many. Closed sockets are handed over within "
+           "0.1 s. Probe hits that SystemTap skips (reentrancy, missed kretprobes) are counted and "
+           "reported: the counters are then low by at most that number. stap's overhead guard can stop "
+           "collection on slow or emulated machines: --no-overload-guard disables it."))
+    a(".SH REQUIREMENTS")
+    a(_esc("SystemTap (stap, staprun), root, the headers (linux-headers-$(uname -r)) and debug information "
+           "(linux-image-$(uname -r)-dbg on Debian, the -dbgsym package on Ubuntu, kernel-debuginfo on "
+           "Fedora/RHEL) of the running kernel, and a kernel that loads modules (no lockdown; with Secure "
+           "Boot, signed modules). --dump-script and --from-records need none of it. On a machine that "
+           "cannot load modules, the kernel lab of the source tree (lab/) runs tcpipstat in a QEMU guest."))
+    a(".SH EXIT STATUS")
+    a(".TP\n.B 0\nSuccess.")
+    a(".TP\n.B 1\n" + _esc("stap or staprun failed, or the host is not ready (the message names the fix). "
+                           "A report of what was collected is still printed."))
+    a(".TP\n.B 2\n" + _esc("Bad command line; nothing was run. The message names the bad word."))
+    a(".TP\n.B 130\n" + _esc("Interrupted with Ctrl-C; during collection the report of what was collected "
+                             "is printed first."))
+    a(".SH SEE ALSO")
+    a("stap(1), staprun(8), netstat(8), ss(8), nstat(8)")
+    return "\n".join(L) + "\n"
+
+
+if __name__ == "__main__":
+    print(render_man(), end="")
