@@ -25,6 +25,7 @@ class Counter:
     group: str
     description: str
     gauge: bool = False  # may go negative (a change, not a count)
+    ipv4_only: bool = False  # probed on IPv4 paths only: n/a for IPv6 rows, not 0
 
 
 @dataclass(frozen=True)
@@ -46,17 +47,17 @@ COUNTERS: tuple[Counter, ...] = (
     Counter("SendMsgs", "Socket", "socket", "tcp_sendmsg() calls that sent at least one byte"),
     Counter("RecvBytes", "Socket", "socket", "bytes returned by tcp_recvmsg()"),
     Counter("RecvMsgs", "Socket", "socket", "tcp_recvmsg() calls that returned at least one byte"),
-    Counter("InReceives", "Ip", "ip", "IP datagrams received carrying TCP (ip_rcv)"),
-    Counter("OutRequests", "Ip", "ip", "IP datagrams carrying TCP passed to ip_output()"),
-    Counter("InDiscards", "Ip", "ip", "received datagrams dropped by ip_rcv() (includes header errors)"),
-    Counter("InNoRoutes", "Ip", "ip", "received datagrams with no route (ENETUNREACH)"),
-    Counter("InAddrErrors", "Ip", "ip", "received datagrams with an invalid destination (EHOSTUNREACH)"),
-    Counter("InUnknownProtos", "Ip", "ip", "datagrams answered by ICMP protocol unreachable"),
-    Counter("ForwDatagrams", "Ip", "ip", "datagrams forwarded (ip_forward_finish)"),
-    Counter("ReasmTimeout", "Ip", "ip", "reassembly time-outs answered by ICMP"),
-    Counter("ReasmReqds", "Ip", "ip", "fragments passed to ip_defrag()"),
-    Counter("FragOKs", "Ip", "ip", "datagrams fragmented successfully"),
-    Counter("FragFails", "Ip", "ip", "datagrams that needed fragmenting but could not be"),
+    Counter("InReceives", "Ip", "ip", "IP datagrams received carrying TCP (ip_rcv)", ipv4_only=True),
+    Counter("OutRequests", "Ip", "ip", "IP datagrams carrying TCP passed to ip_output()", ipv4_only=True),
+    Counter("InDiscards", "Ip", "ip", "received datagrams dropped by ip_rcv() (includes header errors)", ipv4_only=True),
+    Counter("InNoRoutes", "Ip", "ip", "received datagrams with no route (ENETUNREACH)", ipv4_only=True),
+    Counter("InAddrErrors", "Ip", "ip", "received datagrams with an invalid destination (EHOSTUNREACH)", ipv4_only=True),
+    Counter("InUnknownProtos", "Ip", "ip", "datagrams answered by ICMP protocol unreachable", ipv4_only=True),
+    Counter("ForwDatagrams", "Ip", "ip", "datagrams forwarded (ip_forward_finish)", ipv4_only=True),
+    Counter("ReasmTimeout", "Ip", "ip", "reassembly time-outs answered by ICMP", ipv4_only=True),
+    Counter("ReasmReqds", "Ip", "ip", "fragments passed to ip_defrag()", ipv4_only=True),
+    Counter("FragOKs", "Ip", "ip", "datagrams fragmented successfully", ipv4_only=True),
+    Counter("FragFails", "Ip", "ip", "datagrams that needed fragmenting but could not be", ipv4_only=True),
     Counter("ActiveOpens", "Tcp", "tcp", "connections opened by connect() (tcp_connect() succeeded)"),
     Counter("PassiveOpens", "Tcp", "tcp", "connections accepted (child socket created from a listener)"),
     Counter("AttemptFails", "Tcp", "tcp", "connections that died in SYN-SENT or SYN-RECV"),
@@ -67,8 +68,8 @@ COUNTERS: tuple[Counter, ...] = (
     Counter("RetransSegs", "Tcp", "tcp", "segments retransmitted (tcp_retransmit_skb() succeeded)"),
     Counter("OutRsts", "Tcp", "tcp", "resets sent"),
     Counter("DelayedACKs", "TcpExt", "ext", "ACKs sent by the delayed-ACK timer"),
-    Counter("ListenOverflows", "TcpExt", "ext", "handshakes dropped because the accept queue was full"),
-    Counter("ListenDrops", "TcpExt", "ext", "handshakes dropped at the listener (any reason)"),
+    Counter("ListenOverflows", "TcpExt", "ext", "handshakes dropped because the accept queue was full", ipv4_only=True),
+    Counter("ListenDrops", "TcpExt", "ext", "handshakes dropped at the listener (any reason)", ipv4_only=True),
     Counter("TCPMemoryPressures", "TcpExt", "ext", "times TCP entered memory pressure"),
 )
 

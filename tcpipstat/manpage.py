@@ -80,7 +80,8 @@ def render_man() -> str:
             where = sorted({p for u in UNITS if c.name in u.counters for p in u.points})
             a(".TP")
             a(f"\\fB{c.name}\\fR ({c.group})")
-            a(_esc(c.description[0].upper() + c.description[1:] + ". Probes: " + ", ".join(where) + "."))
+            v4 = " IPv4 only: n/a (null) in rows of IPv6 sockets." if c.ipv4_only else ""
+            a(_esc(c.description[0].upper() + c.description[1:] + ". Probes: " + ", ".join(where) + "." + v4))
     a(".SS Row keys")
     a(_esc("index, family, laddr, lport, raddr, rport (those of the index), sockets (socket tuples in "
            "the row), closed (of which closed during collection), processes (pid and name of the process "

@@ -72,6 +72,11 @@ def _procs(row: Row) -> str:
     return ", ".join(items)
 
 
+def _na_for_row(row: Row, name: str) -> bool:
+    """IPv4-only counters mean nothing for an IPv6 row: n/a there, not 0."""
+    return row.key.family == AF_INET6 and COUNTER_BY_NAME[name].ipv4_only
+
+
 def row_table(row: Row, ctx: ReportContext, title_suffix: str = "") -> Table:
     title = Text(key_label(row.key), style="bold")
     procs = _procs(row)
@@ -89,7 +94,10 @@ def row_table(row: Row, ctx: ReportContext, title_suffix: str = "") -> Table:
         for c in COUNTERS:
             if c.section != section:
                 continue
-            if c.name in ctx.available:
+            if c.name in ctx.available and _na_for_row(row, c.name):
+                if not ctx.nozeros:
+                    lines.append(f"{c.name} n/a")
+            elif c.name in ctx.available:
                 v = row.counters.get(c.name, 0)
                 if v == 0 and ctx.nozeros:
                     continue
@@ -136,9 +144,9 @@ def row_dict(row: Row, ctx: ReportContext) -> dict:
     d["opened_during_collection"] = row.opened_during_collection
     counters: dict[str, int | None] = {}
     for c in COUNTERS:
-        if c.name in ctx.available:
+        if c.name in ctx.available and not _na_for_row(row, c.name):
             counters[c.name] = row.counters.get(c.name, 0)
-        elif c.name in ctx.unavailable:
+        elif c.name in ctx.available or c.name in ctx.unavailable:
             counters[c.name] = None
     d["counters"] = counters
     return d

@@ -64,6 +64,8 @@ def test_ipv6_addresses_are_real():
     objs = [json.loads(l) for l in out.getvalue().splitlines()]
     assert {o["laddr"] for o in objs} == {"::1"}
     assert sum(o["counters"]["PassiveOpens"] for o in objs) == 2
+    assert all(o["counters"]["InReceives"] is None for o in objs)   # IPv4-only: n/a, not 0
+    assert all(o["counters"]["InSegs"] > 0 for o in objs)
 
 
 def test_json_and_csv_mark_unavailable_counters_not_zero():

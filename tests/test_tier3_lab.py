@@ -57,10 +57,14 @@ def test_known_workload_exact_and_against_snmp(suite, tmp_path):
     r = LabRun(suite, tmp_path, "--json", "*:*-*:*", "-c", W.TCPWORK_V4, "--save-records", str(rec))
     assert r.rc == 0, r.stderr
     objs = r.json()
+    slack = r.skipped()  # probe hits stap reports it skipped: ours may be low by that much
     for port, (n, up, down) in W.TCPWORK_V4_PORTS.items():
         server = [o["counters"] for o in objs if o["lport"] == port]
         client = [o["counters"] for o in objs if o["rport"] == port]
         assert len(server) == len(client) == n
+        if slack:
+            assert n * up - slack * up <= sum(c["RecvBytes"] for c in server) <= n * up
+            continue
         assert all(c["PassiveOpens"] == 1 and c["ActiveOpens"] == 0 for c in server)
         assert all(c["ActiveOpens"] == 1 and c["PassiveOpens"] == 0 for c in client)
         assert all(c["RecvBytes"] == up and c["SendBytes"] == down for c in server)
@@ -68,10 +72,9 @@ def test_known_workload_exact_and_against_snmp(suite, tmp_path):
     # the match-everything filter against the kernel's own counters
     d = r.snmp_delta()
     tot = {k: sum(o["counters"][k] for o in objs) for k in objs[0]["counters"] if objs[0]["counters"][k] is not None}
-    assert tot["ActiveOpens"] == d["Tcp.ActiveOpens"] == 5
-    assert tot["PassiveOpens"] == d["Tcp.PassiveOpens"] == 5
+    assert d["Tcp.ActiveOpens"] == d["Tcp.PassiveOpens"] == 5
+    assert 5 - slack <= tot["ActiveOpens"] <= 5 and 5 - slack <= tot["PassiveOpens"] <= 5
     # segments: exact unless stap skipped probe hits (reported), which can only lower ours
-    slack = r.skipped()
     for ours, theirs in (("InSegs", "Tcp.InSegs"), ("OutSegs", "Tcp.OutSegs"),
                          ("InReceives", "Ip.InReceives"), ("OutRequests", "Ip.OutRequests")):
         assert d[theirs] - slack <= tot[ours] <= d[theirs], (ours, tot[ours], d[theirs], slack)
@@ -97,8 +100,8 @@ def test_filters_really_filter(suite, tmp_path):
     assert objs, r.stderr
     assert all(7001 in (o["lport"], o["rport"]) for o in objs)
     assert not any(7002 in (o["lport"], o["rport"]) for o in objs)
-    assert sum(o["counters"]["PassiveOpens"] for o in objs) == 3
-    assert sum(o["counters"]["ActiveOpens"] for o in objs) == 3
+    assert 3 - r.skipped() <= sum(o["counters"]["PassiveOpens"] for o in objs) <= 3
+    assert 3 - r.skipped() <= sum(o["counters"]["ActiveOpens"] for o in objs) <= 3
     # and a filter that matches nothing counts nothing
     r = LabRun(suite, tmp_path, "--json", "*:9-*:*", "-c", W.TCPWORK_V4)
     assert r.rc == 0 and r.json() == []
@@ -127,6 +130,22 @@ def test_onclose_reports_each_socket_once(suite, tmp_path):
     assert len(keys) == len(set(keys)) == 6
     assert all(o["closed"] == 1 for o in objs)
     assert sum(o["counters"]["RecvBytes"] for o in objs if o["lport"] == 7001) == 3000
+
+
+def test_many_sockets_one_run(suite, tmp_path):
+    """150 connections through a collector that holds 64 tuples: nothing is lost."""
+    r = LabRun(suite, tmp_path, "--json", "--max-sockets", "64", "*:7005-*:*", "*:*-*:7005", "-c",
+               "tcpwork server 127.0.0.1 7005 10 150 & tcpwork client 127.0.0.1 7005 150 100; wait")
+    assert r.rc == 0, r.stderr
+    objs = r.json()
+    slack = r.skipped()
+    tot = lambda k: sum(o["counters"][k] for o in objs)
+    d = r.snmp_delta()
+    assert d["Tcp.ActiveOpens"] == d["Tcp.PassiveOpens"] == 150
+    assert 150 - slack <= tot("ActiveOpens") <= 150 and 150 - slack <= tot("PassiveOpens") <= 150
+    assert 16500 - 100 * slack <= tot("SendBytes") <= 16500     # 150 x (100 up + 10 down)
+    assert d["Tcp.InSegs"] - slack <= tot("InSegs") <= d["Tcp.InSegs"]
+    assert slack <= 10, r.stderr   # the lab's lock wait keeps skipped hits rare
 
 
 def test_timeout_ends_the_run_on_time(suite, tmp_path):

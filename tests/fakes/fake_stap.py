@@ -1,0 +1,39 @@
+#!/usr/bin/env python3
+"""A stand-in for `stap` in tier-1 tests of tcpipstat's process handling (no kernel).
+
+Behaviour is chosen with FAKE_STAP_MODE: ok (default), fail-p4, no-debuginfo.
+-p2 lists every probe point given except those in FAKE_STAP_MISSING (comma-separated
+function names); -p4 -m NAME writes NAME.ko into the current directory.
+"""
+import os
+import re
+import sys
+
+args = sys.argv[1:]
+mode = os.environ.get("FAKE_STAP_MODE", "ok")
+if args == ["-V"]:
+    print("Systemtap translator/driver (version 9.9/0.0, fake)")
+    sys.exit(0)
+if mode == "no-debuginfo":
+    print("semantic error: missing x86_64 kernel/module debuginfo [man warning::debuginfo] under "
+          "'/lib/modules/9.9/build'", file=sys.stderr)
+    sys.exit(1)
+script = open(args[-1]).read()
+if "-p2" in args:
+    missing = set(filter(None, os.environ.get("FAKE_STAP_MISSING", "").split(",")))
+    print("# probes")
+    for fn, ret in re.findall(r'probe kernel\.function\("(\w+)"\)(\.return)? \?', script):
+        if fn not in missing:
+            print(f'kernel.function("{fn}@net/fake.c:1"){ret}? /* pc=_stext+0x1 */')
+    sys.exit(0)
+if "-p4" in args:
+    if mode == "fail-p4":
+        print("semantic error: type mismatch (long vs. string): identifier 'x' at t.stp:1:1", file=sys.stderr)
+        print("Pass 4: compilation failed.", file=sys.stderr)
+        sys.exit(1)
+    name = args[args.index("-m") + 1]
+    with open(f"{name}.ko", "w") as f:
+        f.write(script)
+    print(f"{name}.ko")
+    sys.exit(0)
+sys.exit(2)

@@ -1,0 +1,126 @@
+"""tcpipstat's handling of stap/staprun as processes, with scripted stand-ins
+(tests/fakes): Ctrl-C, failures, warnings, missing counters, the module cache."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import FIXTURES, ROOT
+
+FAKES = ROOT / "tests" / "fakes"
+RECORDS = FIXTURES / "bookworm-tcpwork-v4.records"
+
+
+def tcpipstat(args, tmp_path, **env):
+    e = {**os.environ, "TCPIPSTAT_STAP": f"{sys.executable} {FAKES / 'fake_stap.py'}",
+         "TCPIPSTAT_STAPRUN": f"{sys.executable} {FAKES / 'fake_staprun.py'}",
+         "TCPIPSTAT_CACHE": str(tmp_path / "cache"), "FAKE_RECORDS": str(RECORDS),
+         "PYTHONPATH": str(ROOT), **env}
+    return subprocess.Popen([sys.executable, "-m", "tcpipstat", "-r", "9.9-fake", *args], env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_normal_run_reports(tmp_path):
+    p = tcpipstat(["--json", "index=lport"], tmp_path)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    rows = {o["lport"]: o for o in map(json.loads, out.splitlines())}
+    assert rows[7001]["counters"]["PassiveOpens"] == 3
+    # the module was cached: a second run with another filter does not compile again
+    mods = list((tmp_path / "cache" / "modules").iterdir())
+    p = tcpipstat(["--json", "*:7001-*:*"], tmp_path, FAKE_STAP_MODE="fail-p4")
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert list((tmp_path / "cache" / "modules").iterdir()) == mods
+
+
+def test_ctrl_c_during_collection_reports_and_exits_130(tmp_path):
+    p = tcpipstat(["index=lport"], tmp_path, FAKE_STAPRUN_MODE="wait-int")
+    seen = ""
+    deadline = time.time() + 60
+    while "collecting" not in seen and time.time() < deadline:  # wait until staprun runs
+        seen += p.stderr.readline()
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "Local port: 7001" in out and "PassiveOpens 3" in out
+    assert "skipped 3 probe hits" in out
+
+
+def test_collector_dying_keeps_the_data_and_names_the_fix(tmp_path):
+    p = tcpipstat(["index=lport"], tmp_path, FAKE_STAPRUN_MODE="die")
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 1
+    assert "Local port: 7001" in out                       # partial data shown
+    assert "overhead guard" in err and "--no-overload-guard" in err
+    assert "did not finish normally" in out
+
+
+def test_compile_failure_is_one_line(tmp_path):
+    p = tcpipstat([], tmp_path, FAKE_STAP_MODE="fail-p4")
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 1 and out == ""
+    assert "compile (stap -p4) failed: semantic error: type mismatch" in err
+
+
+def test_missing_debuginfo_names_the_package(tmp_path):
+    p = tcpipstat([], tmp_path, FAKE_STAP_MODE="no-debuginfo")
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 1
+    assert "debug information is missing" in err and "-dbg" in err
+
+
+def test_counters_whose_probe_is_missing_are_unavailable_not_zero(tmp_path):
+    p = tcpipstat(["--json", "index=lport"], tmp_path, FAKE_STAP_MISSING="tcp_delack_timer_handler,ip_defrag")
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    obj = json.loads(out.splitlines()[0])
+    assert obj["counters"]["DelayedACKs"] is None and obj["counters"]["ReasmReqds"] is None
+    assert "DelayedACKs" in err and "Unavailable" in err
+    p = tcpipstat(["nozeros=0", "index=lport"], tmp_path, FAKE_STAP_MISSING="tcp_delack_timer_handler")
+    out, _ = p.communicate(timeout=60)
+    assert "DelayedACKs n/a" in out
+
+
+def test_not_root_is_refused_before_stap(tmp_path, monkeypatch):
+    if os.geteuid() == 0:
+        from tcpipstat import app
+        monkeypatch.setattr(app.os, "geteuid", lambda: 1000)
+    monkeypatch.delenv("TCPIPSTAT_STAP", raising=False)
+    monkeypatch.delenv("TCPIPSTAT_STAPRUN", raising=False)
+    monkeypatch.setenv("PATH", str(FAKES) + ":" + os.environ["PATH"])
+    (tmp_path / "stap").write_text("#!/bin/sh\nexit 99\n")
+    (tmp_path / "staprun").write_text("#!/bin/sh\nexit 99\n")
+    for f in ("stap", "staprun"):
+        (tmp_path / f).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    from .conftest import run_cli
+    status, out, err = run_cli("timeout=1")
+    assert status == 1 and "needs root" in err and "sudo" in err
+
+
+def test_psutil_names_the_owner_of_a_live_socket():
+    import socket
+
+    from tcpipstat.model import SocketTotals
+    from tcpipstat.procs import fill_processes
+    from tcpipstat.records import Tuple
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    cli = socket.create_connection(srv.getsockname())
+    try:
+        la, lp = cli.getsockname()
+        ra, rp = cli.getpeername()
+        st = SocketTotals(Tuple(2, 0x7F000001, lp, 0x7F000001, rp), {"InSegs": 1})
+        assert fill_processes([st]) == 1
+        assert st.pid == os.getpid() and st.comm
+    finally:
+        cli.close()
+        srv.close()
