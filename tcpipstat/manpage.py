@@ -109,8 +109,8 @@ def render_man() -> str:
            "looks the socket tuple up in a hash table. Expect a few percent of CPU on a busy host; select "
            "fewer --groups (socket,tcp is the cheapest useful set) to probe less. The collector holds at most "
            "--max-sockets tuples: when three quarters are in use it hands them all to tcpipstat, which adds "
-           "them up, so nothing is lost on a long run; events are lost only if more tuples than that are "
-           "live within 0.1 s, and then the report says how many. Closed sockets are handed over within "
+           "them up, and when it is full it does so at once: nothing is lost, on a long run or under heavy "
+           "connection churn (a smaller table only means more records to add up). Closed sockets are handed over within "
            "0.1 s. Probe hits that SystemTap skips (reentrancy, missed kretprobes) are counted and "
            "reported: the counters are then low by at most that number. stap's overhead guard can stop "
            "collection on slow or emulated machines: --no-overload-guard disables it."))

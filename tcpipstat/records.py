@@ -10,7 +10,8 @@ The script (stp_templates/tcpipstat.stp.j2) writes tab-separated lines:
     Addresses are hex: IPv4 in the low word, IPv6 as two 64-bit halves. COMM is
     escaped by stap's text_str().  Several records for one tuple add up.
 ``T  END_MS  IDS  SPILLS  DROPPED  FAULTS``
-    once, from the end probe.
+    once, from the end probe. DROPPED is kept for the format; the collector now
+    spills its table instead of dropping events, so it is 0.
 
 Lines starting with ``#`` are comments (tcpipstat --save-records writes one).
 Anything else on stdout is an error: it names the source, the line number and
