@@ -151,9 +151,6 @@ def collect(plan: Plan, out: IO[str], err: IO[str]) -> int:
         notes.append(f"stap skipped {outcome.skipped} probe hits (reentrancy or missed returns): "
                      "counters may be low by up to that many events")
     tr = collection.trailer
-    if tr and tr.dropped:
-        notes.append(f"{tr.dropped} events were not counted: more than {plan.max_sockets} socket tuples were "
-                     "live at once (raise --max-sockets)")
     if tr and tr.faults:
         notes.append(f"{tr.faults} events could not be read (memory faults in probes)")
     for w in outcome.warnings:

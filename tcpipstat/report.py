@@ -123,7 +123,7 @@ def render_tables(console: Console, rows: Iterable[Row], ctx: ReportContext, hea
 
 def render_footer(console: Console, ctx: ReportContext) -> None:
     if ctx.unavailable:
-        console.print(f"[yellow]Unavailable on this kernel[/] (probe did not resolve, not zero): "
+        console.print("[yellow]Unavailable on this kernel[/] (probe did not resolve, not zero): "
                       + ", ".join(ctx.unavailable))
     for note in ctx.notes:
         console.print(f"[yellow]note:[/] {note}")

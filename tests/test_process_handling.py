@@ -7,8 +7,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from .conftest import FIXTURES, ROOT
 
 FAKES = ROOT / "tests" / "fakes"
