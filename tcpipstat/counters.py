@@ -59,7 +59,7 @@ COUNTERS: tuple[Counter, ...] = (
     Counter("FragOKs", "Ip", "ip", "datagrams fragmented successfully", ipv4_only=True),
     Counter("FragFails", "Ip", "ip", "datagrams that needed fragmenting but could not be", ipv4_only=True),
     Counter("ActiveOpens", "Tcp", "tcp", "connections opened by connect() (tcp_connect() succeeded)"),
-    Counter("PassiveOpens", "Tcp", "tcp", "connections accepted (child socket created from a listener)"),
+    Counter("PassiveOpens", "Tcp", "tcp", "child sockets created from a listener for an incoming connection; like the kernel, counts the rare duplicate child built when two CPUs complete the same handshake at once"),
     Counter("AttemptFails", "Tcp", "tcp", "connections that died in SYN-SENT or SYN-RECV"),
     Counter("EstabResets", "Tcp", "tcp", "ESTABLISHED or CLOSE-WAIT sockets that went straight to CLOSED"),
     Counter("CurrEstab", "Tcp", "tcp", "change in ESTABLISHED/CLOSE-WAIT sockets (+1 in, -1 out)", gauge=True),

@@ -47,6 +47,16 @@ class LabRun:
         m = re.search(r"stap skipped (\d+) probe hits", self.stderr)
         return int(m.group(1)) if m else 0
 
+    def faults(self) -> int:
+        m = re.search(r"(\d+) events could not be read", self.stderr)
+        return int(m.group(1)) if m else 0
+
+    def explain(self) -> str:
+        """What a failing assertion should show: every row, stderr, the guest's log."""
+        rows = "\n".join(f"  {o.get('laddr')}:{o.get('lport')}-{o.get('raddr')}:{o.get('rport')} "
+                         f"{ {k: v for k, v in o['counters'].items() if v} }" for o in self.json())
+        return f"\nrows:\n{rows}\nstderr:\n{self.stderr}\nmeta:\n{self.meta[-3000:]}"
+
 
 def _by_ports(objs):
     return {(o["lport"], o["rport"]): o["counters"] for o in objs}
@@ -57,27 +67,36 @@ def test_known_workload_exact_and_against_snmp(suite, tmp_path):
     r = LabRun(suite, tmp_path, "--json", "*:*-*:*", "-c", W.TCPWORK_V4, "--save-records", str(rec))
     assert r.rc == 0, r.stderr
     objs = r.json()
-    slack = r.skipped()  # probe hits stap reports it skipped: ours may be low by that much
+    # probe hits stap reports it skipped, and events a probe could not read (both
+    # reported to the user): ours may be low by that much
+    slack = r.skipped() + r.faults()
+    why = r.explain()
     for port, (n, up, down) in W.TCPWORK_V4_PORTS.items():
         server = [o["counters"] for o in objs if o["lport"] == port]
         client = [o["counters"] for o in objs if o["rport"] == port]
-        assert len(server) == len(client) == n
+        assert len(server) == len(client) == n, why
         if slack:
-            assert n * up - slack * up <= sum(c["RecvBytes"] for c in server) <= n * up
+            assert n * up - slack * up <= sum(c["RecvBytes"] for c in server) <= n * up, why
             continue
-        assert all(c["PassiveOpens"] == 1 and c["ActiveOpens"] == 0 for c in server)
-        assert all(c["ActiveOpens"] == 1 and c["PassiveOpens"] == 0 for c in client)
-        assert all(c["RecvBytes"] == up and c["SendBytes"] == down for c in server)
-        assert all(c["SendBytes"] == up and c["RecvBytes"] == down for c in client)
+        # PassiveOpens counts child sockets created (tcp_create_openreq_child()): when the
+        # handshake's last ACK and the first data segment are processed on two CPUs at
+        # once, both build a child for the same request and the loser is freed; the
+        # kernel's own PassiveOpens counts both (seen in the lab: 6 for 5 connections),
+        # so ours must too. The sum is checked against /proc/net/snmp below.
+        assert all(c["PassiveOpens"] >= 1 and c["ActiveOpens"] == 0 for c in server), why
+        assert all(c["ActiveOpens"] == 1 and c["PassiveOpens"] == 0 for c in client), why
+        assert all(c["RecvBytes"] == up and c["SendBytes"] == down for c in server), why
+        assert all(c["SendBytes"] == up and c["RecvBytes"] == down for c in client), why
     # the match-everything filter against the kernel's own counters
     d = r.snmp_delta()
     tot = {k: sum(o["counters"][k] for o in objs) for k in objs[0]["counters"] if objs[0]["counters"][k] is not None}
-    assert d["Tcp.ActiveOpens"] == d["Tcp.PassiveOpens"] == 5
-    assert 5 - slack <= tot["ActiveOpens"] <= 5 and 5 - slack <= tot["PassiveOpens"] <= 5
+    assert d["Tcp.ActiveOpens"] == 5 and d["Tcp.PassiveOpens"] >= 5, why
+    assert 5 - slack <= tot["ActiveOpens"] <= 5, why
+    assert d["Tcp.PassiveOpens"] - slack <= tot["PassiveOpens"] <= d["Tcp.PassiveOpens"], why
     # segments: exact unless stap skipped probe hits (reported), which can only lower ours
     for ours, theirs in (("InSegs", "Tcp.InSegs"), ("OutSegs", "Tcp.OutSegs"),
                          ("InReceives", "Ip.InReceives"), ("OutRequests", "Ip.OutRequests")):
-        assert d[theirs] - slack <= tot[ours] <= d[theirs], (ours, tot[ours], d[theirs], slack)
+        assert d[theirs] - slack <= tot[ours] <= d[theirs], (ours, tot[ours], d[theirs], slack, why)
     # index modes regroup the same run: sums agree, row keys are right
     for index in INDEXES:
         status, out, err = run_cli("--from-records", str(rec), f"index={index}", "--json")
@@ -100,8 +119,11 @@ def test_filters_really_filter(suite, tmp_path):
     assert objs, r.stderr
     assert all(7001 in (o["lport"], o["rport"]) for o in objs)
     assert not any(7002 in (o["lport"], o["rport"]) for o in objs)
-    assert 3 - r.skipped() <= sum(o["counters"]["PassiveOpens"] for o in objs) <= 3
-    assert 3 - r.skipped() <= sum(o["counters"]["ActiveOpens"] for o in objs) <= 3
+    # PassiveOpens may exceed the connections (a child lost to a race still counts, in
+    # the kernel too): bounded by the kernel's total less the two other connections
+    passive = sum(o["counters"]["PassiveOpens"] for o in objs)
+    assert 3 - r.skipped() <= passive <= r.snmp_delta()["Tcp.PassiveOpens"] - 2, r.explain()
+    assert 3 - r.skipped() <= sum(o["counters"]["ActiveOpens"] for o in objs) <= 3, r.explain()
     # and a filter that matches nothing counts nothing
     r = LabRun(suite, tmp_path, "--json", "*:9-*:*", "-c", W.TCPWORK_V4)
     assert r.rc == 0 and r.json() == []
@@ -115,9 +137,11 @@ def test_ipv6_loopback(suite, tmp_path):
     server = [o["counters"] for o in objs if o["lport"] == 7003]
     client = [o["counters"] for o in objs if o["rport"] == 7003]
     assert len(server) == len(client) == 2
-    assert all(c["PassiveOpens"] == 1 and c["RecvBytes"] == 10 and c["SendBytes"] == 7 for c in server)
-    assert all(c["ActiveOpens"] == 1 and c["SendBytes"] == 10 and c["RecvBytes"] == 7 for c in client)
+    why = r.explain()
+    assert all(c["PassiveOpens"] >= 1 and c["RecvBytes"] == 10 and c["SendBytes"] == 7 for c in server), why
+    assert all(c["ActiveOpens"] == 1 and c["SendBytes"] == 10 and c["RecvBytes"] == 7 for c in client), why
     d = r.snmp_delta()
+    assert d["Tcp.PassiveOpens"] - r.skipped() <= sum(c["PassiveOpens"] for c in server) <= d["Tcp.PassiveOpens"], why
     assert sum(o["counters"]["InSegs"] for o in objs) <= d["Tcp.InSegs"]
     assert sum(o["counters"]["InSegs"] for o in objs) >= d["Tcp.InSegs"] - r.skipped()
 
@@ -141,8 +165,10 @@ def test_many_sockets_one_run(suite, tmp_path):
     slack = r.skipped()
     tot = lambda k: sum(o["counters"][k] for o in objs)
     d = r.snmp_delta()
-    assert d["Tcp.ActiveOpens"] == d["Tcp.PassiveOpens"] == 150
-    assert 150 - slack <= tot("ActiveOpens") <= 150 and 150 - slack <= tot("PassiveOpens") <= 150
+    why = r.explain()
+    assert d["Tcp.ActiveOpens"] == 150 and d["Tcp.PassiveOpens"] >= 150, why
+    assert 150 - slack <= tot("ActiveOpens") <= 150, why
+    assert d["Tcp.PassiveOpens"] - slack <= tot("PassiveOpens") <= d["Tcp.PassiveOpens"], why
     assert 16500 - 100 * slack <= tot("SendBytes") <= 16500     # 150 x (100 up + 10 down)
     assert d["Tcp.InSegs"] - slack <= tot("InSegs") <= d["Tcp.InSegs"]
     assert slack <= 10, r.stderr   # the lab's lock wait keeps skipped hits rare
