@@ -14,13 +14,13 @@ from rich.console import Console
 
 from .counters import UNITS, all_points, counters_for_units, units_for_groups
 from .errors import EnvironmentNotReady, ExitStatus, TcpipstatError, UsageError
-from .model import Collection
+from .model import Collection, Window, sort_rows
 from .plan import Plan, build_plan
 from .procs import fill_processes
 from .records import Parser
 from .render import module_args, render_probe_check, render_script, select_units
 from .report import (ReportContext, closed_socket_row, render_footer, render_tables, row_table,
-                     write_csv, write_json)
+                     write_csv, write_json, write_window)
 from .stap import Collector, RunOutcome, Toolchain
 
 PROG = "tcpipstat"
@@ -56,6 +56,26 @@ def _consoles(plan: Plan, out: IO[str], err: IO[str]):
     return console, errc
 
 
+def _select(plan: Plan, collection: Collection, tree: bool) -> None:
+    """Which sockets are reported: -x PID's, or the -c command's process tree."""
+    if plan.pid is not None:
+        collection.keep, collection.selection = (lambda st, pid=plan.pid: st.pid == pid), "pid"
+    elif tree:
+        collection.keep, collection.selection = (lambda st: st.in_tree), "tree"
+
+
+def _on_interval(plan: Plan, collection: Collection, ctx: ReportContext, console: Console, out: IO[str]) -> None:
+    if plan.interval_s is None:
+        return
+    state = {"csv_header": True}
+
+    def show(win: Window) -> None:
+        rows, hidden = sort_rows(win.rows(plan.index), plan.sort, plan.top)
+        write_window(console, out, plan.output, win, rows, hidden, ctx, plan.timestamp, state)
+        out.flush()
+    collection.on_interval = show
+
+
 def _on_close(plan: Plan, collection: Collection, ctx: ReportContext, console: Console, out: IO[str]) -> None:
     if not plan.onclose:
         return
@@ -83,13 +103,16 @@ def collect_live(plan: Plan, console: Console, errc: Console, out: IO[str], err:
 
     ctx = ReportContext(tuple(available), tuple(unavailable), plan.nozeros)
     collection = Collection()
+    _select(plan, collection, plan.tree)
     _on_close(plan, collection, ctx, console, out)
-    runner = Collector(tc, ko, module_args(list(plan.filters), plan.timeout_s), plan.command,
-                       echo_stderr=lambda line: print(line, file=err))
+    _on_interval(plan, collection, ctx, console, out)
+    runner = Collector(tc, ko, module_args(list(plan.filters), plan.timeout_s, plan.interval_s, plan.count),
+                       plan.command, echo_stderr=lambda line: print(line, file=err))
     parser = Parser("staprun")
     saved = open(plan.save_records, "w") if plan.save_records else None
     if saved:
-        saved.write(f"# tcpipstat records; kernel={kver}; unavailable={','.join(unavailable)}\n")
+        saved.write(f"# tcpipstat records; kernel={kver}; unavailable={','.join(unavailable)}; "
+                    f"tree={int(plan.tree)}\n")
     previous = signal.signal(signal.SIGINT, lambda *_: runner.interrupt())
     try:
         what = f"running {plan.command!r}" if plan.command else (
@@ -124,6 +147,8 @@ def collect_saved(plan: Plan, console: Console, out: IO[str]):
             unavailable = tuple(x for x in m.group(1).split(",") if x)
         parser = Parser(path)
         collection = Collection()
+        # a run of -c CMD reports its command's process tree, replayed or not
+        _select(plan, collection, bool(re.search(r"; tree=1\b", first)) if first.startswith("#") else False)
         ctx = ReportContext((), unavailable, plan.nozeros)
         _on_close(plan, collection, ctx, console, out)
         lines = [first] + list(f) if not first.startswith("#") else list(f)
@@ -146,6 +171,7 @@ def collect(plan: Plan, out: IO[str], err: IO[str]) -> int:
     else:
         collection, ctx, outcome = collect_live(plan, console, errc, out, err)
 
+    collection.finish()
     notes = ctx.notes
     if outcome.skipped:
         notes.append(f"stap skipped {outcome.skipped} probe hits (reentrancy or missed returns): "
@@ -158,14 +184,27 @@ def collect(plan: Plan, out: IO[str], err: IO[str]) -> int:
     if tr is None:
         notes.append("the collector did not finish normally: the report holds what was received")
 
+    hidden = 0
     if plan.onclose:
-        still_open = sum(1 for s in collection.sockets.values() if not s.closed and s.has_activity)
+        still_open = sum(1 for s in collection.sockets.values()
+                         if not s.closed and s.has_activity and collection._kept(s))
         if still_open:
             notes.append(f"{still_open} sockets were still open at the end and are not reported (onclose=1)")
         rows = []
+    elif plan.interval_s is not None:
+        rows = []   # the snapshots were the report
     else:
-        rows = collection.rows(plan.index)
-    if plan.output == "json":
+        rows, hidden = sort_rows(collection.rows(plan.index), plan.sort, plan.top)
+    if hidden:
+        notes.append(f"{hidden} more rows not shown (--top {plan.top}, by {plan.sort})")
+    if collection.selection == "tree":
+        left = sum(1 for s in collection.sockets.values() if s.has_activity and not s.in_tree)
+        if left:
+            notes.append(f"{left} sockets active meanwhile were not used by the command's processes and "
+                         "are not reported (--all-processes shows them)")
+    if plan.interval_s is not None:
+        pass
+    elif plan.output == "json":
         write_json(out, rows, ctx)
     elif plan.output == "csv":
         write_csv(out, rows, ctx)

@@ -36,7 +36,8 @@ SUMMARY = "per-socket TCP/IP statistics (netstat -s per socket), collected live 
 
 OPTIONS: tuple[Opt, ...] = (
     Opt(("-i", "--index"), "group report rows by the whole socket tuple (default), the local or "
-        "remote address, or the local or remote port", dest="index", metavar="|".join(INDEXES),
+        "remote address, the local or remote port, or the process (pid, or command name: comm) that "
+        "last used the socket", dest="index", metavar="|".join(INDEXES),
         default="tuple", classic="index"),
     Opt(("-t", "--timeout"), "stop collecting after SECONDS and report", dest="timeout",
         metavar="SECONDS", classic="timeout"),
@@ -48,7 +49,22 @@ OPTIONS: tuple[Opt, ...] = (
         "report at the end (needs index=tuple)", dest="onclose", action="store_const", const=True,
         default=False, classic="onclose"),
     Opt(("-c", "--command"), "run CMD (through /bin/sh) and collect for exactly its lifetime, like "
-        "stap -c", dest="command", metavar="CMD"),
+        "stap -c; only sockets used by CMD and its descendants are reported (see --all-processes)",
+        dest="command", metavar="CMD"),
+    Opt(("--all-processes",), "with -c: report every socket the filters accept during CMD's "
+        "lifetime, not only those of its process tree", dest="all_processes", action="store_true",
+        default=False),
+    Opt(("-x", "--pid"), "report only the sockets process PID used (sent, received, connected or "
+        "accepted on)", dest="pid", metavar="PID"),
+    Opt(("--interval",), "print a snapshot every SECONDS: the counts since the previous one "
+        "(deltas), as tables or NDJSON lines", dest="interval", metavar="SECONDS", classic="interval"),
+    Opt(("--count",), "with --interval: stop after K snapshots", dest="count", metavar="K"),
+    Opt(("-T", "--timestamp"), "with --interval: print each snapshot's wall-clock time",
+        dest="timestamp", action="store_true", default=False),
+    Opt(("--sort",), "order report rows by a counter, largest first (any counter name, or bytes = "
+        "SendBytes+RecvBytes, segs = InSegs+OutSegs)", dest="sort", metavar="COUNTER"),
+    Opt(("--top",), "show only the first N rows (sorted by --sort, default bytes)", dest="top",
+        metavar="N"),
     Opt(("--json",), "write NDJSON: one object per report row", dest="output", action="store_const",
         const="json", default="table"),
     Opt(("--csv",), "write CSV: a header, then one line per report row", dest="output",
@@ -73,6 +89,10 @@ OPTIONS: tuple[Opt, ...] = (
         "(no root, no stap)", dest="from_records", metavar="FILE"),
     Opt(("--dump-script",), "print the generated SystemTap script and exit (no root needed)",
         dest="dump_script", action="store_true", default=False),
+    Opt(("--check",), "diagnose this host without collecting: stap, root, kernel headers and "
+        "debuginfo, module loading, which counters this kernel provides; prints the fix for what is "
+        "missing. Exit status 0 when collection can work", dest="check", action="store_true",
+        default=False),
     Opt(("-v", "--verbose"), "show stap's passes while it compiles", dest="verbose", action="count",
         default=0),
     Opt(("--version",), "print the version and exit", action="version"),
@@ -92,10 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         allow_abbrev=False,
         description=SUMMARY + ".",
-        usage="%(prog)s [options] [index=tuple|laddr|raddr|lport|rport] [timeout=N] "
-              "[nozeros=0|1] [onclose=0|1] [FILTER ...]",
-        epilog="FILTER is <laddr>:<lport>-<raddr>:<rport>; * matches anything, e.g. '*.*.*.*:80-*:*'. "
-               "Several filters are ORed (at most %d). See tcpipstat(8)." % MAX_FILTERS,
+        usage="%(prog)s [options] [index=tuple|laddr|raddr|lport|rport|pid|comm] [timeout=N] "
+              "[interval=N] [nozeros=0|1] [onclose=0|1] [FILTER ...]",
+        epilog="FILTER is <laddr>:<lport>-<raddr>:<rport>; * matches anything, e.g. '*.*.*.*:80-*:*', "
+               "'10.0.0.0/8:*-*:*', '[::1]:8000..8080-*:*'. Several filters are ORed (at most %d). "
+               "See tcpipstat(8)." % MAX_FILTERS,
     )
     for o in OPTIONS:
         kw: dict = dict(o.kwargs)
@@ -149,6 +170,8 @@ def _apply_classic(ns: argparse.Namespace, key: str, value: str, word: str) -> N
         ns.index = value
     elif key == "timeout":
         ns.timeout = value
+    elif key == "interval":
+        ns.interval = value
     elif key == "nozeros":
         ns.nozeros = _bool01(value, word)
     elif key == "onclose":

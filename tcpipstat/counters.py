@@ -78,6 +78,8 @@ COUNTER_BY_NAME = {c.name: c for c in COUNTERS}
 UNITS: tuple[Unit, ...] = (
     Unit("sendmsg", "socket", (_f("tcp_sendmsg", True),), ("SendBytes", "SendMsgs")),
     Unit("recvmsg", "socket", (_f("tcp_recvmsg", True),), ("RecvBytes", "RecvMsgs")),
+    Unit("accept", "socket", (_f("inet_csk_accept", True),), (),
+         note="no counter: tells which process owns an accepted socket"),
     Unit("InReceives", "ip", (_f("ip_rcv"),), ("InReceives",), note="IPv4 only"),
     Unit("OutRequests", "ip", (_f("ip_output"),), ("OutRequests",), note="IPv4 only"),
     Unit("InDiscards", "ip", (_f("ip_rcv", True),), ("InDiscards",), note="IPv4 only"),

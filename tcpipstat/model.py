@@ -2,17 +2,18 @@
 
 A socket tuple may arrive in several records (the collector empties its table
 when it fills, and writes closed sockets out as they close); they add up here.
-Grouping by ``index`` (tuple, laddr, raddr, lport, rport) happens here too, so
-the index never changes the compiled module.
+Grouping by ``index`` (tuple, laddr, raddr, lport, rport, pid, comm) happens
+here too, so the index never changes the compiled module. With ``interval``, the
+records received since the last interval mark form a window of their own.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from .records import Header, Record, SocketRecord, Trailer, Tuple
+from .records import Header, IntervalMark, Record, SocketRecord, Trailer, Tuple
 
-INDEXES = ("tuple", "laddr", "raddr", "lport", "rport")
+INDEXES = ("tuple", "laddr", "raddr", "lport", "rport", "pid", "comm")
 
 
 @dataclass
@@ -23,12 +24,14 @@ class SocketTotals:
     comm: str = ""
     closed: bool = False
     records: int = 0
+    in_tree: bool = False     # used by a process of the -c command's tree
 
     def add(self, rec: SocketRecord) -> None:
         for k, v in rec.counters.items():
             self.counters[k] = self.counters.get(k, 0) + v
-        if rec.pid and not self.pid:
+        if rec.pid:  # the process that last used the socket in process context
             self.pid, self.comm = rec.pid, rec.comm
+        self.in_tree |= rec.in_tree
         self.records += 1
         if rec.reason == "close":
             self.closed = True
@@ -50,6 +53,8 @@ class GroupKey:
     lport: int | None = None
     raddr: int | None = None
     rport: int | None = None
+    pid: int | None = None          # 0: no process context was ever seen
+    comm: str | None = None         # "": unknown
 
     @classmethod
     def of(cls, index: str, t: Tuple) -> "GroupKey":
@@ -65,9 +70,17 @@ class GroupKey:
             return cls(index, rport=t.rport)
         raise ValueError(index)
 
+    @classmethod
+    def of_socket(cls, index: str, st: "SocketTotals") -> "GroupKey":
+        if index == "pid":
+            return cls(index, pid=st.pid)
+        if index == "comm":
+            return cls(index, comm=st.comm if st.pid else "")
+        return cls.of(index, st.tuple)
+
     def sort_key(self) -> tuple:
         return tuple(-1 if v is None else v for v in
-                     (self.family, self.laddr, self.lport, self.raddr, self.rport))
+                     (self.family, self.laddr, self.lport, self.raddr, self.rport, self.pid)) + (self.comm or "",)
 
 
 @dataclass
@@ -87,22 +100,55 @@ class Collection:
     trailer: Trailer | None = None
     sockets: dict[Tuple, SocketTotals] = field(default_factory=dict)
     on_close: Callable[[SocketTotals], None] | None = None
+    # interval mode: what arrived since the previous mark, handed to on_interval
+    window: dict[Tuple, SocketTotals] = field(default_factory=dict)
+    on_interval: Callable[["Window"], None] | None = None
+    marks: list[IntervalMark] = field(default_factory=list)
+    keep: Callable[[SocketTotals], bool] | None = None   # process selection (-x / -c tree)
+    selection: str = ""                                   # "pid", "tree" or "" (all)
 
     def add(self, rec: Record) -> None:
         if isinstance(rec, Header):
             self.header = rec
         elif isinstance(rec, Trailer):
             self.trailer = rec
+        elif isinstance(rec, IntervalMark):
+            self._close_window(rec)
         elif isinstance(rec, SocketRecord):
+            # a closed tuple seen again is a new socket (or late segments after
+            # close); for the summary it adds to the same tuple
             st = self.sockets.get(rec.tuple)
-            if st is None or st.closed:
-                # a closed tuple seen again is a new socket (or late segments after
-                # close); for the summary it adds to the same tuple
-                if st is None:
-                    st = self.sockets[rec.tuple] = SocketTotals(rec.tuple)
+            if st is None:
+                st = self.sockets[rec.tuple] = SocketTotals(rec.tuple)
             st.add(rec)
-            if rec.reason == "close" and self.on_close and st.has_activity:
+            w = self.window.get(rec.tuple)
+            if w is None:
+                w = self.window[rec.tuple] = SocketTotals(rec.tuple)
+            w.add(rec)
+            # the window's sockets take the process the whole run knows for them
+            w.pid, w.comm, w.in_tree = st.pid, st.comm, st.in_tree
+            if rec.reason == "close" and self.on_close and st.has_activity and self._kept(st):
                 self.on_close(st)
+
+    def _kept(self, st: SocketTotals) -> bool:
+        return self.keep is None or self.keep(st)
+
+    def _close_window(self, mark: IntervalMark | None) -> None:
+        start = self.marks[-1].ms if self.marks else (self.header.start_ms if self.header else None)
+        if mark is not None:
+            self.marks.append(mark)
+        end = mark.ms if mark else (self.trailer.end_ms if self.trailer else None)
+        win = Window(len(self.marks) if mark else len(self.marks) + 1, start, end, mark is None,
+                     dict(self.window), self)
+        self.window = {}
+        if self.on_interval and (mark is not None or any(s.has_activity for s in win.sockets.values())):
+            self.on_interval(win)
+
+    def finish(self) -> None:
+        """The run ended: in interval mode, what came after the last mark is a last
+        (partial) window, so that the windows always add up to the whole run."""
+        if self.on_interval:
+            self._close_window(None)
 
     def extend(self, recs: Iterable[Record]) -> "Collection":
         for r in recs:
@@ -119,14 +165,14 @@ class Collection:
             return max(0.0, (self.trailer.end_ms - self.header.start_ms) / 1000.0)
         return None
 
-    def rows(self, index: str = "tuple") -> list[Row]:
+    def rows(self, index: str = "tuple", sockets: Iterable[SocketTotals] | None = None) -> list[Row]:
         if index not in INDEXES:
             raise ValueError(index)
         rows: dict[GroupKey, Row] = {}
-        for st in self.sockets.values():
-            if not st.has_activity:
+        for st in (self.sockets.values() if sockets is None else sockets):
+            if not st.has_activity or not self._kept(st):
                 continue
-            key = GroupKey.of(index, st.tuple)
+            key = GroupKey.of_socket(index, st)
             row = rows.get(key)
             if row is None:
                 row = rows[key] = Row(key)
@@ -136,12 +182,47 @@ class Collection:
             row.closed += st.closed
             if st.pid:
                 row.processes.setdefault(st.pid, st.comm)
-            row.opened_during_collection &= st.opened_during_collection
+            # (a window's socket: judged on what the whole run has seen of it)
+            row.opened_during_collection &= self.sockets.get(st.tuple, st).opened_during_collection
         return sorted(rows.values(), key=lambda r: r.key.sort_key())
 
     def totals(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for st in self.sockets.values():
+            if not self._kept(st):
+                continue
             for k, v in st.counters.items():
                 out[k] = out.get(k, 0) + v
         return out
+
+
+@dataclass
+class Window:
+    """One interval's records (deltas since the previous mark)."""
+    seq: int
+    start_ms: int | None
+    end_ms: int | None
+    final: bool                      # after the last mark: a partial interval
+    sockets: dict[Tuple, SocketTotals]
+    collection: Collection
+
+    def rows(self, index: str = "tuple") -> list[Row]:
+        return self.collection.rows(index, self.sockets.values())
+
+
+# --sort keys besides counter names: sums that answer "who is busiest?"
+SORT_SUMS = {"bytes": ("SendBytes", "RecvBytes"), "segs": ("InSegs", "OutSegs")}
+
+
+def sort_value(row: Row, key: str) -> int:
+    return sum(row.counters.get(k, 0) for k in SORT_SUMS.get(key, (key,)))
+
+
+def sort_rows(rows: list[Row], key: str | None, top: int | None) -> tuple[list[Row], int]:
+    """Rows ordered by ``key`` (descending; ties keep the key order), the first ``top``
+    of them; returns (rows, how many were left out)."""
+    if key:
+        rows = sorted(rows, key=lambda r: -sort_value(r, key))
+    if top is not None and len(rows) > top:
+        return rows[:top], len(rows) - top
+    return rows, 0

@@ -6,12 +6,14 @@ import re
 from dataclasses import dataclass, field
 
 from .cli import parse_args
-from .counters import GROUPS
+from .counters import COUNTERS, GROUPS
 from .errors import UsageError
 from .filters import Filter, parse_filters
-from .model import INDEXES
+from .model import INDEXES, SORT_SUMS
 
 MAX_TIMEOUT_S = 10 * 365 * 24 * 3600
+PID_MAX_LIMIT = 4 * 1024 * 1024   # include/linux/threads.h: pids never exceed this
+PROCESS_INDEXES = ("pid", "comm")
 _KVER = re.compile(r"^[A-Za-z0-9._+~-]{1,100}$")
 # stap options a user may pass through: none of them adds code to the script.
 _STAP_ARG_OK = (
@@ -40,6 +42,14 @@ class Plan:
     save_records: str | None = None
     from_records: str | None = None
     verbose: int = 0
+    interval_s: float | None = None
+    count: int | None = None
+    timestamp: bool = False
+    sort: str | None = None
+    top: int | None = None
+    pid: int | None = None           # -x: only this process's sockets
+    tree: bool = False               # -c without --all-processes: only the command's tree
+    check: bool = False
     extra: dict = field(default_factory=dict, compare=False)
 
     def compile_flags(self) -> list[str]:
@@ -50,19 +60,40 @@ class Plan:
         return flags + list(self.stap_args)
 
 
-def _timeout(value) -> float | None:
+def _seconds(value, what: str = "timeout") -> float | None:
     if value is None:
         return None
     text = str(value)
     try:
         t = float(text)
     except ValueError:
-        raise UsageError(f"bad timeout '{text}': expected a number of seconds") from None
+        raise UsageError(f"bad {what} '{text}': expected a number of seconds") from None
     if not math.isfinite(t) or t <= 0 or t > MAX_TIMEOUT_S:
-        raise UsageError(f"bad timeout '{text}': expected a number of seconds > 0")
+        raise UsageError(f"bad {what} '{text}': expected a number of seconds > 0")
     if t < 0.1:
-        raise UsageError(f"bad timeout '{text}': the collector checks the clock every 0.1 s")
+        raise UsageError(f"bad {what} '{text}': the collector checks the clock every 0.1 s")
     return t
+
+
+def _count(value, what: str, lo: int, hi: int) -> int | None:
+    if value is None:
+        return None
+    text = str(value)
+    if not re.fullmatch(r"[0-9]{1,10}", text) or not lo <= int(text) <= hi:
+        raise UsageError(f"bad {what} '{text}': expected a whole number from {lo} to {hi}")
+    return int(text)
+
+
+def _sort_key(value: str | None) -> str | None:
+    if value is None:
+        return None
+    names = {c.name.lower(): c.name for c in COUNTERS}
+    names.update({k: k for k in SORT_SUMS})
+    key = names.get(value.lower())
+    if key is None:
+        raise UsageError(f"bad --sort '{value}': expected a counter name (e.g. RetransSegs) or one of "
+                         f"{', '.join(SORT_SUMS)}")
+    return key
 
 
 def build_plan(argv: list[str]) -> Plan:
@@ -94,10 +125,36 @@ def build_plan(argv: list[str]) -> Plan:
         raise UsageError("empty -c command")
     if ns.from_records and (ns.command or ns.save_records):
         raise UsageError("--from-records reports a saved run: it cannot be combined with -c or --save-records")
+    interval = _seconds(ns.interval, "interval")
+    count = _count(ns.count, "--count", 1, 10 ** 9)
+    if count is not None and interval is None:
+        raise UsageError("--count needs --interval (the number of snapshots to print)")
+    if ns.timestamp and interval is None:
+        raise UsageError("-T/--timestamp needs --interval (it stamps each snapshot)")
+    if interval is not None and ns.onclose:
+        raise UsageError("interval and onclose cannot be combined: choose snapshots or one report per socket")
+    if interval is not None and ns.from_records:
+        raise UsageError("--interval cannot replay --from-records (save the run with --interval instead: "
+                         "its snapshots are in the records)")
+    pid = _count(ns.pid, "pid", 1, PID_MAX_LIMIT)
+    if pid is not None and ns.all_processes:
+        raise UsageError("-x/--pid and --all-processes contradict each other")
+    if ns.all_processes and not ns.command:
+        raise UsageError("--all-processes only makes sense with -c CMD")
+    tree = bool(ns.command) and pid is None and not ns.all_processes
+    needs_proc = [w for w, on in ((f"index={ns.index}", ns.index in PROCESS_INDEXES),
+                                  ("-x/--pid", pid is not None), ("-c (its process tree)", tree)) if on]
+    if needs_proc and "socket" not in groups:
+        raise UsageError(f"{needs_proc[0]} needs the socket group (its probes tell which process uses a "
+                         "socket): add socket to --groups" + (", or use --all-processes" if tree else ""))
+    sort = _sort_key(ns.sort)
+    top = _count(ns.top, "--top", 1, 10 ** 9)
+    if top is not None and sort is None:
+        sort = "bytes"
     return Plan(
         filters=tuple(parse_filters(ns.filters)),
         index=ns.index,
-        timeout_s=_timeout(ns.timeout),
+        timeout_s=_seconds(ns.timeout),
         nozeros=bool(ns.nozeros),
         onclose=bool(ns.onclose),
         command=ns.command,
@@ -111,4 +168,12 @@ def build_plan(argv: list[str]) -> Plan:
         save_records=ns.save_records,
         from_records=ns.from_records,
         verbose=ns.verbose,
+        interval_s=interval,
+        count=count,
+        timestamp=ns.timestamp,
+        sort=sort,
+        top=top,
+        pid=pid,
+        tree=tree,
+        check=ns.check,
     )

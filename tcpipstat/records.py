@@ -4,11 +4,17 @@ The script (stp_templates/tcpipstat.stp.j2) writes tab-separated lines:
 
 ``H  tcpipstat  FORMAT  VERSION  START_MS  NFILTERS  MAX_SOCKETS  COUNTER,COUNTER,...``
     once, from the begin probe.
-``R  REASON  FAMILY  LADDR_HI  LADDR_LO  LPORT  RADDR_HI  RADDR_LO  RPORT  PID  COMM  NAME=VALUE...``
+``R  REASON  FAMILY  LADDR_HI  LADDR_LO  LPORT  RADDR_HI  RADDR_LO  RPORT  PID  COMM  FLAGS  NAME=VALUE...``
     one socket tuple's counts since it was last written out. REASON is ``close``
-    (the socket closed), ``spill`` (the table was emptied to make room) or ``end``.
-    Addresses are hex: IPv4 in the low word, IPv6 as two 64-bit halves. COMM is
-    escaped by stap's text_str().  Several records for one tuple add up.
+    (the socket closed), ``spill`` (the table was emptied to make room),
+    ``interval`` (an interval ended) or ``end``. Addresses are hex: IPv4 in the
+    low word, IPv6 as two 64-bit halves. PID/COMM: the process that last used the
+    socket in process context (0 and "" if none did); COMM is escaped by stap's
+    text_str(). FLAGS: bit 0 = that process descends from the -c command (format
+    1 has no FLAGS field). Several records for one tuple add up.
+``I  SEQ  MS``
+    interval mode: interval SEQ ended at MS (gettimeofday_ms); the records of its
+    sockets came just before.
 ``T  END_MS  IDS  SPILLS  DROPPED  FAULTS``
     once, from the end probe. DROPPED is kept for the format; the collector now
     spills its table instead of dropping events, so it is 0.
@@ -25,8 +31,9 @@ from typing import Iterable, Iterator
 
 from .errors import RecordParseError
 
-FORMAT_VERSION = 1
-REASONS = ("close", "spill", "end")
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)   # format 1 (tcpipstat 0.1): no FLAGS field, no intervals
+REASONS = ("close", "spill", "interval", "end")
 AF_INET, AF_INET6 = 2, 10
 
 
@@ -62,6 +69,13 @@ class SocketRecord:
     pid: int
     comm: str
     counters: dict[str, int] = field(hash=False)
+    in_tree: bool = False
+
+
+@dataclass(frozen=True)
+class IntervalMark:
+    seq: int
+    ms: int
 
 
 @dataclass(frozen=True)
@@ -73,7 +87,7 @@ class Trailer:
     faults: int
 
 
-Record = Header | SocketRecord | Trailer
+Record = Header | SocketRecord | Trailer | IntervalMark
 
 
 def _hex64(tok: str) -> int:
@@ -133,8 +147,9 @@ class Parser:
             if kind == "H":
                 if len(f) != 8 or f[1] != "tcpipstat":
                     raise self._err(lineno, line, "malformed header")
-                if int(f[2]) != FORMAT_VERSION:
-                    raise self._err(lineno, line, f"record format {f[2]} is not {FORMAT_VERSION} "
+                if int(f[2]) not in READABLE_FORMATS:
+                    raise self._err(lineno, line, f"record format {f[2]} is not one of "
+                                                  f"{', '.join(map(str, READABLE_FORMATS))} "
                                                   "(script and parser from different tcpipstat versions)")
                 counters = tuple(c for c in f[7].split(",") if c)
                 self.header = Header(int(f[2]), f[3], int(f[4]), int(f[5]), int(f[6]), counters)
@@ -143,7 +158,8 @@ class Parser:
             if kind == "R":
                 if self.header is None:
                     raise self._err(lineno, line, "socket record before the header")
-                if len(f) < 11:
+                fixed = 11 if self.header.format == 1 else 12
+                if len(f) < fixed:
                     raise self._err(lineno, line, "socket record has too few fields")
                 reason = f[1]
                 if reason not in REASONS:
@@ -156,14 +172,19 @@ class Parser:
                     raise self._err(lineno, line, "port out of range")
                 laddr = (_hex64(f[3]) << 64) | _hex64(f[4])
                 raddr = (_hex64(f[6]) << 64) | _hex64(f[7])
+                flags = int(f[11]) if fixed == 12 else 0
                 counters: dict[str, int] = {}
-                for item in f[11:]:
+                for item in f[fixed:]:
                     name, sep, value = item.partition("=")
                     if not sep or name not in self._known:
                         raise self._err(lineno, line, f"unknown counter {name!r}")
                     counters[name] = int(value)
                 return SocketRecord(reason, Tuple(fam, laddr, lport, raddr, rport),
-                                    int(f[9]), unescape_comm(f[10]), counters)
+                                    int(f[9]), unescape_comm(f[10]), counters, bool(flags & 1))
+            if kind == "I":
+                if self.header is None or len(f) != 3:
+                    raise self._err(lineno, line, "malformed interval mark")
+                return IntervalMark(int(f[1]), int(f[2]))
             if kind == "T":
                 if len(f) != 6:
                     raise self._err(lineno, line, "malformed trailer")

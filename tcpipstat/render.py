@@ -15,8 +15,7 @@ import jinja2
 from . import __version__
 from .counters import UNITS, counters_for_units
 from .filters import FILTER_FIELDS, MAX_FILTERS, Filter
-
-FORMAT_VERSION = 1
+from .records import FORMAT_VERSION
 
 
 @lru_cache(maxsize=1)
@@ -60,7 +59,8 @@ def script_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def module_args(filters: list[Filter], timeout_s: float | None) -> list[str]:
+def module_args(filters: list[Filter], timeout_s: float | None, interval_s: float | None = None,
+                count: int | None = None) -> list[str]:
     """staprun NAME=VALUE arguments: numbers only, whatever the user typed."""
     args = [f"tis_nfilters={len(filters)}"]
     for i, flt in enumerate(filters):
@@ -68,4 +68,8 @@ def module_args(filters: list[Filter], timeout_s: float | None) -> list[str]:
             args.append(f"tis_f{i}_{name}={int(value)}")
     if timeout_s:
         args.append(f"tis_timeout_ms={int(round(timeout_s * 1000))}")
+    if interval_s:
+        args.append(f"tis_interval_ms={int(round(interval_s * 1000))}")
+        if count:
+            args.append(f"tis_count={int(count)}")
     return args

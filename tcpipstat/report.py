@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from dataclasses import dataclass, field
 from typing import IO, Iterable
 
@@ -12,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .counters import COUNTER_BY_NAME, COUNTERS, SECTIONS
-from .model import GroupKey, Row, SocketTotals
+from .model import GroupKey, Row, SocketTotals, Window
 from .records import AF_INET6, Tuple
 
 
@@ -49,6 +50,10 @@ def key_fields(key: GroupKey) -> dict[str, object]:
         out["raddr"] = _addr(key.family, key.raddr)
     if key.rport is not None:
         out["rport"] = key.rport
+    if key.pid is not None:
+        out["pid"] = key.pid
+    if key.comm is not None:
+        out["comm"] = key.comm
     return out
 
 
@@ -62,6 +67,10 @@ def key_label(key: GroupKey) -> str:
         return f"Remote address: {_addr(key.family, key.raddr)}"
     if key.index == "lport":
         return f"Local port: {key.lport}"
+    if key.index == "pid":
+        return f"Process: {key.pid}" if key.pid else "Process: unknown (no process context seen)"
+    if key.index == "comm":
+        return f"Command: {key.comm}" if key.comm else "Command: unknown (no process context seen)"
     return f"Remote port: {key.rport}"
 
 
@@ -152,28 +161,73 @@ def row_dict(row: Row, ctx: ReportContext) -> dict:
     return d
 
 
-def write_json(out: IO[str], rows: Iterable[Row], ctx: ReportContext) -> int:
+def write_json(out: IO[str], rows: Iterable[Row], ctx: ReportContext, win: Window | None = None) -> int:
     n = 0
     for row in rows:
-        out.write(json.dumps(row_dict(row, ctx), separators=(",", ":")) + "\n")
+        d = row_dict(row, ctx)
+        if win is not None:
+            d = {**window_fields(win), **d}
+        out.write(json.dumps(d, separators=(",", ":")) + "\n")
         n += 1
     return n
 
 
-CSV_KEYS = ("index", "family", "laddr", "lport", "raddr", "rport", "sockets", "closed", "processes")
+def _iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
 
 
-def csv_columns(ctx: ReportContext) -> list[str]:
-    return list(CSV_KEYS) + [c.name for c in COUNTERS if c.name in ctx.available or c.name in ctx.unavailable]
+def window_fields(win: Window) -> dict:
+    """Where a snapshot row sits in time: its interval number, end time (UTC), and
+    whether it is the partial interval after the last full one."""
+    return {"interval": win.seq, "time": _iso(win.end_ms), "final": win.final}
 
 
-def write_csv(out: IO[str], rows: Iterable[Row], ctx: ReportContext) -> int:
-    cols = csv_columns(ctx)
+def write_window(console: Console, out: IO[str], output: str, win: Window, rows: list[Row], hidden: int,
+                 ctx: ReportContext, timestamp: bool, state: dict) -> None:
+    """One interval snapshot: the counts since the previous one."""
+    if output == "json":
+        write_json(out, rows, ctx, win)
+        return
+    if output == "csv":
+        write_csv(out, rows, ctx, win, header=state.get("csv_header", True))
+        state["csv_header"] = False
+        return
+    head = f"interval {win.seq}" + (" (partial, to the end of the run)" if win.final else "")
+    if win.start_ms is not None and win.end_ms is not None:
+        head += f", {max(0, win.end_ms - win.start_ms) / 1000:.1f} s"
+    if timestamp and win.end_ms is not None:
+        head = time.strftime("%H:%M:%S", time.localtime(win.end_ms / 1000)) + "  " + head
+    console.print(Text(head, style="bold"))
+    for row in rows:
+        console.print(row_table(row, ctx))
+    if not rows:
+        console.print("  no socket activity in this interval")
+    if hidden:
+        console.print(f"  ... {hidden} more rows (--top)")
+
+
+CSV_KEYS = ("index", "family", "laddr", "lport", "raddr", "rport", "pid", "comm", "sockets", "closed", "processes")
+WINDOW_KEYS = ("interval", "time", "final")
+
+
+def csv_columns(ctx: ReportContext, window: bool = False) -> list[str]:
+    return (list(WINDOW_KEYS) if window else []) + list(CSV_KEYS) + [
+        c.name for c in COUNTERS if c.name in ctx.available or c.name in ctx.unavailable]
+
+
+def write_csv(out: IO[str], rows: Iterable[Row], ctx: ReportContext, win: Window | None = None,
+              header: bool = True) -> int:
+    cols = csv_columns(ctx, win is not None)
     w = csv.writer(out, lineterminator="\n")
-    w.writerow(cols)
+    if header:
+        w.writerow(cols)
     n = 0
     for row in rows:
         d = row_dict(row, ctx)
+        if win is not None:
+            d.update(window_fields(win))
         d["processes"] = " ".join(f"{p['comm']}[{p['pid']}]" for p in d["processes"])
         vals = []
         for c in cols:

@@ -10,3 +10,17 @@ TCPWORK_V4_PORTS = {7001: (3, 1000, 100), 7002: (2, 5000, 50)}   # port: (connec
 TCPWORK_V6 = "tcpwork server ::1 7003 7 2 & tcpwork client ::1 7003 2 10; wait"
 
 IPERF3 = "iperf3 -s -1 >/dev/null & iperf3 -4 -c 127.0.0.1 -t 2 >/dev/null 2>&1; wait"
+
+# Interval mode: a pair of connections every 0.4 s for about 4.5 s (port 7007):
+# every 1 s interval has traffic. 20 connections, 300 bytes up / 30 down each.
+TCPWORK_PERIODIC = ("tcpwork server 127.0.0.1 7007 30 20 & "
+                    "for i in 1 2 3 4 5 6 7 8 9 10; do tcpwork client 127.0.0.1 7007 2 300; sleep 0.4; done; wait")
+
+# Two programs at once, for index=comm: tcpwork's known counts beside iperf3.
+TCPWORK_AND_IPERF3 = ("iperf3 -s -1 >/dev/null & tcpwork server 127.0.0.1 7008 100 3 & "
+                      "tcpwork client 127.0.0.1 7008 3 1000; iperf3 -4 -c 127.0.0.1 -t 1 >/dev/null 2>&1; wait")
+
+# A server outside the -c command's process tree: the subshell exits at once, so
+# the server is re-parented to init before the client (which waits for it) connects.
+ORPHAN_SERVER = ("(tcpwork server 127.0.0.1 7009 10 2 &); sleep 1; "
+                 "tcpwork client 127.0.0.1 7009 2 100; sleep 1")

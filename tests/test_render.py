@@ -18,7 +18,7 @@ def test_every_unit_renders_its_points_and_only_them():
     for u in UNITS:
         # a unit's probes appear exactly when the unit is selected
         primary = u.name if u.primary else None
-        names = {u.name} | ({n.name for n in UNITS if n.primary and n.counters[0] == u.counters[0]}
+        names = {u.name} | ({n.name for n in UNITS if n.primary and n.counters[:1] == u.counters[:1]}
                             if not primary else set())
         text = render_script(names, 1024)
         for p in u.points:

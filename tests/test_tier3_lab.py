@@ -197,3 +197,76 @@ def test_stap_warnings_are_surfaced(suite, tmp_path):
         pytest.xfail("the guard did not trip on this run (it depends on the host's speed)")
     assert r.rc == 1
     assert "overhead guard" in r.stderr and "--no-overload-guard" in r.stderr
+
+
+def test_interval_snapshots_add_up_to_the_run(suite, tmp_path):
+    rec = tmp_path / "records"
+    r = LabRun(suite, tmp_path, "--json", "--interval", "1", "*:7007-*:*", "*:*-*:7007",
+               "-c", W.TCPWORK_PERIODIC, "--save-records", str(rec))
+    assert r.rc == 0, r.stderr
+    why = r.explain()
+    objs = r.json()
+    marks = [l for l in rec.read_text().splitlines() if l.startswith("I\t")]
+    assert len(marks) >= 3, why             # ~4.5 s of workload, 1 s intervals
+    full = sorted({o["interval"] for o in objs if not o["final"]})
+    # the workload connects every 0.4 s: every full interval had traffic and printed rows
+    assert full == list(range(1, len(marks) + 1)), (full, why)
+    assert {o["interval"] for o in objs if o["final"]} <= {len(marks) + 1}
+    times = [o["time"] for o in objs if not o["final"]]
+    assert times == sorted(times)
+    # the deltas add up: to the workload's known totals and to the whole-run report
+    tot = lambda rows, k: sum(o["counters"][k] for o in rows)
+    slack = r.skipped() + r.faults()
+    assert 20 - slack <= tot(objs, "ActiveOpens") <= 20, why
+    assert 20 * 330 - slack * 300 <= tot(objs, "SendBytes") <= 20 * 330, why
+    status, out, err = run_cli("--from-records", str(rec), "--json")
+    assert status == 0, err
+    whole = [json.loads(l) for l in out.splitlines()]
+    for k in ("SendBytes", "RecvBytes", "InSegs", "OutSegs", "ActiveOpens", "PassiveOpens", "OutRequests"):
+        assert tot(objs, k) == tot(whole, k), (k, why)
+    d = r.snmp_delta()
+    assert d["Tcp.InSegs"] - slack <= tot(objs, "InSegs") <= d["Tcp.InSegs"], why
+
+
+def test_interval_count_stops_after_k_snapshots(suite, tmp_path):
+    r = LabRun(suite, tmp_path, "-T", "--interval", "0.5", "--count", "3", "--zeros", "*:7007-*:*",
+               "-c", W.TCPWORK_PERIODIC)
+    assert r.rc == 0, r.stderr
+    heads = re.findall(r"^(\d\d:\d\d:\d\d)  interval (\d+)", r.stdout, re.M)
+    assert [int(n) for _, n in heads] == [1, 2, 3], r.stdout + r.stderr
+
+
+def test_index_comm_separates_programs(suite, tmp_path):
+    r = LabRun(suite, tmp_path, "--json", "index=comm", "*:*-*:*", "-c", W.TCPWORK_AND_IPERF3)
+    assert r.rc == 0, r.stderr
+    why = r.explain()
+    rows = {o["comm"]: o for o in r.json()}
+    assert {"tcpwork", "iperf3"} <= set(rows), why
+    tw = rows["tcpwork"]["counters"]
+    # both ends of three connections: 3 x 1000 up and 3 x 100 down, each counted as
+    # sent by one tcpwork socket and received by another
+    assert tw["SendBytes"] == tw["RecvBytes"] == 3300, why
+    assert tw["ActiveOpens"] == 3 and rows["tcpwork"]["sockets"] == 6, why
+    ip = rows["iperf3"]["counters"]
+    assert ip["SendBytes"] > 100_000 and ip["ActiveOpens"] >= 2, why   # control + data connection
+    # index=pid splits the same run by process: the two tcpwork processes
+    r2 = LabRun(suite, tmp_path, "--json", "index=pid", "*:7008-*:*", "*:*-*:7008", "-c", W.TCPWORK_V4.replace("7001", "7008"))
+    assert r2.rc == 0, r2.stderr
+    pids = [o for o in r2.json() if o.get("pid")]
+    assert len(pids) == 2 and {p["processes"][0]["comm"] for p in pids} == {"tcpwork"}, r2.explain()
+    assert sorted(p["counters"]["RecvBytes"] for p in pids) == [300, 3000], r2.explain()
+
+
+def test_command_tree_is_the_default_selection(suite, tmp_path):
+    r = LabRun(suite, tmp_path, "--json", "*:7009-*:*", "*:*-*:7009", "-c", W.ORPHAN_SERVER)
+    assert r.rc == 0, r.stderr
+    objs = r.json()
+    # only the client's two sockets: the server was re-parented to init
+    assert [o["rport"] for o in objs] == [7009, 7009], r.explain()
+    assert all(o["counters"]["ActiveOpens"] == 1 and o["counters"]["SendBytes"] == 100 for o in objs)
+    assert "not used by the command's processes" in r.stderr, r.stderr
+    r = LabRun(suite, tmp_path, "--json", "--all-processes", "*:7009-*:*", "*:*-*:7009", "-c", W.ORPHAN_SERVER)
+    assert r.rc == 0, r.stderr
+    objs = r.json()
+    assert sorted(o["lport"] == 7009 for o in objs) == [False, False, True, True], r.explain()
+    assert sum(o["counters"]["RecvBytes"] for o in objs if o["lport"] == 7009) == 200, r.explain()
