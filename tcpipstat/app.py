@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import sys
 from typing import IO
 
 from rich.console import Console
+from rich.table import Table
 
 from .counters import UNITS, all_points, counters_for_units, units_for_groups
 from .errors import EnvironmentNotReady, ExitStatus, TcpipstatError, UsageError
@@ -223,6 +225,34 @@ def collect(plan: Plan, out: IO[str], err: IO[str]) -> int:
     return ExitStatus.INTERRUPTED if outcome.interrupted else ExitStatus.OK
 
 
+def check(plan: Plan, out: IO[str]) -> int:
+    """--check: print what this host can and cannot do; OK when collection can work."""
+    from .check import run_checks
+    kver = kernel_release(plan)
+    result = run_checks(kver, kver == os.uname().release, plan.groups)
+    if plan.output == "json":
+        doc = {**result, "checks": [f.as_dict() for f in result["checks"]]}
+        out.write(json.dumps(doc, separators=(",", ":")) + "\n")
+    else:
+        console = Console(file=out, highlight=False, soft_wrap=False)
+        console.print(f"[bold]tcpipstat --check[/] for kernel {kver}"
+                      + ("" if result["running"] else " (not the running kernel)"))
+        mark = {True: "[green]ok[/]", False: "[red]PROBLEM[/]", None: "[yellow]unknown[/]"}
+        t = Table(box=None, show_header=False, pad_edge=False)
+        t.add_column(no_wrap=True)
+        t.add_column(no_wrap=True)
+        t.add_column()
+        for f in result["checks"]:
+            t.add_row(mark[f.ok], f.name, f.detail)
+            if f.ok is False:
+                t.add_row("", "", f"fix (Debian/Ubuntu): {f.fix_debian}")
+                t.add_row("", "", f"fix (Fedora/RHEL): {f.fix_fedora}")
+        console.print(t)
+        console.print("[green]collection can work here[/]" if result["ready"] else
+                      "[red]collection cannot work here until the problems above are fixed[/]")
+    return ExitStatus.OK if result["ready"] else ExitStatus.ERROR
+
+
 def run(argv: list[str], out: IO[str] | None = None, err: IO[str] | None = None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
@@ -231,6 +261,8 @@ def run(argv: list[str], out: IO[str] | None = None, err: IO[str] | None = None)
         if plan.dump_script:
             out.write(dump_script(plan))
             return ExitStatus.OK
+        if plan.check:
+            return check(plan, out)
         return collect(plan, out, err)
     except TcpipstatError as e:
         print(f"{PROG}: {e.message}", file=err)

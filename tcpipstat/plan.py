@@ -147,6 +147,12 @@ def build_plan(argv: list[str]) -> Plan:
     if needs_proc and "socket" not in groups:
         raise UsageError(f"{needs_proc[0]} needs the socket group (its probes tell which process uses a "
                          "socket): add socket to --groups" + (", or use --all-processes" if tree else ""))
+    if ns.check:
+        extra = [w for w, on in (("-c", ns.command), ("--from-records", ns.from_records), ("--dump-script", ns.dump_script),
+                                 ("--interval", interval), ("--save-records", ns.save_records), ("onclose", ns.onclose),
+                                 ("FILTER", ns.filters)) if on]
+        if extra:
+            raise UsageError(f"--check diagnoses the host and collects nothing: it cannot be combined with {extra[0]}")
     sort = _sort_key(ns.sort)
     top = _count(ns.top, "--top", 1, 10 ** 9)
     if top is not None and sort is None:

@@ -2,6 +2,7 @@
 the full one and each group alone compile (stap -p4), and the counters the tool
 reports as unavailable are exactly the expected ones."""
 import itertools
+import json
 import os
 import subprocess
 import tempfile
@@ -15,7 +16,7 @@ from tcpipstat.plan import build_plan
 from tcpipstat.render import render_probe_check, render_script, select_units
 from tcpipstat.stap import Toolchain, parse_resolved
 
-from .conftest import LAB, lab_kver
+from .conftest import LAB, lab_kver, run_cli
 
 pytestmark = pytest.mark.stap
 
@@ -87,3 +88,17 @@ def test_compiles(lab_toolchain, groups):
     units = select_units({u.name for u in units_for_groups(groups)})
     ko = tc.compile(render_script(units, 8192), kver, ["-DMAXSKIPPED=1000000000", "-DSTP_NO_OVERLOAD"])
     assert ko.is_file() and ko.stat().st_size > 10000
+
+
+STAP_VERSION = {"bookworm": "version 4.8", "trixie": "version 5.1"}
+
+
+def test_check_on_a_lab_kernel(lab_toolchain, suite):
+    """--check -r KVER with the lab's stap: its version, and pass 2 on real debuginfo."""
+    tc, kver = lab_toolchain
+    status, out, err = run_cli("--check", "--json", "-r", kver)
+    doc = json.loads(out)
+    f = {c["check"]: c for c in doc["checks"]}
+    assert STAP_VERSION[suite] in f["stap"]["detail"], f["stap"]
+    assert f["probe check"]["ok"] is True and doc["unavailable"] == EXPECTED_UNAVAILABLE[suite]
+    assert doc["running"] is False and status == 0, out

@@ -1,0 +1,195 @@
+"""``tcpipstat --check``: can this host collect? Diagnoses without collecting.
+
+Each check is a :class:`Finding`: ok (True), a problem (False) or not known
+(None), with what was seen and, for a problem, the command that fixes it on
+Debian/Ubuntu and on Fedora/RHEL. Files are read below ``sysroot`` so the tests
+can point the checks at a prepared tree. The verdict on headers and debuginfo is
+stap's own: a pass-2 run of tcpipstat's probe check, which also tells which
+counters this kernel provides.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .counters import UNITS, all_points, counters_for_units, units_for_groups
+from .errors import TcpipstatError
+from .render import render_probe_check
+from .stap import Toolchain
+
+# /sys/firmware/efi/efivars/SecureBoot-<EFI global variable GUID>: 4 attribute bytes, then 1 = on
+_SECURE_BOOT = "sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
+# where stap looks for the kernel's DWARF (its dwflpp search path, Debian and Fedora layouts)
+_VMLINUX = ("usr/lib/debug/boot/vmlinux-{k}", "usr/lib/debug/lib/modules/{k}/vmlinux",
+            "lib/modules/{k}/build/vmlinux", "boot/vmlinux-{k}")
+
+
+@dataclass
+class Finding:
+    name: str
+    ok: bool | None
+    detail: str
+    fix_debian: str = ""
+    fix_fedora: str = ""
+
+    def as_dict(self) -> dict:
+        return {"check": self.name, "ok": self.ok, "detail": self.detail,
+                "fix": {"debian": self.fix_debian, "fedora": self.fix_fedora} if self.ok is False else None}
+
+
+class Host:
+    def __init__(self, sysroot: str | Path = "/"):
+        self.root = Path(sysroot)
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def read(self, rel: str) -> str | None:
+        try:
+            return self.path(rel).read_text(errors="replace")
+        except OSError:
+            return None
+
+    def kernel_config(self, kver: str, running: bool) -> tuple[dict[str, str] | None, str]:
+        text = self.read(f"boot/config-{kver}")
+        if text is not None:
+            return _config(text), f"/boot/config-{kver}"
+        if running:
+            try:
+                with gzip.open(self.path("proc/config.gz"), "rt", errors="replace") as f:
+                    return _config(f.read()), "/proc/config.gz"
+            except OSError:
+                pass
+        return None, ""
+
+
+def _config(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"^(CONFIG_[A-Z0-9_]+)=(.*)$", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+        m = re.match(r"^# (CONFIG_[A-Z0-9_]+) is not set$", line)
+        if m:
+            out[m.group(1)] = "n"
+    return out
+
+
+def host_checks(kver: str, running: bool, host: Host, euid: int, staprun_overridden: bool) -> list[Finding]:
+    """Everything that does not need stap: root, modules, kprobes, lockdown, signing, files."""
+    f: list[Finding] = []
+    f.append(Finding("root", euid == 0, "running as root" if euid == 0 else f"running as uid {euid}",
+                     "run tcpipstat with sudo (staprun loads a kernel module)",
+                     "run tcpipstat with sudo (or join the stapusr and stapdev groups)"))
+    cfg, cfg_src = host.kernel_config(kver, running)
+
+    def cfg_on(name: str) -> bool | None:
+        return None if cfg is None else cfg.get(name, "n") in ("y", "m")
+
+    if staprun_overridden:
+        f.append(Finding("modules", None, "staprun is replaced (TCPIPSTAT_STAPRUN): the replacement loads the "
+                                          "module, so this host's module loading is not checked"))
+    elif running:
+        mods, disabled = host.path("proc/modules").exists(), (host.read("proc/sys/kernel/modules_disabled") or "0").strip()
+        cmdline = (host.read("proc/cmdline") or "").split()
+        if not mods or cfg_on("CONFIG_MODULES") is False:
+            f.append(Finding("modules", False, "this kernel cannot load modules (built without CONFIG_MODULES: "
+                             "no /proc/modules)", "boot a kernel with loadable modules (e.g. Debian's linux-image "
+                             "packages); in a container or micro-VM, run tcpipstat on the host",
+                             "boot a kernel with loadable modules (Fedora's kernel packages); in a container or "
+                             "micro-VM, run tcpipstat on the host"))
+        elif disabled != "0":
+            f.append(Finding("modules", False, "module loading was switched off (kernel.modules_disabled=1)",
+                             "reboot: kernel.modules_disabled cannot be turned back on",
+                             "reboot: kernel.modules_disabled cannot be turned back on"))
+        else:
+            f.append(Finding("modules", True, "loadable modules are enabled"
+                             + (" (nomodule on the kernel command line)" if "nomodule" in cmdline else "")))
+    else:
+        f.append(Finding("modules", None, f"{kver} is not the running kernel: modules load where it runs"))
+
+    if not staprun_overridden:
+        kp = cfg_on("CONFIG_KPROBES"), cfg_on("CONFIG_KRETPROBES")
+        if kp == (True, True):
+            f.append(Finding("kprobes", True, f"CONFIG_KPROBES and CONFIG_KRETPROBES are on ({cfg_src})"))
+        elif None in kp:
+            f.append(Finding("kprobes", None, "kernel configuration not found (/boot/config-KVER, /proc/config.gz)"))
+        else:
+            f.append(Finding("kprobes", False, f"this kernel has no kprobes ({cfg_src}): SystemTap's kernel probes "
+                             "cannot attach", "boot a kernel built with CONFIG_KPROBES=y (Debian's are)",
+                             "boot a kernel built with CONFIG_KPROBES=y (Fedora's are)"))
+
+    if running and not staprun_overridden:
+        lock = host.read("sys/kernel/security/lockdown")
+        mode = re.search(r"\[(\w+)\]", lock or "")
+        sb = host.path(_SECURE_BOOT)
+        secure = None
+        try:
+            raw = sb.read_bytes()
+            secure = len(raw) >= 5 and raw[4] == 1
+        except OSError:
+            pass
+        sb_note = "; Secure Boot is on" if secure else ""
+        if mode and mode.group(1) != "none":
+            f.append(Finding("lockdown", False, f"kernel lockdown is '{mode.group(1)}'{sb_note}: unsigned modules are "
+                             "refused", "turn Secure Boot off (mokutil --disable-validation) or sign stap's modules "
+                             "with an enrolled key (stap --use-server, or MOK signing)",
+                             "turn Secure Boot off, or enroll a key and sign stap's modules (stap --use-server)"))
+        else:
+            f.append(Finding("lockdown", True, ("lockdown is 'none'" if mode else "no lockdown LSM") + sb_note))
+        forced = cfg_on("CONFIG_MODULE_SIG_FORCE") or "module.sig_enforce=1" in (host.read("proc/cmdline") or "")
+        if forced:
+            f.append(Finding("module signing", False, "the kernel only loads signed modules (CONFIG_MODULE_SIG_FORCE "
+                             "or module.sig_enforce=1)", "sign stap's modules with a key the kernel trusts (stap "
+                             "--use-server with a signing server)", "sign stap's modules (stap --use-server)"))
+        elif cfg is not None:
+            f.append(Finding("module signing", True, "unsigned modules are allowed"))
+
+    if not staprun_overridden:   # with a replaced stap/staprun the files live elsewhere (the lab's root)
+        build = host.path(f"lib/modules/{kver}/build")
+        f.append(Finding("headers", build.is_dir(), f"/lib/modules/{kver}/build " + ("exists" if build.is_dir() else "is missing"),
+                         f"apt-get install linux-headers-{kver}", f"dnf install kernel-devel-{kver}"))
+        found = [p.format(k=kver) for p in _VMLINUX if host.path(p.format(k=kver)).is_file()]
+        f.append(Finding("debuginfo", bool(found), ("/" + found[0]) if found else
+                         f"no vmlinux with debug information for {kver}",
+                         f"apt-get install linux-image-{kver}-dbg (Ubuntu: linux-image-{kver}-dbgsym from ddebs)",
+                         f"dnf debuginfo-install kernel-{kver}"))
+    return f
+
+
+def stap_checks(kver: str, groups: tuple[str, ...]) -> tuple[list[Finding], list[str], list[str]]:
+    """stap itself: present, its version, and pass 2 of the probe check on ``kver``."""
+    f: list[Finding] = []
+    try:
+        tc = Toolchain.find()
+        version = tc.version()
+    except TcpipstatError as e:
+        f.append(Finding("stap", False, e.message, "apt-get install systemtap", "dnf install systemtap"))
+        return f, [], []
+    f.append(Finding("stap", True, f"{' '.join(tc.stap)}: {version}"))
+    points = all_points()
+    try:
+        resolved = tc.resolve(points, kver, render_probe_check(points))
+    except TcpipstatError as e:
+        f.append(Finding("probe check", False, f"stap -p2 -r {kver}: {e.message}",
+                         e.hint or f"apt-get install linux-headers-{kver} linux-image-{kver}-dbg",
+                         e.hint or f"dnf install kernel-devel-{kver}; dnf debuginfo-install kernel-{kver}"))
+        return f, [], []
+    wanted = units_for_groups(groups)
+    ok_units = [u for u in wanted if all(p in resolved for p in u.points)]
+    available = counters_for_units([u for u in UNITS if u in ok_units])
+    unavailable = [c for c in counters_for_units(wanted) if c not in available]
+    f.append(Finding("probe check", True, f"stap -p2 -r {kver}: {len(available)} counters available"
+                     + (f", {len(unavailable)} not on this kernel: {', '.join(unavailable)}" if unavailable else "")))
+    return f, available, unavailable
+
+
+def run_checks(kver: str, running: bool, groups: tuple[str, ...], sysroot: str | Path = "/") -> dict:
+    tc_over = bool(os.environ.get("TCPIPSTAT_STAPRUN"))
+    findings, available, unavailable = stap_checks(kver, groups)
+    findings += host_checks(kver, running, Host(sysroot), os.geteuid(), tc_over)
+    return {"kernel": kver, "running": running, "ready": all(x.ok is not False for x in findings),
+            "checks": findings, "available": available, "unavailable": unavailable}
