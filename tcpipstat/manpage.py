@@ -34,8 +34,11 @@ def render_man() -> str:
     a(f"{PROG} \\- {_esc(SUMMARY)}")
     a(".SH SYNOPSIS")
     a(f".B {PROG}")
-    a("[\\fIoptions\\fR] [\\fBindex=\\fR\\fItuple|laddr|raddr|lport|rport\\fR] [\\fBtimeout=\\fR\\fIN\\fR] "
-      "[\\fBnozeros=\\fR\\fI0|1\\fR] [\\fBonclose=\\fR\\fI0|1\\fR] [\\fIFILTER\\fR ...]")
+    a("[\\fIoptions\\fR] [\\fBindex=\\fR\\fItuple|laddr|raddr|lport|rport|pid|comm\\fR] [\\fBtimeout=\\fR\\fIN\\fR] "
+      "[\\fBinterval=\\fR\\fIN\\fR] [\\fBnozeros=\\fR\\fI0|1\\fR] [\\fBonclose=\\fR\\fI0|1\\fR] [\\fIFILTER\\fR ...]")
+    a(".br")
+    a(f".B {PROG} --check")
+    a("[\\fB-r\\fR \\fIKVER\\fR] [\\fB--json\\fR]")
     a(".SH DESCRIPTION")
     a(_esc("tcpipstat counts the kernel's SNMP MIB events (the Tcp, Ip and TcpExt counters of "
            "netstat -s) and the bytes and messages sent and received, per TCP socket or per group of "
@@ -45,7 +48,20 @@ def render_man() -> str:
     a(".PP")
     a(_esc("It keeps the command language of SystemTap's classic tcpipstat.stp example (index=, timeout=, "
            "nozeros=, onclose=, address filters) and adds IPv6 and v4-mapped sockets, CIDR prefixes, port "
-           "ranges, the owning process of each socket, and machine-readable output."))
+           "ranges, the process that uses each socket (index=pid, index=comm, -x PID; with -c only the "
+           "command's own process tree), interval snapshots, sorting and --top, a host diagnosis (--check) "
+           "and machine-readable output."))
+    a(".SS Processes")
+    a(_esc("A socket belongs to the process in whose context the kernel last sent, received, connected or "
+           "accepted on it (taken inside the probe, so processes that live for milliseconds are caught). "
+           "Sockets only ever touched in softirq context (a handshake that never completed, a reset to a "
+           "closed port) have no process: index=pid and index=comm show them as unknown, and -x and the "
+           "-c process tree leave them out. Process attribution comes from the socket group's probes."))
+    a(".SS Intervals")
+    a(_esc("With interval=N (--interval N) the collector writes out everything it holds every N seconds, "
+           "followed by a mark; each snapshot shows the counts since the previous one, so the snapshots add "
+           "up to the whole run. What happens after the last full interval is printed as a last, partial "
+           "snapshot. In NDJSON and CSV every row carries interval, time (UTC, ISO 8601) and final."))
     a(".SH OPTIONS")
     for o in OPTIONS:
         a(".TP")
@@ -85,8 +101,9 @@ def render_man() -> str:
     a(".SS Row keys")
     a(_esc("index, family, laddr, lport, raddr, rport (those of the index), sockets (socket tuples in "
            "the row), closed (of which closed during collection), processes (pid and name of the process "
-           "in whose context the socket was first used; for sockets only seen in softirq context, the "
-           "owner found with psutil if the socket still exists), opened_during_collection (false: the "
+           "in whose context the socket was last used; for sockets only seen in softirq context, the "
+           "owner found with psutil if the socket still exists; pid and comm as row keys with index=pid and "
+           "index=comm), opened_during_collection (false: the "
            "socket was open before tcpipstat started, so its totals are partial)."))
     a(".SH EXAMPLES")
     for cmd, what in (
@@ -97,6 +114,11 @@ def render_man() -> str:
         ("tcpipstat -c 'iperf3 -c 127.0.0.1 -t 5' '*:*-*:5201'", "What did one iperf3 run do to TCP?"),
         ("tcpipstat onclose=1 '[::1]:*-*:*'", "A report for each IPv6 loopback socket as it closes."),
         ("tcpipstat --json timeout=10 > run.ndjson", "NDJSON for other tools, one object per socket."),
+        ("tcpipstat index=comm timeout=30", "Which programs use TCP, and how much?"),
+        ("tcpipstat -x 1234 --sort RetransSegs --top 5", "The five sockets of process 1234 that retransmit most."),
+        ("tcpipstat -T interval=1 --count 10 index=lport '*:443-*:*'", "Ten one-second snapshots of the HTTPS service."),
+        ("tcpipstat -c 'curl -s https://example.org/' --all-processes", "Everything TCP did while curl ran, not only curl's sockets."),
+        ("tcpipstat --check", "Can this host collect? What is missing, and the command that installs it."),
         ("tcpipstat --save-records r.txt timeout=10; tcpipstat --from-records r.txt index=raddr",
          "Collect once, report in several ways."),
     ):
@@ -121,8 +143,9 @@ def render_man() -> str:
            "Boot, signed modules). --dump-script and --from-records need none of it. On a machine that "
            "cannot load modules, the kernel lab of the source tree (lab/) runs tcpipstat in a QEMU guest."))
     a(".SH EXIT STATUS")
-    a(".TP\n.B 0\nSuccess.")
-    a(".TP\n.B 1\n" + _esc("stap or staprun failed, or the host is not ready (the message names the fix). "
+    a(".TP\n.B 0\nSuccess (with --check: collection can work on this host).")
+    a(".TP\n.B 1\n" + _esc("stap or staprun failed, or the host is not ready (the message names the fix; --check lists every "
+                           "problem). "
                            "A report of what was collected is still printed."))
     a(".TP\n.B 2\n" + _esc("Bad command line; nothing was run. The message names the bad word."))
     a(".TP\n.B 130\n" + _esc("Interrupted with Ctrl-C; during collection the report of what was collected "
