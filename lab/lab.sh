@@ -10,7 +10,7 @@
 #   lab.sh stap ARGS...      # stand-in for `stap` (TCPIPSTAT_STAP): runs in the root, .ko back in cwd
 #   lab.sh staprun [-c CMD] MODULE.ko [modargs]   # stand-in for `staprun` (TCPIPSTAT_STAPRUN): in the guest
 #
-# run: module output -> stdout; /proc/net/snmp + netstat snapshots before/after,
+# run: module output -> stdout; /proc/net/snmp, netstat, snmp6 snapshots before/after,
 # staprun/workload messages -> stderr; exit = staprun rc, else workload rc,
 # 125 if the guest never reported. LAB_META_OUT=FILE: the guest meta (snapshots,
 # @@ lines) goes there instead of stderr. Env: LAB_DIR (default: ~/.cache/tcpipstat-lab),
@@ -107,7 +107,9 @@ run() {
     chmod +x "$r/ov/workload.sh"; cflag="-c /workload.sh"
   fi
   cat > "$r/ov/run.sh" <<EOF
-snap() { echo "@@SNMP_\$1"; grep -E '^(Ip|Tcp):' /proc/net/snmp; grep '^TcpExt:' /proc/net/netstat; }
+# /proc/net/snmp6 has one "Name value" a line: its Ip6 lines become a header/values pair like snmp's
+snap() { echo "@@SNMP_\$1"; grep -E '^(Ip|Tcp):' /proc/net/snmp; grep '^TcpExt:' /proc/net/netstat
+  [ ! -r /proc/net/snmp6 ] || awk '/^Ip6/ {h=h" "\$1; v=v" "\$2} END {print "Ip6:" h; print "Ip6:" v}' /proc/net/snmp6; }
 snap BEFORE
 timeout -s INT ${LAB_GUEST_TIMEOUT:-300} staprun $cflag /$(basename "$ko") ${args[*]+$(printf '%q ' "${args[@]}")} >/dev/ttyS1
 echo "@@STAPRUN_RC=\$?"
@@ -126,11 +128,11 @@ EOF
   touch "$r/stdout" "$r/meta" "$r/console.log"; cat "$r/stdout"
   local meta=/dev/stderr
   if [ -n "${LAB_META_OUT:-}" ]; then  # meta to the file; staprun's and the workload's own lines to stderr
-    meta=$LAB_META_OUT; grep -v -E '^$|^@@|^(Ip|Tcp|TcpExt): ' "$r/meta" >&2 || true
+    meta=$LAB_META_OUT; grep -v -E '^$|^@@|^(Ip|Tcp|TcpExt|Ip6): ' "$r/meta" >&2 || true
   fi
   grep -v '^$' "$r/meta" >> "$meta" || true
   awk '/^@@SNMP_/ {s=substr($1,8); next}                     # oracle: non-zero counter deltas
-       /^[A-Za-z]+: [A-Za-z]/ {h[$1]=$0; next} /^[A-Za-z]+: -?[0-9]/ {v[s,$1]=$0}
+       /^[A-Za-z][A-Za-z0-9]*: [A-Za-z]/ {h[$1]=$0; next} /^[A-Za-z][A-Za-z0-9]*: -?[0-9]/ {v[s,$1]=$0}
        END {for (p in h) {n=split(h[p],H," "); split(v["BEFORE",p],B," "); split(v["AFTER",p],A," "); o=""
             for (i=2; i<=n; i++) if (A[i]-B[i]) o=o" "H[i]"="A[i]-B[i]; if (o) print "@@SNMP_DELTA " p o}}' "$r/meta" >> "$meta"
   local rc wrc

@@ -9,6 +9,11 @@ TCPWORK_V4_PORTS = {7001: (3, 1000, 100), 7002: (2, 5000, 50)}   # port: (connec
 
 TCPWORK_V6 = "tcpwork server ::1 7003 7 2 & tcpwork client ::1 7003 2 10; wait"
 
+# Three IPv6 connects to a closed port: the kernel answers each SYN with a reset
+# sent from no socket (tcp_v6_send_reset()).
+TCPWORK_V6_REFUSED_PORT, TCPWORK_V6_REFUSED_N = 7010, 3
+TCPWORK_V6_REFUSED = f"tcpwork refused ::1 {TCPWORK_V6_REFUSED_PORT} {TCPWORK_V6_REFUSED_N}"
+
 IPERF3 = "iperf3 -s -1 >/dev/null & iperf3 -4 -c 127.0.0.1 -t 2 >/dev/null 2>&1; wait"
 
 # Interval mode: a pair of connections every 0.4 s for about 4.5 s (port 7007):
