@@ -21,7 +21,7 @@ from .plan import Plan, build_plan
 from .procs import fill_processes
 from .records import Parser
 from .render import module_args, render_probe_check, render_script, select_units
-from .report import (ReportContext, closed_socket_row, render_footer, render_tables, row_table,
+from .report import (ReportContext, closed_socket_row, print_row, render_footer, render_tables,
                      write_csv, write_json, write_window)
 from .stap import Collector, RunOutcome, Toolchain
 
@@ -82,9 +82,9 @@ def _on_close(plan: Plan, collection: Collection, ctx: ReportContext, console: C
     if not plan.onclose:
         return
     if plan.output == "table":
-        collection.on_close = lambda st: console.print(row_table(
-            closed_socket_row(st), ctx,
-            "" if st.opened_during_collection else "(opened before collection started: partial totals)"))
+        collection.on_close = lambda st: print_row(
+            console, closed_socket_row(st), ctx,
+            "" if st.opened_during_collection else "(opened before collection started: partial totals)")
     elif plan.output == "json":
         collection.on_close = lambda st: (write_json(out, [closed_socket_row(st)], ctx), out.flush())
 

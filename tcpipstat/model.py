@@ -9,7 +9,7 @@ records received since the last interval mark form a window of their own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 from .records import Header, IntervalMark, Record, SocketRecord, Trailer, Tuple
 
@@ -27,8 +27,12 @@ class SocketTotals:
     in_tree: bool = False     # used by a process of the -c command's tree
 
     def add(self, rec: SocketRecord) -> None:
-        for k, v in rec.counters.items():
-            self.counters[k] = self.counters.get(k, 0) + v
+        if not self.counters:
+            self.counters = dict(rec.counters)
+        else:
+            c = self.counters
+            for k, v in rec.counters.items():
+                c[k] = c.get(k, 0) + v
         if rec.pid:  # the process that last used the socket in process context
             self.pid, self.comm = rec.pid, rec.comm
         self.in_tree |= rec.in_tree
@@ -45,8 +49,8 @@ class SocketTotals:
         return any(self.counters.values())
 
 
-@dataclass(frozen=True)
-class GroupKey:
+class GroupKey(NamedTuple):
+    """What a report row groups by (a NamedTuple: built and hashed in C, once per socket)."""
     index: str
     family: int | None = None
     laddr: int | None = None
@@ -121,12 +125,13 @@ class Collection:
             if st is None:
                 st = self.sockets[rec.tuple] = SocketTotals(rec.tuple)
             st.add(rec)
-            w = self.window.get(rec.tuple)
-            if w is None:
-                w = self.window[rec.tuple] = SocketTotals(rec.tuple)
-            w.add(rec)
-            # the window's sockets take the process the whole run knows for them
-            w.pid, w.comm, w.in_tree = st.pid, st.comm, st.in_tree
+            if self.on_interval is not None:
+                w = self.window.get(rec.tuple)
+                if w is None:
+                    w = self.window[rec.tuple] = SocketTotals(rec.tuple)
+                w.add(rec)
+                # the window's sockets take the process the whole run knows for them
+                w.pid, w.comm, w.in_tree = st.pid, st.comm, st.in_tree
             if rec.reason == "close" and self.on_close and st.has_activity and self._kept(st):
                 self.on_close(st)
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 from .errors import RecordParseError
 
@@ -37,8 +37,9 @@ REASONS = ("close", "spill", "interval", "end")
 AF_INET, AF_INET6 = 2, 10
 
 
-@dataclass(frozen=True)
-class Tuple:
+class Tuple(NamedTuple):
+    """A socket's address tuple (a NamedTuple: hashed and compared in C, it keys every
+    per-socket table of the model)."""
     family: int
     laddr: int
     lport: int
@@ -173,12 +174,7 @@ class Parser:
                 laddr = (_hex64(f[3]) << 64) | _hex64(f[4])
                 raddr = (_hex64(f[6]) << 64) | _hex64(f[7])
                 flags = int(f[11]) if fixed == 12 else 0
-                counters: dict[str, int] = {}
-                for item in f[fixed:]:
-                    name, sep, value = item.partition("=")
-                    if not sep or name not in self._known:
-                        raise self._err(lineno, line, f"unknown counter {name!r}")
-                    counters[name] = int(value)
+                counters = self._counters(f, fixed, lineno, line)
                 return SocketRecord(reason, Tuple(fam, laddr, lport, raddr, rport),
                                     int(f[9]), unescape_comm(f[10]), counters, bool(flags & 1))
             if kind == "I":
@@ -195,6 +191,17 @@ class Parser:
         except ValueError as e:
             raise self._err(lineno, line, f"bad number ({e})") from None
         raise self._err(lineno, line, "not a tcpipstat record")
+
+    def _counters(self, f: list[str], fixed: int, lineno: int, line: str) -> dict[str, int]:
+        """NAME=VALUE fields, every name one the header announced."""
+        counters: dict[str, int] = {}
+        known = self._known
+        for item in f[fixed:]:
+            name, sep, value = item.partition("=")
+            if not sep or name not in known:
+                raise self._err(lineno, line, f"unknown counter {name!r}")
+            counters[name] = int(value)
+        return counters
 
     def parse(self, lines: Iterable[str]) -> Iterator[Record]:
         for lineno, line in enumerate(lines, 1):

@@ -4,12 +4,11 @@ from __future__ import annotations
 import csv
 import json
 import time
+from functools import lru_cache
 from dataclasses import dataclass, field
 from typing import IO, Iterable
 
-from rich import box
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from .counters import COUNTER_BY_NAME, COUNTERS, SECTIONS
@@ -25,6 +24,7 @@ class ReportContext:
     notes: list[str] = field(default_factory=list)
 
 
+@lru_cache(maxsize=65536)
 def _addr(family: int | None, value: int | None) -> str:
     if value is None:
         return "*"
@@ -86,7 +86,7 @@ def _na_for_row(row: Row, name: str) -> bool:
     return row.key.family == AF_INET6 and COUNTER_BY_NAME[name].ipv4_only
 
 
-def row_table(row: Row, ctx: ReportContext, title_suffix: str = "") -> Table:
+def _title(row: Row, title_suffix: str) -> Text:
     title = Text(key_label(row.key), style="bold")
     procs = _procs(row)
     if procs:
@@ -95,14 +95,15 @@ def row_table(row: Row, ctx: ReportContext, title_suffix: str = "") -> Table:
         title.append(f"  ({row.sockets} socket{'s' if row.sockets != 1 else ''})", style="dim")
     if title_suffix:
         title.append(f"  {title_suffix}", style="yellow")
-    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, expand=False, pad_edge=False)
+    return title
+
+
+def _cells(row: Row, ctx: ReportContext) -> list[list[str]]:
+    """The counter lines of each section (column) of one row."""
     cells = []
     for section in SECTIONS:
-        t.add_column(section, no_wrap=True)
         lines = []
-        for c in COUNTERS:
-            if c.section != section:
-                continue
+        for c in _BY_SECTION[section]:
             if c.name in ctx.available and _na_for_row(row, c.name):
                 if not ctx.nozeros:
                     lines.append(f"{c.name} n/a")
@@ -113,9 +114,40 @@ def row_table(row: Row, ctx: ReportContext, title_suffix: str = "") -> Table:
                 lines.append(f"{c.name} {v:,}")
             elif c.name in ctx.unavailable and not ctx.nozeros:
                 lines.append(f"{c.name} n/a")
-        cells.append("\n".join(lines) or "-")
-    t.add_row(*cells)
-    return t
+        cells.append(lines or ["-"])
+    return cells
+
+
+_BY_SECTION = {sec: [c for c in COUNTERS if c.section == sec] for sec in SECTIONS}
+
+
+def row_block(row: Row, ctx: ReportContext, title_suffix: str = "") -> tuple[Text, list[str]]:
+    """One report row as a title and the lines of a four-column table (Socket / Ip /
+    Tcp / TcpExt), laid out like a rich SIMPLE_HEAD table but built with plain string
+    operations: a 100k-row report renders in seconds, not minutes."""
+    cells = _cells(row, ctx)
+    widths = [max(len(h), *(len(x) for x in col)) for h, col in zip(SECTIONS, cells)]
+    width = sum(widths) + 3 * (len(widths) - 1) + 2
+
+    def line(parts: list[str]) -> str:
+        return " " + "   ".join(p.ljust(w) for p, w in zip(parts, widths)) + " "
+
+    body = [" " * width, line(list(SECTIONS)), " " + "\u2500" * (width - 2) + " "]
+    for i in range(max(len(c) for c in cells)):
+        body.append(line([c[i] if i < len(c) else "" for c in cells]))
+    body.append(" " * width)
+    title = _title(row, title_suffix)
+    title.pad_right(max(0, width - len(title)))
+    return title, body
+
+
+def print_row(console: Console, row: Row, ctx: ReportContext, title_suffix: str = "") -> None:
+    title, body = row_block(row, ctx, title_suffix)
+    if console.is_terminal:   # styles: a bold title and header line
+        text = Text("\n").join([title, Text(body[0]), Text(body[1], style="bold"), *map(Text, body[2:])])
+        console.print(text, crop=False, soft_wrap=True)
+    else:
+        console.file.write(title.plain + "\n" + "\n".join(body) + "\n")
 
 
 def render_tables(console: Console, rows: Iterable[Row], ctx: ReportContext, header: str) -> int:
@@ -123,7 +155,7 @@ def render_tables(console: Console, rows: Iterable[Row], ctx: ReportContext, hea
     console.print(Text(header, style="bold"))
     for row in rows:
         note = "" if row.opened_during_collection else "(open before collection started: partial totals)"
-        console.print(row_table(row, ctx, note))
+        print_row(console, row, ctx, note)
         n += 1
     if n == 0:
         console.print("No socket activity was accepted by the filters.")
@@ -145,29 +177,34 @@ def closed_socket_row(st: SocketTotals) -> Row:
     return row
 
 
-def row_dict(row: Row, ctx: ReportContext) -> dict:
+def _columns(ctx: ReportContext) -> list[tuple[str, bool, bool]]:
+    """(name, available, IPv4 only) of every counter a row shows, in catalogue order."""
+    avail, unavail = set(ctx.available), set(ctx.unavailable)
+    return [(c.name, c.name in avail, c.ipv4_only) for c in COUNTERS if c.name in avail or c.name in unavail]
+
+
+def row_dict(row: Row, ctx: ReportContext, columns: list[tuple[str, bool, bool]] | None = None) -> dict:
     d = key_fields(row.key)
     d["sockets"] = row.sockets
     d["closed"] = row.closed
     d["processes"] = [{"pid": p, "comm": c} for p, c in sorted(row.processes.items())]
     d["opened_during_collection"] = row.opened_during_collection
-    counters: dict[str, int | None] = {}
-    for c in COUNTERS:
-        if c.name in ctx.available and not _na_for_row(row, c.name):
-            counters[c.name] = row.counters.get(c.name, 0)
-        elif c.name in ctx.available or c.name in ctx.unavailable:
-            counters[c.name] = None
-    d["counters"] = counters
+    v6 = row.key.family == AF_INET6
+    get = row.counters.get
+    d["counters"] = {name: (get(name, 0) if ok and not (v6 and v4) else None)
+                     for name, ok, v4 in (columns if columns is not None else _columns(ctx))}
     return d
 
 
 def write_json(out: IO[str], rows: Iterable[Row], ctx: ReportContext, win: Window | None = None) -> int:
     n = 0
+    cols = _columns(ctx)
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
     for row in rows:
-        d = row_dict(row, ctx)
+        d = row_dict(row, ctx, cols)
         if win is not None:
             d = {**window_fields(win), **d}
-        out.write(json.dumps(d, separators=(",", ":")) + "\n")
+        out.write(dumps(d) + "\n")
         n += 1
     return n
 
@@ -201,7 +238,7 @@ def write_window(console: Console, out: IO[str], output: str, win: Window, rows:
         head = time.strftime("%H:%M:%S", time.localtime(win.end_ms / 1000)) + "  " + head
     console.print(Text(head, style="bold"))
     for row in rows:
-        console.print(row_table(row, ctx))
+        print_row(console, row, ctx)
     if not rows:
         console.print("  no socket activity in this interval")
     if hidden:
@@ -224,8 +261,9 @@ def write_csv(out: IO[str], rows: Iterable[Row], ctx: ReportContext, win: Window
     if header:
         w.writerow(cols)
     n = 0
+    cols_plan = _columns(ctx)
     for row in rows:
-        d = row_dict(row, ctx)
+        d = row_dict(row, ctx, cols_plan)
         if win is not None:
             d.update(window_fields(win))
         d["processes"] = " ".join(f"{p['comm']}[{p['pid']}]" for p in d["processes"])
