@@ -47,11 +47,11 @@ COUNTERS: tuple[Counter, ...] = (
     Counter("SendMsgs", "Socket", "socket", "tcp_sendmsg() calls that sent at least one byte"),
     Counter("RecvBytes", "Socket", "socket", "bytes returned by tcp_recvmsg()"),
     Counter("RecvMsgs", "Socket", "socket", "tcp_recvmsg() calls that returned at least one byte"),
-    Counter("InReceives", "Ip", "ip", "IP datagrams received carrying TCP (ip_rcv; IPv6: ip6_rcv_core, where "
-            "the kernel counts Ip6InReceives)"),
+    Counter("InReceives", "Ip", "ip", "IP datagrams received carrying TCP (ip_rcv_core; IPv6: ip6_rcv_core: where "
+            "the kernel counts InReceives, on both the single and the batched (GRO list) receive path)"),
     Counter("OutRequests", "Ip", "ip", "IP datagrams carrying TCP passed to ip_output() (IPv6: ip6_xmit(), where "
             "the kernel counts Ip6OutRequests for TCP)"),
-    Counter("InDiscards", "Ip", "ip", "received datagrams dropped by ip_rcv() (includes header errors); IPv6: "
+    Counter("InDiscards", "Ip", "ip", "received datagrams dropped by ip_rcv_core() (InDiscards, InHdrErrors, InTruncatedPkts, checksum errors); IPv6: "
             "by ip6_rcv_core() (the kernel's Ip6InDiscards, Ip6InHdrErrors and Ip6InTruncatedPkts)"),
     Counter("InNoRoutes", "Ip", "ip", "received datagrams with no route (ENETUNREACH)", ipv4_only=True),
     Counter("InAddrErrors", "Ip", "ip", "received datagrams with an invalid destination (EHOSTUNREACH)", ipv4_only=True),
@@ -83,13 +83,14 @@ UNITS: tuple[Unit, ...] = (
     Unit("recvmsg", "socket", (_f("tcp_recvmsg", True),), ("RecvBytes", "RecvMsgs")),
     Unit("accept", "socket", (_f("inet_csk_accept", True),), (),
          note="no counter: tells which process owns an accepted socket"),
-    Unit("InReceives", "ip", (_f("ip_rcv"),), ("InReceives",), note="IPv4"),
+    Unit("InReceives", "ip", (_f("ip_rcv_core"),), ("InReceives",),
+         note="IPv4: both ip_rcv() and ip_list_rcv() (GRO batches) call it"),
     Unit("InReceives6", "ip", (_f("ip6_rcv_core"),), ("InReceives",), primary=False,
          note="IPv6: both ipv6_rcv() and ipv6_list_rcv() (GRO batches) call it"),
     Unit("OutRequests", "ip", (_f("ip_output"),), ("OutRequests",), note="IPv4"),
     Unit("OutRequests6", "ip", (_f("ip6_xmit"),), ("OutRequests",), primary=False,
          note="IPv6: every TCP datagram goes out through ip6_xmit()"),
-    Unit("InDiscards", "ip", (_f("ip_rcv", True),), ("InDiscards",), note="IPv4"),
+    Unit("InDiscards", "ip", (_f("ip_rcv_core", True),), ("InDiscards",), note="IPv4"),
     Unit("InDiscards6", "ip", (_f("ip6_rcv_core", True),), ("InDiscards",), primary=False, note="IPv6"),
     Unit("InRouteErrors", "ip", (_f("ip_route_input_noref", True),), ("InNoRoutes", "InAddrErrors")),
     Unit("IcmpErrors", "ip", (_f("__icmp_send"),), ("InUnknownProtos", "ReasmTimeout"),
