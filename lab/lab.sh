@@ -5,7 +5,7 @@
 #
 #   lab.sh setup                                  # once; idempotent
 #   lab.sh compile SCRIPT.stp [stap args...]      # -> ./NAME.ko (NAME from script, or -m NAME)
-#   lab.sh run MODULE.ko [--] [modargs...] [--workload 'sh cmd in guest']
+#   lab.sh run MODULE.ko [--] [modargs...] [--workload 'sh cmd in guest']   # MODULE.ko "-": untraced
 #   lab.sh kver                                   # the lab kernel's release
 #   lab.sh stap ARGS...      # stand-in for `stap` (TCPIPSTAT_STAP): runs in the root, .ko back in cwd
 #   lab.sh staprun [-c CMD] MODULE.ko [modargs]   # stand-in for `staprun` (TCPIPSTAT_STAPRUN): in the guest
@@ -93,14 +93,14 @@ compile() {
 }
 
 run() {
-  local ko=$1; shift; [ -f "$ko" ] || { echo "no such module: $ko" >&2; exit 2; }
+  local ko=$1; shift; [ "$ko" = - ] || [ -f "$ko" ] || { echo "no such module: $ko" >&2; exit 2; }
   local args=() workload=""
   while [ $# -gt 0 ]; do
     case $1 in --) ;; --workload) workload=$2; shift ;; *) args+=("$1") ;; esac; shift
   done
   local r; r=$(mktemp -d "$ROOT/tmp/run.XXXX"); mkdir "$r/ov"; local q=${r#"$ROOT"}  # q: path seen in root
   if [ -n "${LAB_KEEP:-}" ]; then echo "run dir: $r" >&2; else trap "rm -rf '$r'" EXIT; fi
-  cp "$ko" "$r/ov/"
+  [ "$ko" = - ] || cp "$ko" "$r/ov/"
   local cflag=""
   if [ -n "$workload" ]; then
     printf '#!/bin/sh\nexec >/dev/ttyS2 2>&1\n( %s )\necho "@@WORKLOAD_RC=$?"\n' "$workload" > "$r/ov/workload.sh"
@@ -111,8 +111,11 @@ run() {
 snap() { echo "@@SNMP_\$1"; grep -E '^(Ip|Tcp):' /proc/net/snmp; grep '^TcpExt:' /proc/net/netstat
   [ ! -r /proc/net/snmp6 ] || awk '/^Ip6/ {h=h" "\$1; v=v" "\$2} END {print "Ip6:" h; print "Ip6:" v}' /proc/net/snmp6; }
 snap BEFORE
-timeout -s INT ${LAB_GUEST_TIMEOUT:-300} staprun $cflag /$(basename "$ko") ${args[*]+$(printf '%q ' "${args[@]}")} >/dev/ttyS1
+$(if [ "$ko" = - ]; then echo "timeout -s INT ${LAB_GUEST_TIMEOUT:-300} /workload.sh >/dev/ttyS1  # untraced"
+  else echo "timeout -s INT ${LAB_GUEST_TIMEOUT:-300} staprun $cflag /$(basename "$ko") ${args[*]+$(printf '%q ' "${args[@]}")} >/dev/ttyS1"; fi)
 echo "@@STAPRUN_RC=\$?"
+# what the module allocated, as its init logged it ("systemtap: V, base: .., memory: ..")
+dmesg | grep -m1 -o 'systemtap: .*memory: .*' | sed 's/^/@@STAP_MEM /'
 snap AFTER
 EOF
   (cd "$r/ov" && find . | cpio -o -H newc --quiet | gzip -1) | cat "$LAB/guest-$SUITE.cpio.gz" - > "$r/initrd"

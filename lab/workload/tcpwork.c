@@ -3,7 +3,7 @@
  *   tcpwork server ADDR PORT REPLY_BYTES NCONN   accept NCONN connections, one after
  *       the other; read each until EOF, then send REPLY_BYTES and close.
  *   tcpwork client ADDR PORT NCONN SEND_BYTES    NCONN connections, one after the other;
- *       send SEND_BYTES, shut down the write side, read until EOF, close.
+ *       send SEND_BYTES, shut down the write side, read until EOF, close; prints the time taken.
  *   tcpwork refused ADDR PORT NCONN              NCONN connects to a closed port.
  *
  * The server touches /tmp/tcpwork-ready-PORT once it listens; the client waits
@@ -20,6 +20,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#include <time.h>
 
 static int mkaddr(const char *host, int port, struct sockaddr_storage *ss, socklen_t *len) {
     memset(ss, 0, sizeof *ss);
@@ -77,12 +78,15 @@ int main(int argc, char **argv) {
            refused connect would still count as an ActiveOpen) */
         char ready[64]; snprintf(ready, sizeof ready, "/tmp/tcpwork-ready-%s", argv[3]);
         for (int t = 0; t < 100 && access(ready, F_OK); t++) usleep(100000);
+        struct timespec t0, t1; clock_gettime(CLOCK_MONOTONIC, &t0);
         for (int i = 0; i < nconn; i++) {
             int s = socket(fam, SOCK_STREAM, 0);
             if (connect(s, (struct sockaddr *)&ss, len)) { perror("tcpwork: connect"); return 1; }
             send_n(s, bytes); shutdown(s, SHUT_WR); in += drain(s); close(s);
         }
-        printf("tcpwork client %s:%s: %d connections, %ld bytes out, %ld bytes in\n", argv[2], argv[3], nconn, bytes * nconn, in);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        long ms = (t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000;
+        printf("tcpwork client %s:%s: %d connections, %ld bytes out, %ld bytes in, %ld ms\n", argv[2], argv[3], nconn, bytes * nconn, in, ms);
         return 0;
     }
     if (!strcmp(argv[1], "refused") && argc == 5) {
