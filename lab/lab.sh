@@ -14,7 +14,9 @@
 # staprun/workload messages -> stderr; exit = staprun rc, else workload rc,
 # 125 if the guest never reported. LAB_META_OUT=FILE: the guest meta (snapshots,
 # @@ lines) goes there instead of stderr. Env: LAB_DIR (default: ~/.cache/tcpipstat-lab),
-# LAB_SUITE=bookworm|trixie, LAB_GUEST_TIMEOUT (s, default 300), LAB_SMP, LAB_MEM, LAB_KEEP=1.
+# LAB_SUITE=bookworm|trixie, LAB_GUEST_TIMEOUT (s, default 300), LAB_SMP, LAB_MEM, LAB_KEEP=1,
+# LAB_BACKGROUND='sh cmd' (started in the guest before the module: a process that is
+# not the workload's, e.g. a server outside a -c command's process tree).
 set -euo pipefail
 LAB=${LAB_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tcpipstat-lab}; mkdir -p "$LAB"
 SUITE=${LAB_SUITE:-bookworm}        # bookworm: stap 4.8 + kernel 6.1; trixie: stap 5.1 + kernel 6.12
@@ -111,6 +113,7 @@ run() {
 snap() { echo "@@SNMP_\$1"; grep -E '^(Ip|Tcp):' /proc/net/snmp; grep '^TcpExt:' /proc/net/netstat
   [ ! -r /proc/net/snmp6 ] || awk '/^Ip6/ {h=h" "\$1; v=v" "\$2} END {print "Ip6:" h; print "Ip6:" v}' /proc/net/snmp6; }
 snap BEFORE
+$(if [ -n "${LAB_BACKGROUND:-}" ]; then printf '( %s ) >/dev/ttyS2 2>&1 &\n' "$LAB_BACKGROUND"; fi)
 $(if [ "$ko" = - ]; then echo "timeout -s INT ${LAB_GUEST_TIMEOUT:-300} /workload.sh >/dev/ttyS1  # untraced"
   else echo "timeout -s INT ${LAB_GUEST_TIMEOUT:-300} staprun $cflag /$(basename "$ko") ${args[*]+$(printf '%q ' "${args[@]}")} >/dev/ttyS1"; fi)
 echo "@@STAPRUN_RC=\$?"

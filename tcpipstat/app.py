@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .counters import UNITS, all_points, counters_for_units, units_for_groups
-from .errors import EnvironmentNotReady, ExitStatus, TcpipstatError, UsageError
+from .errors import EnvironmentNotReady, ExitStatus, RecordParseError, TcpipstatError, UsageError
 from .model import Collection, Window, sort_rows
 from .plan import Plan, build_plan
 from .procs import fill_processes
@@ -120,10 +120,25 @@ def collect_live(plan: Plan, console: Console, errc: Console, out: IO[str], err:
         what = f"running {plan.command!r}" if plan.command else (
             f"for {plan.timeout_s:g} s" if plan.timeout_s else "until Ctrl-C")
         log(f"collecting {what}...")
+        timing = False
         for lineno, line in enumerate(runner.lines(), 1):
+            # --stap-arg=-t: stap's per-probe timing report follows the records on stdout
+            timing = timing or line.startswith("----- probe hit report")
+            if timing:
+                err.write(line)
+                if saved:
+                    saved.write("# " + line)
+                continue
             if saved:
                 saved.write(line)
-            rec = parser.parse_line(line, lineno)
+            try:
+                rec = parser.parse_line(line, lineno)
+            except RecordParseError as e:
+                # one unreadable line must not cost the whole run: count it, go on, and
+                # say so (after the report, with a non-zero exit)
+                runner.outcome.bad_lines += 1
+                runner.outcome.first_bad = runner.outcome.first_bad or e.message
+                continue
             if rec is not None:
                 collection.add(rec)
     finally:
@@ -178,6 +193,9 @@ def collect(plan: Plan, out: IO[str], err: IO[str]) -> int:
     if outcome.skipped:
         notes.append(f"stap skipped {outcome.skipped} probe hits (reentrancy or missed returns): "
                      "counters may be low by up to that many events")
+    if outcome.bad_lines:
+        notes.append(f"{outcome.bad_lines} lines from the collector were not records and were skipped "
+                     f"(first: {outcome.first_bad}): counters may be low")
     tr = collection.trailer
     if tr and tr.faults:
         notes.append(f"{tr.faults} events could not be read (memory faults in probes)")
@@ -222,6 +240,9 @@ def collect(plan: Plan, out: IO[str], err: IO[str]) -> int:
                                           else f"staprun exited with status {outcome.returncode}")
         raise TcpipstatError(f"collection ended abnormally: {msg} (the report above holds what was collected)",
                              problem[1] if problem else "")
+    if outcome.bad_lines and not outcome.interrupted:
+        raise TcpipstatError(f"{outcome.bad_lines} unreadable lines from the collector (the report above "
+                             "holds everything else)", "please report it, with --save-records output")
     return ExitStatus.INTERRUPTED if outcome.interrupted else ExitStatus.OK
 
 

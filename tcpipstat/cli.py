@@ -49,7 +49,8 @@ OPTIONS: tuple[Opt, ...] = (
         "report at the end (needs index=tuple)", dest="onclose", action="store_const", const=True,
         default=False, classic="onclose"),
     Opt(("-c", "--command"), "run CMD (through /bin/sh) and collect for exactly its lifetime, like "
-        "stap -c; only sockets used by CMD and its descendants are reported (see --all-processes)",
+        "stap -c; only sockets used by CMD and the processes it starts (followed at fork, even once "
+        "re-parented) are reported (see --all-processes)",
         dest="command", metavar="CMD"),
     Opt(("--all-processes",), "with -c: report every socket the filters accept during CMD's "
         "lifetime, not only those of its process tree", dest="all_processes", action="store_true",

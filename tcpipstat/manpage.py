@@ -56,7 +56,9 @@ def render_man() -> str:
            "accepted on it (taken inside the probe, so processes that live for milliseconds are caught). "
            "Sockets only ever touched in softirq context (a handshake that never completed, a reset to a "
            "closed port) have no process: index=pid and index=comm show them as unknown, and -x and the "
-           "-c process tree leave them out. Process attribution comes from the socket group's probes."))
+           "-c process tree leave them out. The -c process tree is the command and every process it "
+           "starts, followed at fork (a daemon it leaves behind, re-parented to init, still counts). "
+           "Process attribution comes from the socket group's probes."))
     a(".SS Intervals")
     a(_esc("With interval=N (--interval N) the collector writes out everything it holds every N seconds, "
            "followed by a mark; each snapshot shows the counts since the previous one, so the snapshots add "
@@ -127,15 +129,18 @@ def render_man() -> str:
         a(_esc(what))
     a(".SH OVERHEAD")
     a(_esc("Every TCP segment in and out and every IP datagram carrying TCP runs a probe handler (a "
-           "kprobe; tcp_sendmsg, tcp_recvmsg and a few rare functions use kretprobes), and each handler "
-           "looks the socket tuple up in a hash table. Expect a few percent of CPU on a busy host; select "
-           "fewer --groups (socket,tcp is the cheapest useful set) to probe less. The collector holds at most "
-           "--max-sockets tuples: when three quarters are in use it hands them all to tcpipstat, which adds "
-           "them up, and when it is full it does so at once: nothing is lost, on a long run or under heavy "
-           "connection churn (a smaller table only means more records to add up). Closed sockets are handed over within "
-           "0.1 s. Probe hits that SystemTap skips (reentrancy, missed kretprobes) are counted and "
-           "reported: the counters are then low by at most that number. stap's overhead guard can stop "
-           "collection on slow or emulated machines: --no-overload-guard disables it."))
+           "kprobe; tcp_sendmsg, tcp_recvmsg, ip_rcv_core and a few rare functions use kretprobes). A handler "
+           "reads the socket tuple (from the socket, or a few wide reads of the packet headers), checks the "
+           "filters and adds to one counter array keyed by the tuple: it write-locks only that array, so "
+           "probes of different counters never wait for each other; process attribution and the table's "
+           "fill gauge are per-CPU statistics. Select fewer --groups (socket,tcp is the cheapest useful set) "
+           "to probe less; bench/RESULTS.md in the source tree has measured figures. The collector holds at "
+           "most --max-sockets tuples per counter: when half of them are in use it hands them all to "
+           "tcpipstat, which adds records up per tuple, so nothing is lost on a long run or under heavy "
+           "connection churn (a smaller table only means more records). Closed sockets are handed over "
+           "within 0.1 s. Probe hits that SystemTap skips (reentrancy, missed kretprobes, lock waits) are "
+           "counted and reported: the counters are then low by at most that number. stap's overhead guard "
+           "can stop collection on slow or emulated machines: --no-overload-guard disables it."))
     a(".SH REQUIREMENTS")
     a(_esc("SystemTap (stap, staprun), root, the headers (linux-headers-$(uname -r)) and debug information "
            "(linux-image-$(uname -r)-dbg on Debian, the -dbgsym package on Ubuntu, kernel-debuginfo on "

@@ -54,7 +54,11 @@ class Plan:
 
     def compile_flags(self) -> list[str]:
         """stap options that change the module (so they are part of its cache key)."""
-        flags = ["-DMAXSKIPPED=1000000000"]  # report skipped probes, never abort on them
+        flags = ["-DMAXSKIPPED=1000000000",  # report skipped probes, never abort on them
+                 # writing out the table is one probe: up to --max-sockets tuples x ~40
+                 # statements (stap's default budget, 1000, stops it at a few dozen)
+                 f"-DMAXACTION={max(100_000, 64 * self.max_sockets)}",
+                 "-DMAXSTRINGLEN=1024"]      # a whole record is built as one string
         if not self.overload_guard:
             flags.append("-DSTP_NO_OVERLOAD")
         return flags + list(self.stap_args)

@@ -16,8 +16,10 @@ The script (stp_templates/tcpipstat.stp.j2) writes tab-separated lines:
     interval mode: interval SEQ ended at MS (gettimeofday_ms); the records of its
     sockets came just before.
 ``T  END_MS  IDS  SPILLS  DROPPED  FAULTS``
-    once, from the end probe. DROPPED is kept for the format; the collector now
-    spills its table instead of dropping events, so it is 0.
+    once, from the end probe. IDS: records written (tcpipstat 0.1: socket ids
+    handed out). SPILLS: times the table was emptied to make room. DROPPED is kept
+    for the format; the collector spills instead of dropping events, so it is 0.
+    FAULTS: events a probe could not read.
 
 Lines starting with ``#`` are comments (tcpipstat --save-records writes one).
 Anything else on stdout is an error: it names the source, the line number and

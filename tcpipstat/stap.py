@@ -215,6 +215,8 @@ class RunOutcome:
     warnings: list[str] = field(default_factory=list)
     error_lines: list[str] = field(default_factory=list)
     stderr: str = ""
+    bad_lines: int = 0              # collector output that was not a record (skipped)
+    first_bad: str = ""
 
     def problem(self) -> tuple[str, str] | None:
         return diagnose(self.stderr)

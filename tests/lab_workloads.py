@@ -25,7 +25,9 @@ TCPWORK_PERIODIC = ("tcpwork server 127.0.0.1 7007 30 20 & "
 TCPWORK_AND_IPERF3 = ("iperf3 -s -1 >/dev/null & tcpwork server 127.0.0.1 7008 100 3 & "
                       "tcpwork client 127.0.0.1 7008 3 1000; iperf3 -4 -c 127.0.0.1 -t 1 >/dev/null 2>&1; wait")
 
-# A server outside the -c command's process tree: the subshell exits at once, so
-# the server is re-parented to init before the client (which waits for it) connects.
-ORPHAN_SERVER = ("(tcpwork server 127.0.0.1 7009 10 2 &); sleep 1; "
-                 "tcpwork client 127.0.0.1 7009 2 100; sleep 1")
+# A server outside the -c command's process tree (LAB_BACKGROUND: started before the
+# module, not by the command) and one the command starts and leaves behind (the
+# subshell exits at once: the server is re-parented to init, still the command's).
+OUTSIDE_SERVER = "tcpwork server 127.0.0.1 7009 10 2"
+TREE_CLIENT = ("(tcpwork server 127.0.0.1 7011 10 2 &); tcpwork client 127.0.0.1 7009 2 100; "
+               "tcpwork client 127.0.0.1 7011 2 100; sleep 1")

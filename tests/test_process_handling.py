@@ -122,3 +122,14 @@ def test_psutil_names_the_owner_of_a_live_socket():
     finally:
         cli.close()
         srv.close()
+
+
+def test_an_unreadable_line_costs_that_line_only(tmp_path):
+    p = tcpipstat(["--json", "index=lport"], tmp_path, FAKE_STAPRUN_MODE="garble")
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 1, err
+    rows = {o["lport"]: o for o in map(json.loads, out.splitlines())}
+    assert rows[7002]["counters"]["PassiveOpens"] == 2          # the rest is all there
+    assert "2 lines from the collector were not records" not in err
+    assert "1 lines from the collector were not records and were skipped" in err
+    assert "unreadable lines from the collector" in err

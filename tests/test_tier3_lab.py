@@ -215,7 +215,9 @@ def test_timeout_ends_the_run_on_time(suite, tmp_path):
     assert r.rc == 0, r.stderr
     m = re.search(r"index=tuple, ([0-9.]+) s", r.stdout)
     assert m, r.stdout
-    assert 1.9 <= float(m.group(1)) <= 2.8
+    # the window closes when the module's end probe runs, after stap has stopped the
+    # timer: under emulation (TCG) that takes up to a second more
+    assert 1.9 <= float(m.group(1)) <= 3.8
 
 
 def test_command_ends_the_run(suite, tmp_path):
@@ -294,15 +296,20 @@ def test_index_comm_separates_programs(suite, tmp_path):
 
 
 def test_command_tree_is_the_default_selection(suite, tmp_path):
-    r = LabRun(suite, tmp_path, "--json", "*:7009-*:*", "*:*-*:7009", "-c", W.ORPHAN_SERVER)
+    env = {"LAB_BACKGROUND": W.OUTSIDE_SERVER}
+    flt = ["*:7009-*:*", "*:*-*:7009", "*:7011-*:*", "*:*-*:7011"]
+    r = LabRun(suite, tmp_path, "--json", *flt, "-c", W.TREE_CLIENT, env=env)
     assert r.rc == 0, r.stderr
     objs = r.json()
-    # only the client's two sockets: the server was re-parented to init
-    assert [o["rport"] for o in objs] == [7009, 7009], r.explain()
-    assert all(o["counters"]["ActiveOpens"] == 1 and o["counters"]["SendBytes"] == 100 for o in objs)
+    # the clients' four sockets and the :7011 server the command started (re-parented
+    # to init, still its own); not the :7009 server that was running before it
+    servers = (7009, 7011)
+    keys = sorted((o["lport"] if o["lport"] in servers else o["rport"], o["lport"] in servers) for o in objs)
+    assert keys == [(7009, False)] * 2 + [(7011, False)] * 2 + [(7011, True)] * 2, r.explain()
+    assert all(o["counters"]["SendBytes"] == 100 for o in objs if o["rport"] in (7009, 7011)), r.explain()
     assert "not used by the command's processes" in r.stderr, r.stderr
-    r = LabRun(suite, tmp_path, "--json", "--all-processes", "*:7009-*:*", "*:*-*:7009", "-c", W.ORPHAN_SERVER)
+    r = LabRun(suite, tmp_path, "--json", "--all-processes", *flt, "-c", W.TREE_CLIENT, env=env)
     assert r.rc == 0, r.stderr
     objs = r.json()
-    assert sorted(o["lport"] == 7009 for o in objs) == [False, False, True, True], r.explain()
+    assert sorted(o["lport"] for o in objs if o["lport"] in (7009, 7011)) == [7009, 7009, 7011, 7011], r.explain()
     assert sum(o["counters"]["RecvBytes"] for o in objs if o["lport"] == 7009) == 200, r.explain()

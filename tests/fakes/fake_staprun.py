@@ -4,6 +4,8 @@ FAKE_RECORDS (a real lab recording) without its trailer, then, by FAKE_STAPRUN_M
   end (default)  print the trailer and exit 0
   wait-int       wait for SIGINT, then print the trailer, warn about skipped probes, exit 0
   die            exit 1 with an overload error and no trailer
+  garble         as end, but the first socket record is cut short and run into the
+                 next one, as records written from two CPUs once interleaved
 """
 import os
 import signal
@@ -13,9 +15,14 @@ import time
 mode = os.environ.get("FAKE_STAPRUN_MODE", "end")
 lines = [l for l in open(os.environ["FAKE_RECORDS"]) if not l.startswith("#")]
 trailer = [l for l in lines if l.startswith("T\t")]
+garbled = False
 for l in lines:
-    if not l.startswith("T\t"):
-        sys.stdout.write(l)
+    if l.startswith("T\t"):
+        continue
+    if mode == "garble" and l.startswith("R\t") and not garbled:
+        l = l.rstrip("\n")[:60]      # cut mid-record: the next record follows on the same line
+        garbled = True
+    sys.stdout.write(l)
 sys.stdout.flush()
 if mode == "die":
     print("ERROR: probe overhead (555608199 cycles) exceeded threshold (500000000 cycles)", file=sys.stderr)
