@@ -246,6 +246,36 @@ def collect(plan: Plan, out: IO[str], err: IO[str]) -> int:
     return ExitStatus.INTERRUPTED if outcome.interrupted else ExitStatus.OK
 
 
+def report_capture(plan: Plan, out: IO[str], err: IO[str]) -> int:
+    """--read: the report of a capture file (tcpipstat/capture), through the same report layer."""
+    from .capture import analyse
+    from .capture.fields import CATALOGUE, NAMES
+    console, errc = _consoles(plan, out, err)
+    cap = analyse(plan.read, plan.filters)
+    ctx = ReportContext(NAMES, (), plan.nozeros, cap.notes(), CATALOGUE)
+    rows, hidden = sort_rows(cap.rows(plan.index), plan.sort, plan.top)
+    if hidden:
+        ctx.notes.append(f"{hidden} more rows not shown (--top {plan.top}, by {plan.sort})")
+    if cap.flows.rejected:
+        ctx.notes.append(f"{cap.flows.rejected:,} connections were not accepted by the filters")
+    if plan.output == "json":
+        write_json(out, rows, ctx)
+    elif plan.output == "csv":
+        write_csv(out, rows, ctx)
+    else:
+        dur = cap.duration_s
+        header = (f"tcpipstat: {len(rows)} rows, index={plan.index}, {plan.read}: {cap.read.frames:,} packets, "
+                  f"{cap.decoded.tcp:,} TCP" + (f", {dur:.1f} s" if dur is not None else ""))
+        render_tables(console, rows, ctx, header)
+    render_footer(console if plan.output == "table" else errc, ctx)
+    if cap.interrupted:
+        return ExitStatus.INTERRUPTED
+    if cap.read.stopped:
+        raise TcpipstatError(f"capture '{plan.read}': {cap.read.stopped}; the report above holds the "
+                             f"{cap.read.frames:,} packets read before that")
+    return ExitStatus.OK
+
+
 def check(plan: Plan, out: IO[str]) -> int:
     """--check: print what this host can and cannot do; OK when collection can work."""
     from .check import run_checks
@@ -284,6 +314,8 @@ def run(argv: list[str], out: IO[str] | None = None, err: IO[str] | None = None)
             return ExitStatus.OK
         if plan.check:
             return check(plan, out)
+        if plan.read is not None:
+            return report_capture(plan, out, err)
         return collect(plan, out, err)
     except TcpipstatError as e:
         print(f"{PROG}: {e.message}", file=err)

@@ -88,6 +88,10 @@ OPTIONS: tuple[Opt, ...] = (
         "with --from-records)", dest="save_records", metavar="FILE"),
     Opt(("--from-records",), "report from a file written by --save-records instead of collecting "
         "(no root, no stap)", dest="from_records", metavar="FILE"),
+    Opt(("--read",), "report from the packet capture FILE (pcap or pcapng, e.g. from tcpdump -w) instead of "
+        "collecting: one row per TCP connection, local being the side that opened it, with the counters "
+        "and timings a capture shows (see CAPTURES); filters and index=tuple|laddr|raddr|lport|rport work "
+        "as live. No root, no stap, no debuginfo", dest="read", metavar="FILE"),
     Opt(("--dump-script",), "print the generated SystemTap script and exit (no root needed)",
         dest="dump_script", action="store_true", default=False),
     Opt(("--check",), "diagnose this host without collecting: stap, root, kernel headers and "
@@ -114,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         description=SUMMARY + ".",
         usage="%(prog)s [options] [index=tuple|laddr|raddr|lport|rport|pid|comm] [timeout=N] "
-              "[interval=N] [nozeros=0|1] [onclose=0|1] [FILTER ...]",
+              "[interval=N] [nozeros=0|1] [onclose=0|1] [FILTER ...]\n"
+              "       %(prog)s --read FILE [index=tuple|laddr|raddr|lport|rport] [--json|--csv] [FILTER ...]",
         epilog="FILTER is <laddr>:<lport>-<raddr>:<rport>; * matches anything, e.g. '*.*.*.*:80-*:*', "
                "'10.0.0.0/8:*-*:*', '[::1]:8000..8080-*:*'. Several filters are ORed (at most %d). "
                "See tcpipstat(8)." % MAX_FILTERS,

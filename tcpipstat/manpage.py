@@ -10,6 +10,7 @@ from __future__ import annotations
 from . import __version__
 from .cli import OPTIONS, PROG, SUMMARY
 from .counters import COUNTERS, GROUPS, SECTIONS, UNITS
+from .capture.fields import FIELDS as CAPTURE_FIELDS
 from .filters import MAX_FILTERS
 
 
@@ -39,6 +40,10 @@ def render_man() -> str:
     a(".br")
     a(f".B {PROG} --check")
     a("[\\fB-r\\fR \\fIKVER\\fR] [\\fB--json\\fR]")
+    a(".br")
+    a(f".B {PROG} --read")
+    a("\\fIFILE\\fR [\\fBindex=\\fR\\fItuple|laddr|raddr|lport|rport\\fR] [\\fB--json\\fR|\\fB--csv\\fR] "
+      "[\\fB--sort\\fR \\fICOUNTER\\fR] [\\fIFILTER\\fR ...]")
     a(".SH DESCRIPTION")
     a(_esc("tcpipstat counts the kernel's SNMP MIB events (the Tcp, Ip and TcpExt counters of "
            "netstat -s) and the bytes and messages sent and received, per TCP socket or per group of "
@@ -64,6 +69,25 @@ def render_man() -> str:
            "followed by a mark; each snapshot shows the counts since the previous one, so the snapshots add "
            "up to the whole run. What happens after the last full interval is printed as a last, partial "
            "snapshot. In NDJSON and CSV every row carries interval, time (UTC, ISO 8601) and final."))
+    a(".SS Captures (\\-\\-read)")
+    a(_esc("With --read FILE, tcpipstat reports a packet capture instead of collecting: pcap (microsecond "
+           "or nanosecond) or pcapng, of Ethernet (VLAN tags included), Linux cooked (SLL, SLL2: tcpdump -i any), "
+           "raw IP or BSD loopback, IPv4 and IPv6. No root, SystemTap or debuginfo is needed. One row is one TCP "
+           "connection; the capture sees both of its ends, so local is a convention: the side that opened the "
+           "connection (sent the SYN), remote the side that accepted it; when the capture began after the "
+           "handshake, local is the sender of the first packet seen and the row is marked as open before the "
+           "capture. Filters apply to that orientation ('*:*-*:80' selects connections to port 80), "
+           "index=tuple|laddr|raddr|lport|rport group as live; index=pid and index=comm are not available (a "
+           "capture does not say which process used a connection). The counters are those a capture can "
+           "show (see FIELDS, From a capture): per direction segments, bytes, retransmissions, out-of-order segments, "
+           "duplicate ACKs, zero windows and resets, opens, and times: round-trip samples, handshake, time to "
+           "first response byte, transfer time. Their definitions follow tcptrace's (tcptrace -l -r), and the "
+           "test suite compares the two on the same captures. A packet cut by the snapshot length still counts "
+           "its bytes (from its IP header); one cut inside its headers, one of an unsupported link type in a "
+           "pcapng file, or an IPv4 fragment is skipped and counted in a note. A file that is not a capture, or "
+           "of an unsupported link type, is an error (exit status 2); a file that ends inside a packet (a "
+           "truncated capture) is reported up to there, then the error is printed (exit status 1). The file is "
+           "read as a stream: memory grows with the number of connections, not with the number of packets."))
     a(".SH OPTIONS")
     for o in OPTIONS:
         a(".TP")
@@ -100,6 +124,16 @@ def render_man() -> str:
             a(f"\\fB{c.name}\\fR ({c.group})")
             v4 = " IPv4 only: n/a (null) in rows of IPv6 sockets." if c.ipv4_only else ""
             a(_esc(c.description[0].upper() + c.description[1:] + ". Probes: " + ", ".join(where) + "." + v4))
+    a(".SS From a capture (\\-\\-read)")
+    a(_esc("Out is what local (the side that opened the connection) sent, In what remote sent. Counts add "
+           "up over the connections of a row; times (in milliseconds, to the microsecond) do not: RttMin and "
+           "RttMax are the extremes, RttAvg the mean over every sample, HandshakeRtt, FirstByte, TransferTime and "
+           "Duration the mean over the connections that have one. A time with nothing to measure is n/a (null "
+           "in JSON, empty in CSV), never 0."))
+    for c in CAPTURE_FIELDS:
+        a(".TP")
+        a(f"\\fB{c.name}\\fR ({c.section}{', ' + c.unit if c.unit else ''})")
+        a(_esc(c.description[0].upper() + c.description[1:] + "."))
     a(".SS Row keys")
     a(_esc("index, family, laddr, lport, raddr, rport (those of the index), sockets (socket tuples in "
            "the row), closed (of which closed during collection), processes (pid and name of the process "
@@ -123,6 +157,8 @@ def render_man() -> str:
         ("tcpipstat --check", "Can this host collect? What is missing, and the command that installs it."),
         ("tcpipstat --save-records r.txt timeout=10; tcpipstat --from-records r.txt index=raddr",
          "Collect once, report in several ways."),
+        ("tcpdump -i any -s 96 -w web.pcap port 443; tcpipstat --read web.pcap index=rport --sort RttMax",
+         "No root on the box that analyses, no debuginfo: per-connection counters and times of a capture."),
     ):
         a(".TP")
         a(f"\\fB{_esc(cmd)}\\fR")

@@ -50,6 +50,7 @@ class Plan:
     pid: int | None = None           # -x: only this process's sockets
     tree: bool = False               # -c without --all-processes: only the command's tree
     check: bool = False
+    read: str | None = None          # --read: report from this capture file
     extra: dict = field(default_factory=dict, compare=False)
 
     def compile_flags(self) -> list[str]:
@@ -88,10 +89,10 @@ def _count(value, what: str, lo: int, hi: int) -> int | None:
     return int(text)
 
 
-def _sort_key(value: str | None) -> str | None:
+def _sort_key(value: str | None, counters=COUNTERS) -> str | None:
     if value is None:
         return None
-    names = {c.name.lower(): c.name for c in COUNTERS}
+    names = {c.name.lower(): c.name for c in counters}
     names.update({k: k for k in SORT_SUMS})
     key = names.get(value.lower())
     if key is None:
@@ -100,10 +101,37 @@ def _sort_key(value: str | None) -> str | None:
     return key
 
 
+def _capture_fields():
+    from .capture.fields import FIELDS
+    return FIELDS
+
+
+def _check_read(ns) -> None:
+    """--read reports a capture file: what needs the live collector cannot go with it."""
+    if not ns.read:
+        raise UsageError("--read needs a capture file name")
+    live_only = [w for w, on in (
+        ("-c", ns.command), ("-x/--pid", ns.pid), ("--all-processes", ns.all_processes),
+        ("--interval", ns.interval), ("--count", ns.count), ("-T/--timestamp", ns.timestamp),
+        ("onclose", ns.onclose), ("timeout", ns.timeout), ("--from-records", ns.from_records),
+        ("--save-records", ns.save_records), ("--dump-script", ns.dump_script), ("--check", ns.check),
+        ("-g/--groups", ns.groups != ",".join(GROUPS)), ("-r/--kernel-release", ns.kernel_release),
+        ("--stap-arg", ns.stap_args), ("--no-overload-guard", not ns.overload_guard),
+        ("--max-sockets", str(ns.max_sockets) != "8192")) if on]
+    if live_only:
+        raise UsageError(f"--read reports a capture file: it cannot be combined with {live_only[0]} "
+                         "(that needs the live collector)")
+    if ns.index in PROCESS_INDEXES:
+        raise UsageError(f"index={ns.index} is not available with --read: a capture does not say which "
+                         "process used a connection (use index=tuple, laddr, raddr, lport or rport)")
+
+
 def build_plan(argv: list[str]) -> Plan:
     ns = parse_args(argv)
     if ns.index not in INDEXES:
         raise UsageError(f"bad index '{ns.index}': expected one of {', '.join(INDEXES)}")
+    if ns.read is not None:
+        _check_read(ns)
     if ns.onclose and ns.index != "tuple":
         raise UsageError(f"onclose needs index=tuple (got index={ns.index})")
     groups = tuple(g for g in ns.groups.split(",") if g)
@@ -157,7 +185,7 @@ def build_plan(argv: list[str]) -> Plan:
                                  ("FILTER", ns.filters)) if on]
         if extra:
             raise UsageError(f"--check diagnoses the host and collects nothing: it cannot be combined with {extra[0]}")
-    sort = _sort_key(ns.sort)
+    sort = _sort_key(ns.sort, _capture_fields() if ns.read is not None else COUNTERS)
     top = _count(ns.top, "--top", 1, 10 ** 9)
     if top is not None and sort is None:
         sort = "bytes"
@@ -186,4 +214,5 @@ def build_plan(argv: list[str]) -> Plan:
         pid=pid,
         tree=tree,
         check=ns.check,
+        read=ns.read,
     )

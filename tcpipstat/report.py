@@ -1,4 +1,10 @@
-"""Model -> what the user reads: rich tables, NDJSON or CSV (one layer for all)."""
+"""Model -> what the user reads: rich tables, NDJSON or CSV (one layer for all).
+
+What a row shows comes from a :class:`Catalogue`: the counters (name, section,
+IPv4 only, and a unit for measurements such as times) and the sections they are
+laid out in. The live collector's catalogue (tcpipstat/counters.py) is the default;
+reports from a capture file use tcpipstat/capture/fields.py's.
+"""
 from __future__ import annotations
 
 import csv
@@ -11,9 +17,34 @@ from typing import IO, Iterable
 from rich.console import Console
 from rich.text import Text
 
-from .counters import COUNTER_BY_NAME, COUNTERS, SECTIONS
+from .counters import COUNTERS, SECTIONS
 from .model import GroupKey, Row, SocketTotals, Window
 from .records import AF_INET6, Tuple
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """The counters a report can show and the sections (table columns) they go in.
+
+    ``counters``: objects with ``name``, ``section``, ``ipv4_only`` and, for a
+    measurement rather than a count, ``unit`` (a value that may be absent: n/a in
+    tables, null in JSON, empty in CSV; shown even when it is 0)."""
+    counters: tuple
+    sections: tuple[str, ...]
+    noun: str = "socket"                        # what a row groups ("3 sockets")
+    empty: str = "No socket activity was accepted by the filters."
+    partial: str = "(open before collection started: partial totals)"
+    by_name: dict = field(init=False, repr=False, compare=False)
+    layout: tuple = field(init=False, repr=False, compare=False)   # ((section, ((name, v4, unit), ...)), ...)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "by_name", {c.name: c for c in self.counters})
+        object.__setattr__(self, "layout", tuple(
+            (sec, tuple((c.name, c.ipv4_only, getattr(c, "unit", "")) for c in self.counters if c.section == sec))
+            for sec in self.sections))
+
+
+LIVE = Catalogue(COUNTERS, SECTIONS)
 
 
 @dataclass
@@ -22,6 +53,7 @@ class ReportContext:
     unavailable: tuple[str, ...] = ()           # in the selected groups, not on this kernel
     nozeros: bool = True
     notes: list[str] = field(default_factory=list)
+    catalogue: Catalogue = LIVE
 
 
 @lru_cache(maxsize=65536)
@@ -81,18 +113,13 @@ def _procs(row: Row) -> str:
     return ", ".join(items)
 
 
-def _na_for_row(row: Row, name: str) -> bool:
-    """IPv4-only counters mean nothing for an IPv6 row: n/a there, not 0."""
-    return row.key.family == AF_INET6 and COUNTER_BY_NAME[name].ipv4_only
-
-
-def _title(row: Row, title_suffix: str) -> Text:
+def _title(row: Row, title_suffix: str, noun: str = "socket") -> Text:
     title = Text(key_label(row.key), style="bold")
     procs = _procs(row)
     if procs:
         title.append(f"  {procs}", style="cyan")
     if row.key.index != "tuple":
-        title.append(f"  ({row.sockets} socket{'s' if row.sockets != 1 else ''})", style="dim")
+        title.append(f"  ({row.sockets} {noun}{'s' if row.sockets != 1 else ''})", style="dim")
     if title_suffix:
         title.append(f"  {title_suffix}", style="yellow")
     return title
@@ -101,24 +128,30 @@ def _title(row: Row, title_suffix: str) -> Text:
 def _cells(row: Row, ctx: ReportContext) -> list[list[str]]:
     """The counter lines of each section (column) of one row."""
     cells = []
-    for section in SECTIONS:
+    avail, nozeros, counters = ctx.available, ctx.nozeros, row.counters
+    v6 = row.key.family == AF_INET6
+    for _section, items in ctx.catalogue.layout:
         lines = []
-        for c in _BY_SECTION[section]:
-            if c.name in ctx.available and _na_for_row(row, c.name):
-                if not ctx.nozeros:
-                    lines.append(f"{c.name} n/a")
-            elif c.name in ctx.available:
-                v = row.counters.get(c.name, 0)
-                if v == 0 and ctx.nozeros:
-                    continue
-                lines.append(f"{c.name} {v:,}")
-            elif c.name in ctx.unavailable and not ctx.nozeros:
-                lines.append(f"{c.name} n/a")
+        for name, v4, unit in items:
+            if name in avail:
+                if v6 and v4:                     # IPv4-only: n/a for an IPv6 row, not 0
+                    if not nozeros:
+                        lines.append(f"{name} n/a")
+                elif unit:                        # a measurement: absent, not 0
+                    v = counters.get(name)
+                    if v is not None:
+                        lines.append(f"{name} {v:,.3f} {unit}")
+                    elif not nozeros:
+                        lines.append(f"{name} n/a")
+                else:
+                    v = counters.get(name, 0)
+                    if v == 0 and nozeros:
+                        continue
+                    lines.append(f"{name} {v:,}")
+            elif not nozeros and name in ctx.unavailable:
+                lines.append(f"{name} n/a")
         cells.append(lines or ["-"])
     return cells
-
-
-_BY_SECTION = {sec: [c for c in COUNTERS if c.section == sec] for sec in SECTIONS}
 
 
 def row_block(row: Row, ctx: ReportContext, title_suffix: str = "") -> tuple[Text, list[str]]:
@@ -126,17 +159,18 @@ def row_block(row: Row, ctx: ReportContext, title_suffix: str = "") -> tuple[Tex
     Tcp / TcpExt), laid out like a rich SIMPLE_HEAD table but built with plain string
     operations: a 100k-row report renders in seconds, not minutes."""
     cells = _cells(row, ctx)
-    widths = [max(len(h), *(len(x) for x in col)) for h, col in zip(SECTIONS, cells)]
+    sections = ctx.catalogue.sections
+    widths = [max(len(h), *(len(x) for x in col)) for h, col in zip(sections, cells)]
     width = sum(widths) + 3 * (len(widths) - 1) + 2
 
     def line(parts: list[str]) -> str:
         return " " + "   ".join(p.ljust(w) for p, w in zip(parts, widths)) + " "
 
-    body = [" " * width, line(list(SECTIONS)), " " + "\u2500" * (width - 2) + " "]
+    body = [" " * width, line(list(sections)), " " + "\u2500" * (width - 2) + " "]
     for i in range(max(len(c) for c in cells)):
         body.append(line([c[i] if i < len(c) else "" for c in cells]))
     body.append(" " * width)
-    title = _title(row, title_suffix)
+    title = _title(row, title_suffix, ctx.catalogue.noun)
     title.pad_right(max(0, width - len(title)))
     return title, body
 
@@ -152,13 +186,13 @@ def print_row(console: Console, row: Row, ctx: ReportContext, title_suffix: str 
 
 def render_tables(console: Console, rows: Iterable[Row], ctx: ReportContext, header: str) -> int:
     n = 0
-    console.print(Text(header, style="bold"))
+    console.print(Text(header, style="bold"), soft_wrap=True)
     for row in rows:
-        note = "" if row.opened_during_collection else "(open before collection started: partial totals)"
+        note = "" if row.opened_during_collection else ctx.catalogue.partial
         print_row(console, row, ctx, note)
         n += 1
     if n == 0:
-        console.print("No socket activity was accepted by the filters.")
+        console.print(ctx.catalogue.empty)
     return n
 
 
@@ -177,13 +211,15 @@ def closed_socket_row(st: SocketTotals) -> Row:
     return row
 
 
-def _columns(ctx: ReportContext) -> list[tuple[str, bool, bool]]:
-    """(name, available, IPv4 only) of every counter a row shows, in catalogue order."""
+def _columns(ctx: ReportContext) -> list[tuple[str, bool, bool, int | None]]:
+    """(name, available, IPv4 only, value when absent: 0 for a count, None for a
+    measurement) of every counter a row shows, in catalogue order."""
     avail, unavail = set(ctx.available), set(ctx.unavailable)
-    return [(c.name, c.name in avail, c.ipv4_only) for c in COUNTERS if c.name in avail or c.name in unavail]
+    return [(c.name, c.name in avail, c.ipv4_only, None if getattr(c, "unit", "") else 0)
+            for c in ctx.catalogue.counters if c.name in avail or c.name in unavail]
 
 
-def row_dict(row: Row, ctx: ReportContext, columns: list[tuple[str, bool, bool]] | None = None) -> dict:
+def row_dict(row: Row, ctx: ReportContext, columns: list[tuple[str, bool, bool, int | None]] | None = None) -> dict:
     d = key_fields(row.key)
     d["sockets"] = row.sockets
     d["closed"] = row.closed
@@ -191,8 +227,8 @@ def row_dict(row: Row, ctx: ReportContext, columns: list[tuple[str, bool, bool]]
     d["opened_during_collection"] = row.opened_during_collection
     v6 = row.key.family == AF_INET6
     get = row.counters.get
-    d["counters"] = {name: (get(name, 0) if ok and not (v6 and v4) else None)
-                     for name, ok, v4 in (columns if columns is not None else _columns(ctx))}
+    d["counters"] = {name: (get(name, absent) if ok and not (v6 and v4) else None)
+                     for name, ok, v4, absent in (columns if columns is not None else _columns(ctx))}
     return d
 
 
@@ -251,7 +287,7 @@ WINDOW_KEYS = ("interval", "time", "final")
 
 def csv_columns(ctx: ReportContext, window: bool = False) -> list[str]:
     return (list(WINDOW_KEYS) if window else []) + list(CSV_KEYS) + [
-        c.name for c in COUNTERS if c.name in ctx.available or c.name in ctx.unavailable]
+        c.name for c in ctx.catalogue.counters if c.name in ctx.available or c.name in ctx.unavailable]
 
 
 def write_csv(out: IO[str], rows: Iterable[Row], ctx: ReportContext, win: Window | None = None,
@@ -262,6 +298,7 @@ def write_csv(out: IO[str], rows: Iterable[Row], ctx: ReportContext, win: Window
         w.writerow(cols)
     n = 0
     cols_plan = _columns(ctx)
+    names = ctx.catalogue.by_name
     for row in rows:
         d = row_dict(row, ctx, cols_plan)
         if win is not None:
@@ -269,7 +306,7 @@ def write_csv(out: IO[str], rows: Iterable[Row], ctx: ReportContext, win: Window
         d["processes"] = " ".join(f"{p['comm']}[{p['pid']}]" for p in d["processes"])
         vals = []
         for c in cols:
-            if c in COUNTER_BY_NAME:
+            if c in names:
                 v = d["counters"].get(c)
                 vals.append("" if v is None else v)
             else:

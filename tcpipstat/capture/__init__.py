@@ -1,0 +1,114 @@
+"""Offline: the per-connection report from a packet capture (``tcpipstat --read FILE``).
+
+Data flows one way, one module per step:
+
+=============  =====================================================================
+reader.py      capture file (pcap, pcapng) -> link-layer frames, streamed
+packets.py     frames -> TCP segments (dpkt: Ethernet, SLL, SLL2, raw IP; IPv4, IPv6)
+flows.py       segments -> per-connection state -> per-connection counters
+rows.py        connections -> the model's report rows, grouped by the index
+fields.py      the counters a capture can show: the report's catalogue
+=============  =====================================================================
+
+and then the live tool's report layer (tcpipstat/report.py) prints the rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..filters import Filter
+from .flows import Conn, FlowTable
+from .packets import DecodeStats, decoder
+from .reader import LINKTYPES, ReadStats, _unsupported, frames
+from .rows import build_rows, conn_tuple
+
+
+@dataclass
+class Capture:
+    """What one capture file held, analysed."""
+    path: str
+    read: ReadStats = field(default_factory=ReadStats)
+    decoded: DecodeStats = field(default_factory=DecodeStats)
+    flows: FlowTable = field(default_factory=FlowTable)
+    malformed: int = 0
+    interrupted: bool = False      # Ctrl-C while reading: the report holds what was read
+    first_ts: float | None = None
+    last_ts: float | None = None
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.first_ts is None or self.last_ts is None:
+            return None
+        return max(0.0, self.last_ts - self.first_ts)
+
+    def connections(self) -> list[Conn]:
+        return [c for c in self.flows.connections() if c.packets]
+
+    def rows(self, index: str):
+        return build_rows(self.connections(), index)
+
+    def notes(self) -> list[str]:
+        """Warnings, with counts, about what could not be used."""
+        r, d, notes = self.read, self.decoded, []
+        if r.cut:
+            notes.append(f"{r.cut:,} of {r.frames:,} packets were cut by the snapshot length: their payload "
+                         "is counted from the IP header's length")
+        if d.cut_headers:
+            notes.append(f"{d.cut_headers:,} packets were cut inside their IP or TCP header and could not "
+                         "be used (record with a snapshot length of at least 96 bytes: tcpdump -s 96)")
+        if r.unknown_link:
+            kinds = ", ".join(f"{n:,} of link type {lt}" for lt, n in sorted(r.unknown_link.items()))
+            notes.append(f"packets of unsupported link types were skipped: {kinds}")
+        if d.fragments:
+            notes.append(f"{d.fragments:,} IPv4 fragments after the first were skipped (no TCP header)")
+        if self.malformed:
+            notes.append(f"{self.malformed:,} packets could not be decoded and were skipped")
+        if r.frames == 0 and not r.stopped:
+            notes.append(f"the capture '{self.path}' holds no packets")
+        return notes
+
+
+def accept_filters(filters: tuple[Filter, ...] | list[Filter]):
+    """The live tool's filters, applied to a connection (local = the side that opened it)."""
+    if not filters:
+        return None
+
+    def accept(conn: Conn) -> bool:
+        t = conn_tuple(conn)
+        return any(f.matches(t.family, t.laddr, t.lport, t.raddr, t.rport) for f in filters)
+    return accept
+
+
+def analyse(path: str, filters=()) -> Capture:
+    """Read and analyse one capture file. Raises UsageError when it cannot be read at
+    all; a file that ends early is analysed up to there (``read.stopped`` says why)."""
+    cap = Capture(path, flows=FlowTable(accept_filters(filters)))
+    decoders: dict[int, object] = {}
+    add = cap.flows.add
+    first = last = None
+    malformed = 0
+    try:
+        for ts, linktype, data in frames(path, cap.read):
+            dec = decoders.get(linktype)
+            if dec is None:
+                dec = decoders[linktype] = decoder(linktype, cap.decoded)
+            if first is None:
+                first = ts
+            last = ts
+            try:
+                seg = dec(data)
+            except Exception:      # noqa: BLE001 - arbitrary bytes: count them, never a traceback
+                malformed += 1
+                continue
+            if seg is not None:
+                add(ts, seg)
+    except KeyboardInterrupt:
+        cap.interrupted = True
+    cap.first_ts, cap.last_ts, cap.malformed = first, last, malformed
+    r = cap.read
+    if r.frames and sum(r.unknown_link.values()) == r.frames:
+        raise _unsupported(path, min(r.unknown_link))
+    return cap
+
+
+__all__ = ["Capture", "analyse", "accept_filters", "LINKTYPES"]

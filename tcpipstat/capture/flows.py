@@ -1,0 +1,362 @@
+"""TCP segments -> per-connection state -> per-connection counters.
+
+Each connection has two :class:`Half` objects, one per direction: what that side
+sent, and what the capture knows of its sequence space. The definitions follow
+tcptrace's where they can (tests/test_capture.py and test_capture_tier.py compare the two on
+the same captures):
+
+* a segment *retransmits* when it carries sequence space (payload, SYN or FIN)
+  the capture had already seen that side send, or the other side acknowledge;
+* a segment is *out of order* when all it carries is new yet it starts below the
+  highest sequence already seen (it filled a hole);
+* a segment sent while the other side's last advertised window was 0 is a window
+  probe: neither new nor retransmitted (as tcptrace);
+* an RTT sample is the time from a segment to the first ACK that acknowledges
+  exactly its end, when the segment was sent once and no segment before it was
+  (re)sent after it (Karn's rule, tcptrace's "RTT samples").
+
+Memory: a direction keeps only what is not yet acknowledged (the holes above the
+cumulative ACK and the segments waiting for an RTT sample, both capped), so it
+does not grow with the length of a connection or of the capture; a closed
+connection keeps only its counters.
+"""
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+from typing import Iterator
+
+FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
+MASK = 0xFFFFFFFF
+NO_FLOOR = -(1 << 62)
+MAX_PENDING = 16384      # segments awaiting an RTT sample, per direction (oldest dropped beyond)
+MAX_HOLES = 1024         # separate seen ranges above the cumulative ACK, per direction
+
+
+def _unwrap(ref: int, seq: int) -> int:
+    """A 32-bit sequence number as a 64-bit one, the nearest to ``ref``."""
+    d = (seq - ref) & MASK
+    return ref + d - ((d >> 31) << 32)
+
+
+class Half:
+    """One direction of a connection: what its sender sent and what was acknowledged."""
+    __slots__ = ("segs", "new_bytes", "retrans_segs", "retrans_bytes", "ooo", "dupacks", "zero_wins",
+                 "rsts", "syns", "fins", "isn", "high", "floor", "seen", "pending", "acked_ts",
+                 "last_ack", "last_win", "rtt_n", "rtt_sum", "rtt_min", "rtt_max", "first_data",
+                 "last_data", "syn_ts")
+
+    def __init__(self) -> None:
+        self.segs = self.new_bytes = self.retrans_segs = self.retrans_bytes = 0
+        self.ooo = self.dupacks = self.zero_wins = self.rsts = self.syns = self.fins = 0
+        self.isn: int | None = None          # the SYN's sequence number, when seen
+        self.high: int | None = None         # highest sequence end seen (64-bit)
+        self.floor = NO_FLOOR                # everything below was acknowledged by the other side
+        self.seen: list[list[int]] = []      # [lo, hi) ranges seen above the floor, sorted
+        self.pending: list[list] = []        # [lo, hi, time, retransmitted] not yet acknowledged
+        self.acked_ts = 0.0                  # latest (re)transmission time of acknowledged segments
+        self.last_ack: int | None = None     # this side's previous ACK (32-bit) and window
+        self.last_win = -1
+        self.rtt_n = 0
+        self.rtt_sum = 0.0
+        self.rtt_min = self.rtt_max = 0.0
+        self.first_data: float | None = None
+        self.last_data: float | None = None
+        self.syn_ts: float | None = None
+
+
+class Conn:
+    __slots__ = ("family", "laddr", "lport", "raddr", "rport", "halves", "first_ts", "last_ts",
+                 "opened", "closed", "synack_n", "synack_ts", "hs_ack_ts", "packets")
+
+    def __init__(self, family: int, laddr: bytes, lport: int, raddr: bytes, rport: int, ts: float):
+        self.family, self.laddr, self.lport, self.raddr, self.rport = family, laddr, lport, raddr, rport
+        self.halves = (Half(), Half())       # [0]: local (initiator) -> remote, [1]: remote -> local
+        self.first_ts = self.last_ts = ts
+        self.opened = False                  # the initiator's SYN is in the capture
+        self.closed = False                  # both FINs, or a reset
+        self.synack_n = 0
+        self.synack_ts: float | None = None
+        self.hs_ack_ts: float | None = None  # the initiator's ACK of the SYN-ACK
+        self.packets = 0
+
+    # -- the per-connection view the report shows ------------------------------------
+    def counters(self) -> dict[str, int | float]:
+        out, inn = self.halves
+        c: dict[str, int | float] = {}
+        for h, names in ((out, _OUT), (inn, _IN)):
+            for name, attr in names:
+                v = getattr(h, attr)
+                if v:
+                    c[name] = v
+            if h.rtt_n:
+                p = names[-1][0][:-len("RttSamples")]
+                c[p + "RttMin"] = _ms(h.rtt_min)
+                c[p + "RttAvg"] = _ms(h.rtt_sum / h.rtt_n)
+                c[p + "RttMax"] = _ms(h.rtt_max)
+        if self.opened:
+            c["ActiveOpens"] = 1
+        if self.synack_n:
+            c["PassiveOpens"] = 1
+        if self.opened and not self.synack_n and inn.segs == inn.rsts:
+            c["AttemptFails"] = 1
+        if out.syns == 1 and self.synack_n == 1 and self.hs_ack_ts is not None and out.syn_ts is not None:
+            c["HandshakeRtt"] = _ms(self.hs_ack_ts - out.syn_ts)
+        if out.first_data is not None and inn.first_data is not None:
+            # the first response byte after the first request byte
+            if inn.first_data >= out.first_data:
+                c["FirstByte"] = _ms(inn.first_data - out.first_data)
+        firsts = [t for t in (out.first_data, inn.first_data) if t is not None]
+        lasts = [t for t in (out.last_data, inn.last_data) if t is not None]
+        if firsts:
+            c["TransferTime"] = _ms(max(lasts) - min(firsts))
+        c["Duration"] = _ms(self.last_ts - self.first_ts)
+        return c
+
+
+_OUT = (("OutSegs", "segs"), ("SendBytes", "new_bytes"), ("RetransSegs", "retrans_segs"),
+        ("RetransBytes", "retrans_bytes"), ("OutOfOrder", "ooo"), ("DupAcks", "dupacks"),
+        ("ZeroWindows", "zero_wins"), ("OutRsts", "rsts"), ("RttSamples", "rtt_n"))
+_IN = (("InSegs", "segs"), ("RecvBytes", "new_bytes"), ("InRetransSegs", "retrans_segs"),
+       ("InRetransBytes", "retrans_bytes"), ("InOutOfOrder", "ooo"), ("InDupAcks", "dupacks"),
+       ("InZeroWindows", "zero_wins"), ("InRsts", "rsts"), ("InRttSamples", "rtt_n"))
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+def _insert(h: Half, s: int, e: int) -> tuple[int, list[tuple[int, int]]]:
+    """Add [s, e) to what ``h`` has seen; returns (how many of its bytes were seen
+    already, the new pieces)."""
+    floor = h.floor
+    overlap = 0
+    if s < floor:
+        overlap = min(e, floor) - s
+        s = floor
+        if e <= s:
+            return overlap, []
+    pieces: list[tuple[int, int]] = []
+    out: list[list[int]] = []
+    pos, lo_m, hi_m, placed = s, s, e, False
+    for lo, hi in h.seen:
+        if hi < s:
+            out.append([lo, hi])
+        elif lo > e:
+            if not placed:
+                out.append([lo_m, hi_m])
+                placed = True
+            out.append([lo, hi])
+        else:                                # overlapping or touching: merge
+            a, b = max(lo, s), min(hi, e)
+            if b > a:
+                overlap += b - a
+                if a > pos:
+                    pieces.append((pos, a))
+                pos = max(pos, b)
+            lo_m, hi_m = min(lo_m, lo), max(hi_m, hi)
+    if pos < e:
+        pieces.append((pos, e))
+    if not placed:
+        out.append([lo_m, hi_m])
+    if len(out) > MAX_HOLES:                 # too many holes: forget the lowest one
+        out[0:2] = [[out[0][0], out[1][1]]]
+    h.seen = out
+    return overlap, pieces
+
+
+def _seen_bytes(h: Half, s: int, e: int) -> int:
+    """How many bytes of [s, e) ``h`` has seen already."""
+    n = 0
+    if s < h.floor:
+        n = min(e, h.floor) - s
+        s = h.floor
+    for lo, hi in h.seen:
+        a, b = max(lo, s), min(hi, e)
+        if b > a:
+            n += b - a
+    return n
+
+
+def _mark_retransmitted(h: Half, s: int, e: int, ts: float) -> None:
+    pend = h.pending
+    i = max(0, bisect_left(pend, [s]) - 1)
+    n = len(pend)
+    while i < n:
+        ent = pend[i]
+        if ent[0] >= e:
+            break
+        if ent[1] > s:
+            ent[2] = ts
+            ent[3] = True
+        i += 1
+
+
+class FlowTable:
+    """Feed segments in capture order with :meth:`add`; :meth:`connections` gives
+    every connection seen. ``accept(conn)`` decides, once per connection, whether
+    it is analysed at all (the filters)."""
+
+    def __init__(self, accept=None):
+        self.table: dict[tuple, tuple[Conn | None, int]] = {}
+        self.accept = accept
+        self.done: list[Conn] = []           # connections replaced by a new one on the same tuple
+        self.rejected = 0
+
+    def _new(self, family, src, sport, dst, dport, seq, flags, ts):
+        if flags & SYN and flags & ACK:      # the SYN was missed: the receiver opened it
+            conn = Conn(family, dst, dport, src, sport, ts)
+            d = 1
+        else:                                # a SYN, or the middle of a connection: the sender
+            conn = Conn(family, src, sport, dst, dport, ts)
+            d = 0
+        if self.accept is not None and not self.accept(conn):
+            self.rejected += 1
+            conn = None
+        self.table[(src, sport, dst, dport)] = (conn, d)
+        self.table[(dst, dport, src, sport)] = (conn, 1 - d)
+        return conn, d
+
+    def add(self, ts: float, seg: tuple) -> None:
+        family, src, sport, dst, dport, seq, ack, flags, win, plen = seg
+        ent = self.table.get((src, sport, dst, dport))
+        if ent is None:
+            conn, d = self._new(family, src, sport, dst, dport, seq, flags, ts)
+        else:
+            conn, d = ent
+            if flags & SYN and not flags & ACK:
+                # a SYN on a known tuple: a new connection unless it repeats the SYN
+                if conn is None:
+                    conn, d = self._new(family, src, sport, dst, dport, seq, flags, ts)
+                else:
+                    x = conn.halves[d]
+                    if conn.closed or (x.isn is not None and x.isn != seq):
+                        self.done.append(conn)
+                        conn, d = self._new(family, src, sport, dst, dport, seq, flags, ts)
+        if conn is None:
+            return
+        conn.last_ts = ts
+        conn.packets += 1
+        x, y = conn.halves[d], conn.halves[1 - d]
+        x.segs += 1
+        rst = flags & RST
+        if rst:                               # (its ACK still acknowledges, as tcptrace has it;
+            x.rsts += 1                       # it advertises no window and is no duplicate ACK)
+            conn.closed = True
+        if flags & SYN:
+            x.syns += 1
+            if x.isn is None:
+                x.isn = seq
+            if not flags & ACK:
+                if d == 0:
+                    conn.opened = True
+                    x.syn_ts = ts
+            else:
+                conn.synack_n += 1
+                if conn.synack_ts is None:
+                    conn.synack_ts = ts
+        syn = flags & SYN and 1
+        length = plen + syn + (flags & FIN and 1)
+        if length:
+            if plen:
+                if x.first_data is None:
+                    x.first_data = ts
+                x.last_data = ts
+            high = x.high
+            if high is None:
+                s = seq
+                x.high = high = s
+                if syn:
+                    x.floor = s
+            else:
+                s = _unwrap(high, seq)
+            e = s + length
+            if flags & FIN:
+                x.fins += 1
+            if y.last_win == 0 and y.segs and not syn:
+                pass                          # a window probe (as tcptrace): neither new nor resent
+            elif s >= high and s >= x.floor:  # the usual case: at or past everything seen
+                seen = x.seen
+                if seen and seen[-1][1] == s:
+                    seen[-1][1] = e
+                else:
+                    seen.append([s, e])
+                    if len(seen) > MAX_HOLES:
+                        seen[0:2] = [[seen[0][0], seen[1][1]]]
+                x.new_bytes += plen
+                pend = x.pending
+                pend.append([s, e, ts, False])
+                if len(pend) > MAX_PENDING:
+                    del pend[:MAX_PENDING // 2]
+            else:
+                resent = _seen_bytes(x, s + syn, s + syn + plen) if plen else 0
+                overlap, pieces = _insert(x, s, e)
+                if overlap:
+                    x.retrans_segs += 1
+                    x.retrans_bytes += resent
+                    x.new_bytes += plen - resent
+                    _mark_retransmitted(x, s, e, ts)
+                else:
+                    x.new_bytes += plen
+                    x.ooo += 1
+                for a, b in pieces:
+                    insort(x.pending, [a, b, ts, False])
+            if e > high:
+                x.high = e
+        if flags & ACK:
+            if y.high is None:
+                y.high = ack
+            a = _unwrap(y.high, ack)
+            pend = y.pending
+            if pend and pend[0][0] < a:
+                acked_ts = y.acked_ts
+                i = 0
+                n = len(pend)
+                while i < n:
+                    ent = pend[i]
+                    if ent[0] >= a:
+                        break
+                    t0 = ent[2]
+                    if ent[1] == a and not ent[3] and acked_ts <= t0:
+                        rtt = ts - t0
+                        if y.rtt_n == 0 or rtt < y.rtt_min:
+                            y.rtt_min = rtt
+                        if rtt > y.rtt_max:
+                            y.rtt_max = rtt
+                        y.rtt_sum += rtt
+                        y.rtt_n += 1
+                    if t0 > acked_ts:
+                        acked_ts = t0
+                    i += 1
+                del pend[:i]
+                y.acked_ts = acked_ts
+            if a > y.floor:
+                y.floor = a
+                seen = y.seen
+                while seen and seen[0][1] <= a:
+                    del seen[0]
+                if seen and seen[0][0] < a:
+                    seen[0][0] = a
+            if not rst:
+                if win == 0:
+                    x.zero_wins += 1
+                if (not plen and not flags & (SYN | FIN) and ack == x.last_ack and win == x.last_win
+                        and y.high > a):
+                    x.dupacks += 1
+                x.last_ack = ack
+                x.last_win = win
+            if d == 0 and conn.hs_ack_ts is None and conn.synack_ts is not None and not syn and not rst \
+                    and y.isn is not None and ack == (y.isn + 1) & MASK:
+                conn.hs_ack_ts = ts
+        elif not rst:
+            x.last_win = win if syn else 0    # (tcptrace's "effective window" of such a segment)
+        if flags & FIN and y.fins:
+            conn.closed = True
+
+    def connections(self) -> Iterator[Conn]:
+        yield from self.done
+        seen: set[int] = set()
+        for conn, _ in self.table.values():
+            if conn is not None and id(conn) not in seen:
+                seen.add(id(conn))
+                yield conn
+

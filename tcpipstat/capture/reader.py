@@ -1,0 +1,259 @@
+"""Capture file -> link-layer frames, one at a time (pcap and pcapng).
+
+The file formats are dpkt's (its file, record and block header definitions); the
+record loop is ours, because dpkt's readers drop what a report must say: a
+packet's original length (was it cut by the snapshot length?), a record cut short
+by the end of the file (a truncated capture), the link type of each pcapng
+interface (a pcapng file may mix them), and they give nanosecond pcap timestamps
+as Decimal. Frames are yielded as they are read: memory does not grow with the
+file.
+
+Bad input never raises anything but the errors of tcpipstat/errors.py: a file
+that cannot be opened or is not a capture -> UsageError naming the file; a file
+that ends inside a record or holds a corrupt one -> reading stops there and
+:attr:`ReadStats.stopped` says where and why (the caller reports what was read).
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import IO, Iterator
+
+import dpkt
+from dpkt import pcap as dpcap
+from dpkt import pcapng as dpcapng
+
+from ..errors import UsageError
+
+# link types (https://www.tcpdump.org/linktypes.html) tcpipstat decodes
+LINKTYPES = {
+    0: "BSD loopback",                 # LINKTYPE_NULL
+    1: "Ethernet",                     # LINKTYPE_ETHERNET
+    101: "raw IP",                     # LINKTYPE_RAW
+    12: "raw IP",                      # DLT_RAW as most systems number it (some files carry it)
+    14: "raw IP",                      # ... and OpenBSD
+    108: "OpenBSD loopback",           # LINKTYPE_LOOP
+    113: "Linux cooked (SLL)",         # LINKTYPE_LINUX_SLL (tcpdump -i any, older)
+    228: "raw IPv4",                   # LINKTYPE_IPV4
+    229: "raw IPv6",                   # LINKTYPE_IPV6
+    276: "Linux cooked v2 (SLL2)",     # LINKTYPE_LINUX_SLL2 (tcpdump -i any)
+}
+PCAP_MAGICS = set(dpcap.MAGIC_TO_PKT_HDR)
+PCAPNG_MAGIC = dpcapng.PCAPNG_BT_SHB          # 0x0A0D0D0A, the same in both byte orders
+MAX_RECORD = 256 * 1024 * 1024                 # larger: a corrupt header, not a packet
+
+
+@dataclass
+class ReadStats:
+    frames: int = 0
+    cut: int = 0                                # frames shorter than on the wire (snapshot length)
+    unknown_link: dict[int, int] = field(default_factory=dict)   # link type -> frames skipped
+    stopped: str = ""                           # why reading stopped before the end ("": it did not)
+    format: str = ""                            # "pcap" or "pcapng"
+    linktypes: set[int] = field(default_factory=set)
+
+
+def _not_capture(path: str, head: bytes) -> UsageError:
+    hint = ""
+    if head[:2] == b"\x1f\x8b":
+        hint = " (it is gzip-compressed: gunzip it first)"
+    elif not head:
+        return UsageError(f"cannot read capture '{path}': the file is empty")
+    return UsageError(f"cannot read capture '{path}': not a pcap or pcapng file{hint} "
+                      f"(it starts with {head[:8].hex(' ')})")
+
+
+def open_capture(path: str) -> IO[bytes]:
+    try:
+        return open(path, "rb", buffering=1 << 20)
+    except OSError as e:
+        raise UsageError(f"cannot read capture '{path}': {e.strerror}") from None
+
+
+def frames(path: str, stats: ReadStats) -> Iterator[tuple[float, int, bytes]]:
+    """(timestamp in seconds, link type, frame bytes) of every packet record."""
+    f = open_capture(path)
+    with f:
+        try:
+            head = f.read(4)
+        except OSError as e:
+            raise UsageError(f"cannot read capture '{path}': {e.strerror}") from None
+        magic_be = int.from_bytes(head, "big") if len(head) == 4 else None
+        f.seek(0)
+        if magic_be == PCAPNG_MAGIC:
+            stats.format = "pcapng"
+            yield from _pcapng(path, f, stats)
+        elif magic_be in PCAP_MAGICS:
+            stats.format = "pcap"
+            yield from _pcap(path, f, stats)
+        else:
+            raise _not_capture(path, head + f.read(4))
+
+
+def _unsupported(path: str, linktype: int) -> UsageError:
+    return UsageError(f"cannot read capture '{path}': link type {linktype} is not supported "
+                      "(tcpipstat reads Ethernet, Linux cooked SLL and SLL2, raw IP and BSD loopback "
+                      "captures); convert it, e.g. with editcap -T ether")
+
+
+def _pcap(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, int, bytes]]:
+    buf = f.read(dpcap.FileHdr.__hdr_len__)
+    if len(buf) < dpcap.FileHdr.__hdr_len__:
+        raise UsageError(f"cannot read capture '{path}': the file ends inside the pcap file header "
+                         f"({len(buf)} of {dpcap.FileHdr.__hdr_len__} bytes)")
+    fh = dpcap.FileHdr(buf)
+    magic = fh.magic                       # as read big-endian: the byte-swapped magics mean little
+    if magic in (dpcap.PMUDPCT_MAGIC, dpcap.PMUDPCT_MAGIC_NANO, dpcap.PACPDOM_MAGIC):
+        fh = dpcap.LEFileHdr(buf)
+    rec = dpcap.MAGIC_TO_PKT_HDR[magic]
+    # a record header's fields: seconds, sub-seconds, captured length, original length (...)
+    unpack = struct.Struct(rec.__hdr_fmt__[:1] + "IIII").unpack_from
+    hlen = rec.__hdr_len__
+    nano = magic in (dpcap.TCPDUMP_MAGIC_NANO, dpcap.PMUDPCT_MAGIC_NANO)
+    div = 1e9 if nano else 1e6
+    linktype = fh.linktype & 0xFFFF        # the upper bits may carry FCS information
+    stats.linktypes.add(linktype)
+    if linktype not in LINKTYPES:
+        raise _unsupported(path, linktype)
+    read = f.read
+    n = 0
+    cut = 0
+    try:
+        while True:
+            h = read(hlen)
+            if len(h) < hlen:
+                if h:
+                    stats.stopped = (f"the file ends inside the header of packet {n + 1} "
+                                     "(a truncated capture)")
+                break
+            sec, sub, caplen, wirelen = unpack(h)
+            if caplen > MAX_RECORD:
+                stats.stopped = (f"packet {n + 1} has an impossible captured length ({caplen} bytes): "
+                                 "the file is corrupt from there on")
+                break
+            data = read(caplen)
+            if len(data) < caplen:
+                stats.stopped = (f"the file ends inside packet {n + 1} ({len(data)} of its {caplen} "
+                                 "bytes; a truncated capture)")
+                break
+            n += 1
+            if caplen < wirelen:
+                cut += 1
+            yield sec + sub / div, linktype, data
+    finally:
+        stats.frames += n
+        stats.cut += cut
+
+
+_SHB_LEN = dpcapng.SectionHeaderBlock.__hdr_len__
+
+
+def _pcapng(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, int, bytes]]:
+    read = f.read
+    fmt = "<"
+    ifaces: list[tuple[int, float, int]] = []      # (link type, ticks per second, offset seconds)
+    n = 0
+    cut = 0
+    section = 0
+    try:
+        while True:
+            h = read(8)
+            if len(h) < 8:
+                if h:
+                    stats.stopped = "the file ends inside a block header (a truncated capture)"
+                break
+            btype = struct.unpack_from(fmt + "I", h)[0]
+            if btype == dpcapng.PCAPNG_BT_SHB:      # a (new) section: byte order, interfaces anew
+                bom = read(4)
+                if len(bom) < 4:
+                    stats.stopped = "the file ends inside a section header (a truncated capture)"
+                    break
+                if bom == b"\x4d\x3c\x2b\x1a":
+                    fmt = "<"
+                elif bom == b"\x1a\x2b\x3c\x4d":
+                    fmt = ">"
+                else:
+                    if section == 0:
+                        raise _not_capture(path, h + bom)
+                    stats.stopped = "a section header with an unknown byte order: the file is corrupt"
+                    break
+                blen = struct.unpack_from(fmt + "I", h, 4)[0]
+                if blen < _SHB_LEN or blen % 4 or blen > MAX_RECORD:
+                    if section == 0:
+                        raise UsageError(f"cannot read capture '{path}': a corrupt pcapng section header")
+                    stats.stopped = "a corrupt section header"
+                    break
+                body = read(blen - 12)
+                if len(body) < blen - 12:
+                    stats.stopped = "the file ends inside a section header (a truncated capture)"
+                    break
+                ifaces = []
+                section += 1
+                continue
+            if section == 0:
+                raise _not_capture(path, h)
+            blen = struct.unpack_from(fmt + "I", h, 4)[0]
+            if blen < 12 or blen % 4 or blen > MAX_RECORD:
+                stats.stopped = (f"block after packet {n} has an impossible length ({blen} bytes): "
+                                 "the file is corrupt from there on")
+                break
+            body = read(blen - 8)
+            if len(body) < blen - 8:
+                stats.stopped = (f"the file ends inside the block after packet {n} ({len(body) + 8} of "
+                                 f"its {blen} bytes; a truncated capture)")
+                break
+            if btype == dpcapng.PCAPNG_BT_EPB:
+                if len(body) < 24:
+                    stats.stopped = f"a corrupt packet block after packet {n}"
+                    break
+                iid, hi, lo, caplen, wirelen = struct.unpack_from(fmt + "IIIII", body)
+                if iid >= len(ifaces) or caplen > len(body) - 24:
+                    stats.stopped = (f"packet {n + 1} names interface {iid} or a length that does not "
+                                     "exist: the file is corrupt from there on")
+                    break
+                linktype, tps, off = ifaces[iid]
+                n += 1
+                if linktype not in LINKTYPES:
+                    stats.unknown_link[linktype] = stats.unknown_link.get(linktype, 0) + 1
+                    continue
+                if caplen < wirelen:
+                    cut += 1
+                yield off + ((hi << 32) | lo) / tps, linktype, body[20:20 + caplen]
+            elif btype == dpcapng.PCAPNG_BT_IDB:
+                ifaces.append(_idb(path, fmt, h + body, stats))
+            elif btype == dpcapng.PCAPNG_BT_SPB:     # simple packet: interface 0, no time stamp
+                if not ifaces or len(body) < 4:
+                    stats.stopped = f"a corrupt simple packet block after packet {n}"
+                    break
+                wirelen = struct.unpack_from(fmt + "I", body)[0]
+                linktype = ifaces[0][0]
+                data = body[4:4 + min(wirelen, len(body) - 4)]
+                n += 1
+                if linktype not in LINKTYPES:
+                    stats.unknown_link[linktype] = stats.unknown_link.get(linktype, 0) + 1
+                    continue
+                if len(data) < wirelen:
+                    cut += 1
+                yield 0.0, linktype, data
+            # other blocks (name resolution, statistics, ...) say nothing about packets
+    finally:
+        stats.frames += n
+        stats.cut += cut
+
+
+def _idb(path: str, fmt: str, buf: bytes, stats: ReadStats) -> tuple[int, float, int]:
+    cls = dpcapng.InterfaceDescriptionBlockLE if fmt == "<" else dpcapng.InterfaceDescriptionBlock
+    try:
+        idb = cls(buf)
+    except (dpkt.UnpackError, struct.error, ValueError) as e:
+        raise UsageError(f"cannot read capture '{path}': a corrupt interface description ({e})") from None
+    tps, off = 1e6, 0
+    for opt in getattr(idb, "opts", ()):
+        if opt.code == dpcapng.PCAPNG_OPT_IF_TSRESOL and opt.data:
+            v = opt.data[0]
+            tps = float(2 ** (v & 0x7F) if v & 0x80 else 10 ** (v & 0x7F))
+        elif opt.code == dpcapng.PCAPNG_OPT_IF_TSOFFSET and len(opt.data) >= 8:
+            off = struct.unpack_from(fmt + "q", opt.data)[0]
+    linktype = idb.linktype
+    stats.linktypes.add(linktype)
+    return linktype, tps, off

@@ -1,0 +1,58 @@
+"""Connections -> the model's report rows (tcpipstat/model.py's GroupKey and Row),
+grouped by the index like the live tool's sockets, so the same report layer
+prints them.
+
+Counts add up across the connections of a row. Measurements cannot: RttMin and
+RttMax are the extremes, RttAvg the mean over every sample, and HandshakeRtt,
+FirstByte, TransferTime and Duration the mean over the connections that have one
+(fields.py's ``agg``).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from ..model import GroupKey, Row
+from ..records import Tuple
+from .fields import FIELD_BY_NAME
+from .flows import Conn
+
+
+def conn_tuple(conn: Conn) -> Tuple:
+    return Tuple(conn.family, int.from_bytes(conn.laddr, "big"), conn.lport,
+                 int.from_bytes(conn.raddr, "big"), conn.rport)
+
+
+def build_rows(conns: Iterable[Conn], index: str) -> list[Row]:
+    rows: dict[GroupKey, Row] = {}
+    sums: dict[GroupKey, dict[str, list[float]]] = {}
+    for conn in conns:
+        if not conn.packets:
+            continue
+        c = conn.counters()
+        key = GroupKey.of(index, conn_tuple(conn))
+        row = rows.get(key)
+        if row is None:
+            row = rows[key] = Row(key)
+            sums[key] = {}
+        row.sockets += 1
+        row.closed += conn.closed
+        row.opened_during_collection &= conn.opened or conn.synack_n > 0
+        counters = row.counters
+        for name, v in c.items():
+            f = FIELD_BY_NAME[name]
+            agg = f.agg
+            if agg == "sum":
+                counters[name] = counters.get(name, 0) + v
+            elif agg == "min":
+                counters[name] = min(counters.get(name, v), v)
+            elif agg == "max":
+                counters[name] = max(counters.get(name, v), v)
+            else:                            # a mean, over samples (weight) or over connections
+                w = c[f.weight] if f.weight else 1
+                acc = sums[key].setdefault(name, [0.0, 0])
+                acc[0] += v * w
+                acc[1] += w
+    for key, row in rows.items():
+        for name, (total, weight) in sums[key].items():
+            row.counters[name] = round(total / weight, 3)
+    return sorted(rows.values(), key=lambda r: r.key.sort_key())

@@ -1,0 +1,251 @@
+"""Helpers of the capture tests: tcptrace's CSV, the comparison of tcpipstat --read
+with it, and a pcapng writer (tcpdump writes pcap only).
+
+How tcpipstat's counters map onto tcptrace's (``tcptrace -l -r -n --csv``), and the
+tolerance where the definitions differ:
+
+==================  ==========================  =========================================
+tcpipstat           tcptrace (a2b: a = local)   tolerance
+==================  ==========================  =========================================
+OutSegs/InSegs      total_packets               exact
+SendBytes/Recv...   unique_bytes_sent           exact
+RetransSegs         rexmt_data_pkts             exact
+RetransBytes        rexmt_data_bytes            tcptrace counts a resent SYN or FIN as one
+                                                byte: up to (SYNs - 1) + (FINs - 1) more
+OutOfOrder          outoforder_pkts             exact
+ZeroWindows         zero_win_adv                exact
+OutRsts             resets_sent                 exact
+RttSamples          RTT_samples                 exact
+RttMin/Avg/Max      RTT_min/avg/max             0.051 ms: tcptrace prints 0.1 ms steps (0.05),
+                                                tcpipstat microseconds (0.0005); for the
+                                                mean also avg/n * 0.0001, as tcptrace's
+                                                mean divides by n + 0.0001
+HandshakeRtt        RTT_from_3WHS a2b + b2a     0.102 ms (two numbers in 0.1 ms steps)
+Duration            last_packet - first_packet  0.002 ms
+InDupAcks           duplicate_acks a2b          at most tcptrace's: it also counts FINs
+                                                and ACKs with nothing outstanding
+==================  ==========================  =========================================
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import dpkt
+
+from .conftest import run_cli
+
+RTT_TOL_MS = 0.051
+HS_TOL_MS = 0.102
+
+
+def tcptrace_rows(text: str) -> list[dict[str, str]]:
+    """``tcptrace -l -r -n --csv`` output -> one dict per connection."""
+    lines = [l for l in text.splitlines() if l.strip() and not l.startswith("#")]
+    head = [h.strip() for h in lines[0].split(",")]
+    rows = []
+    for line in lines[1:]:
+        vals = [v.strip() for v in line.split(",")]
+        rows.append(dict(zip(head, vals)))
+    return rows
+
+
+def ours(path: Path | str, *extra: str) -> list[dict]:
+    status, out, err = run_cli("--read", str(path), "--json", *extra)
+    assert status == 0, err
+    return [json.loads(l) for l in out.splitlines()]
+
+
+def _num(v: str) -> float:
+    return float(v)
+
+
+def _epoch(v: str) -> float:
+    """tcptrace's first_packet/last_packet: SECONDS.MICROSECONDS, the microseconds not
+    zero-padded (".70086" is .070086)."""
+    sec, _, usec = v.strip().partition(".")
+    return int(sec) + int(usec or 0) / 1e6
+
+
+def pair(our_rows: list[dict], tt_rows: list[dict]) -> list[tuple[dict, dict, bool]]:
+    """(our row, tcptrace row, tcptrace's a is our local) for every connection."""
+    by_ports = {}
+    for t in tt_rows:
+        by_ports[(int(t["port_a"]), int(t["port_b"]))] = t
+    pairs = []
+    for o in our_rows:
+        t = by_ports.get((o["lport"], o["rport"]))
+        if t is not None:
+            pairs.append((o, t, True))
+            continue
+        t = by_ports.get((o["rport"], o["lport"]))
+        assert t is not None, f"tcptrace has no connection {o['lport']}<->{o['rport']}"
+        pairs.append((o, t, False))
+    assert len(pairs) == len(tt_rows), (len(pairs), len(tt_rows))
+    return pairs
+
+
+def compare(o: dict, t: dict, a_is_local: bool) -> list[str]:
+    """Where tcpipstat's row ``o`` and tcptrace's ``t`` disagree beyond the tolerances."""
+    c = o["counters"]
+    out, inn = ("a2b", "b2a") if a_is_local else ("b2a", "a2b")
+    bad: list[str] = []
+    conn = f"{o['lport']}->{o['rport']}"
+
+    def exact(ours_name: str, tt: str, d: str) -> None:
+        if c[ours_name] != int(_num(t[f"{tt}_{d}"])):
+            bad.append(f"{conn} {ours_name}={c[ours_name]} tcptrace {tt}_{d}={t[f'{tt}_{d}']}")
+
+    for d, p in ((out, ""), (inn, "In")):
+        exact(f"{p}Segs" if p else "OutSegs", "total_packets", d)
+        exact("RecvBytes" if p else "SendBytes", "unique_bytes_sent", d)
+        exact(f"{p}RetransSegs", "rexmt_data_pkts", d)
+        exact(f"{p}OutOfOrder", "outoforder_pkts", d)
+        exact(f"{p}ZeroWindows", "zero_win_adv", d)
+        exact(f"{p}Rsts" if p else "OutRsts", "resets_sent", d)
+        exact(f"{p}RttSamples", "RTT_samples", d)
+        syns, fins = (int(x) for x in t[f"SYN/FIN_pkts_sent_{d}"].split("/"))
+        extra = int(t[f"rexmt_data_bytes_{d}"]) - c[f"{p}RetransBytes"]
+        if not 0 <= extra <= max(0, syns - 1) + max(0, fins - 1):
+            bad.append(f"{conn} {p}RetransBytes={c[f'{p}RetransBytes']} tcptrace rexmt_data_bytes_{d}="
+                       f"{t[f'rexmt_data_bytes_{d}']} (SYN/FIN {syns}/{fins})")
+        if c[f"{p}RttSamples"]:
+            for ours_name, tt in (("RttMin", "RTT_min"), ("RttAvg", "RTT_avg"), ("RttMax", "RTT_max")):
+                v, w = c[p + ours_name], _num(t[f"{tt}_{d}"])
+                tol = RTT_TOL_MS + (v * 0.0001 / c[f"{p}RttSamples"] if ours_name == "RttAvg" else 0)
+                if abs(v - w) > tol:
+                    bad.append(f"{conn} {p}{ours_name}={v} tcptrace {tt}_{d}={w}")
+        # tcptrace's "duplicate acks a2b" are the ACKs of a's data, sent by b
+        dup_tt = int(t[f"duplicate_acks_{inn if d == out else out}"])
+        if c[f"{p}DupAcks"] > dup_tt:
+            bad.append(f"{conn} {p}DupAcks={c[f'{p}DupAcks']} > tcptrace's {dup_tt}")
+    if c["HandshakeRtt"] is not None:
+        hs = _num(t["RTT_from_3WHS_a2b"]) + _num(t["RTT_from_3WHS_b2a"])
+        if abs(c["HandshakeRtt"] - hs) > HS_TOL_MS:
+            bad.append(f"{conn} HandshakeRtt={c['HandshakeRtt']} tcptrace 3WHS a2b+b2a={hs}")
+    dur = (_epoch(t["last_packet"]) - _epoch(t["first_packet"])) * 1000
+    if abs(c["Duration"] - dur) > 0.002:
+        bad.append(f"{conn} Duration={c['Duration']} tcptrace last-first={dur:.3f}")
+    return bad
+
+
+def to_pcapng(src: Path, dst: Path, tsresol_ns: bool = True, extra_iface: int | None = None) -> int:
+    """Rewrite the pcap ``src`` as pcapng ``dst`` (little-endian; nanosecond time stamps
+    unless told otherwise). ``extra_iface``: put an interface of that link type first,
+    with one packet of its own. Returns the number of packets written."""
+    def block(btype: int, body: bytes) -> bytes:
+        body += b"\0" * (-len(body) % 4)
+        n = len(body) + 12
+        return struct.pack("<II", btype, n) + body + struct.pack("<I", n)
+
+    def idb(linktype: int, snaplen: int) -> bytes:
+        opts = b""
+        if tsresol_ns:
+            opts = struct.pack("<HHB3x", 9, 1, 9) + struct.pack("<HH", 0, 0)
+        return block(1, struct.pack("<HHI", linktype, 0, snaplen) + opts)
+
+    def epb(iface: int, ts_ticks: int, data: bytes, wirelen: int) -> bytes:
+        return block(6, struct.pack("<IIIII", iface, ts_ticks >> 32, ts_ticks & 0xFFFFFFFF, len(data),
+                                    wirelen) + data)
+
+    n = 0
+    with open(src, "rb") as f:
+        r = dpkt.pcap.Reader(f)
+        linktype, snaplen = r.datalink(), r.snaplen
+    raw = src.read_bytes()
+    le = raw[:4] == b"\xd4\xc3\xb2\xa1"
+    nano_src = raw[:4] in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
+    fmt = "<IIII" if le else ">IIII"
+    out = [block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1))]
+    first_iface = 0
+    if extra_iface is not None:
+        out.append(idb(extra_iface, 65535))
+        out.append(epb(0, 0, b"\x01\x02\x03\x04", 4))
+        first_iface = 1
+    out.append(idb(linktype, snaplen))
+    pos = 24
+    while pos + 16 <= len(raw):
+        sec, sub, caplen, wirelen = struct.unpack_from(fmt, raw, pos)
+        data = raw[pos + 16:pos + 16 + caplen]
+        pos += 16 + caplen
+        sub_ns = sub if nano_src else sub * 1000
+        ticks = sec * 10 ** 9 + sub_ns if tsresol_ns else sec * 10 ** 6 + sub_ns // 1000
+        out.append(epb(first_iface, ticks, data, wirelen))
+        n += 1
+    dst.write_bytes(b"".join(out))
+    return n
+
+
+def check_workload(rows: list[dict], manifest: dict) -> None:
+    """What tests/capture_workload.py did (its manifest.json), found in tcpipstat's
+    --json rows (index=tuple) of its capture."""
+    ports = manifest["ports"]
+    by_port: dict[int, list[dict]] = {}
+    for r in rows:
+        by_port.setdefault(r["rport"], []).append(r)
+    assert sorted(by_port) == sorted(int(p) for p in ports), sorted(by_port)
+    for p, m in ports.items():
+        conns = by_port[int(p)]
+        assert len(conns) == m["conns"], (p, len(conns))
+        for r in conns:
+            c = r["counters"]
+            assert r["family"] == ("ipv6" if m["family"] == 6 else "ipv4"), (p, r["family"])
+            assert r["laddr"] == ("::1" if m["family"] == 6 else "127.0.0.1")
+            # every byte of the stream, once, whatever was lost and resent
+            assert (c["SendBytes"], c["RecvBytes"]) == (m["up"], m["down"]), (p, c)
+            assert c["ActiveOpens"] == 1 and r["opened_during_collection"], (p, c)
+            assert r["closed"] == 1, p
+        total = {k: sum(r["counters"][k] for r in conns) for k in conns[0]["counters"]
+                 if isinstance(conns[0]["counters"][k], int)}
+        if m.get("loss") == "input":           # seen, then dropped: resent
+            assert total["RetransSegs"] > 0 and total["RetransBytes"] > 0, (p, total)
+            assert total["InDupAcks"] + total["RetransSegs"] > 0
+        elif m.get("loss") == "before-capture":  # never seen: the resent copy fills a hole
+            assert total["OutOfOrder"] > 0 and total["RetransSegs"] == 0, (p, total)
+        else:
+            assert total["RetransSegs"] == total["OutOfOrder"] == 0, (p, total)
+        if m.get("think_ms"):                  # the server thinks before each response
+            for r in conns:
+                c = r["counters"]
+                assert c["FirstByte"] >= m["think_ms"], (p, c["FirstByte"])
+                assert c["RttMax"] >= m["think_ms"] * 0.9, (p, c["RttMax"])
+                assert c["HandshakeRtt"] is not None and c["HandshakeRtt"] < m["think_ms"]
+        if m.get("zero_window"):
+            assert total["InZeroWindows"] > 0, (p, total)
+        if m.get("reset") == "remote":
+            assert total["InRsts"] == 1 and total["OutRsts"] == 0, (p, total)
+        if m.get("refused"):
+            (r,) = conns
+            c = r["counters"]
+            assert (c["OutSegs"], c["InSegs"], c["InRsts"], c["AttemptFails"], c["PassiveOpens"]) == \
+                   (1, 1, 1, 1, 0), c
+            assert c["HandshakeRtt"] is None and c["FirstByte"] is None
+
+
+TCPTRACE_KEPT = ("conn_#", "host_a", "host_b", "port_a", "port_b", "first_packet", "last_packet",
+                 "total_packets", "unique_bytes_sent", "rexmt_data_pkts", "rexmt_data_bytes",
+                 "outoforder_pkts", "zero_win_adv", "resets_sent", "RTT_samples", "RTT_min", "RTT_max",
+                 "RTT_avg", "RTT_from_3WHS", "SYN/FIN_pkts_sent", "duplicate_acks")
+
+
+def trim_tcptrace_csv(text: str) -> str:
+    """tcptrace's CSV with only the columns the comparison reads (fixtures stay small)."""
+    lines = [l for l in text.splitlines() if l.strip() and not l.startswith("#")]
+    head = [h.strip() for h in lines[0].split(",")]
+    keep = [i for i, h in enumerate(head) if h in TCPTRACE_KEPT or h.rsplit("_", 1)[0] in TCPTRACE_KEPT]
+    out = []
+    for line in lines:
+        vals = line.split(",")
+        out.append(",".join(vals[i].strip() for i in keep))
+    return "\n".join(out) + "\n"
+
+
+def synthetic_capture(path: Path, packets: int = 5000) -> int:
+    """bench/capture_bench.py's generator (seeded: the same file every time)."""
+    import importlib.util
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("capture_bench", root / "bench" / "capture_bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.generate(path, packets, 20, "many")[0]
