@@ -301,7 +301,8 @@ def test_packets_cut_inside_their_headers_are_counted_and_skipped(tmp_path):
 
 @pytest.mark.parametrize("content,why", [
     (b"", "the file is empty"),
-    (b"# tcpipstat records\nH\ttcpipstat\t2\n", "not a pcap or pcapng file"),
+    (b"# tcpipstat records\nH\ttcpipstat\t2\n", "not a pcap or pcapng file (it starts with 23 20 74 63 70 69 70 73)"),
+    (b"x\n", "not a pcap or pcapng file (it starts with 78 0a)"),
     (gzip.compress(b"\xd4\xc3\xb2\xa1" + b"\0" * 40), "gunzip it first"),
     (b"\xd4\xc3\xb2\xa1\x02\x00", "ends inside the pcap file header"),
     (b"\x0a\x0d\x0d\x0a\x1c\x00\x00\x00\x00\x00\x00\x00", "not a pcap or pcapng file"),

@@ -87,7 +87,7 @@ def frames(path: str, stats: ReadStats) -> Iterator[tuple[float, int, bytes]]:
             stats.format = "pcap"
             yield from _pcap(path, f, stats)
         else:
-            raise _not_capture(path, head + f.read(4))
+            raise _not_capture(path, f.read(8))     # (rewound: the first bytes, once)
 
 
 def _unsupported(path: str, linktype: int) -> UsageError:
