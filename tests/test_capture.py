@@ -87,6 +87,23 @@ def test_link_types_and_formats_give_the_same_report():
                     assert abs(c[n] - base[k][n]) <= 0.1, (name, k, n, c[n], base[k][n])
 
 
+@pytest.mark.parametrize("linktype", [101, 12, 14])      # LINKTYPE_RAW, DLT_RAW (two numberings)
+def test_raw_ip_link_type_gives_the_same_report(tmp_path, linktype):
+    """The Ethernet fixture rewritten as a raw-IP capture (each frame without its 14-byte
+    Ethernet header, lengths adjusted): the same connections and counts."""
+    raw = LO.read_bytes()
+    out = bytearray(raw[:24])
+    struct.pack_into("<I", out, 20, linktype)
+    for off, n in _records(raw):
+        sec, usec, caplen, wirelen = struct.unpack_from("<IIII", raw, off)
+        out += struct.pack("<IIII", sec, usec, caplen - 14, wirelen - 14) + raw[off + 16 + 14:off + n]
+    f = tmp_path / "raw.pcap"
+    f.write_bytes(bytes(out))
+    base = {(r["lport"], r["rport"]): {n: r["counters"][n] for n in COUNTS} for r in ours(LO)}
+    got = {(r["lport"], r["rport"]): {n: r["counters"][n] for n in COUNTS} for r in ours(f)}
+    assert got == base and len(base) >= 5
+
+
 def test_snaplen_cut_packets_still_count_their_bytes():
     status, out, err = run_cli("--read", str(LO))
     cap = analyse(str(LO))
