@@ -246,9 +246,11 @@ def test_interval_snapshots_add_up_to_the_run(suite, tmp_path):
     objs = r.json()
     marks = [l for l in rec.read_text().splitlines() if l.startswith("I\t")]
     assert len(marks) >= 3, why             # ~4.5 s of workload, 1 s intervals
+    assert [int(m.split("\t")[1]) for m in marks] == list(range(1, len(marks) + 1)), why
     full = sorted({o["interval"] for o in objs if not o["final"]})
-    # the workload connects every 0.4 s: every full interval had traffic and printed rows
-    assert full == list(range(1, len(marks) + 1)), (full, why)
+    # the workload connects every 0.4 s for ~4.5 s (its start may miss the first second
+    # on a slow guest): rows in at least three intervals, all numbered as the marks
+    assert len(full) >= 3 and set(full) <= set(range(1, len(marks) + 1)), (full, why)
     assert {o["interval"] for o in objs if o["final"]} <= {len(marks) + 1}
     times = [o["time"] for o in objs if not o["final"]]
     assert times == sorted(times)
