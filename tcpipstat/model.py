@@ -178,17 +178,21 @@ class Collection:
             if not st.has_activity or not self._kept(st):
                 continue
             key = GroupKey.of_socket(index, st)
+            # (a window's socket: judged on what the whole run has seen of it)
+            opened = self.sockets.get(st.tuple, st).opened_during_collection
             row = rows.get(key)
-            if row is None:
-                row = rows[key] = Row(key)
+            if row is None:      # the common case with index=tuple: one socket, one row
+                rows[key] = Row(key, dict(st.counters), 1, int(st.closed),
+                                {st.pid: st.comm} if st.pid else {}, opened)
+                continue
+            c = row.counters
             for k, v in st.counters.items():
-                row.counters[k] = row.counters.get(k, 0) + v
+                c[k] = c.get(k, 0) + v
             row.sockets += 1
             row.closed += st.closed
             if st.pid:
                 row.processes.setdefault(st.pid, st.comm)
-            # (a window's socket: judged on what the whole run has seen of it)
-            row.opened_during_collection &= self.sockets.get(st.tuple, st).opened_during_collection
+            row.opened_during_collection &= opened
         return sorted(rows.values(), key=lambda r: r.key.sort_key())
 
     def totals(self) -> dict[str, int]:

@@ -55,6 +55,14 @@ class ReportContext:
     notes: list[str] = field(default_factory=list)
     catalogue: Catalogue = LIVE
 
+    @property
+    def available_set(self) -> frozenset[str]:
+        """``available`` as a set (looked up for every counter of every row)."""
+        cached = self.__dict__.get("_available_set")
+        if cached is None or cached[0] is not self.available:
+            cached = self.__dict__["_available_set"] = (self.available, frozenset(self.available))
+        return cached[1]
+
 
 @lru_cache(maxsize=65536)
 def _addr(family: int | None, value: int | None) -> str:
@@ -128,7 +136,7 @@ def _title(row: Row, title_suffix: str, noun: str = "socket") -> Text:
 def _cells(row: Row, ctx: ReportContext) -> list[list[str]]:
     """The counter lines of each section (column) of one row."""
     cells = []
-    avail, nozeros, counters = ctx.available, ctx.nozeros, row.counters
+    avail, nozeros, counters = ctx.available_set, ctx.nozeros, row.counters
     v6 = row.key.family == AF_INET6
     for _section, items in ctx.catalogue.layout:
         lines = []
