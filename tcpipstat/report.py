@@ -168,15 +168,14 @@ def row_block(row: Row, ctx: ReportContext, title_suffix: str = "") -> tuple[Tex
     operations: a 100k-row report renders in seconds, not minutes."""
     cells = _cells(row, ctx)
     sections = ctx.catalogue.sections
-    widths = [max(len(h), *(len(x) for x in col)) for h, col in zip(sections, cells)]
+    widths = [max(len(h), *map(len, col)) for h, col in zip(sections, cells)]
     width = sum(widths) + 3 * (len(widths) - 1) + 2
-
-    def line(parts: list[str]) -> str:
-        return " " + "   ".join(p.ljust(w) for p, w in zip(parts, widths)) + " "
-
-    body = [" " * width, line(list(sections)), " " + "\u2500" * (width - 2) + " "]
-    for i in range(max(len(c) for c in cells)):
-        body.append(line([c[i] if i < len(c) else "" for c in cells]))
+    fmt = " " + "   ".join(f"{{:<{w}}}" for w in widths) + " "
+    depth = max(map(len, cells))
+    for col in cells:
+        col.extend([""] * (depth - len(col)))
+    body = [" " * width, fmt.format(*sections), " " + "\u2500" * (width - 2) + " "]
+    body.extend(fmt.format(*parts) for parts in zip(*cells))
     body.append(" " * width)
     title = _title(row, title_suffix, ctx.catalogue.noun)
     title.pad_right(max(0, width - len(title)))
