@@ -58,6 +58,12 @@ class LabRun:
         return f"\nrows:\n{rows}\nstderr:\n{self.stderr}\nmeta:\n{self.meta[-3000:]}"
 
 
+def near(value, want, slack):
+    """A count stap may have lowered: it reports the probe hits it skipped (slack is
+    those hits times the most one hit can add); with none skipped, exact."""
+    return want - slack <= value <= want
+
+
 def _by_ports(objs):
     return {(o["lport"], o["rport"]): o["counters"] for o in objs}
 
@@ -106,8 +112,8 @@ def test_known_workload_exact_and_against_snmp(suite, tmp_path):
             assert sum(o["counters"][k] for o in rows) == tot[k], (index, k)
         if index == "lport":
             lp = {o["lport"]: o for o in rows}
-            assert lp[7001]["sockets"] == 3 and lp[7001]["counters"]["RecvBytes"] == 3000
-            assert lp[7002]["sockets"] == 2 and lp[7002]["counters"]["RecvBytes"] == 10000
+            assert lp[7001]["sockets"] == 3 and near(lp[7001]["counters"]["RecvBytes"], 3000, 5000 * slack)
+            assert lp[7002]["sockets"] == 2 and near(lp[7002]["counters"]["RecvBytes"], 10000, 5000 * slack)
         if index == "raddr":
             assert [o["raddr"] for o in rows] == ["127.0.0.1"]
 
@@ -138,8 +144,11 @@ def test_ipv6_loopback(suite, tmp_path):
     client = [o["counters"] for o in objs if o["rport"] == 7003]
     assert len(server) == len(client) == 2
     why = r.explain()
-    assert all(c["PassiveOpens"] >= 1 and c["RecvBytes"] == 10 and c["SendBytes"] == 7 for c in server), why
-    assert all(c["ActiveOpens"] == 1 and c["SendBytes"] == 10 and c["RecvBytes"] == 7 for c in client), why
+    sk = r.skipped() + r.faults()
+    assert all(c["PassiveOpens"] >= 1 and near(c["RecvBytes"], 10, 10 * sk) and near(c["SendBytes"], 7, 7 * sk)
+               for c in server), why
+    assert all(near(c["ActiveOpens"], 1, sk) and near(c["SendBytes"], 10, 10 * sk) and near(c["RecvBytes"], 7, 7 * sk)
+               for c in client), why
     d = r.snmp_delta()
     slack = r.skipped() + r.faults()
     assert d["Tcp.PassiveOpens"] - slack <= sum(c["PassiveOpens"] for c in server) <= d["Tcp.PassiveOpens"], why
@@ -189,7 +198,8 @@ def test_onclose_reports_each_socket_once(suite, tmp_path):
     keys = [(o["lport"], o["rport"]) for o in objs]
     assert len(keys) == len(set(keys)) == 6
     assert all(o["closed"] == 1 for o in objs)
-    assert sum(o["counters"]["RecvBytes"] for o in objs if o["lport"] == 7001) == 3000
+    assert near(sum(o["counters"]["RecvBytes"] for o in objs if o["lport"] == 7001), 3000,
+                1000 * (r.skipped() + r.faults())), r.explain()
 
 
 def test_many_sockets_one_run(suite, tmp_path):
@@ -284,9 +294,11 @@ def test_index_comm_separates_programs(suite, tmp_path):
     assert {"tcpwork", "iperf3"} <= set(rows), why
     tw = rows["tcpwork"]["counters"]
     # both ends of three connections: 3 x 1000 up and 3 x 100 down, each counted as
-    # sent by one tcpwork socket and received by another
-    assert tw["SendBytes"] == tw["RecvBytes"] == 3300, why
-    assert tw["ActiveOpens"] == 3 and rows["tcpwork"]["sockets"] == 6, why
+    # sent by one tcpwork socket and received by another; a probe hit stap reports it
+    # skipped may lower a byte count by one message (at most 1000 bytes here)
+    slack = 1000 * (r.skipped() + r.faults())
+    assert 3300 - slack <= tw["SendBytes"] <= 3300 and 3300 - slack <= tw["RecvBytes"] <= 3300, why
+    assert near(tw["ActiveOpens"], 3, slack // 1000) and rows["tcpwork"]["sockets"] == 6, why
     ip = rows["iperf3"]["counters"]
     assert ip["SendBytes"] > 100_000 and ip["ActiveOpens"] >= 2, why   # control + data connection
     # index=pid splits the same run by process: the two tcpwork processes
@@ -294,7 +306,11 @@ def test_index_comm_separates_programs(suite, tmp_path):
     assert r2.rc == 0, r2.stderr
     pids = [o for o in r2.json() if o.get("pid")]
     assert len(pids) == 2 and {p["processes"][0]["comm"] for p in pids} == {"tcpwork"}, r2.explain()
-    assert sorted(p["counters"]["RecvBytes"] for p in pids) == [300, 3000], r2.explain()
+    got = sorted(p["counters"]["RecvBytes"] for p in pids)      # client 300, server 3000
+    slack2 = 1000 * (r2.skipped() + r2.faults())
+    assert all(want - slack2 <= g <= want for g, want in zip(got, (300, 3000))), (got, r2.explain())
+    if not slack2:
+        assert got == [300, 3000], r2.explain()
 
 
 def test_command_tree_is_the_default_selection(suite, tmp_path):
@@ -308,10 +324,12 @@ def test_command_tree_is_the_default_selection(suite, tmp_path):
     servers = (7009, 7011)
     keys = sorted((o["lport"] if o["lport"] in servers else o["rport"], o["lport"] in servers) for o in objs)
     assert keys == [(7009, False)] * 2 + [(7011, False)] * 2 + [(7011, True)] * 2, r.explain()
-    assert all(o["counters"]["SendBytes"] == 100 for o in objs if o["rport"] in (7009, 7011)), r.explain()
+    sk = r.skipped() + r.faults()
+    assert all(near(o["counters"]["SendBytes"], 100, 100 * sk) for o in objs if o["rport"] in (7009, 7011)), r.explain()
     assert "not used by the command's processes" in r.stderr, r.stderr
     r = LabRun(suite, tmp_path, "--json", "--all-processes", *flt, "-c", W.TREE_CLIENT, env=env)
     assert r.rc == 0, r.stderr
     objs = r.json()
     assert sorted(o["lport"] for o in objs if o["lport"] in (7009, 7011)) == [7009, 7009, 7011, 7011], r.explain()
-    assert sum(o["counters"]["RecvBytes"] for o in objs if o["lport"] == 7009) == 200, r.explain()
+    assert near(sum(o["counters"]["RecvBytes"] for o in objs if o["lport"] == 7009), 200,
+                100 * (r.skipped() + r.faults())), r.explain()
