@@ -17,7 +17,7 @@ PROCESS_INDEXES = ("pid", "comm")
 _KVER = re.compile(r"^[A-Za-z0-9._+~-]{1,100}$")
 # stap options a user may pass through: none of them adds code to the script.
 _STAP_ARG_OK = (
-    re.compile(r"^-D[A-Za-z_][A-Za-z0-9_]{0,63}(=-?[0-9]{1,19})?$"),
+    re.compile(r"^-D[A-Za-z_][A-Za-z0-9_]{0,63}(=-?[0-9]{1,19}(LL|ULL|L|UL|U)?)?$"),   # a number, C suffix allowed
     re.compile(r"^-s[0-9]{1,4}$"),
     re.compile(r"^-[twuk]$"),
     re.compile(r"^--suppress-time-limits$"),

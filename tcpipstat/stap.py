@@ -54,7 +54,7 @@ _DIAG = (
                 r"Checking \".*/build/\.config\" failed", re.I),
      "the kernel headers (build tree) are missing",
      "install them: 'apt-get install linux-headers-$(uname -r)' or 'dnf install kernel-devel-$(uname -r)'"),
-    (re.compile(r"probe overhead .* exceeded threshold", re.I),
+    (re.compile(r"probe overhead \(\d+ cycles\) exceeded threshold", re.I),   # digits: not the C source a compiler error quotes
      "stap stopped collection: its probe-overhead guard tripped",
      "run again with --no-overload-guard (slow or emulated machines) or collect fewer --groups"),
     (re.compile(r"Array overflow|MAXMAPENTRIES", re.I),

@@ -42,6 +42,8 @@ def test_command_and_outputs():
     (["--max-sockets", "12"], "12"),
     (["--stap-arg=-e"], "-e"),
     (["--stap-arg=-DX=1;evil"], "-DX=1;evil"),
+    (["--stap-arg=-DX=1LLx"], "-DX=1LLx"),
+    (["--stap-arg=-DX=1e6"], "-DX=1e6"),
     (["--stap-arg=-g"], "-g"),
     (["-r", "6.1;rm -rf"], "6.1;rm -rf"),
     (["nonsense"], "nonsense"),
@@ -94,3 +96,9 @@ def test_missing_stap_is_one_clear_line(monkeypatch):
 def test_usage_error_is_an_exception_with_status_2():
     with pytest.raises(UsageError):
         build_plan(["index=x"])
+
+
+def test_stap_defines_may_carry_a_c_integer_suffix():
+    # stap's runtime prints some limits with %lld: a define must then be a long long
+    assert build_plan(["--stap-arg=-DSTP_OVERLOAD_THRESHOLD=1000000LL"]).stap_args == (
+        "-DSTP_OVERLOAD_THRESHOLD=1000000LL",)

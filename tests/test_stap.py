@@ -41,3 +41,13 @@ def test_diagnose_gives_the_fix(stderr, what):
 
 def test_unknown_stderr_is_not_diagnosed():
     assert diagnose("something else entirely") is None
+
+
+def test_a_compiler_error_quoting_the_guard_is_not_the_guard():
+    # gcc's complaint about a -DSTP_OVERLOAD_THRESHOLD without an LL suffix, as stap -p4
+    # printed it in the lab: it quotes the runtime's message, with no numbers in it
+    stderr = ('/tmp/stappAtyPT/ttx_src.c:55277:76: error: format \u2018%lld\u2019 expects argument of type '
+              '\u2018long long int\u2019, but argument 3 has type \u2018int\u2019 [-Werror=format=]\n'
+              '55277 |           _stp_error ("probe overhead (%lld cycles) exceeded threshold (%lld cycles) '
+              'in last %lld cycles", (long long) c->cycles_sum, STP_OVERLOAD_THRESHOLD, STP_OVERLOAD_INTERVAL);\n')
+    assert diagnose(stderr) is None
