@@ -171,12 +171,23 @@ class Collection:
             return max(0.0, (self.trailer.end_ms - self.header.start_ms) / 1000.0)
         return None
 
+    def _kept_in_window(self, st: SocketTotals) -> bool:
+        """A window's socket, judged on what the whole run knows of it now. With the -c
+        process tree, a socket whose process is not known yet (a handshake before its
+        accept() lands in the next interval) is kept: it will be the command's when its
+        process shows up, and a snapshot must not lose what the next one attributes."""
+        whole = self.sockets.get(st.tuple, st)
+        if self.selection == "tree" and not whole.pid:
+            return True
+        return self._kept(whole)
+
     def rows(self, index: str = "tuple", sockets: Iterable[SocketTotals] | None = None) -> list[Row]:
         if index not in INDEXES:
             raise ValueError(index)
         rows: dict[GroupKey, Row] = {}
+        kept = self._kept if sockets is None else self._kept_in_window
         for st in (self.sockets.values() if sockets is None else sockets):
-            if not st.has_activity or not self._kept(st):
+            if not st.has_activity or not kept(st):
                 continue
             key = GroupKey.of_socket(index, st)
             # (a window's socket: judged on what the whole run has seen of it)
