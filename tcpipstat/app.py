@@ -52,6 +52,14 @@ def prepare(plan: Plan, tc: Toolchain, log) -> tuple[str, list[str], list[str]]:
     return render_script(units, plan.max_sockets), available, unavailable
 
 
+def _top(plan: Plan, rows: list, notes: list[str]) -> list:
+    """--sort / --top, saying how many rows were left out."""
+    rows, hidden = sort_rows(rows, plan.sort, plan.top)
+    if hidden:
+        notes.append(f"{hidden} more rows not shown (--top {plan.top}, by {plan.sort})")
+    return rows
+
+
 def _consoles(plan: Plan, out: IO[str], err: IO[str]):
     console = Console(file=out, highlight=False, soft_wrap=False)
     errc = Console(file=err, highlight=False, stderr=True)
@@ -204,7 +212,6 @@ def collect(plan: Plan, out: IO[str], err: IO[str]) -> int:
     if tr is None:
         notes.append("the collector did not finish normally: the report holds what was received")
 
-    hidden = 0
     if plan.onclose:
         still_open = sum(1 for s in collection.sockets.values()
                          if not s.closed and s.has_activity and collection._kept(s))
@@ -214,9 +221,7 @@ def collect(plan: Plan, out: IO[str], err: IO[str]) -> int:
     elif plan.interval_s is not None:
         rows = []   # the snapshots were the report
     else:
-        rows, hidden = sort_rows(collection.rows(plan.index), plan.sort, plan.top)
-    if hidden:
-        notes.append(f"{hidden} more rows not shown (--top {plan.top}, by {plan.sort})")
+        rows = _top(plan, collection.rows(plan.index), notes)
     if collection.selection == "tree":
         left = sum(1 for s in collection.sockets.values() if s.has_activity and not s.in_tree)
         if left:
@@ -253,9 +258,7 @@ def report_capture(plan: Plan, out: IO[str], err: IO[str]) -> int:
     console, errc = _consoles(plan, out, err)
     cap = analyse(plan.read, plan.filters)
     ctx = ReportContext(NAMES, (), plan.nozeros, cap.notes(), CATALOGUE)
-    rows, hidden = sort_rows(cap.rows(plan.index), plan.sort, plan.top)
-    if hidden:
-        ctx.notes.append(f"{hidden} more rows not shown (--top {plan.top}, by {plan.sort})")
+    rows = _top(plan, cap.rows(plan.index), ctx.notes)
     if cap.flows.rejected:
         ctx.notes.append(f"{cap.flows.rejected:,} connections were not accepted by the filters")
     if plan.output == "json":

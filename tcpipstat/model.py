@@ -24,7 +24,6 @@ class SocketTotals:
     pid: int = 0
     comm: str = ""
     closed: bool = False
-    records: int = 0
     in_tree: bool = False     # used by a process of the -c command's tree
 
     def add(self, rec: SocketRecord) -> None:
@@ -37,7 +36,6 @@ class SocketTotals:
         if rec.pid:  # the process that last used the socket in process context
             self.pid, self.comm = rec.pid, rec.comm
         self.in_tree |= rec.in_tree
-        self.records += 1
         if rec.reason == "close":
             self.closed = True
 
@@ -83,9 +81,12 @@ class GroupKey(NamedTuple):
             return cls(index, comm=st.comm if st.pid else "")
         return cls.of(index, st.tuple)
 
-    def sort_key(self) -> tuple:
-        return tuple(-1 if v is None else v for v in
-                     (self.family, self.laddr, self.lport, self.raddr, self.rport, self.pid)) + (self.comm or "",)
+
+
+def in_key_order(rows: Iterable["Row"]) -> list["Row"]:
+    """Report rows sorted by their keys. All keys of one index have None in the same
+    fields, so the NamedTuples themselves compare (no per-row sort tuple to build)."""
+    return sorted(rows, key=attrgetter("key"))
 
 
 @dataclass
@@ -205,9 +206,7 @@ class Collection:
             if st.pid:
                 row.processes.setdefault(st.pid, st.comm)
             row.opened_during_collection &= opened
-        # in key order: all keys of one index have None in the same fields, so the
-        # NamedTuples themselves compare (faster than building sort_key() tuples)
-        return sorted(rows.values(), key=attrgetter("key"))
+        return in_key_order(rows.values())
 
     def totals(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from ..model import GroupKey, Row
+from ..model import GroupKey, Row, in_key_order
 from ..records import Tuple
 from .fields import FIELD_BY_NAME
 from .flows import Conn
@@ -55,4 +55,4 @@ def build_rows(conns: Iterable[Conn], index: str) -> list[Row]:
     for key, row in rows.items():
         for name, (total, weight) in sums[key].items():
             row.counters[name] = round(total / weight, 3)
-    return sorted(rows.values(), key=lambda r: r.key.sort_key())
+    return in_key_order(rows.values())
