@@ -133,3 +133,20 @@ def test_an_unreadable_line_costs_that_line_only(tmp_path):
     assert "2 lines from the collector were not records" not in err
     assert "1 lines from the collector were not records and were skipped" in err
     assert "unreadable lines from the collector" in err
+
+
+def test_stap_t_timing_report_passes_through(tmp_path):
+    """--stap-arg=-t: the module's per-probe report (recorded in the lab) follows the
+    records on stdout; it goes to stderr and into saved records as comments."""
+    saved = tmp_path / "saved.records"
+    p = tcpipstat(["--json", "index=lport", "--stap-arg=-t", "--save-records", str(saved)], tmp_path,
+                  FAKE_STAPRUN_MODE="timing", FAKE_TIMING=str(FIXTURES / "bookworm-stap-t-report.txt"))
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    rows = {o["lport"]: o for o in map(json.loads, out.splitlines())}
+    assert rows[7001]["counters"]["PassiveOpens"] == 3
+    assert "----- probe hit report" in err and "lock contention occurred" in err
+    assert "# ----- probe hit report" in saved.read_text()
+    p = subprocess.run([sys.executable, "-m", "tcpipstat", "--from-records", str(saved), "--json", "index=lport"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0 and p.stdout == out, p.stderr

@@ -6,6 +6,8 @@ FAKE_RECORDS (a real lab recording) without its trailer, then, by FAKE_STAPRUN_M
   die            exit 1 with an overload error and no trailer
   garble         as end, but the first socket record is cut short and run into the
                  next one, as records written from two CPUs once interleaved
+  timing         as end, then the per-probe report that `stap -t` modules write to
+                 stdout at exit (FAKE_TIMING: a report recorded in the lab)
 """
 import os
 import signal
@@ -35,4 +37,6 @@ if mode == "wait-int":
         time.sleep(0.05)
     print("WARNING: Number of errors: 0, skipped probes: 3", file=sys.stderr)
 sys.stdout.write("".join(trailer))
+if mode == "timing":
+    sys.stdout.write(open(os.environ["FAKE_TIMING"]).read())
 sys.exit(0)
