@@ -207,6 +207,14 @@ def collect(plan: Plan, out: IO[str], err: IO[str]) -> int:
     tr = collection.trailer
     if tr and tr.faults:
         notes.append(f"{tr.faults} events could not be read (memory faults in probes)")
+    size = collection.header.max_sockets if collection.header else plan.max_sockets
+    if tr and tr.dropped:
+        notes.append(f"{tr.dropped} events were not counted: the collector's tables (--max-sockets {size}) "
+                     f"were full; they hold the sockets active between two flushes, and more than {size // 2} "
+                     "were active within 10 ms")
+    if tr and tr.pfull:
+        notes.append(f"the process table (--max-sockets {size}) was full {tr.pfull} "
+                     "times: some sockets may show no process")
     for w in outcome.warnings:
         notes.append(f"stap: {w}")
     if tr is None:
@@ -245,6 +253,10 @@ def collect(plan: Plan, out: IO[str], err: IO[str]) -> int:
                                           else f"staprun exited with status {outcome.returncode}")
         raise TcpipstatError(f"collection ended abnormally: {msg} (the report above holds what was collected)",
                              problem[1] if problem else "")
+    if tr and tr.dropped and not outcome.interrupted:
+        raise TcpipstatError(f"{tr.dropped} events were lost to full tables (the report above holds "
+                             "everything else)",
+                             f"raise --max-sockets (now {size})")
     if outcome.bad_lines and not outcome.interrupted:
         raise TcpipstatError(f"{outcome.bad_lines} unreadable lines from the collector (the report above "
                              "holds everything else)", "please report it, with --save-records output")

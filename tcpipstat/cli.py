@@ -74,7 +74,7 @@ OPTIONS: tuple[Opt, ...] = (
         + ",".join(GROUPS) + " (default: all). Fewer groups, fewer probes, less overhead",
         dest="groups", metavar="LIST", default=",".join(GROUPS)),
     Opt(("--max-sockets",), "socket tuples the collector holds at once before handing them to "
-        "tcpipstat (default 8192; nothing is lost when it fills, see OVERHEAD)", dest="max_sockets",
+        "tcpipstat (default 8192; half of it is how many sockets may be busy at once, see OVERHEAD)", dest="max_sockets",
         metavar="N", default="8192"),
     Opt(("-r", "--kernel-release"), "compile for kernel KVER instead of the running one (uname -r)",
         dest="kernel_release", metavar="KVER"),

@@ -10,16 +10,19 @@ The script (stp_templates/tcpipstat.stp.j2) writes tab-separated lines:
     ``interval`` (an interval ended) or ``end``. Addresses are hex: IPv4 in the
     low word, IPv6 as two 64-bit halves. PID/COMM: the process that last used the
     socket in process context (0 and "" if none did); COMM is escaped by stap's
-    text_str(). FLAGS: bit 0 = that process descends from the -c command (format
-    1 has no FLAGS field). Several records for one tuple add up.
+    text_str(). FLAGS: bit 0 = that process was the -c command or one of its
+    descendants when it used the socket (format 1 has no FLAGS field). Several
+    records for one tuple add up.
 ``I  SEQ  MS``
     interval mode: interval SEQ ended at MS (gettimeofday_ms); the records of its
     sockets came just before.
-``T  END_MS  IDS  SPILLS  DROPPED  FAULTS``
+``T  END_MS  IDS  SPILLS  DROPPED  FAULTS  [PFULL]``
     once, from the end probe. IDS: records written (tcpipstat 0.1: socket ids
-    handed out). SPILLS: times the table was emptied to make room. DROPPED is kept
-    for the format; the collector spills instead of dropping events, so it is 0.
-    FAULTS: events a probe could not read.
+    handed out). SPILLS: times the tables were emptied to make room. DROPPED:
+    events lost because a table was full (more sockets busy between two checks
+    than half of MAX_SOCKETS). FAULTS: events a probe could not read. PFULL
+    (absent in older recordings: read as 0): times the
+    process table was found full, so some records may lack their process.
 
 Lines starting with ``#`` are comments (tcpipstat --save-records writes one).
 Anything else on stdout is an error: it names the source, the line number and
@@ -86,8 +89,9 @@ class Trailer:
     end_ms: int
     ids: int
     spills: int
-    dropped: int
-    faults: int
+    dropped: int          # events lost because a collector table was full
+    faults: int           # events a probe could not read
+    pfull: int = 0        # times the process table was full (attribution may be missing)
 
 
 Record = Header | SocketRecord | Trailer | IntervalMark
@@ -184,7 +188,7 @@ class Parser:
                     raise self._err(lineno, line, "malformed interval mark")
                 return IntervalMark(int(f[1]), int(f[2]))
             if kind == "T":
-                if len(f) != 6:
+                if len(f) not in (6, 7):      # 6: written before pfull existed
                     raise self._err(lineno, line, "malformed trailer")
                 self.trailer = Trailer(*(int(x) for x in f[1:]))
                 return self.trailer

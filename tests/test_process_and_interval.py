@@ -16,6 +16,7 @@ PERIODIC = FIXTURES / "bookworm-periodic-interval.records"    # --interval 1, 20
 ORPHAN = FIXTURES / "bookworm-orphan-tree.records"             # -c; the :7009 server is not in the tree
 TWO_PROGRAMS = FIXTURES / "trixie-tcpwork-iperf3.records"      # tcpwork (:7008) beside iperf3
 FORMAT1 = FIXTURES / "bookworm-tcpwork-v4.format1.records"      # as tcpipstat 0.1 wrote it
+TOO_SMALL = FIXTURES / "bookworm-table-too-small.records"       # --max-sockets 64, 162 busy sockets
 
 
 def load(path, **kw) -> Collection:
@@ -27,6 +28,27 @@ def test_format_1_records_still_read():
     assert c.header.format == 1 and c.trailer is not None
     assert sum(s.counters.get("PassiveOpens", 0) for s in c.sockets.values()) == 5
     assert not any(s.in_tree for s in c.sockets.values())
+
+
+def test_lost_events_are_told_and_the_rest_reported():
+    """A real run whose tables were too small: the trailer's lost events make a note,
+    a one-line error with the fix and exit 1; everything received is still reported."""
+    c = load(TOO_SMALL)
+    tr = c.trailer
+    assert tr.dropped > 0 and tr.faults == 0
+    status, out, err = run_cli("--from-records", str(TOO_SMALL), "--json")
+    assert status == ExitStatus.ERROR
+    assert f"tcpipstat: {tr.dropped} events were lost to full tables" in err
+    assert "fix: raise --max-sockets (now 64)" in err
+    assert re.search(rf"{tr.dropped} events were not counted: the collector's tables\s+\(--max-sockets 64\)", err)
+    rows = [json.loads(l) for l in out.splitlines()]
+    assert sum(r["counters"]["InSegs"] for r in rows) == sum(
+        s.counters.get("InSegs", 0) for s in c.sockets.values()) > 0
+
+
+def test_trailers_before_the_process_table_count_read_as_zero():
+    c = load(ORPHAN)        # recorded before the trailer had its 7th field
+    assert c.trailer is not None and c.trailer.pfull == 0 and c.trailer.dropped == 0
 
 
 def test_windows_add_up_to_the_whole_run():
