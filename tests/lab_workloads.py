@@ -32,6 +32,9 @@ OUTSIDE_SERVER = "tcpwork server 127.0.0.1 7009 10 2"
 TREE_CLIENT = ("(tcpwork server 127.0.0.1 7011 10 2 &); tcpwork client 127.0.0.1 7009 2 100; "
                "tcpwork client 127.0.0.1 7011 2 100; sleep 1")
 
+# 100 processes alive at once, all children of the command (busybox sh forks each).
+HUNDRED_CHILDREN = "i=0; while [ $i -lt 100 ]; do sleep 4 & i=$((i + 1)); done; wait"
+
 # More sockets active at once than --max-sockets 64 holds (80 parallel iperf3 streams
 # and their server sides, 162 sockets): events are lost, and the tool must say how many.
 TABLE_TOO_SMALL = "iperf3 -s -1 >/dev/null & iperf3 -4 -c 127.0.0.1 -P 80 -n 8M >/dev/null 2>&1; wait"

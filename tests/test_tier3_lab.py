@@ -229,21 +229,37 @@ def test_many_sockets_one_run(suite, tmp_path):
 
 
 def test_full_tables_are_counted_and_told(suite, tmp_path):
-    """162 sockets busy at once through a collector that holds 64: the events that find a
-    table full are lost, counted, and told (exit 1), and the rest is still reported."""
+    """162 sockets busy at once through a collector that holds 64. Whether a table fills
+    depends on how many of them are active within one 10 ms check, which the emulated
+    guest does not make deterministic; either way nothing may go missing unsaid: lost
+    events are counted, told (exit 1) and account for the whole shortfall, or there are
+    none and the sums are exact."""
     r = LabRun(suite, tmp_path, "--json", "--max-sockets", "64", "--all-processes", "-c", W.TABLE_TOO_SMALL)
     why = r.explain()
-    assert r.rc == 1, why
     m = re.search(r"(\d+) events were lost to full tables", r.stderr)
-    assert m and int(m.group(1)) > 0, why
-    assert "raise --max-sockets (now 64)" in r.stderr, why
-    drops, slack = int(m.group(1)), r.skipped()
+    drops, slack = (int(m.group(1)) if m else 0), r.skipped()
     objs = r.json()
     d = r.snmp_delta()
     tot = sum(o["counters"]["InSegs"] for o in objs)
+    if drops:
+        assert r.rc == 1 and "raise --max-sockets (now 64)" in r.stderr, why
+    else:
+        assert r.rc == 0 and "lost" not in r.stderr, why
     # every InSegs the kernel counted is either in the report or among the lost/skipped
     assert 0 < tot <= d["Tcp.InSegs"] <= tot + drops + slack, why
     assert sum(o["counters"]["ActiveOpens"] for o in objs) <= d["Tcp.ActiveOpens"], why
+
+
+def test_a_full_table_always_ends_in_a_told_loss(suite, tmp_path):
+    """Deterministic: the -c command's 100 live children do not fit the process-tree
+    table of --max-sockets 64 (it holds live processes only); each one left out is a
+    lost event, told with the fix, exit 1."""
+    r = LabRun(suite, tmp_path, "--json", "--max-sockets", "64", "-c", W.HUNDRED_CHILDREN)
+    why = r.explain()
+    m = re.search(r"(\d+) events were lost to full tables", r.stderr)
+    assert r.rc == 1 and m, why
+    assert 100 - 64 <= int(m.group(1)) <= 100, why
+    assert "raise --max-sockets (now 64)" in r.stderr, why
 
 
 def test_timeout_ends_the_run_on_time(suite, tmp_path):
