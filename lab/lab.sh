@@ -22,7 +22,10 @@ LAB=${LAB_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tcpipstat-lab}; mkdir -p "$LAB"
 SUITE=${LAB_SUITE:-bookworm}        # bookworm: stap 4.8 + kernel 6.1; trixie: stap 5.1 + kernel 6.12
 ROOT=$LAB/$SUITE                    # debootstrapped root: stap, kernel, qemu, guest binaries
 APT=(apt-get -y -q -o DPkg::Lock::Timeout=900 --no-install-recommends)
-GUEST_BINS="/bin/busybox /usr/bin/staprun /usr/lib/systemtap/stapio /usr/bin/iperf3 /usr/local/bin/tcpwork"
+GUEST_BINS="/bin/busybox /usr/bin/staprun /usr/lib/systemtap/stapio /usr/bin/iperf3 /usr/local/bin/tcpwork /usr/bin/ss /usr/sbin/tc"
+# loaded by the guest's /init: `ss -ti` (the independent view of cwnd, srtt, retransmissions)
+# needs inet_diag/tcp_diag; `tc qdisc ... netem` (delay, loss) needs sch_netem
+GUEST_MODULES="net/ipv4/inet_diag net/ipv4/tcp_diag net/sched/sch_netem"
 HERE=$(cd "$(dirname "$0")" && pwd)
 
 # run a command chrooted in $ROOT with private /proc and /dev mounts (vanish on exit)
@@ -43,7 +46,7 @@ setup() {
   fi
   in_root apt-get -q update
   # headers + -dbg (vmlinux with DWARF) + image of the suite's current cloud kernel
-  in_root env DEBIAN_FRONTEND=noninteractive "${APT[@]}" install systemtap iperf3 busybox-static libc6-dev gcc \
+  in_root env DEBIAN_FRONTEND=noninteractive "${APT[@]}" install systemtap iperf3 iproute2 busybox-static libc6-dev gcc \
     qemu-system-x86 linux-headers-cloud-amd64 linux-image-cloud-amd64 linux-image-cloud-amd64-dbg
   local v; v=$(ls "$ROOT"/usr/lib/debug/boot/ | sed -n 's/^vmlinux-//p' | sort -V | tail -1)
   [ -d "$ROOT/usr/src/linux-headers-$v" ] && [ -f "$ROOT/boot/vmlinuz-$v" ] || { echo "no headers/image for $v" >&2; exit 1; }
@@ -66,11 +69,18 @@ setup() {
   for f in $GUEST_BINS $(in_root ldd $GUEST_BINS 2>/dev/null | grep -o '/[^ ]*\.so[^ ]*' | sort -u); do
     mkdir -p "$g$(dirname "$f")"; cp -L "$ROOT$f" "$g$f"
   done
+  mkdir -p "$g/lib/lab-modules"     # busybox insmod takes plain .ko: trixie's are .ko.xz
+  local m k; for m in $GUEST_MODULES; do
+    k=$(ls "$ROOT/lib/modules/$v/kernel/$m".ko* | head -1)
+    python3 -c 'import lzma, sys; d = open(sys.argv[1], "rb").read()
+open(sys.argv[2], "wb").write(lzma.decompress(d) if sys.argv[1].endswith(".xz") else d)' "$k" "$g/lib/lab-modules/$(basename "$m").ko"
+  done
   cat > "$g/init" <<'EOF'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
-export PATH=/bin:/usr/bin:/usr/local/bin TERM=dumb
+export PATH=/bin:/usr/bin:/usr/sbin:/usr/local/bin TERM=dumb
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in inet_diag tcp_diag sch_netem; do insmod /lib/lab-modules/$m.ko || echo "lab: insmod $m failed"; done
 mount -t debugfs debugfs /sys/kernel/debug; mount -t tmpfs tmp /tmp
 ip link set lo up
 stty -F /dev/ttyS1 raw -echo; stty -F /dev/ttyS2 raw -echo
