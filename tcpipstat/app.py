@@ -30,15 +30,16 @@ PROG = "tcpipstat"
 
 def dump_script(plan: Plan) -> str:
     """The script for the chosen groups, before probe resolution (every unit)."""
-    return render_script([u.name for u in units_for_groups(plan.groups)], plan.max_sockets)
+    return render_script([u.name for u in units_for_groups(plan.groups)], plan.max_sockets, plan.dist)
 
 
 def kernel_release(plan: Plan) -> str:
     return plan.kernel_release or os.uname().release
 
 
-def prepare(plan: Plan, tc: Toolchain, log) -> tuple[str, list[str], list[str]]:
-    """Resolve probe points on the target kernel; returns (script, available, unavailable)."""
+def prepare(plan: Plan, tc: Toolchain, log) -> tuple[str, list[str], list[str], str]:
+    """Resolve probe points on the target kernel; returns (script, available, unavailable,
+    how congestion states are seen: "" without the cong group)."""
     kver = kernel_release(plan)
     points = all_points()
     log(f"checking which probe points exist on kernel {kver}...")
@@ -49,7 +50,12 @@ def prepare(plan: Plan, tc: Toolchain, log) -> tuple[str, list[str], list[str]]:
     available = counters_for_units([u for u in UNITS if u.name in units])
     every = counters_for_units(wanted)
     unavailable = [c for c in every if c not in available]
-    return render_script(units, plan.max_sockets), available, unavailable
+    cong = next((u.note for u in UNITS if u.name in units and u.group == "cong"), "")
+    return render_script(units, plan.max_sockets, plan.dist), available, unavailable, cong
+
+
+def _cong_note(how: str) -> str:
+    return f"congestion states seen through the {how}"
 
 
 def _top(plan: Plan, rows: list, notes: list[str]) -> list:
@@ -106,12 +112,14 @@ def collect_live(plan: Plan, console: Console, errc: Console, out: IO[str], err:
     if not tc.overridden and os.geteuid() != 0:
         raise EnvironmentNotReady("collecting needs root (staprun loads a kernel module)",
                                   "run it with sudo, or use --dump-script to see the script")
-    script, available, unavailable = prepare(plan, tc, log)
+    script, available, unavailable, cong = prepare(plan, tc, log)
     kver = kernel_release(plan)
     log(f"compiling the collector for {kver} (cached after the first run)...")
     ko = tc.compile(script, kver, plan.compile_flags(), plan.verbose)
 
-    ctx = ReportContext(tuple(available), tuple(unavailable), plan.nozeros)
+    ctx = ReportContext(tuple(available), tuple(unavailable), plan.nozeros, us=plan.us)
+    if cong:
+        ctx.notes.append(_cong_note(cong))
     collection = Collection()
     _select(plan, collection, plan.tree)
     _on_close(plan, collection, ctx, console, out)
@@ -122,7 +130,7 @@ def collect_live(plan: Plan, console: Console, errc: Console, out: IO[str], err:
     saved = open(plan.save_records, "w") if plan.save_records else None
     if saved:
         saved.write(f"# tcpipstat records; kernel={kver}; unavailable={','.join(unavailable)}; "
-                    f"tree={int(plan.tree)}\n")
+                    f"tree={int(plan.tree)}" + (f"; cong={cong}" if cong else "") + "\n")
     previous = signal.signal(signal.SIGINT, lambda *_: runner.interrupt())
     try:
         what = f"running {plan.command!r}" if plan.command else (
@@ -174,7 +182,10 @@ def collect_saved(plan: Plan, console: Console, out: IO[str]):
         collection = Collection()
         # a run of -c CMD reports its command's process tree, replayed or not
         _select(plan, collection, bool(re.search(r"; tree=1\b", first)) if first.startswith("#") else False)
-        ctx = ReportContext((), unavailable, plan.nozeros)
+        ctx = ReportContext((), unavailable, plan.nozeros, us=plan.us)
+        how = re.search(r"; cong=([^;\n]+)", first) if first.startswith("#") else None
+        if how:
+            ctx.notes.append(_cong_note(how.group(1).strip()))
         _on_close(plan, collection, ctx, console, out)
         lines = [first] + list(f) if not first.startswith("#") else list(f)
         for lineno, line in enumerate(lines, 2 if first.startswith("#") else 1):

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 from . import __version__
-from .counters import GROUPS
+from .counters import DEFAULT_GROUPS, GROUPS
 from .errors import UsageError
 from .filters import MAX_FILTERS
 from .model import INDEXES
@@ -71,8 +71,15 @@ OPTIONS: tuple[Opt, ...] = (
     Opt(("--csv",), "write CSV: a header, then one line per report row", dest="output",
         action="store_const", const="csv"),
     Opt(("-g", "--groups"), "counter groups to collect, comma-separated, from "
-        + ",".join(GROUPS) + " (default: all). Fewer groups, fewer probes, less overhead",
-        dest="groups", metavar="LIST", default=",".join(GROUPS)),
+        + ",".join(GROUPS) + " (default: " + ",".join(DEFAULT_GROUPS) + "). Fewer groups, fewer probes, "
+        "less overhead", dest="groups", metavar="LIST", default=",".join(DEFAULT_GROUPS)),
+    Opt(("--cong",), "also measure congestion states: per socket, the time spent in Open, Disorder, "
+        "CWR, Recovery and Loss and the number of state changes (adds the cong group; see CONGESTION)",
+        dest="cong", action="store_true", default=False),
+    Opt(("--dist",), "with --cong: also show, per row, log2 histograms of how long each stay in each "
+        "congestion state lasted (implies --cong)", dest="dist", action="store_true", default=False),
+    Opt(("-u", "--us"), "show congestion-state times in microseconds (default: milliseconds; JSON and "
+        "CSV always carry microseconds)", dest="us", action="store_true", default=False),
     Opt(("--max-sockets",), "socket tuples the collector holds at once before handing them to "
         "tcpipstat (default 8192; half of it is how many sockets may be busy at once, see OVERHEAD)", dest="max_sockets",
         metavar="N", default="8192"),

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-GROUPS = ("socket", "tcp", "ip", "ext")
-SECTIONS = ("Socket", "Ip", "Tcp", "TcpExt")
+GROUPS = ("socket", "tcp", "ip", "ext", "cong")
+DEFAULT_GROUPS = ("socket", "tcp", "ip", "ext")     # cong (--cong): a probe on every ACK without the tracepoint
+SECTIONS = ("Socket", "Ip", "Tcp", "TcpExt", "Congestion")
+# enum tcp_ca_state (include/uapi/linux/tcp.h): TCP_CA_Open = 0 ... TCP_CA_Loss = 4
+CA_STATES = ("Open", "Disorder", "Cwr", "Recovery", "Loss")
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class Counter:
     description: str
     gauge: bool = False  # may go negative (a change, not a count)
     ipv4_only: bool = False  # probed on IPv4 paths only: n/a for IPv6 rows, not 0
+    time_us: bool = False  # a duration in microseconds (tables show ms unless --us)
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class Unit:
     counters: tuple[str, ...]
     primary: bool = True  # False: only adds coverage (e.g. IPv6) to a counter
     note: str = ""
+    fallback_for: str = ""  # used only where the named unit's points do not resolve
 
 
 def _f(name: str, ret: bool = False) -> str:
@@ -74,9 +79,20 @@ COUNTERS: tuple[Counter, ...] = (
     Counter("ListenOverflows", "TcpExt", "ext", "handshakes dropped because the accept queue was full"),
     Counter("ListenDrops", "TcpExt", "ext", "handshakes dropped at the listener (any reason)"),
     Counter("TCPMemoryPressures", "TcpExt", "ext", "times TCP entered memory pressure"),
+    Counter("CaOpenUs", "Congestion", "cong", "time in the Open congestion state (no loss suspected), "
+            "from the connection's establishment or, for a socket open before collection, from its first "
+            "state change seen", time_us=True),
+    Counter("CaDisorderUs", "Congestion", "cong", "time in Disorder (duplicate ACKs or SACKs seen, no "
+            "reduction yet)", time_us=True),
+    Counter("CaCwrUs", "Congestion", "cong", "time in CWR (window reduced for ECN or local congestion)",
+            time_us=True),
+    Counter("CaRecoveryUs", "Congestion", "cong", "time in Recovery (fast retransmit)", time_us=True),
+    Counter("CaLossUs", "Congestion", "cong", "time in Loss (after a retransmission time-out)", time_us=True),
+    Counter("CaChanges", "Congestion", "cong", "congestion-state changes"),
 )
 
 COUNTER_BY_NAME = {c.name: c for c in COUNTERS}
+CA_COUNTERS = tuple(f"Ca{s}Us" for s in CA_STATES) + ("CaChanges",)
 
 UNITS: tuple[Unit, ...] = (
     Unit("sendmsg", "socket", (_f("tcp_sendmsg", True),), ("SendBytes", "SendMsgs")),
@@ -119,6 +135,18 @@ UNITS: tuple[Unit, ...] = (
     Unit("ListenDrops6", "ext", (_f("tcp_v6_syn_recv_sock", True),), ("ListenOverflows", "ListenDrops"),
          primary=False),
     Unit("TCPMemoryPressures", "ext", (_f("tcp_enter_memory_pressure"),), ("TCPMemoryPressures",)),
+    # Congestion states. The kernel changes icsk_ca_state only in tcp_set_ca_state(), an inline
+    # function: its tracepoint (tcp:tcp_cong_state_set, added by the kernel change "tcp: Add
+    # tracepoint for tcp_set_ca_state") sees every change. Where it does not resolve (older
+    # kernels, or a stap that cannot use the kernel's tracepoints: trixie's 5.1 with 6.12) the
+    # state is read after the functions that change it return: tcp_ack() (every state change
+    # made while an ACK is processed: fast retransmit, recovery, undo, TLP, CWR's end),
+    # tcp_enter_loss() (RTO) and tcp_simple_retransmit() (path MTU). A change made elsewhere is
+    # seen at the next of those calls.
+    Unit("CongState", "cong", ('kernel.trace("tcp:tcp_cong_state_set")',), CA_COUNTERS,
+         note="tracepoint tcp:tcp_cong_state_set"),
+    Unit("CongStateK", "cong", (_f("tcp_ack", True), _f("tcp_enter_loss", True), _f("tcp_simple_retransmit", True)),
+         CA_COUNTERS, fallback_for="CongState", note="kprobes: tcp_ack, tcp_enter_loss, tcp_simple_retransmit"),
 )
 
 UNIT_BY_NAME = {u.name: u for u in UNITS}

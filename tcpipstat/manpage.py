@@ -124,6 +124,23 @@ def render_man() -> str:
             a(f"\\fB{c.name}\\fR ({c.group})")
             v4 = " IPv4 only: n/a (null) in rows of IPv6 sockets." if c.ipv4_only else ""
             a(_esc(c.description[0].upper() + c.description[1:] + ". Probes: " + ", ".join(where) + "." + v4))
+    a(".SH CONGESTION")
+    a(_esc("--cong (or --groups ...,cong) measures, per socket, how long it spent in each of the kernel's "
+           "congestion states (enum tcp_ca_state, the icsk_ca_state field): Open (all is well), Disorder "
+           "(duplicate ACKs or SACKs, nothing reduced yet), CWR (window reduced for ECN or local "
+           "congestion), Recovery (fast retransmit) and Loss (after a retransmission time-out), and how "
+           "often it changed state. Times are kept in microseconds (CaOpenUs ...; JSON and CSV carry "
+           "them so) and tables show milliseconds (-u/--us: microseconds). A connection established "
+           "during collection is in Open from its establishment; a socket open before collection starts "
+           "counting at its first congestion event. Interval snapshots and spills split the time at the "
+           "snapshot, so snapshots add up to the run. --dist adds, per row, log2 histograms of how long "
+           "each stay in each state lasted (NDJSON: dist_us, state -> {lowest µs of the bucket: stays}; "
+           "a stay still going at the end counts, cut short); CSV leaves them out."))
+    a(_esc("Where the kernel has it and stap can use it, the tracepoint tcp:tcp_cong_state_set sees every "
+           "change. Elsewhere (e.g. trixie's stap 5.1 with Linux 6.12) the state is read after tcp_ack(), "
+           "tcp_enter_loss() and tcp_simple_retransmit() return, which costs a kretprobe per ACK and sees "
+           "a change made elsewhere only at the next of those calls; a stay that begins and ends within "
+           "one of them is not seen. The report says which was used."))
     a(".SS From a capture (\\-\\-read)")
     a(_esc("Out is what local (the side that opened the connection) sent, In what remote sent. Counts add "
            "up over the connections of a row; times (in milliseconds, to the microsecond) do not: RttMin and "

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from .cli import parse_args
-from .counters import COUNTERS, GROUPS
+from .counters import COUNTERS, DEFAULT_GROUPS, GROUPS
 from .errors import UsageError
 from .filters import Filter, parse_filters
 from .model import INDEXES, SORT_SUMS
@@ -33,7 +33,9 @@ class Plan:
     onclose: bool = False
     command: str | None = None
     output: str = "table"
-    groups: tuple[str, ...] = GROUPS
+    groups: tuple[str, ...] = DEFAULT_GROUPS
+    dist: bool = False               # --dist: congestion-state episode histograms
+    us: bool = False                 # -u/--us: congestion times in µs in tables
     max_sockets: int = 8192
     kernel_release: str | None = None
     overload_guard: bool = True
@@ -59,7 +61,8 @@ class Plan:
                  # writing out the table is one probe: up to --max-sockets tuples x ~40
                  # statements (stap's default budget, 1000, stops it at a few dozen)
                  f"-DMAXACTION={max(100_000, 64 * self.max_sockets)}",
-                 "-DMAXSTRINGLEN=1024"]      # a whole record is built as one string
+                 # a whole record is built as one string (--dist: up to 5 x ~30 buckets more)
+                 f"-DMAXSTRINGLEN={4096 if self.dist else 1024}"]
         if not self.overload_guard:
             flags.append("-DSTP_NO_OVERLOAD")
         return flags + list(self.stap_args)
@@ -115,7 +118,8 @@ def _check_read(ns) -> None:
         ("--interval", ns.interval), ("--count", ns.count), ("-T/--timestamp", ns.timestamp),
         ("onclose", ns.onclose), ("timeout", ns.timeout), ("--from-records", ns.from_records),
         ("--save-records", ns.save_records), ("--dump-script", ns.dump_script), ("--check", ns.check),
-        ("-g/--groups", ns.groups != ",".join(GROUPS)), ("-r/--kernel-release", ns.kernel_release),
+        ("-g/--groups", ns.groups != ",".join(DEFAULT_GROUPS)), ("--cong", ns.cong), ("--dist", ns.dist),
+        ("-r/--kernel-release", ns.kernel_release),
         ("--stap-arg", ns.stap_args), ("--no-overload-guard", not ns.overload_guard),
         ("--max-sockets", str(ns.max_sockets) != "8192")) if on]
     if live_only:
@@ -135,6 +139,8 @@ def build_plan(argv: list[str]) -> Plan:
     if ns.onclose and ns.index != "tuple":
         raise UsageError(f"onclose needs index=tuple (got index={ns.index})")
     groups = tuple(g for g in ns.groups.split(",") if g)
+    if ns.cong or ns.dist:
+        groups += ("cong",)
     for g in groups:
         if g not in GROUPS:
             raise UsageError(f"bad group '{g}': expected some of {', '.join(GROUPS)}")
@@ -198,6 +204,8 @@ def build_plan(argv: list[str]) -> Plan:
         command=ns.command,
         output=ns.output,
         groups=tuple(g for g in GROUPS if g in groups),
+        dist=bool(ns.dist),
+        us=bool(ns.us),
         max_sockets=max_sockets,
         kernel_release=ns.kernel_release,
         overload_guard=ns.overload_guard,

@@ -31,6 +31,7 @@ the text.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, NamedTuple
 
@@ -95,6 +96,19 @@ class Trailer:
 
 
 Record = Header | SocketRecord | Trailer | IntervalMark
+
+
+# --dist: "h.STATE.BUCKET": stays in congestion state STATE (0-4, enum tcp_ca_state) that
+# lasted 2^BUCKET to 2^(BUCKET+1) - 1 microseconds. Kept with the counters (they add up alike).
+_HIST_NAME = re.compile(r"h\.[0-4]\.(?:[0-9]|[1-5][0-9]|6[0-3])\Z")
+
+
+def hist_key(name: str) -> tuple[int, int] | None:
+    """(state, bucket) of a histogram field name, else None."""
+    if not name.startswith("h."):
+        return None
+    _, s, b = name.split(".")
+    return int(s), int(b)
 
 
 def _hex64(tok: str) -> int:
@@ -204,7 +218,7 @@ class Parser:
         known = self._known
         for item in f[fixed:]:
             name, sep, value = item.partition("=")
-            if not sep or name not in known:
+            if not sep or (name not in known and not _HIST_NAME.match(name)):
                 raise self._err(lineno, line, f"unknown counter {name!r}")
             counters[name] = int(value)
         return counters

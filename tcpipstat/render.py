@@ -29,14 +29,16 @@ def _env() -> jinja2.Environment:
 
 
 def select_units(unit_names: set[str] | frozenset[str]) -> list[str]:
-    """Close a set of available unit names: drop secondary units whose counter
-    has no primary unit (their array would not exist)."""
-    chosen = [u for u in UNITS if u.name in unit_names]
+    """Close a set of available unit names: drop a fallback whose preferred unit is
+    there, and secondary units whose counter has no primary unit (their array would
+    not exist)."""
+    chosen = [u for u in UNITS if u.name in unit_names and u.fallback_for not in unit_names]
     fed = set(counters_for_units(chosen))
     return [u.name for u in chosen if u.primary or u.counters[0] in fed]
 
 
-def render_script(unit_names: list[str] | set[str], max_sockets: int) -> str:
+def render_script(unit_names: list[str] | set[str], max_sockets: int, dist: bool = False) -> str:
+    """dist: also keep log2 histograms of congestion-state episodes (--dist)."""
     units = select_units(set(unit_names))
     counters = counters_for_units([u for u in UNITS if u.name in units])
     return _env().get_template("tcpipstat.stp.j2").render(
@@ -45,6 +47,7 @@ def render_script(unit_names: list[str] | set[str], max_sockets: int) -> str:
         units=set(units),
         counters=counters,
         max_sockets=int(max_sockets),
+        dist=bool(dist),
         max_filters=MAX_FILTERS,
         filter_fields=FILTER_FIELDS,
     )

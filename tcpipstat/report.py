@@ -17,9 +17,9 @@ from typing import IO, Iterable
 from rich.console import Console
 from rich.text import Text
 
-from .counters import COUNTERS, SECTIONS
+from .counters import CA_STATES, COUNTERS, SECTIONS
 from .model import GroupKey, Row, SocketTotals, Window
-from .records import AF_INET6, Tuple
+from .records import AF_INET6, Tuple, hist_key
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,8 @@ class Catalogue:
     def __post_init__(self) -> None:
         object.__setattr__(self, "by_name", {c.name: c for c in self.counters})
         object.__setattr__(self, "layout", tuple(
-            (sec, tuple((c.name, c.ipv4_only, getattr(c, "unit", "")) for c in self.counters if c.section == sec))
+            (sec, tuple((c.name, c.ipv4_only, getattr(c, "unit", "") or ("us" if getattr(c, "time_us", False) else ""))
+                        for c in self.counters if c.section == sec))
             for sec in self.sections))
 
 
@@ -54,6 +55,18 @@ class ReportContext:
     nozeros: bool = True
     notes: list[str] = field(default_factory=list)
     catalogue: Catalogue = LIVE
+    us: bool = False                            # -u: congestion times in µs (default ms)
+
+    @property
+    def layout(self) -> tuple:
+        """The catalogue's sections that have a counter to show (available, or n/a here)."""
+        key = (self.available, self.unavailable)
+        cached = self.__dict__.get("_layout")
+        if cached is None or cached[0] != key:
+            shown = set(self.available) | set(self.unavailable)
+            cached = self.__dict__["_layout"] = (key, tuple(
+                (sec, items) for sec, items in self.catalogue.layout if any(n in shown for n, _, _ in items)))
+        return cached[1]
 
     @property
     def available_set(self) -> frozenset[str]:
@@ -138,13 +151,19 @@ def _cells(row: Row, ctx: ReportContext) -> list[list[str]]:
     cells = []
     avail, nozeros, counters = ctx.available_set, ctx.nozeros, row.counters
     v6 = row.key.family == AF_INET6
-    for _section, items in ctx.catalogue.layout:
+    for _section, items in ctx.layout:
         lines = []
         for name, v4, unit in items:
             if name in avail:
                 if v6 and v4:                     # IPv4-only: n/a for an IPv6 row, not 0
                     if not nozeros:
                         lines.append(f"{name} n/a")
+                elif unit == "us":                # a duration kept in µs (CaOpenUs -> "CaOpen 1.234 ms")
+                    v = counters.get(name, 0)
+                    if v == 0 and nozeros:
+                        continue
+                    label = name[:-2] if name.endswith("Us") else name
+                    lines.append(f"{label} {v:,} us" if ctx.us else f"{label} {v / 1000:,.3f} ms")
                 elif unit:                        # a measurement: absent, not 0
                     v = counters.get(name)
                     if v is not None:
@@ -167,7 +186,7 @@ def row_block(row: Row, ctx: ReportContext, title_suffix: str = "") -> tuple[Tex
     Tcp / TcpExt), laid out like a rich SIMPLE_HEAD table but built with plain string
     operations: a 100k-row report renders in seconds, not minutes."""
     cells = _cells(row, ctx)
-    sections = ctx.catalogue.sections
+    sections = [sec for sec, _ in ctx.layout]
     widths = [max(len(h), *map(len, col)) for h, col in zip(sections, cells)]
     width = sum(widths) + 3 * (len(widths) - 1) + 2
     fmt = " " + "   ".join(f"{{:<{w}}}" for w in widths) + " "
@@ -184,11 +203,47 @@ def row_block(row: Row, ctx: ReportContext, title_suffix: str = "") -> tuple[Tex
 
 def print_row(console: Console, row: Row, ctx: ReportContext, title_suffix: str = "") -> None:
     title, body = row_block(row, ctx, title_suffix)
+    body.extend(dist_lines(row, ctx.us))
     if console.is_terminal:   # styles: a bold title and header line
         text = Text("\n").join([title, Text(body[0]), Text(body[1], style="bold"), *map(Text, body[2:])])
         console.print(text, crop=False, soft_wrap=True)
     else:
         console.file.write(title.plain + "\n" + "\n".join(body) + "\n")
+
+
+def row_dist(row: Row) -> dict[str, dict[int, int]]:
+    """--dist: {state: {bucket: stays}}, bucket b holding stays of 2^b to 2^(b+1)-1 µs."""
+    out: dict[str, dict[int, int]] = {}
+    for name, v in row.counters.items():
+        hk = hist_key(name)
+        if hk and v:
+            out.setdefault(CA_STATES[hk[0]], {})[hk[1]] = v
+    return {s: dict(sorted(out[s].items())) for s in CA_STATES if s in out}
+
+
+def _span(b: int, us: bool) -> str:
+    lo, hi = (1 << b) if b else 0, (1 << (b + 1)) - 1
+    if us:
+        return f"{lo:,} -> {hi:,} us"
+    return f"{lo / 1000:,.3f} -> {hi / 1000:,.3f} ms"
+
+
+def dist_lines(row: Row, us: bool = False, width: int = 30) -> list[str]:
+    """Log2 histograms of the stays in each congestion state (bcc-style bars)."""
+    lines: list[str] = []
+    for state, buckets in row_dist(row).items():
+        top = max(buckets.values())
+        n_stays = sum(buckets.values())
+        lines.append(f" {state}: how long each stay lasted ({n_stays:,} stay{'' if n_stays == 1 else 's'})")
+        spans = {b: _span(b, us) for b in range(min(buckets), max(buckets) + 1)}
+        w = max(map(len, spans.values()))
+        for b, span in spans.items():
+            n = buckets.get(b, 0)
+            bar = "*" * (round(width * n / top) if n else 0)
+            lines.append(f"   {span:>{w}} : {n:<6,}|{bar:<{width}}|")
+    if lines:
+        lines.append("")
+    return lines
 
 
 def render_tables(console: Console, rows: Iterable[Row], ctx: ReportContext, header: str) -> int:
@@ -236,6 +291,9 @@ def row_dict(row: Row, ctx: ReportContext, columns: list[tuple[str, bool, bool, 
     get = row.counters.get
     d["counters"] = {name: (get(name, absent) if ok and not (v6 and v4) else None)
                      for name, ok, v4, absent in (columns if columns is not None else _columns(ctx))}
+    dist = row_dist(row) if "CaChanges" in d["counters"] else None
+    if dist:      # --dist: {"Recovery": {"1024": stays of 1024-2047 µs, ...}, ...}
+        d["dist_us"] = {s: {str((1 << b) if b else 0): n for b, n in bk.items()} for s, bk in dist.items()}
     return d
 
 

@@ -182,6 +182,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 _POINT_LINE = re.compile(r'^kernel\.function\("([A-Za-z0-9_.]+)(?:@[^"]*)?"\)(\.return|\.call)?')
+_TRACE_LINE = re.compile(r'^kernel\.trace\("([A-Za-z0-9_]+:[A-Za-z0-9_]+)"\)')
 
 
 def parse_resolved(p2_stdout: str, points: list[str]) -> frozenset[str]:
@@ -199,6 +200,9 @@ def parse_resolved(p2_stdout: str, points: list[str]) -> frozenset[str]:
         m = _POINT_LINE.match(line)
         if m:
             found.add(f'kernel.function("{m.group(1)}")' + (".return" if m.group(2) == ".return" else ""))
+        m = _TRACE_LINE.match(line)
+        if m:
+            found.add(f'kernel.trace("{m.group(1)}")')
     return frozenset(p for p in points if p in found)
 
 

@@ -38,3 +38,9 @@ HUNDRED_CHILDREN = "i=0; while [ $i -lt 100 ]; do sleep 4 & i=$((i + 1)); done; 
 # More sockets active at once than --max-sockets 64 holds (80 parallel iperf3 streams
 # and their server sides, 162 sockets): events are lost, and the tool must say how many.
 TABLE_TOO_SMALL = "iperf3 -s -1 >/dev/null & iperf3 -4 -c 127.0.0.1 -P 80 -n 8M >/dev/null 2>&1; wait"
+
+# Delay and loss on loopback (netem, in the lab guest): real fast retransmits, recoveries
+# and congestion-state changes in a 2 s iperf3 run (the client sends).
+NETEM = "/usr/sbin/tc qdisc add dev lo root netem delay 5ms loss 2%"
+CONG_IPERF3 = (f"{NETEM}; iperf3 -s -1 >/dev/null & "
+               "iperf3 -4 -c 127.0.0.1 -t 2 >/dev/null 2>&1; wait")

@@ -3,7 +3,7 @@ import re
 
 from hypothesis import given, settings, strategies as st
 
-from tcpipstat.counters import GROUPS, UNITS, all_points, counters_for_units, units_for_groups
+from tcpipstat.counters import DEFAULT_GROUPS, GROUPS, UNITS, all_points, counters_for_units, units_for_groups
 from tcpipstat.plan import build_plan
 from tcpipstat.render import module_args, render_probe_check, render_script, select_units
 
@@ -27,7 +27,7 @@ def test_every_unit_renders_its_points_and_only_them():
 
 def test_template_points_are_all_in_the_catalogue():
     src = (TEMPLATE_DIR / "units.stp.j2").read_text()
-    used = set(re.findall(r'kernel\.function\("[A-Za-z0-9_]+"\)(?:\.return)?', src))
+    used = set(re.findall(r'kernel\.function\("[A-Za-z0-9_]+"\)(?:\.return)?|kernel\.trace\("[a-z0-9_:]+"\)', src))
     assert used == set(all_points())
 
 
@@ -44,6 +44,26 @@ def test_group_combinations_render_distinct_consistent_scripts():
                 assert f"global tis_c_{c}[8192]" in text
             seen.add(text)
     assert len(seen) == 2 ** len(GROUPS) - 1
+
+
+def test_a_fallback_only_without_its_preferred_unit():
+    assert select_units({"CongState", "CongStateK"}) == ["CongState"]
+    assert select_units({"CongStateK"}) == ["CongStateK"]
+    tp = render_script({"CongState"}, 1024)
+    kp = render_script({"CongStateK"}, 1024)
+    assert 'kernel.trace("tcp:tcp_cong_state_set")' in tp and 'function("tcp_ack")' not in tp
+    assert 'function("tcp_ack").return' in kp and "kernel.trace" not in kp
+    # both keep the same counters, so reports do not depend on which one a kernel has
+    head = lambda t: re.search(r'printf\("H\\t.*?\\t1024\\t([A-Za-z,]*)', t).group(1)
+    assert head(tp) == head(kp) == "CaOpenUs,CaDisorderUs,CaCwrUs,CaRecoveryUs,CaLossUs,CaChanges"
+
+
+def test_dist_adds_histograms_and_room_for_them():
+    plain, dist = render_script({"CongState"}, 1024), render_script({"CongState"}, 1024, dist=True)
+    assert "tis_cd" not in plain and "tis_cd[" in dist and 'sprintf("\\th.%d.%d=%d"' in dist
+    plan = build_plan(["--dist"])
+    assert "cong" in plan.groups and "-DMAXSTRINGLEN=4096" in plan.compile_flags()
+    assert "-DMAXSTRINGLEN=1024" in build_plan(["--cong"]).compile_flags()
 
 
 def test_secondary_units_need_their_primary():
@@ -87,6 +107,6 @@ def test_no_input_changes_the_script_text(filters, index, timeout):
         assert type(e).__name__ == "UsageError", e
         return
     baseline = render_script([u.name for u in units_for_groups(plan.groups)], plan.max_sockets)
-    assert baseline == render_script([u.name for u in units_for_groups(GROUPS)], 8192)
+    assert baseline == render_script([u.name for u in units_for_groups(DEFAULT_GROUPS)], 8192)
     for arg in module_args(list(plan.filters), plan.timeout_s):
         assert re.fullmatch(r"tis_[a-z0-9_]+=-?[0-9]+", arg), arg

@@ -262,6 +262,36 @@ def test_a_full_table_always_ends_in_a_told_loss(suite, tmp_path):
     assert "raise --max-sockets (now 64)" in r.stderr, why
 
 
+def test_congestion_states_against_the_kernel(suite, tmp_path):
+    """netem delay + loss on loopback: the sending socket leaves Open; its times in the
+    states cover its life; the stays in Recovery are the kernel's own count of recoveries
+    (TcpExt TCPSackRecovery + TCPRenoRecovery, which tcp_enter_recovery() counts)."""
+    rec = tmp_path / "records"
+    r = LabRun(suite, tmp_path, "--json", "--cong", "--dist", "--all-processes", "--save-records", str(rec),
+               "*:5201-*:*", "*:*-*:5201", "-c", W.CONG_IPERF3)
+    why = r.explain()
+    assert r.rc == 0, why
+    how = re.search(r"congestion states seen through the (tracepoint|kprobes)", r.stderr)
+    assert how, why
+    objs = r.json()
+    d = r.snmp_delta()
+    assert d.get("Tcp.RetransSegs", 0) > 0, why        # netem's loss really happened
+    times = lambda o: sum(o["counters"][f"Ca{s}Us"] for s in ("Open", "Disorder", "Cwr", "Recovery", "Loss"))
+    sender = max(objs, key=lambda o: o["counters"]["SendBytes"])
+    assert sender["counters"]["CaChanges"] >= 2, why    # left Open and came back at least once
+    # iperf3 -t 2: the data connection lives 2 s and more, and no longer than the run
+    lines = rec.read_text().splitlines()
+    start = int(next(l for l in lines if l.startswith("H\t")).split("\t")[4])
+    end = int(next(l for l in lines if l.startswith("T\t")).split("\t")[1])
+    assert 2_000_000 <= times(sender) <= (end - start) * 1000, why
+    recoveries = d.get("TcpExt.TCPSackRecovery", 0) + d.get("TcpExt.TCPRenoRecovery", 0)
+    stays = sum(sum(o.get("dist_us", {}).get("Recovery", {}).values()) for o in objs)
+    assert recoveries > 0 and stays == recoveries, why
+    # every row's time in Recovery is made of its stays: none without a stay, and back
+    assert all((o["counters"]["CaRecoveryUs"] > 0) == bool(o.get("dist_us", {}).get("Recovery"))
+               for o in objs), why
+
+
 def test_timeout_ends_the_run_on_time(suite, tmp_path):
     r = LabRun(suite, tmp_path, "timeout=2")
     assert r.rc == 0, r.stderr
