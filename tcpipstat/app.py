@@ -30,7 +30,8 @@ PROG = "tcpipstat"
 
 def dump_script(plan: Plan) -> str:
     """The script for the chosen groups, before probe resolution (every unit)."""
-    return render_script([u.name for u in units_for_groups(plan.groups)], plan.max_sockets, plan.dist)
+    return render_script([u.name for u in units_for_groups(plan.groups)], plan.max_sockets, plan.dist,
+                         plan.estats)
 
 
 def kernel_release(plan: Plan) -> str:
@@ -51,7 +52,7 @@ def prepare(plan: Plan, tc: Toolchain, log) -> tuple[str, list[str], list[str], 
     every = counters_for_units(wanted)
     unavailable = [c for c in every if c not in available]
     cong = next((u.note for u in UNITS if u.name in units and u.group == "cong"), "")
-    return render_script(units, plan.max_sockets, plan.dist), available, unavailable, cong
+    return render_script(units, plan.max_sockets, plan.dist, plan.estats), available, unavailable, cong
 
 
 def _cong_note(how: str) -> str:
@@ -117,7 +118,7 @@ def collect_live(plan: Plan, console: Console, errc: Console, out: IO[str], err:
     log(f"compiling the collector for {kver} (cached after the first run)...")
     ko = tc.compile(script, kver, plan.compile_flags(), plan.verbose)
 
-    ctx = ReportContext(tuple(available), tuple(unavailable), plan.nozeros, us=plan.us)
+    ctx = ReportContext(tuple(available), tuple(unavailable), plan.nozeros, us=plan.us, estats=plan.estats)
     if cong:
         ctx.notes.append(_cong_note(cong))
     collection = Collection()
@@ -130,7 +131,8 @@ def collect_live(plan: Plan, console: Console, errc: Console, out: IO[str], err:
     saved = open(plan.save_records, "w") if plan.save_records else None
     if saved:
         saved.write(f"# tcpipstat records; kernel={kver}; unavailable={','.join(unavailable)}; "
-                    f"tree={int(plan.tree)}" + (f"; cong={cong}" if cong else "") + "\n")
+                    f"tree={int(plan.tree)}" + (f"; cong={cong}" if cong else "") +
+                    ("; rfc4898=1" if plan.estats else "") + "\n")
     previous = signal.signal(signal.SIGINT, lambda *_: runner.interrupt())
     try:
         what = f"running {plan.command!r}" if plan.command else (
@@ -182,7 +184,7 @@ def collect_saved(plan: Plan, console: Console, out: IO[str]):
         collection = Collection()
         # a run of -c CMD reports its command's process tree, replayed or not
         _select(plan, collection, bool(re.search(r"; tree=1\b", first)) if first.startswith("#") else False)
-        ctx = ReportContext((), unavailable, plan.nozeros, us=plan.us)
+        ctx = ReportContext((), unavailable, plan.nozeros, us=plan.us, estats=bool(re.search(r"; rfc4898=1\b", first)))
         how = re.search(r"; cong=([^;\n]+)", first) if first.startswith("#") else None
         if how:
             ctx.notes.append(_cong_note(how.group(1).strip()))
@@ -231,6 +233,12 @@ def collect(plan: Plan, out: IO[str], err: IO[str]) -> int:
     if tr is None:
         notes.append("the collector did not finish normally: the report holds what was received")
 
+    if ctx.estats:
+        no_vars = sum(1 for s in collection.sockets.values()
+                      if s.estats is None and not s.closed and s.has_activity and collection._kept(s))
+        if no_vars:
+            notes.append(f"{no_vars} sockets were still open at the end: RFC 4898 variables are read as a "
+                         "socket closes, so they have none")
     if plan.onclose:
         still_open = sum(1 for s in collection.sockets.values()
                          if not s.closed and s.has_activity and collection._kept(s))

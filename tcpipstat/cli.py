@@ -78,6 +78,9 @@ OPTIONS: tuple[Opt, ...] = (
         dest="cong", action="store_true", default=False),
     Opt(("--dist",), "with --cong: also show, per row, log2 histograms of how long each stay in each "
         "congestion state lasted (implies --cong)", dest="dist", action="store_true", default=False),
+    Opt(("--rfc4898",), "also report, for each socket that closes, the RFC 4898 (TCP Extended "
+        "Statistics) variables Linux keeps in its tcp_sock: segments, octets and retransmissions, RTT, "
+        "RTO, MSS, windows, options (see RFC 4898)", dest="estats", action="store_true", default=False),
     Opt(("-u", "--us"), "show congestion-state times in microseconds (default: milliseconds; JSON and "
         "CSV always carry microseconds)", dest="us", action="store_true", default=False),
     Opt(("--max-sockets",), "socket tuples the collector holds at once before handing them to "

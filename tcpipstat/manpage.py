@@ -10,6 +10,7 @@ from __future__ import annotations
 from . import __version__
 from .cli import OPTIONS, PROG, SUMMARY
 from .counters import COUNTERS, GROUPS, SECTIONS, UNITS
+from .estats import EVARS, TABLES as ESTATS_TABLES, UNAVAILABLE as ESTATS_UNAVAILABLE
 from .capture.fields import FIELDS as CAPTURE_FIELDS
 from .filters import MAX_FILTERS
 
@@ -141,6 +142,27 @@ def render_man() -> str:
            "tcp_enter_loss() and tcp_simple_retransmit() return, which costs a kretprobe per ACK and sees "
            "a change made elsewhere only at the next of those calls; a stay that begins and ends within "
            "one of them is not seen. The report says which was used."))
+    a(".SH RFC 4898")
+    a(_esc("--rfc4898 writes, as each socket the filters accept closes (any way: close, reset, time-out; "
+           "listening sockets have none), the variables of RFC 4898 (TCP Extended Statistics MIB) that Linux "
+           "keeps in the socket's struct tcp_sock, read at that moment. Tables show them under each row, "
+           "one line per RFC table; NDJSON has an rfc4898 object; CSV has rfc4898.NAME columns. A row of "
+           "several sockets (index other than tuple) shows each variable's sum, mean, minimum or maximum "
+           "over the sockets that closed, as listed. A variable a kernel does not keep is n/a (null). "
+           "Sockets still open at the end have none (the report says how many)."))
+    for table in ESTATS_TABLES:
+        a(f".SS {table}")
+        for v in EVARS:
+            if v.table != table:
+                continue
+            a(".TP")
+            a(f"\\fB{v.name}\\fR ({v.unit + ', ' if v.unit else ''}{v.agg}) \\(em {_esc(v.field)}")
+            a(_esc(v.description[0].upper() + v.description[1:] + "."))
+    a(".SS Not kept by Linux")
+    for name, why in ESTATS_UNAVAILABLE:
+        a(".TP")
+        a(f"\\fB{_esc(name)}\\fR")
+        a(_esc(why[0].upper() + why[1:] + "."))
     a(".SS From a capture (\\-\\-read)")
     a(_esc("Out is what local (the side that opened the connection) sent, In what remote sent. Counts add "
            "up over the connections of a row; times (in milliseconds, to the microsecond) do not: RttMin and "

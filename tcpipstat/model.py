@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Callable, Iterable, NamedTuple
 
-from .records import Header, IntervalMark, Record, SocketRecord, Trailer, Tuple
+from .estats import EVAR_BY_NAME
+from .records import EstatsRecord, Header, IntervalMark, Record, SocketRecord, Trailer, Tuple
 
 INDEXES = ("tuple", "laddr", "raddr", "lport", "rport", "pid", "comm")
 
@@ -25,6 +26,7 @@ class SocketTotals:
     comm: str = ""
     closed: bool = False
     in_tree: bool = False     # used by a process of the -c command's tree
+    estats: dict | None = None  # --rfc4898: its RFC 4898 variables as it closed
 
     def add(self, rec: SocketRecord) -> None:
         if not self.counters:
@@ -45,7 +47,7 @@ class SocketTotals:
 
     @property
     def has_activity(self) -> bool:
-        return any(self.counters.values())
+        return any(self.counters.values()) or self.estats is not None
 
 
 class GroupKey(NamedTuple):
@@ -97,6 +99,30 @@ class Row:
     closed: int = 0
     processes: dict[int, str] = field(default_factory=dict)
     opened_during_collection: bool = True
+    closing: list = field(default_factory=list)     # --rfc4898: the variables of each socket that closed
+
+    @property
+    def estats(self) -> dict[str, float | int | None] | None:
+        """The row's RFC 4898 variables: its socket's, or over several sockets, each
+        variable's sum, mean, min or max (tcpipstat/estats.py); None if none closed."""
+        if not self.closing:
+            return None
+        if len(self.closing) == 1:
+            return dict(self.closing[0])
+        out: dict[str, float | int | None] = {}
+        for name, var in EVAR_BY_NAME.items():
+            vals = [e[name] for e in self.closing if e.get(name) is not None]
+            if not vals:
+                out[name] = None
+            elif var.agg == "sum":
+                out[name] = sum(vals)
+            elif var.agg == "min":
+                out[name] = min(vals)
+            elif var.agg == "max":
+                out[name] = max(vals)
+            else:
+                out[name] = round(sum(vals) / len(vals), 3)
+        return out
 
 
 @dataclass
@@ -120,6 +146,17 @@ class Collection:
             self.trailer = rec
         elif isinstance(rec, IntervalMark):
             self._close_window(rec)
+        elif isinstance(rec, EstatsRecord):
+            # written as the socket closes, before its last counters (the next tick)
+            st = self.sockets.get(rec.tuple)
+            if st is None:
+                st = self.sockets[rec.tuple] = SocketTotals(rec.tuple)
+            st.estats = rec.values
+            if self.on_interval is not None:
+                w = self.window.get(rec.tuple)
+                if w is None:
+                    w = self.window[rec.tuple] = SocketTotals(rec.tuple)
+                w.estats = rec.values
         elif isinstance(rec, SocketRecord):
             # a closed tuple seen again is a new socket (or late segments after
             # close); for the summary it adds to the same tuple
@@ -196,8 +233,11 @@ class Collection:
             row = rows.get(key)
             if row is None:      # the common case with index=tuple: one socket, one row
                 rows[key] = Row(key, dict(st.counters), 1, int(st.closed),
-                                {st.pid: st.comm} if st.pid else {}, opened)
+                                {st.pid: st.comm} if st.pid else {}, opened,
+                                [st.estats] if st.estats is not None else [])
                 continue
+            if st.estats is not None:
+                row.closing.append(st.estats)
             c = row.counters
             for k, v in st.counters.items():
                 c[k] = c.get(k, 0) + v

@@ -36,6 +36,7 @@ class Plan:
     groups: tuple[str, ...] = DEFAULT_GROUPS
     dist: bool = False               # --dist: congestion-state episode histograms
     us: bool = False                 # -u/--us: congestion times in µs in tables
+    estats: bool = False             # --rfc4898: RFC 4898 variables of each socket at close
     max_sockets: int = 8192
     kernel_release: str | None = None
     overload_guard: bool = True
@@ -62,7 +63,7 @@ class Plan:
                  # statements (stap's default budget, 1000, stops it at a few dozen)
                  f"-DMAXACTION={max(100_000, 64 * self.max_sockets)}",
                  # a whole record is built as one string (--dist: up to 5 x ~30 buckets more)
-                 f"-DMAXSTRINGLEN={4096 if self.dist else 1024}"]
+                 f"-DMAXSTRINGLEN={4096 if self.dist else 2048 if self.estats else 1024}"]
         if not self.overload_guard:
             flags.append("-DSTP_NO_OVERLOAD")
         return flags + list(self.stap_args)
@@ -205,6 +206,7 @@ def build_plan(argv: list[str]) -> Plan:
         output=ns.output,
         groups=tuple(g for g in GROUPS if g in groups),
         dist=bool(ns.dist),
+        estats=bool(ns.estats),
         us=bool(ns.us),
         max_sockets=max_sockets,
         kernel_release=ns.kernel_release,

@@ -16,6 +16,9 @@ The script (stp_templates/tcpipstat.stp.j2) writes tab-separated lines:
 ``I  SEQ  MS``
     interval mode: interval SEQ ended at MS (gettimeofday_ms); the records of its
     sockets came just before.
+``E  FAMILY  LADDR_HI  LADDR_LO  LPORT  RADDR_HI  RADDR_LO  RPORT  MS  NAME=VALUE...``
+    --rfc4898: a socket the filters accept closed at MS; its RFC 4898 variables
+    (tcpipstat/estats.py), -1 for one this kernel does not keep.
 ``T  END_MS  IDS  SPILLS  DROPPED  FAULTS  [PFULL]``
     once, from the end probe. IDS: records written (tcpipstat 0.1: socket ids
     handed out). SPILLS: times the tables were emptied to make room. DROPPED:
@@ -36,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator, NamedTuple
 
 from .errors import RecordParseError
+from .estats import EVAR_BY_NAME as _EVAR_NAMES
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)   # format 1 (tcpipstat 0.1): no FLAGS field, no intervals
@@ -80,6 +84,14 @@ class SocketRecord:
 
 
 @dataclass(frozen=True)
+class EstatsRecord:
+    """--rfc4898: a socket's RFC 4898 variables as it closed (None: not on this kernel)."""
+    tuple: Tuple
+    ms: int
+    values: dict[str, int | None] = field(hash=False)
+
+
+@dataclass(frozen=True)
 class IntervalMark:
     seq: int
     ms: int
@@ -95,7 +107,7 @@ class Trailer:
     pfull: int = 0        # times the process table was full (attribution may be missing)
 
 
-Record = Header | SocketRecord | Trailer | IntervalMark
+Record = Header | SocketRecord | Trailer | IntervalMark | EstatsRecord
 
 
 # --dist: "h.STATE.BUCKET": stays in congestion state STATE (0-4, enum tcp_ca_state) that
@@ -201,6 +213,24 @@ class Parser:
                 if self.header is None or len(f) != 3:
                     raise self._err(lineno, line, "malformed interval mark")
                 return IntervalMark(int(f[1]), int(f[2]))
+            if kind == "E":
+                if self.header is None or len(f) < 9:
+                    raise self._err(lineno, line, "malformed RFC 4898 record")
+                fam = int(f[1])
+                if fam not in (AF_INET, AF_INET6):
+                    raise self._err(lineno, line, f"unknown address family {fam}")
+                lport, rport = int(f[4]), int(f[7])
+                if not (0 <= lport <= 65535 and 0 <= rport <= 65535):
+                    raise self._err(lineno, line, "port out of range")
+                t = Tuple(fam, (_hex64(f[2]) << 64) | _hex64(f[3]), lport, (_hex64(f[5]) << 64) | _hex64(f[6]), rport)
+                values: dict[str, int | None] = {}
+                for item in f[9:]:
+                    name, sep, value = item.partition("=")
+                    if not sep or name not in _EVAR_NAMES:
+                        raise self._err(lineno, line, f"unknown RFC 4898 variable {name!r}")
+                    v = int(value)
+                    values[name] = None if v < 0 else v
+                return EstatsRecord(t, int(f[8]), values)
             if kind == "T":
                 if len(f) not in (6, 7):      # 6: written before pfull existed
                     raise self._err(lineno, line, "malformed trailer")

@@ -14,6 +14,7 @@ import jinja2
 
 from . import __version__
 from .counters import UNITS, counters_for_units
+from .estats import EVARS
 from .filters import FILTER_FIELDS, MAX_FILTERS, Filter
 from .records import FORMAT_VERSION
 
@@ -37,8 +38,10 @@ def select_units(unit_names: set[str] | frozenset[str]) -> list[str]:
     return [u.name for u in chosen if u.primary or u.counters[0] in fed]
 
 
-def render_script(unit_names: list[str] | set[str], max_sockets: int, dist: bool = False) -> str:
-    """dist: also keep log2 histograms of congestion-state episodes (--dist)."""
+def render_script(unit_names: list[str] | set[str], max_sockets: int, dist: bool = False,
+                  estats: bool = False) -> str:
+    """dist: also keep log2 histograms of congestion-state episodes (--dist); estats:
+    write each closing socket's RFC 4898 variables (--rfc4898)."""
     units = select_units(set(unit_names))
     counters = counters_for_units([u for u in UNITS if u.name in units])
     return _env().get_template("tcpipstat.stp.j2").render(
@@ -48,6 +51,8 @@ def render_script(unit_names: list[str] | set[str], max_sockets: int, dist: bool
         counters=counters,
         max_sockets=int(max_sockets),
         dist=bool(dist),
+        estats=bool(estats),
+        evars=EVARS,
         max_filters=MAX_FILTERS,
         filter_fields=FILTER_FIELDS,
     )

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .counters import CA_STATES, COUNTERS, SECTIONS
+from .estats import EVARS, TABLES as ESTATS_TABLES
 from .model import GroupKey, Row, SocketTotals, Window
 from .records import AF_INET6, Tuple, hist_key
 
@@ -56,6 +57,7 @@ class ReportContext:
     notes: list[str] = field(default_factory=list)
     catalogue: Catalogue = LIVE
     us: bool = False                            # -u: congestion times in µs (default ms)
+    estats: bool = False                        # --rfc4898: RFC 4898 columns in CSV
 
     @property
     def layout(self) -> tuple:
@@ -203,12 +205,43 @@ def row_block(row: Row, ctx: ReportContext, title_suffix: str = "") -> tuple[Tex
 
 def print_row(console: Console, row: Row, ctx: ReportContext, title_suffix: str = "") -> None:
     title, body = row_block(row, ctx, title_suffix)
+    body.extend(estats_lines(row))
     body.extend(dist_lines(row, ctx.us))
     if console.is_terminal:   # styles: a bold title and header line
         text = Text("\n").join([title, Text(body[0]), Text(body[1], style="bold"), *map(Text, body[2:])])
         console.print(text, crop=False, soft_wrap=True)
     else:
         console.file.write(title.plain + "\n" + "\n".join(body) + "\n")
+
+
+_UNIT_SUFFIX = {"us": " us", "ms": " ms"}
+
+
+def _fmt_evar(value, unit: str) -> str:
+    if value is None:
+        return "n/a"
+    text = f"{value:,.3f}".rstrip("0").rstrip(".") if isinstance(value, float) else f"{value:,}"
+    return text + _UNIT_SUFFIX.get(unit, "")
+
+
+def estats_lines(row: Row, width: int = 96) -> list[str]:
+    """--rfc4898: the variables of the row's sockets that closed, one line per RFC table."""
+    es = row.estats
+    if es is None:
+        return []
+    n = len(row.closing)
+    lines = [f" RFC 4898 at close" + ("" if n == 1 else f" ({n} sockets: sums, means, min / max)")]
+    for table in ESTATS_TABLES:
+        items = [f"{v.name} {_fmt_evar(es.get(v.name), v.unit)}" for v in EVARS if v.table == table]
+        line = f"   {table}:"
+        for item in items:
+            if len(line) + len(item) + 2 > width:
+                lines.append(line)
+                line = "     "
+            line += ("  " if not line.endswith(":") and line.strip() else " ") + item
+        lines.append(line)
+    lines.append("")
+    return lines
 
 
 def row_dist(row: Row) -> dict[str, dict[int, int]]:
@@ -291,6 +324,9 @@ def row_dict(row: Row, ctx: ReportContext, columns: list[tuple[str, bool, bool, 
     get = row.counters.get
     d["counters"] = {name: (get(name, absent) if ok and not (v6 and v4) else None)
                      for name, ok, v4, absent in (columns if columns is not None else _columns(ctx))}
+    es = row.estats
+    if es is not None:        # --rfc4898: as the socket(s) closed; null: not kept by this kernel
+        d["rfc4898"] = es
     dist = row_dist(row) if "CaChanges" in d["counters"] else None
     if dist:      # --dist: {"Recovery": {"1024": stays of 1024-2047 µs, ...}, ...}
         d["dist_us"] = {s: {str((1 << b) if b else 0): n for b, n in bk.items()} for s, bk in dist.items()}
@@ -352,7 +388,8 @@ WINDOW_KEYS = ("interval", "time", "final")
 
 def csv_columns(ctx: ReportContext, window: bool = False) -> list[str]:
     return (list(WINDOW_KEYS) if window else []) + list(CSV_KEYS) + [
-        c.name for c in ctx.catalogue.counters if c.name in ctx.available or c.name in ctx.unavailable]
+        c.name for c in ctx.catalogue.counters if c.name in ctx.available or c.name in ctx.unavailable] + (
+        [f"rfc4898.{v.name}" for v in EVARS] if ctx.estats else [])
 
 
 def write_csv(out: IO[str], rows: Iterable[Row], ctx: ReportContext, win: Window | None = None,
@@ -370,9 +407,13 @@ def write_csv(out: IO[str], rows: Iterable[Row], ctx: ReportContext, win: Window
             d.update(window_fields(win))
         d["processes"] = " ".join(f"{p['comm']}[{p['pid']}]" for p in d["processes"])
         vals = []
+        es = d.get("rfc4898") or {}
         for c in cols:
             if c in names:
                 v = d["counters"].get(c)
+                vals.append("" if v is None else v)
+            elif c.startswith("rfc4898."):
+                v = es.get(c[8:])
                 vals.append("" if v is None else v)
             else:
                 vals.append(d.get(c, ""))

@@ -44,3 +44,14 @@ TABLE_TOO_SMALL = "iperf3 -s -1 >/dev/null & iperf3 -4 -c 127.0.0.1 -P 80 -n 8M 
 NETEM = "/usr/sbin/tc qdisc add dev lo root netem delay 5ms loss 2%"
 CONG_IPERF3 = (f"{NETEM}; iperf3 -s -1 >/dev/null & "
                "iperf3 -4 -c 127.0.0.1 -t 2 >/dev/null 2>&1; wait")
+
+# One connection under netem loss whose client holds it once all 300000 bytes are sent;
+# as soon as the peer has acknowledged them all (ss shows bytes_acked:300001, the SYN
+# included), `ss -tin`'s line goes to the guest log as "@@SS ..."; then the client shuts
+# down, the server replies 1000 bytes and both close (RFC 4898 at close).
+_SS = "/usr/bin/ss -Htin '( dport = :7012 )'"
+RFC4898_HOLD = (f"{NETEM}; tcpwork server 127.0.0.1 7012 1000 1 >/dev/null & "
+                "TCPWORK_HOLD_MS=3000 tcpwork client 127.0.0.1 7012 1 300000 >/dev/null & "
+                f"i=0; while [ $i -lt 250 ] && ! {_SS} | grep -q 'bytes_acked:300001 '; do "
+                "sleep 0.02; i=$((i + 1)); done; "
+                f"echo \"@@SS $({_SS} | tr '\\n\\t' '  ')\"; wait")

@@ -292,6 +292,47 @@ def test_congestion_states_against_the_kernel(suite, tmp_path):
                for o in objs), why
 
 
+def _ss_fields(line: str) -> dict[str, str]:
+    """`ss -tin` key:value items (bytes_sent:347200, retrans:0/1, minrtt:11.203, ...)."""
+    return dict(m.groups() for m in re.finditer(r"\b([a-z_]+):([0-9][0-9./]*)", line))
+
+
+def test_rfc4898_at_close_against_ss_and_the_workload(suite, tmp_path):
+    """300000 bytes under netem loss; `ss -tin` in the guest once they are all
+    acknowledged, then the client closes: the variables at close equal ss's where nothing
+    can change after the snapshot, and the workload's totals."""
+    r = LabRun(suite, tmp_path, "--json", "--rfc4898", "--groups", "tcp", "--all-processes",
+               "*:7012-*:*", "*:*-*:7012", "-c", W.RFC4898_HOLD)
+    why = r.explain()
+    assert r.rc == 0, why
+    ss_line = next((l for l in r.meta.splitlines() if l.startswith("@@SS ") and "bytes_acked:" in l), None)
+    assert ss_line, why
+    ss = _ss_fields(ss_line)
+    objs = r.json()
+    assert all(o["rport"] for o in objs if "rfc4898" in o), why   # no listener rows
+    client = next(o for o in objs if o["rport"] == 7012)
+    server = next(o for o in objs if o["lport"] == 7012)
+    e, es = client["rfc4898"], server["rfc4898"]
+    retrans_octets = int(ss.get("bytes_retrans", 0))
+    # the client's data: nothing is sent after the snapshot but its FIN
+    assert e["DataOctetsOut"] == int(ss["bytes_sent"]) == 300000 + retrans_octets, (ss, e)
+    assert e["OctetsRetrans"] == retrans_octets and e["DataSegsOut"] == int(ss["data_segs_out"]), (ss, e)
+    # (a lost FIN is retransmitted after the snapshot: segments, not octets)
+    assert e["SegsRetrans"] >= int(ss.get("retrans", "0/0").split("/")[1]), (ss, e)
+    assert e["ThruOctetsAcked"] == int(ss["bytes_acked"]) + 1 == 300002, (ss, e)      # + its FIN
+    assert e["SegsOut"] > int(ss["segs_out"]), (ss, e)
+    assert e["CurMSS"] == int(ss["mss"]), (ss, e)
+    assert e["MinRTT"] <= round(float(ss["minrtt"]) * 1000) + 1, (ss, e)
+    # what the server sent: 1000 bytes and a FIN, received in sequence
+    assert e["ThruOctetsReceived"] == 1001 and es["DataOctetsOut"] >= 1000, (e, es)
+    assert es["ThruOctetsReceived"] == 300001 and es["ThruOctetsAcked"] == 1001, es
+    assert e["SACK"] == 1 and e["TimeStamps"] == 1 and e["WinScaleSent"] == 7, e
+    # tcp_sock has total_rto from Linux 6.7: a number on 6.12, n/a (null) on 6.1
+    assert (e["Timeouts"] is None) == (suite == "bookworm"), e
+    # the kernel's own retransmission count (the only retransmitting socket is the client's)
+    assert e["SegsRetrans"] + es["SegsRetrans"] == r.snmp_delta().get("Tcp.RetransSegs", 0), why
+
+
 def test_timeout_ends_the_run_on_time(suite, tmp_path):
     r = LabRun(suite, tmp_path, "timeout=2")
     assert r.rc == 0, r.stderr

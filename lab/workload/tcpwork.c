@@ -9,6 +9,9 @@
  * The server touches /tmp/tcpwork-ready-PORT once it listens; the client waits
  * for that file (up to 10 s), so no connect is refused by a server still starting.
  *
+ * TCPWORK_HOLD_MS=N: the client waits N ms after sending, before it shuts down its write
+ * side (so `ss -ti` can see the connection with everything sent and acknowledged).
+ *
  * ADDR is a numeric IPv4 or IPv6 address. Prints one summary line; exit 0 on success.
  * Built statically by lab.sh setup and put into the guest.
  */
@@ -74,6 +77,7 @@ int main(int argc, char **argv) {
     }
     if (!strcmp(argv[1], "client") && argc == 6) {
         int nconn = atoi(argv[4]); long bytes = atol(argv[5]), in = 0;
+        const char *hold = getenv("TCPWORK_HOLD_MS"); long hold_ms = hold ? atol(hold) : 0;
         /* wait for the server's ready file, so that no connect is refused (a
            refused connect would still count as an ActiveOpen) */
         char ready[64]; snprintf(ready, sizeof ready, "/tmp/tcpwork-ready-%s", argv[3]);
@@ -82,7 +86,9 @@ int main(int argc, char **argv) {
         for (int i = 0; i < nconn; i++) {
             int s = socket(fam, SOCK_STREAM, 0);
             if (connect(s, (struct sockaddr *)&ss, len)) { perror("tcpwork: connect"); return 1; }
-            send_n(s, bytes); shutdown(s, SHUT_WR); in += drain(s); close(s);
+            send_n(s, bytes);
+            if (hold_ms > 0) usleep(hold_ms * 1000);
+            shutdown(s, SHUT_WR); in += drain(s); close(s);
         }
         clock_gettime(CLOCK_MONOTONIC, &t1);
         long ms = (t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000;
