@@ -31,7 +31,7 @@ PROG = "tcpipstat"
 def dump_script(plan: Plan) -> str:
     """The script for the chosen groups, before probe resolution (every unit)."""
     return render_script([u.name for u in units_for_groups(plan.groups)], plan.max_sockets, plan.dist,
-                         plan.estats)
+                         plan.estats, plan.sample_ms is not None)
 
 
 def kernel_release(plan: Plan) -> str:
@@ -52,11 +52,32 @@ def prepare(plan: Plan, tc: Toolchain, log) -> tuple[str, list[str], list[str], 
     every = counters_for_units(wanted)
     unavailable = [c for c in every if c not in available]
     cong = next((u.note for u in UNITS if u.name in units and u.group == "cong"), "")
-    return render_script(units, plan.max_sockets, plan.dist, plan.estats), available, unavailable, cong
+    return (render_script(units, plan.max_sockets, plan.dist, plan.estats, plan.sample_ms is not None),
+            available, unavailable, cong)
 
 
 def _cong_note(how: str) -> str:
     return f"congestion states seen through the {how}"
+
+
+def _write_series(plan: Plan, collection: Collection, notes: list[str]) -> None:
+    """--series / --plot: every sample of the connections the report keeps."""
+    from .series import plot, write_series
+    series = collection.kept_series()
+    if plan.series:
+        fmt = "ndjson" if plan.series.lower().endswith((".ndjson", ".json")) else "csv"
+        try:
+            n = write_series(plan.series, series, fmt)
+        except OSError as e:
+            raise TcpipstatError(f"cannot write --series '{plan.series}': {e.strerror}") from None
+        notes.append(f"{n:,} samples of {len(series)} connections written to {plan.series} ({fmt})")
+    if plan.plot:
+        try:
+            drawn = plot(plan.plot, series)
+        except OSError as e:
+            raise TcpipstatError(f"cannot write --plot '{plan.plot}': {e.strerror}") from None
+        notes.append(f"cwnd and srtt of {drawn} connections drawn in {plan.plot}"
+                     + (f" (the {drawn} with most samples of {len(series)})" if len(series) > drawn else ""))
 
 
 def _top(plan: Plan, rows: list, notes: list[str]) -> list:
@@ -125,7 +146,8 @@ def collect_live(plan: Plan, console: Console, errc: Console, out: IO[str], err:
     _select(plan, collection, plan.tree)
     _on_close(plan, collection, ctx, console, out)
     _on_interval(plan, collection, ctx, console, out)
-    runner = Collector(tc, ko, module_args(list(plan.filters), plan.timeout_s, plan.interval_s, plan.count),
+    runner = Collector(tc, ko, module_args(list(plan.filters), plan.timeout_s, plan.interval_s, plan.count,
+                                         plan.sample_ms, plan.on_cwnd_change),
                        plan.command, echo_stderr=lambda line: print(line, file=err))
     parser = Parser("staprun")
     saved = open(plan.save_records, "w") if plan.save_records else None
@@ -233,6 +255,8 @@ def collect(plan: Plan, out: IO[str], err: IO[str]) -> int:
     if tr is None:
         notes.append("the collector did not finish normally: the report holds what was received")
 
+    if plan.series or plan.plot:
+        _write_series(plan, collection, notes)
     if ctx.estats:
         no_vars = sum(1 for s in collection.sockets.values()
                       if s.estats is None and not s.closed and s.has_activity and collection._kept(s))

@@ -81,6 +81,16 @@ OPTIONS: tuple[Opt, ...] = (
     Opt(("--rfc4898",), "also report, for each socket that closes, the RFC 4898 (TCP Extended "
         "Statistics) variables Linux keeps in its tcp_sock: segments, octets and retransmissions, RTT, "
         "RTO, MSS, windows, options (see RFC 4898)", dest="estats", action="store_true", default=False),
+    Opt(("--sample",), "sample each connection's state (cwnd, ssthresh, srtt, rttvar, rto, lost, "
+        "retransmitted, in flight, queues, snd_nxt/snd_una) after an ACK, at most once every MS "
+        "milliseconds (default 100; 0: after every ACK); the report shows cwnd and srtt sparklines "
+        "(see SERIES)", dest="sample", metavar="MS"),
+    Opt(("--on-cwnd-change",), "with --sample: sample only when the congestion window changed since "
+        "the connection's previous sample", dest="on_cwnd_change", action="store_true", default=False),
+    Opt(("--series",), "write every sample to FILE: CSV, or NDJSON when FILE ends in .ndjson or .json "
+        "(implies --sample)", dest="series", metavar="FILE"),
+    Opt(("--plot",), "draw cwnd and srtt over time, one line per connection, into FILE.png "
+        "(implies --sample; needs matplotlib)", dest="plot", metavar="FILE"),
     Opt(("-u", "--us"), "show congestion-state times in microseconds (default: milliseconds; JSON and "
         "CSV always carry microseconds)", dest="us", action="store_true", default=False),
     Opt(("--max-sockets",), "socket tuples the collector holds at once before handing them to "

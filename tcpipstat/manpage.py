@@ -11,6 +11,7 @@ from . import __version__
 from .cli import OPTIONS, PROG, SUMMARY
 from .counters import COUNTERS, GROUPS, SECTIONS, UNITS
 from .estats import EVARS, TABLES as ESTATS_TABLES, UNAVAILABLE as ESTATS_UNAVAILABLE
+from .series import FIELDS as SERIES_FIELDS
 from .capture.fields import FIELDS as CAPTURE_FIELDS
 from .filters import MAX_FILTERS
 
@@ -142,6 +143,22 @@ def render_man() -> str:
            "tcp_enter_loss() and tcp_simple_retransmit() return, which costs a kretprobe per ACK and sees "
            "a change made elsewhere only at the next of those calls; a stay that begins and ends within "
            "one of them is not seen. The report says which was used."))
+    a(".SH SERIES")
+    a(_esc("--sample MS samples each connection the filters accept right after the kernel has processed an "
+           "ACK for it (tcp_ack() returned): the first ACK once MS milliseconds have passed since the "
+           "connection's previous sample (0: every ACK), or, with --on-cwnd-change, only when the congestion "
+           "window differs from that sample too. Each connection gets an end sample when it closes "
+           "(connections still open when collection stops have none). The report shows, per row, sparklines "
+           "of cwnd and srtt over its samples with their range and last value (NDJSON: a series object); "
+           "--series FILE writes every sample (CSV, or NDJSON for .ndjson/.json: t_s, event ack|end, the "
+           "connection, then the fields below); --plot FILE.png draws cwnd and srtt over time, one line per "
+           "connection (the 12 with most samples). The period and mode are module parameters: changing them "
+           "does not recompile. A sample costs one record on the collector's output; every-ACK sampling of "
+           "a fast transfer writes one per ACK."))
+    for f in SERIES_FIELDS:
+        a(".TP")
+        a(f"\\fB{f.name}\\fR \\(em {_esc(f.field)}")
+        a(_esc(f.description[0].upper() + f.description[1:] + "."))
     a(".SH RFC 4898")
     a(_esc("--rfc4898 writes, as each socket the filters accept closes (any way: close, reset, time-out; "
            "listening sockets have none), the variables of RFC 4898 (TCP Extended Statistics MIB) that Linux "

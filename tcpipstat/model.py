@@ -13,7 +13,7 @@ from operator import attrgetter
 from typing import Callable, Iterable, NamedTuple
 
 from .estats import EVAR_BY_NAME
-from .records import EstatsRecord, Header, IntervalMark, Record, SocketRecord, Trailer, Tuple
+from .records import EstatsRecord, Header, IntervalMark, Record, SampleRecord, SocketRecord, Trailer, Tuple
 
 INDEXES = ("tuple", "laddr", "raddr", "lport", "rport", "pid", "comm")
 
@@ -100,6 +100,7 @@ class Row:
     processes: dict[int, str] = field(default_factory=dict)
     opened_during_collection: bool = True
     closing: list = field(default_factory=list)     # --rfc4898: the variables of each socket that closed
+    samples: list = field(default_factory=list)     # --sample: its connections' samples
 
     @property
     def estats(self) -> dict[str, float | int | None] | None:
@@ -137,6 +138,7 @@ class Collection:
     on_interval: Callable[["Window"], None] | None = None
     marks: list[IntervalMark] = field(default_factory=list)
     keep: Callable[[SocketTotals], bool] | None = None   # process selection (-x / -c tree)
+    series: dict[Tuple, list] = field(default_factory=dict)  # --sample: each connection's samples
     selection: str = ""                                   # "pid", "tree" or "" (all)
 
     def add(self, rec: Record) -> None:
@@ -146,6 +148,10 @@ class Collection:
             self.trailer = rec
         elif isinstance(rec, IntervalMark):
             self._close_window(rec)
+        elif isinstance(rec, SampleRecord):
+            self.series.setdefault(rec.tuple, []).append(rec.sample)
+            if rec.tuple not in self.sockets:
+                self.sockets[rec.tuple] = SocketTotals(rec.tuple)
         elif isinstance(rec, EstatsRecord):
             # written as the socket closes, before its last counters (the next tick)
             st = self.sockets.get(rec.tuple)
@@ -176,6 +182,10 @@ class Collection:
 
     def _kept(self, st: SocketTotals) -> bool:
         return self.keep is None or self.keep(st)
+
+    def kept_series(self) -> dict[Tuple, list]:
+        """The samples of the connections the report keeps (filters, -x, -c tree)."""
+        return {t: ss for t, ss in self.series.items() if self._kept(self.sockets.get(t) or SocketTotals(t))}
 
     def _close_window(self, mark: IntervalMark | None) -> None:
         start = self.marks[-1].ms if self.marks else (self.header.start_ms if self.header else None)
@@ -231,11 +241,14 @@ class Collection:
             # (a window's socket: judged on what the whole run has seen of it)
             opened = self.sockets.get(st.tuple, st).opened_during_collection
             row = rows.get(key)
+            samples = self.series.get(st.tuple) if sockets is None else None
             if row is None:      # the common case with index=tuple: one socket, one row
                 rows[key] = Row(key, dict(st.counters), 1, int(st.closed),
                                 {st.pid: st.comm} if st.pid else {}, opened,
-                                [st.estats] if st.estats is not None else [])
+                                [st.estats] if st.estats is not None else [], list(samples or ()))
                 continue
+            if samples:
+                row.samples.extend(samples)
             if st.estats is not None:
                 row.closing.append(st.estats)
             c = row.counters

@@ -37,6 +37,10 @@ class Plan:
     dist: bool = False               # --dist: congestion-state episode histograms
     us: bool = False                 # -u/--us: congestion times in µs in tables
     estats: bool = False             # --rfc4898: RFC 4898 variables of each socket at close
+    sample_ms: float | None = None   # --sample: sampling period (0: every ACK); None: no sampling
+    on_cwnd_change: bool = False     # --on-cwnd-change
+    series: str | None = None        # --series FILE (CSV or NDJSON)
+    plot: str | None = None          # --plot FILE.png
     max_sockets: int = 8192
     kernel_release: str | None = None
     overload_guard: bool = True
@@ -192,6 +196,20 @@ def build_plan(argv: list[str]) -> Plan:
                                  ("FILTER", ns.filters)) if on]
         if extra:
             raise UsageError(f"--check diagnoses the host and collects nothing: it cannot be combined with {extra[0]}")
+    sample_ms = None
+    if ns.sample is not None or ns.series or ns.plot or ns.on_cwnd_change:
+        text = "100" if ns.sample is None else str(ns.sample)
+        try:
+            sample_ms = float(text)
+        except ValueError:
+            raise UsageError(f"bad --sample '{text}': expected milliseconds (0: every ACK)") from None
+        if not 0 <= sample_ms <= 3_600_000 or sample_ms != sample_ms:
+            raise UsageError(f"bad --sample '{text}': expected 0 to 3600000 milliseconds")
+    if ns.plot and not ns.plot.lower().endswith(".png"):
+        raise UsageError(f"bad --plot '{ns.plot}': expected a FILE.png")
+    for what, path in (("--series", ns.series), ("--plot", ns.plot)):
+        if path is not None and not path.strip():
+            raise UsageError(f"empty {what} file name")
     sort = _sort_key(ns.sort, _capture_fields() if ns.read is not None else COUNTERS)
     top = _count(ns.top, "--top", 1, 10 ** 9)
     if top is not None and sort is None:
@@ -207,6 +225,10 @@ def build_plan(argv: list[str]) -> Plan:
         groups=tuple(g for g in GROUPS if g in groups),
         dist=bool(ns.dist),
         estats=bool(ns.estats),
+        sample_ms=sample_ms,
+        on_cwnd_change=bool(ns.on_cwnd_change),
+        series=ns.series,
+        plot=ns.plot,
         us=bool(ns.us),
         max_sockets=max_sockets,
         kernel_release=ns.kernel_release,

@@ -19,6 +19,9 @@ The script (stp_templates/tcpipstat.stp.j2) writes tab-separated lines:
 ``E  FAMILY  LADDR_HI  LADDR_LO  LPORT  RADDR_HI  RADDR_LO  RPORT  MS  NAME=VALUE...``
     --rfc4898: a socket the filters accept closed at MS; its RFC 4898 variables
     (tcpipstat/estats.py), -1 for one this kernel does not keep.
+``S  EVENT  US  FAMILY  LADDR_HI  LADDR_LO  LPORT  RADDR_HI  RADDR_LO  RPORT  NAME=VALUE...``
+    --sample: a connection's state US microseconds after collection began, after an
+    ACK (EVENT ack) or as it closed (EVENT end); names in tcpipstat/series.py.
 ``T  END_MS  IDS  SPILLS  DROPPED  FAULTS  [PFULL]``
     once, from the end probe. IDS: records written (tcpipstat 0.1: socket ids
     handed out). SPILLS: times the tables were emptied to make room. DROPPED:
@@ -40,6 +43,7 @@ from typing import Iterable, Iterator, NamedTuple
 
 from .errors import RecordParseError
 from .estats import EVAR_BY_NAME as _EVAR_NAMES
+from .series import FIELD_NAMES as _SAMPLE_FIELDS, SAMPLE_KINDS, Sample
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)   # format 1 (tcpipstat 0.1): no FLAGS field, no intervals
@@ -92,6 +96,13 @@ class EstatsRecord:
 
 
 @dataclass(frozen=True)
+class SampleRecord:
+    """--sample: one connection's state after an ACK (or ``end`` as it closed)."""
+    tuple: Tuple
+    sample: Sample
+
+
+@dataclass(frozen=True)
 class IntervalMark:
     seq: int
     ms: int
@@ -107,7 +118,7 @@ class Trailer:
     pfull: int = 0        # times the process table was full (attribution may be missing)
 
 
-Record = Header | SocketRecord | Trailer | IntervalMark | EstatsRecord
+Record = Header | SocketRecord | Trailer | IntervalMark | EstatsRecord | SampleRecord
 
 
 # --dist: "h.STATE.BUCKET": stays in congestion state STATE (0-4, enum tcp_ca_state) that
@@ -213,6 +224,24 @@ class Parser:
                 if self.header is None or len(f) != 3:
                     raise self._err(lineno, line, "malformed interval mark")
                 return IntervalMark(int(f[1]), int(f[2]))
+            if kind == "S":
+                if self.header is None or len(f) < 10 or f[1] not in SAMPLE_KINDS:
+                    raise self._err(lineno, line, "malformed sample record")
+                fam = int(f[3])
+                if fam not in (AF_INET, AF_INET6):
+                    raise self._err(lineno, line, f"unknown address family {fam}")
+                lport, rport = int(f[6]), int(f[9])
+                if not (0 <= lport <= 65535 and 0 <= rport <= 65535):
+                    raise self._err(lineno, line, "port out of range")
+                t = Tuple(fam, (_hex64(f[4]) << 64) | _hex64(f[5]), lport, (_hex64(f[7]) << 64) | _hex64(f[8]), rport)
+                got: dict[str, int | None] = {}
+                for item in f[10:]:
+                    name, sep, value = item.partition("=")
+                    if not sep or name not in _SAMPLE_FIELDS:
+                        raise self._err(lineno, line, f"unknown sample field {name!r}")
+                    v = int(value)
+                    got[name] = None if v < 0 else v
+                return SampleRecord(t, Sample(int(f[2]), f[1], tuple(got.get(n) for n in _SAMPLE_FIELDS)))
             if kind == "E":
                 if self.header is None or len(f) < 9:
                     raise self._err(lineno, line, "malformed RFC 4898 record")

@@ -15,6 +15,7 @@ import jinja2
 from . import __version__
 from .counters import UNITS, counters_for_units
 from .estats import EVARS
+from .series import FIELDS as SFIELDS
 from .filters import FILTER_FIELDS, MAX_FILTERS, Filter
 from .records import FORMAT_VERSION
 
@@ -39,9 +40,10 @@ def select_units(unit_names: set[str] | frozenset[str]) -> list[str]:
 
 
 def render_script(unit_names: list[str] | set[str], max_sockets: int, dist: bool = False,
-                  estats: bool = False) -> str:
+                  estats: bool = False, sample: bool = False) -> str:
     """dist: also keep log2 histograms of congestion-state episodes (--dist); estats:
-    write each closing socket's RFC 4898 variables (--rfc4898)."""
+    write each closing socket's RFC 4898 variables (--rfc4898); sample: sample
+    connections after ACKs (--sample; period and mode are module parameters)."""
     units = select_units(set(unit_names))
     counters = counters_for_units([u for u in UNITS if u.name in units])
     return _env().get_template("tcpipstat.stp.j2").render(
@@ -53,6 +55,8 @@ def render_script(unit_names: list[str] | set[str], max_sockets: int, dist: bool
         dist=bool(dist),
         estats=bool(estats),
         evars=EVARS,
+        sample=bool(sample),
+        sfields=SFIELDS,
         max_filters=MAX_FILTERS,
         filter_fields=FILTER_FIELDS,
     )
@@ -68,9 +72,13 @@ def script_hash(text: str) -> str:
 
 
 def module_args(filters: list[Filter], timeout_s: float | None, interval_s: float | None = None,
-                count: int | None = None) -> list[str]:
+                count: int | None = None, sample_ms: float | None = None, on_cwnd_change: bool = False) -> list[str]:
     """staprun NAME=VALUE arguments: numbers only, whatever the user typed."""
     args = [f"tis_nfilters={len(filters)}"]
+    if sample_ms is not None:
+        args.append(f"tis_sample_us={int(round(sample_ms * 1000))}")
+        if on_cwnd_change:
+            args.append("tis_sample_cwnd=1")
     for i, flt in enumerate(filters):
         for name, value in zip(FILTER_FIELDS, flt.slots()):
             args.append(f"tis_f{i}_{name}={int(value)}")

@@ -19,6 +19,7 @@ from rich.text import Text
 
 from .counters import CA_STATES, COUNTERS, SECTIONS
 from .estats import EVARS, TABLES as ESTATS_TABLES
+from .series import summary as series_summary, summary_line
 from .model import GroupKey, Row, SocketTotals, Window
 from .records import AF_INET6, Tuple, hist_key
 
@@ -207,6 +208,9 @@ def print_row(console: Console, row: Row, ctx: ReportContext, title_suffix: str 
     title, body = row_block(row, ctx, title_suffix)
     body.extend(estats_lines(row))
     body.extend(dist_lines(row, ctx.us))
+    sm = series_summary(row.samples) if row.samples else None
+    if sm:
+        body.extend([summary_line(sm), ""])
     if console.is_terminal:   # styles: a bold title and header line
         text = Text("\n").join([title, Text(body[0]), Text(body[1], style="bold"), *map(Text, body[2:])])
         console.print(text, crop=False, soft_wrap=True)
@@ -324,6 +328,9 @@ def row_dict(row: Row, ctx: ReportContext, columns: list[tuple[str, bool, bool, 
     get = row.counters.get
     d["counters"] = {name: (get(name, absent) if ok and not (v6 and v4) else None)
                      for name, ok, v4, absent in (columns if columns is not None else _columns(ctx))}
+    sm = series_summary(row.samples) if row.samples else None
+    if sm:                    # --sample: cwnd / srtt over the row's samples (the files have them all)
+        d["series"] = sm
     es = row.estats
     if es is not None:        # --rfc4898: as the socket(s) closed; null: not kept by this kernel
         d["rfc4898"] = es

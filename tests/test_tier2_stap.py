@@ -94,6 +94,9 @@ def test_every_group_combination_elaborates(lab_toolchain, suite):
     scripts.append((("CongStateK", "dist"), render_script({"CongStateK", "sendmsg"}, 8192, dist=True)))
     # --rfc4898: every tcp_sock field it reads (one -1 where the kernel lacks it)
     scripts.append((("tcp", "rfc4898"), render_script(_resolved_units(("tcp",), suite), 8192, estats=True)))
+    # --sample with everything else that reads struct tcp_sock
+    scripts.append((GROUPS + ("dist", "rfc4898", "sample"),
+                    render_script(_resolved_units(GROUPS, suite), 8192, dist=True, estats=True, sample=True)))
     for combo, script in scripts:
         res = _stap(tc, ["-p2", "-r", kver], script)
         if res.returncode != 0:

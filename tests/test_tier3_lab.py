@@ -333,6 +333,69 @@ def test_rfc4898_at_close_against_ss_and_the_workload(suite, tmp_path):
     assert e["SegsRetrans"] + es["SegsRetrans"] == r.snmp_delta().get("Tcp.RetransSegs", 0), why
 
 
+def _csv_samples(path):
+    import csv
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_samples_after_every_ack_against_ss(suite, tmp_path):
+    """--sample 0 on the held connection: the sample of the ACK that acknowledged the
+    last of the 300000 bytes is what `ss -tin` shows of the idle connection afterwards."""
+    series, picture = tmp_path / "s.csv", tmp_path / "s.png"
+    r = LabRun(suite, tmp_path, "--json", "--sample", "0", "--series", str(series), "--plot", str(picture),
+               "--groups", "tcp", "--all-processes", "*:7012-*:*", "*:*-*:7012", "-c", W.RFC4898_HOLD)
+    why = r.explain()
+    assert r.rc == 0, why
+    ss_line = next((l for l in r.meta.splitlines() if l.startswith("@@SS ") and "bytes_acked:" in l), None)
+    assert ss_line, why
+    ss = _ss_fields(ss_line)
+    rows = _csv_samples(series)
+    client = [x for x in rows if x["rport"] == "7012"]
+    assert client and client[-1]["event"] == "end" and [x["event"] for x in client].count("end") == 1, rows
+    first = int(client[0]["snd_una"])
+    done = [x for x in client if x["event"] == "ack" and (int(x["snd_una"]) - first) % (1 << 32) == 300000]
+    assert done, client                                   # the workload's 300000 bytes, acknowledged
+    s = done[-1]
+    rtt, rttvar = (float(v) for v in ss["rtt"].split("/"))
+    assert int(s["cwnd"]) == int(ss["cwnd"]) and int(s["mss"]) == int(ss["mss"]), (ss, s)
+    assert abs(int(s["srtt_us"]) / 1000 - rtt) <= 0.001 and abs(int(s["rttvar_us"]) / 1000 - rttvar) <= 0.001, (ss, s)
+    assert int(s["snd_wnd"]) == int(ss["snd_wnd"]) and int(s["rto_ms"]) == int(ss["rto"]), (ss, s)
+    assert int(s["total_retrans"]) == int(ss.get("retrans", "0/0").split("/")[1]), (ss, s)
+    assert s["ssthresh"] == ss.get("ssthresh", ""), (ss, s)        # both empty while infinite
+    assert s["inflight"] == s["wqueue"] == "0" and s["snd_nxt"] == s["snd_una"], s
+    png = picture.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000
+    assert "cwnd and srtt of 2 connections drawn" in r.stderr, why
+
+
+@pytest.mark.parametrize("mode", ["period", "cwnd"])
+def test_sampling_modes(suite, tmp_path, mode):
+    """iperf3 under netem: with --sample 50 a connection's samples are >= 50 ms apart;
+    with --on-cwnd-change too, each differs from the previous one in cwnd."""
+    series = tmp_path / "s.ndjson"
+    extra = ["--on-cwnd-change"] if mode == "cwnd" else []
+    r = LabRun(suite, tmp_path, "--json", "--sample", "50", *extra, "--series", str(series), "--groups", "tcp",
+               "--all-processes", "*:5201-*:*", "*:*-*:5201", "-c", W.CONG_IPERF3)
+    why = r.explain()
+    assert r.rc == 0, why
+    samples = [json.loads(l) for l in series.read_text().splitlines()]
+    by_conn = {}
+    for x in samples:
+        by_conn.setdefault((x["lport"], x["rport"]), []).append(x)
+    sender = max(by_conn.values(), key=len)
+    acks = [x for x in sender if x["event"] == "ack"]
+    assert len(acks) >= (3 if mode == "cwnd" else 10), why     # a 2 s transfer
+    assert all(b["t_s"] - a["t_s"] >= 0.050 for a, b in zip(acks, acks[1:])), acks
+    if mode == "cwnd":
+        assert all(a["cwnd"] != b["cwnd"] for a, b in zip(acks, acks[1:])), acks
+    # the end marker comes last (connections still open when collection stops have none)
+    assert all(x["event"] != "end" for c in by_conn.values() for x in c[:-1]), why
+    assert sender[-1]["event"] == "end", why      # the data connection closed (iperf3 resets it)
+    row = next(o for o in r.json() if (o["lport"], o["rport"]) == (sender[0]["lport"], sender[0]["rport"]))
+    assert row["series"]["samples"] == len(acks) and row["series"]["cwnd"]["last"] == acks[-1]["cwnd"], row
+
+
 def test_timeout_ends_the_run_on_time(suite, tmp_path):
     r = LabRun(suite, tmp_path, "timeout=2")
     assert r.rc == 0, r.stderr
