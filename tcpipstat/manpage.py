@@ -211,6 +211,11 @@ def render_man() -> str:
         ("tcpipstat -T interval=1 --count 10 index=lport '*:443-*:*'", "Ten one-second snapshots of the HTTPS service."),
         ("tcpipstat -c 'curl -s https://example.org/' --all-processes", "Everything TCP did while curl ran, not only curl's sockets."),
         ("tcpipstat --check", "Can this host collect? What is missing, and the command that installs it."),
+        ("tcpipstat --cong --dist index=raddr timeout=30",
+         "How long did the connections to each peer spend in Recovery and Loss, and how long did each stay last?"),
+        ("tcpipstat --sample 50 --series cwnd.csv --plot cwnd.png -c 'iperf3 -c 10.0.0.2 -t 10'",
+         "cwnd and srtt of each iperf3 connection every 50 ms: a file for other tools and a picture."),
+        ("tcpipstat --rfc4898 --json '*:*-*:443'", "RFC 4898 variables of each HTTPS client socket as it closes."),
         ("tcpipstat --save-records r.txt timeout=10; tcpipstat --from-records r.txt index=raddr",
          "Collect once, report in several ways."),
         ("tcpdump -i any -s 96 -w web.pcap port 443; tcpipstat --read web.pcap index=rport --sort RttMax",
@@ -237,7 +242,11 @@ def render_man() -> str:
            "The process table wraps instead (the report says when it was full: some sockets may then "
            "show no process). Probe hits that SystemTap skips (reentrancy, missed kretprobes, lock waits) are "
            "counted and reported: the counters are then low by at most that number. stap's overhead guard "
-           "can stop collection on slow or emulated machines: --no-overload-guard disables it."))
+           "can stop collection on slow or emulated machines: --no-overload-guard disables it. "
+           "The options beyond the counters cost: --cong a tracepoint hit per congestion-state change, or, "
+           "without the tracepoint, a kretprobe on every ACK (tcp_ack) that write-locks the per-socket state "
+           "table; --sample a kretprobe on every ACK and a record per sample (every-ACK sampling of a fast "
+           "transfer is one record per ACK); --rfc4898 one record per closing socket."))
     a(".SH REQUIREMENTS")
     a(_esc("SystemTap (stap, staprun), root, the headers (linux-headers-$(uname -r)) and debug information "
            "(linux-image-$(uname -r)-dbg on Debian, the -dbgsym package on Ubuntu, kernel-debuginfo on "
