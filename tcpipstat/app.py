@@ -119,10 +119,11 @@ def _on_close(plan: Plan, collection: Collection, ctx: ReportContext, console: C
         return
     if plan.output == "table":
         collection.on_close = lambda st: print_row(
-            console, closed_socket_row(st), ctx,
+            console, closed_socket_row(st, collection.series.get(st.tuple, ())), ctx,
             "" if st.opened_during_collection else "(opened before collection started: partial totals)")
     elif plan.output == "json":
-        collection.on_close = lambda st: (write_json(out, [closed_socket_row(st)], ctx), out.flush())
+        collection.on_close = lambda st: (
+            write_json(out, [closed_socket_row(st, collection.series.get(st.tuple, ()))], ctx), out.flush())
 
 
 def collect_live(plan: Plan, console: Console, errc: Console, out: IO[str], err: IO[str]):

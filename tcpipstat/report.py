@@ -303,11 +303,11 @@ def render_footer(console: Console, ctx: ReportContext) -> None:
         console.print(f"[yellow]note:[/] {note}")
 
 
-def closed_socket_row(st: SocketTotals) -> Row:
+def closed_socket_row(st: SocketTotals, samples: Iterable = ()) -> Row:
+    """onclose=1: one closed socket's row (with its RFC 4898 variables and samples)."""
     key = GroupKey.of("tuple", st.tuple)
-    row = Row(key, dict(st.counters), 1, 1, {st.pid: st.comm} if st.pid else {},
-              st.opened_during_collection)
-    return row
+    return Row(key, dict(st.counters), 1, 1, {st.pid: st.comm} if st.pid else {},
+               st.opened_during_collection, [st.estats] if st.estats is not None else [], list(samples))
 
 
 def _columns(ctx: ReportContext) -> list[tuple[str, bool, bool, int | None]]:

@@ -71,3 +71,12 @@ def test_bad_e_records_are_named(bad):
     with pytest.raises(RecordParseError) as e:
         list(Parser("run.records").parse(lines))
     assert "run.records" in str(e.value) and f":{i + 1}" in str(e.value)
+
+
+def test_onclose_reports_carry_the_variables():
+    status, out, _ = run_cli("--from-records", str(RUNS["trixie"]), "onclose=1", "--json")
+    rows = [json.loads(l) for l in out.splitlines()]
+    assert status == 0 and len(rows) == 2
+    assert all(r["rfc4898"]["DataOctetsOut"] >= 1000 for r in rows)
+    status, out, _ = run_cli("--from-records", str(RUNS["trixie"]), "onclose=1")
+    assert out.count("RFC 4898 at close") == 2
