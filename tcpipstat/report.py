@@ -206,8 +206,10 @@ def row_block(row: Row, ctx: ReportContext, title_suffix: str = "") -> tuple[Tex
 
 def print_row(console: Console, row: Row, ctx: ReportContext, title_suffix: str = "") -> None:
     title, body = row_block(row, ctx, title_suffix)
-    body.extend(estats_lines(row))
-    body.extend(dist_lines(row, ctx.us))
+    if row.closing:
+        body.extend(estats_lines(row))
+    if "CaChanges" in ctx.available_set:       # (only the cong group has histograms)
+        body.extend(dist_lines(row, ctx.us))
     sm = series_summary(row.samples) if row.samples else None
     if sm:
         body.extend([summary_line(sm), ""])
