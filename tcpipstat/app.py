@@ -23,7 +23,7 @@ from .records import Parser
 from .render import module_args, render_probe_check, render_script, select_units
 from .report import (ReportContext, closed_socket_row, print_row, render_footer, render_tables,
                      write_csv, write_json, write_window)
-from .stap import Collector, RunOutcome, Toolchain
+from .stap import Collector, RunOutcome, SpeculativeCompile, Toolchain
 
 PROG = "tcpipstat"
 
@@ -135,10 +135,24 @@ def collect_live(plan: Plan, console: Console, errc: Console, out: IO[str], err:
     if not tc.overridden and os.geteuid() != 0:
         raise EnvironmentNotReady("collecting needs root (staprun loads a kernel module)",
                                   "run it with sudo, or use --dump-script to see the script")
-    script, available, unavailable, cong = prepare(plan, tc, log)
     kver = kernel_release(plan)
-    log(f"compiling the collector for {kver} (cached after the first run)...")
-    ko = tc.compile(script, kver, plan.compile_flags(), plan.verbose)
+    flags = plan.compile_flags()
+    guess = None
+    first = dump_script(plan)            # the script when every probe point exists
+    if (not plan.verbose and not tc.resolved_cached(kver, render_probe_check(all_points()))
+            and not tc.module_path(first, kver, flags).is_file()):
+        log(f"compiling the collector for {kver} while checking its probe points (cached after the first run)...")
+        guess = SpeculativeCompile(tc, first, kver, flags)
+    try:
+        script, available, unavailable, cong = prepare(plan, tc, log)
+        ko = guess.take(script) if guess else None
+    except BaseException:
+        if guess:
+            guess.cancel()
+        raise
+    if ko is None:
+        log(f"compiling the collector for {kver} (cached after the first run)...")
+        ko = tc.compile(script, kver, flags, plan.verbose)
 
     ctx = ReportContext(tuple(available), tuple(unavailable), plan.nozeros, us=plan.us, estats=plan.estats)
     if cong:

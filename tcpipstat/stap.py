@@ -91,6 +91,9 @@ class Toolchain:
     stap: list[str]
     staprun: list[str]
     overridden: bool = False
+    # stap processes running now (so that a speculative compile can be cancelled)
+    _running: set = field(default_factory=set, repr=False, compare=False)
+    _cancelled: bool = field(default=False, repr=False, compare=False)
 
     @classmethod
     def find(cls) -> "Toolchain":
@@ -124,11 +127,19 @@ class Toolchain:
         path.write_text(json.dumps({"kernel": kver, "resolved": sorted(resolved)}))
         return resolved
 
+    def resolved_cached(self, kver: str, script: str) -> bool:
+        """Is the probe check of ``script`` for ``kver`` already in the cache?"""
+        key = hashlib.sha256("\0".join([kver, self.version(), script]).encode()).hexdigest()[:20]
+        return (cache_dir() / "resolve" / f"{key}.json").is_file()
+
     # -- pass 4: the module, cached by everything that shapes it --
-    def compile(self, script: str, kver: str, flags: list[str], verbose: int = 0) -> Path:
+    def module_path(self, script: str, kver: str, flags: list[str]) -> Path:
         key = hashlib.sha256("\0".join([kver, self.version(), script, *flags]).encode()).hexdigest()[:16]
-        name = f"tcpipstat_{key}"
-        ko = cache_dir() / "modules" / f"{name}.ko"
+        return cache_dir() / "modules" / f"tcpipstat_{key}.ko"
+
+    def compile(self, script: str, kver: str, flags: list[str], verbose: int = 0) -> Path:
+        ko = self.module_path(script, kver, flags)
+        name = ko.stem
         if ko.is_file():
             return ko
         with tempfile.TemporaryDirectory(prefix="tcpipstat-") as tmp:
@@ -153,12 +164,23 @@ class Toolchain:
                                     stderr=subprocess.PIPE if capture else None, start_new_session=True)
         except OSError as e:
             raise EnvironmentNotReady(f"cannot run stap: {e}", INSTALL_HINT) from None
+        self._running.add(proc)
         try:
+            if self._cancelled:
+                _stop(proc)
             out, err = proc.communicate()
         except KeyboardInterrupt:
             _stop(proc)
             raise
+        finally:
+            self._running.discard(proc)
         return subprocess.CompletedProcess(cmd, proc.returncode, out or "", err or "")
+
+    def cancel(self) -> None:
+        """Stop this toolchain's stap processes (a speculative compile not needed)."""
+        self._cancelled = True
+        for proc in list(self._running):
+            _stop(proc)
 
     @staticmethod
     def _fail(step: str, stderr: str) -> None:
@@ -167,6 +189,46 @@ class Toolchain:
             raise EnvironmentNotReady(f"{step} failed: {d[0]}", d[1])
         raise StapFailed(f"{step} failed: {_first_error(stderr)}",
                          "run with -v to see stap's passes, or --dump-script to see the script")
+
+
+class SpeculativeCompile:
+    """Compile the script a plan renders before knowing which probe points the kernel
+    has, while the probe check (stap -p2, seconds) runs: on the usual kernel, where every
+    point exists, the checked script is the same text and its module is ready sooner
+    (a cold start costs the longer of the two passes, not their sum). When the check
+    drops a unit, the guess is cancelled and the checked script compiled as always."""
+
+    def __init__(self, tc: "Toolchain", script: str, kver: str, flags: list[str]):
+        self.script = script
+        self._tc = Toolchain(tc.stap, tc.staprun, tc.overridden)
+        self._result: Path | BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(script, kver, flags), daemon=True)
+        self._thread.start()
+
+    def _run(self, script: str, kver: str, flags: list[str]) -> None:
+        try:
+            self._result = self._tc.compile(script, kver, flags)
+        except BaseException as e:          # handed to take() (or dropped with the guess)
+            self._result = e
+
+    def take(self, script: str) -> Path | None:
+        """The module if ``script`` is the one guessed (raising its compile error), else
+        None after cancelling the guess."""
+        if script != self.script:
+            self.cancel()
+            return None
+        try:
+            self._thread.join()
+        except BaseException:               # Ctrl-C while waiting: stop the compile too
+            self.cancel()
+            raise
+        if isinstance(self._result, BaseException):
+            raise self._result
+        return self._result
+
+    def cancel(self) -> None:
+        self._tc.cancel()
+        self._thread.join(timeout=30)
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -150,3 +150,41 @@ def test_stap_t_timing_report_passes_through(tmp_path):
     p = subprocess.run([sys.executable, "-m", "tcpipstat", "--from-records", str(saved), "--json", "index=lport"],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0 and p.stdout == out, p.stderr
+
+
+def _passes(log):
+    """[(event, pass, time)] from the fake stap's log."""
+    return [(e, p, float(t)) for e, p, t in (l.split() for l in log.read_text().splitlines())]
+
+
+def test_a_cold_start_compiles_while_the_probe_check_runs(tmp_path):
+    """Every point exists: the module compiled from the unchecked script is used, and the
+    cold start costs about the longer pass (p4 2 s), not p2 + p4 (3.5 s)."""
+    log = tmp_path / "stap.log"
+    t0 = time.time()
+    p = tcpipstat(["--json", "index=lport"], tmp_path, FAKE_STAP_LOG=str(log), FAKE_STAP_P2_S="1.5",
+                  FAKE_STAP_P4_S="2")
+    _, err = p.communicate(timeout=60)
+    took = time.time() - t0
+    assert p.returncode == 0, err
+    ev = _passes(log)
+    assert [p for e, p, _ in ev if e == "start"].count("p4") == 1          # one compile
+    p2_end = next(t for e, p, t in ev if (e, p) == ("end", "p2"))
+    p4_start = next(t for e, p, t in ev if (e, p) == ("start", "p4"))
+    assert p4_start < p2_end and took < 3.4, (ev, took)
+    assert len(list((tmp_path / "cache" / "modules").iterdir())) == 1
+
+
+def test_a_kernel_without_a_point_cancels_the_guess(tmp_path):
+    """The probe check drops a unit: the speculative compile is stopped and the checked
+    script compiled; the module in use is the checked one (no DelayedACKs probe)."""
+    log = tmp_path / "stap.log"
+    p = tcpipstat(["--json", "index=lport"], tmp_path, FAKE_STAP_LOG=str(log), FAKE_STAP_P2_S="0.5",
+                  FAKE_STAP_P4_S="3", FAKE_STAP_MISSING="tcp_delack_timer_handler")
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    ev = _passes(log)
+    assert [p for e, p, _ in ev if e == "start"].count("p4") == 2
+    mods = list((tmp_path / "cache" / "modules").iterdir())
+    assert len(mods) == 1 and "tcp_delack_timer_handler" not in mods[0].read_text()
+    assert json.loads(out.splitlines()[0])["counters"]["DelayedACKs"] is None      # unavailable, not 0

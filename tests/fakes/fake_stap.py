@@ -3,13 +3,25 @@
 
 Behaviour is chosen with FAKE_STAP_MODE: ok (default), fail-p4, no-debuginfo.
 -p2 lists every probe point given except those in FAKE_STAP_MISSING (comma-separated
-function names); -p4 -m NAME writes NAME.ko into the current directory.
+function or tracepoint names); -p4 -m NAME writes NAME.ko into the current directory.
+FAKE_STAP_P2_S / FAKE_STAP_P4_S: seconds each pass takes; FAKE_STAP_LOG: a file that
+gets "start|end PASS TIME" lines (tests of the speculative compile).
 """
+import atexit
 import os
 import re
 import sys
+import time
 
 args = sys.argv[1:]
+_log = os.environ.get("FAKE_STAP_LOG")
+_pass = "p2" if "-p2" in args else "p4" if "-p4" in args else ""
+if _log and _pass:
+    with open(_log, "a") as f:
+        f.write(f"start {_pass} {time.time():.3f}\n")
+    atexit.register(lambda: open(_log, "a").write(f"end {_pass} {time.time():.3f}\n"))
+if _pass:
+    time.sleep(float(os.environ.get(f"FAKE_STAP_{_pass.upper()}_S", "0")))
 mode = os.environ.get("FAKE_STAP_MODE", "ok")
 if args == ["-V"]:
     print("Systemtap translator/driver (version 9.9/0.0, fake)")
@@ -25,6 +37,9 @@ if "-p2" in args:
     for fn, ret in re.findall(r'probe kernel\.function\("(\w+)"\)(\.return)? \?', script):
         if fn not in missing:
             print(f'kernel.function("{fn}@net/fake.c:1"){ret}? /* pc=_stext+0x1 */')
+    for tp in re.findall(r'probe kernel\.trace\("([\w:]+)"\) \?', script):
+        if tp.split(":")[1] not in missing:
+            print(f'kernel.trace("{tp}")? /* <- kernel.trace("{tp}")? */')
     sys.exit(0)
 if "-p4" in args:
     if mode == "fail-p4":
