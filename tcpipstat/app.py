@@ -14,7 +14,7 @@ from typing import IO
 from rich.console import Console
 from rich.table import Table
 
-from .counters import UNITS, all_points, counters_for_units, units_for_groups
+from .counters import UNITS, counters_for_units, points_for_groups, units_for_groups
 from .errors import EnvironmentNotReady, ExitStatus, RecordParseError, TcpipstatError, UsageError
 from .model import Collection, Window, sort_rows
 from .plan import Plan, build_plan
@@ -42,7 +42,7 @@ def prepare(plan: Plan, tc: Toolchain, log) -> tuple[str, list[str], list[str], 
     """Resolve probe points on the target kernel; returns (script, available, unavailable,
     how congestion states are seen: "" without the cong group)."""
     kver = kernel_release(plan)
-    points = all_points()
+    points = points_for_groups(plan.groups)
     log(f"checking which probe points exist on kernel {kver}...")
     resolved = tc.resolve(points, kver, render_probe_check(points))
     wanted = units_for_groups(plan.groups)
@@ -139,7 +139,7 @@ def collect_live(plan: Plan, console: Console, errc: Console, out: IO[str], err:
     flags = plan.compile_flags()
     guess = None
     first = dump_script(plan)            # the script when every probe point exists
-    if (not plan.verbose and not tc.resolved_cached(kver, render_probe_check(all_points()))
+    if (not plan.verbose and not tc.resolved_cached(kver, render_probe_check(points_for_groups(plan.groups)))
             and not tc.module_path(first, kver, flags).is_file()):
         log(f"compiling the collector for {kver} while checking its probe points (cached after the first run)...")
         guess = SpeculativeCompile(tc, first, kver, flags)

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .counters import UNITS, all_points, counters_for_units, units_for_groups
+from .counters import UNITS, counters_for_units, points_for_groups, units_for_groups
 from .errors import TcpipstatError
 from .render import render_probe_check
 from .stap import Toolchain
@@ -170,7 +170,7 @@ def stap_checks(kver: str, groups: tuple[str, ...]) -> tuple[list[Finding], list
         f.append(Finding("stap", False, e.message, "apt-get install systemtap", "dnf install systemtap"))
         return f, [], []
     f.append(Finding("stap", True, f"{' '.join(tc.stap)}: {version}"))
-    points = all_points()
+    points = points_for_groups(groups)
     try:
         resolved = tc.resolve(points, kver, render_probe_check(points))
     except TcpipstatError as e:

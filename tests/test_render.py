@@ -77,6 +77,15 @@ def test_no_tapset_filter_functions_are_used():
     assert "tcpmib." not in text and "ipmib." not in text and "linuxmib." not in text
 
 
+def test_the_probe_check_asks_only_about_the_groups_chosen():
+    from tcpipstat.counters import points_for_groups
+    default = points_for_groups(DEFAULT_GROUPS)
+    # a tracepoint makes stap build a helper module (tens of seconds cold): only with --cong
+    assert not any(p.startswith("kernel.trace") for p in default)
+    assert 'kernel.trace("tcp:tcp_cong_state_set")' in points_for_groups(build_plan(["--cong"]).groups)
+    assert points_for_groups(GROUPS) == all_points() and set(default) < set(all_points())
+
+
 def test_probe_check_lists_every_point_optionally():
     text = render_probe_check(all_points())
     for p in all_points():
