@@ -202,7 +202,10 @@ def check_workload(rows: list[dict], manifest: dict) -> None:
             assert total["RetransSegs"] > 0 and total["RetransBytes"] > 0, (p, total)
             assert total["InDupAcks"] + total["RetransSegs"] > 0
         elif m.get("loss") == "before-capture":  # never seen: the resent copy fills a hole
-            assert total["OutOfOrder"] > 0 and total["RetransSegs"] == 0, (p, total)
+            # The sender may also resend a segment the capture did see (a tail-loss probe
+            # resends the last one sent when its ACK is late; seen once in CI: 1 of 137):
+            # at most one per hole, never more than the holes filled.
+            assert total["OutOfOrder"] > 0 and total["RetransSegs"] <= total["OutOfOrder"], (p, total)
         else:
             assert total["RetransSegs"] == total["OutOfOrder"] == 0, (p, total)
         if m.get("think_ms"):                  # the server thinks before each response
