@@ -126,6 +126,14 @@ class Row:
         return out
 
 
+def _totals(table: dict[Tuple, SocketTotals], t: Tuple) -> SocketTotals:
+    """The tuple's totals in ``table`` (the run's or an interval window's), made if new."""
+    st = table.get(t)
+    if st is None:
+        st = table[t] = SocketTotals(t)
+    return st
+
+
 @dataclass
 class Collection:
     """Everything one run produced. Feed records with :meth:`add`."""
@@ -150,30 +158,19 @@ class Collection:
             self._close_window(rec)
         elif isinstance(rec, SampleRecord):
             self.series.setdefault(rec.tuple, []).append(rec.sample)
-            if rec.tuple not in self.sockets:
-                self.sockets[rec.tuple] = SocketTotals(rec.tuple)
+            _totals(self.sockets, rec.tuple)      # (its process decides whether it is kept)
         elif isinstance(rec, EstatsRecord):
             # written as the socket closes, before its last counters (the next tick)
-            st = self.sockets.get(rec.tuple)
-            if st is None:
-                st = self.sockets[rec.tuple] = SocketTotals(rec.tuple)
-            st.estats = rec.values
+            _totals(self.sockets, rec.tuple).estats = rec.values
             if self.on_interval is not None:
-                w = self.window.get(rec.tuple)
-                if w is None:
-                    w = self.window[rec.tuple] = SocketTotals(rec.tuple)
-                w.estats = rec.values
+                _totals(self.window, rec.tuple).estats = rec.values
         elif isinstance(rec, SocketRecord):
             # a closed tuple seen again is a new socket (or late segments after
             # close); for the summary it adds to the same tuple
-            st = self.sockets.get(rec.tuple)
-            if st is None:
-                st = self.sockets[rec.tuple] = SocketTotals(rec.tuple)
+            st = _totals(self.sockets, rec.tuple)
             st.add(rec)
             if self.on_interval is not None:
-                w = self.window.get(rec.tuple)
-                if w is None:
-                    w = self.window[rec.tuple] = SocketTotals(rec.tuple)
+                w = _totals(self.window, rec.tuple)
                 w.add(rec)
                 # the window's sockets take the process the whole run knows for them
                 w.pid, w.comm, w.in_tree = st.pid, st.comm, st.in_tree
@@ -185,7 +182,7 @@ class Collection:
 
     def kept_series(self) -> dict[Tuple, list]:
         """The samples of the connections the report keeps (filters, -x, -c tree)."""
-        return {t: ss for t, ss in self.series.items() if self._kept(self.sockets.get(t) or SocketTotals(t))}
+        return {t: ss for t, ss in self.series.items() if self._kept(self.sockets[t])}
 
     def _close_window(self, mark: IntervalMark | None) -> None:
         start = self.marks[-1].ms if self.marks else (self.header.start_ms if self.header else None)

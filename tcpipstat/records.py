@@ -208,18 +208,10 @@ class Parser:
                 reason = f[1]
                 if reason not in REASONS:
                     raise self._err(lineno, line, f"unknown reason {reason!r}")
-                fam = int(f[2])
-                if fam not in (AF_INET, AF_INET6):
-                    raise self._err(lineno, line, f"unknown address family {fam}")
-                lport, rport = int(f[5]), int(f[8])
-                if not (0 <= lport <= 65535 and 0 <= rport <= 65535):
-                    raise self._err(lineno, line, "port out of range")
-                laddr = (_hex64(f[3]) << 64) | _hex64(f[4])
-                raddr = (_hex64(f[6]) << 64) | _hex64(f[7])
+                t = self._tuple(f, 2, lineno, line)
                 flags = int(f[11]) if fixed == 12 else 0
                 counters = self._counters(f, fixed, lineno, line)
-                return SocketRecord(reason, Tuple(fam, laddr, lport, raddr, rport),
-                                    int(f[9]), unescape_comm(f[10]), counters, bool(flags & 1))
+                return SocketRecord(reason, t, int(f[9]), unescape_comm(f[10]), counters, bool(flags & 1))
             if kind == "I":
                 if self.header is None or len(f) != 3:
                     raise self._err(lineno, line, "malformed interval mark")
@@ -227,39 +219,14 @@ class Parser:
             if kind == "S":
                 if self.header is None or len(f) < 10 or f[1] not in SAMPLE_KINDS:
                     raise self._err(lineno, line, "malformed sample record")
-                fam = int(f[3])
-                if fam not in (AF_INET, AF_INET6):
-                    raise self._err(lineno, line, f"unknown address family {fam}")
-                lport, rport = int(f[6]), int(f[9])
-                if not (0 <= lport <= 65535 and 0 <= rport <= 65535):
-                    raise self._err(lineno, line, "port out of range")
-                t = Tuple(fam, (_hex64(f[4]) << 64) | _hex64(f[5]), lport, (_hex64(f[7]) << 64) | _hex64(f[8]), rport)
-                got: dict[str, int | None] = {}
-                for item in f[10:]:
-                    name, sep, value = item.partition("=")
-                    if not sep or name not in _SAMPLE_FIELDS:
-                        raise self._err(lineno, line, f"unknown sample field {name!r}")
-                    v = int(value)
-                    got[name] = None if v < 0 else v
+                t = self._tuple(f, 3, lineno, line)
+                got = self._values(f[10:], _SAMPLE_FIELDS, "sample field", lineno, line)
                 return SampleRecord(t, Sample(int(f[2]), f[1], tuple(got.get(n) for n in _SAMPLE_FIELDS)))
             if kind == "E":
                 if self.header is None or len(f) < 9:
                     raise self._err(lineno, line, "malformed RFC 4898 record")
-                fam = int(f[1])
-                if fam not in (AF_INET, AF_INET6):
-                    raise self._err(lineno, line, f"unknown address family {fam}")
-                lport, rport = int(f[4]), int(f[7])
-                if not (0 <= lport <= 65535 and 0 <= rport <= 65535):
-                    raise self._err(lineno, line, "port out of range")
-                t = Tuple(fam, (_hex64(f[2]) << 64) | _hex64(f[3]), lport, (_hex64(f[5]) << 64) | _hex64(f[6]), rport)
-                values: dict[str, int | None] = {}
-                for item in f[9:]:
-                    name, sep, value = item.partition("=")
-                    if not sep or name not in _EVAR_NAMES:
-                        raise self._err(lineno, line, f"unknown RFC 4898 variable {name!r}")
-                    v = int(value)
-                    values[name] = None if v < 0 else v
-                return EstatsRecord(t, int(f[8]), values)
+                t = self._tuple(f, 1, lineno, line)
+                return EstatsRecord(t, int(f[8]), self._values(f[9:], _EVAR_NAMES, "RFC 4898 variable", lineno, line))
             if kind == "T":
                 if len(f) not in (6, 7):      # 6: written before pfull existed
                     raise self._err(lineno, line, "malformed trailer")
@@ -270,6 +237,29 @@ class Parser:
         except ValueError as e:
             raise self._err(lineno, line, f"bad number ({e})") from None
         raise self._err(lineno, line, "not a tcpipstat record")
+
+    def _tuple(self, f: list[str], i: int, lineno: int, line: str) -> Tuple:
+        """FAMILY LADDR_HI LADDR_LO LPORT RADDR_HI RADDR_LO RPORT from field i on (R, S, E)."""
+        fam = int(f[i])
+        if fam not in (AF_INET, AF_INET6):
+            raise self._err(lineno, line, f"unknown address family {fam}")
+        lport, rport = int(f[i + 3]), int(f[i + 6])
+        if not (0 <= lport <= 65535 and 0 <= rport <= 65535):
+            raise self._err(lineno, line, "port out of range")
+        return Tuple(fam, (_hex64(f[i + 1]) << 64) | _hex64(f[i + 2]), lport,
+                     (_hex64(f[i + 4]) << 64) | _hex64(f[i + 5]), rport)
+
+    def _values(self, items: list[str], names, what: str, lineno: int, line: str) -> dict[str, int | None]:
+        """NAME=VALUE fields of S and E records, every name one of ``names``; -1 is None
+        (not known / not on this kernel)."""
+        out: dict[str, int | None] = {}
+        for item in items:
+            name, sep, value = item.partition("=")
+            if not sep or name not in names:
+                raise self._err(lineno, line, f"unknown {what} {name!r}")
+            v = int(value)
+            out[name] = None if v < 0 else v
+        return out
 
     def _counters(self, f: list[str], fixed: int, lineno: int, line: str) -> dict[str, int]:
         """NAME=VALUE fields, every name one the header announced."""
