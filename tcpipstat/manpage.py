@@ -16,6 +16,11 @@ from .capture.fields import FIELDS as CAPTURE_FIELDS
 from .filters import MAX_FILTERS
 
 
+def _sentence(text: str) -> str:
+    """A catalogue description as a man-page sentence: capitalised, a full stop, escaped."""
+    return _esc(text[0].upper() + text[1:] + ".")
+
+
 def _esc(text: str) -> str:
     out = text.replace("\\", "\\e").replace("-", "\\-")
     return "\n".join(("\\&" + l) if l.startswith((".", "'")) else l for l in out.split("\n"))
@@ -94,7 +99,7 @@ def render_man() -> str:
     for o in OPTIONS:
         a(".TP")
         a(_opt_line(o))
-        a(_esc(o.help[0].upper() + o.help[1:] + "."))
+        a(_sentence(o.help))
     a(".SH FILTERS")
     a(_esc("A filter is <laddr>:<lport>-<raddr>:<rport>. Several filters are ORed (at most "
            f"{MAX_FILTERS}); with none, every socket is counted."))
@@ -158,7 +163,7 @@ def render_man() -> str:
     for f in SERIES_FIELDS:
         a(".TP")
         a(f"\\fB{f.name}\\fR \\(em {_esc(f.field)}")
-        a(_esc(f.description[0].upper() + f.description[1:] + "."))
+        a(_sentence(f.description))
     a(".SH RFC 4898")
     a(_esc("--rfc4898 writes, as each socket the filters accept closes (any way: close, reset, time-out; "
            "listening sockets have none), the variables of RFC 4898 (TCP Extended Statistics MIB) that Linux "
@@ -174,12 +179,12 @@ def render_man() -> str:
                 continue
             a(".TP")
             a(f"\\fB{v.name}\\fR ({v.unit + ', ' if v.unit else ''}{v.agg}) \\(em {_esc(v.field)}")
-            a(_esc(v.description[0].upper() + v.description[1:] + "."))
+            a(_sentence(v.description))
     a(".SS Not kept by Linux")
     for name, why in ESTATS_UNAVAILABLE:
         a(".TP")
         a(f"\\fB{_esc(name)}\\fR")
-        a(_esc(why[0].upper() + why[1:] + "."))
+        a(_sentence(why))
     a(".SS From a capture (\\-\\-read)")
     a(_esc("Out is what local (the side that opened the connection) sent, In what remote sent. Counts add "
            "up over the connections of a row; times (in milliseconds, to the microsecond) do not: RttMin and "
@@ -189,7 +194,7 @@ def render_man() -> str:
     for c in CAPTURE_FIELDS:
         a(".TP")
         a(f"\\fB{c.name}\\fR ({c.section}{', ' + c.unit if c.unit else ''})")
-        a(_esc(c.description[0].upper() + c.description[1:] + "."))
+        a(_sentence(c.description))
     a(".SS Row keys")
     a(_esc("index, family, laddr, lport, raddr, rport (those of the index), sockets (socket tuples in "
            "the row), closed (of which closed during collection), processes (pid and name of the process "
