@@ -94,6 +94,7 @@ class Toolchain:
     # stap processes running now (so that a speculative compile can be cancelled)
     _running: set = field(default_factory=set, repr=False, compare=False)
     _cancelled: bool = field(default=False, repr=False, compare=False)
+    _version: str | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def find(cls) -> "Toolchain":
@@ -101,6 +102,12 @@ class Toolchain:
         return cls(_cmd_from_env("TCPIPSTAT_STAP", "stap"), _cmd_from_env("TCPIPSTAT_STAPRUN", "staprun"), over)
 
     def version(self) -> str:
+        """`stap -V`'s first line, asked once per toolchain (every cache key has it)."""
+        if self._version is None:
+            self._version = self._ask_version()
+        return self._version
+
+    def _ask_version(self) -> str:
         try:
             out = subprocess.run([*self.stap, "-V"], capture_output=True, text=True, timeout=60)
         except OSError as e:
@@ -109,9 +116,12 @@ class Toolchain:
         return text[0] if text else "unknown"
 
     # -- pass 2: which probe points exist on this kernel --
-    def resolve(self, points: list[str], kver: str, script: str) -> frozenset[str]:
+    def _resolve_path(self, kver: str, script: str) -> Path:
         key = hashlib.sha256("\0".join([kver, self.version(), script]).encode()).hexdigest()[:20]
-        path = cache_dir() / "resolve" / f"{key}.json"
+        return cache_dir() / "resolve" / f"{key}.json"
+
+    def resolve(self, points: list[str], kver: str, script: str) -> frozenset[str]:
+        path = self._resolve_path(kver, script)
         try:
             return frozenset(json.loads(path.read_text())["resolved"])
         except (OSError, ValueError, KeyError):
@@ -129,8 +139,7 @@ class Toolchain:
 
     def resolved_cached(self, kver: str, script: str) -> bool:
         """Is the probe check of ``script`` for ``kver`` already in the cache?"""
-        key = hashlib.sha256("\0".join([kver, self.version(), script]).encode()).hexdigest()[:20]
-        return (cache_dir() / "resolve" / f"{key}.json").is_file()
+        return self._resolve_path(kver, script).is_file()
 
     # -- pass 4: the module, cached by everything that shapes it --
     def module_path(self, script: str, kver: str, flags: list[str]) -> Path:
@@ -200,7 +209,7 @@ class SpeculativeCompile:
 
     def __init__(self, tc: "Toolchain", script: str, kver: str, flags: list[str]):
         self.script = script
-        self._tc = Toolchain(tc.stap, tc.staprun, tc.overridden)
+        self._tc = Toolchain(tc.stap, tc.staprun, tc.overridden, _version=tc.version())
         self._result: Path | BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(script, kver, flags), daemon=True)
         self._thread.start()
