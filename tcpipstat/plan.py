@@ -124,7 +124,8 @@ def _check_read(ns) -> None:
         ("onclose", ns.onclose), ("timeout", ns.timeout), ("--from-records", ns.from_records),
         ("--save-records", ns.save_records), ("--dump-script", ns.dump_script), ("--check", ns.check),
         ("-g/--groups", ns.groups != ",".join(DEFAULT_GROUPS)), ("--cong", ns.cong), ("--dist", ns.dist),
-        ("-r/--kernel-release", ns.kernel_release),
+        ("--rfc4898", ns.estats), ("--sample", ns.sample is not None), ("--on-cwnd-change", ns.on_cwnd_change),
+        ("--series", ns.series), ("--plot", ns.plot), ("-r/--kernel-release", ns.kernel_release),
         ("--stap-arg", ns.stap_args), ("--no-overload-guard", not ns.overload_guard),
         ("--max-sockets", str(ns.max_sockets) != "8192")) if on]
     if live_only:

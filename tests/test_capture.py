@@ -176,6 +176,8 @@ def test_process_indexes_are_a_clear_error(index):
     (["-c", "true"], "-c"), (["timeout=5"], "timeout"), (["--interval", "1"], "--interval"),
     (["onclose=1"], "onclose"), (["-x", "1"], "-x/--pid"), (["--from-records", "x"], "--from-records"),
     (["--groups", "tcp"], "-g/--groups"), (["--save-records", "x"], "--save-records"),
+    (["--cong"], "--cong"), (["--dist"], "--dist"), (["--rfc4898"], "--rfc4898"), (["--sample", "10"], "--sample"),
+    (["--on-cwnd-change"], "--on-cwnd-change"), (["--series", "s.csv"], "--series"), (["--plot", "p.png"], "--plot"),
 ])
 def test_live_only_options_are_refused(argv, what):
     status, out, err = run_cli("--read", str(LO), *argv)

@@ -80,3 +80,12 @@ def test_onclose_reports_carry_the_variables():
     assert all(r["rfc4898"]["DataOctetsOut"] >= 1000 for r in rows)
     status, out, _ = run_cli("--from-records", str(RUNS["trixie"]), "onclose=1")
     assert out.count("RFC 4898 at close") == 2
+
+
+def test_the_option_plans_the_records_and_room_for_them():
+    from tcpipstat.plan import build_plan
+    from tcpipstat.render import render_script
+    plan = build_plan(["--rfc4898"])
+    assert plan.estats and "-DMAXSTRINGLEN=2048" in plan.compile_flags()
+    assert "function tis_estats" in render_script({"InSegs"}, 1024, estats=True)
+    assert "tis_estats" not in render_script({"InSegs"}, 1024)
