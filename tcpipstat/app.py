@@ -177,9 +177,10 @@ def collect_live(plan: Plan, console: Console, errc: Console, out: IO[str], err:
         log(f"collecting {what}...")
         timing = False
         for lineno, line in enumerate(runner.lines(), 1):
-            # --stap-arg=-t: stap's per-probe timing report follows the records on stdout
+            # --stap-arg=-t: stap's per-probe timing report follows the records on stdout;
+            # its lock contention lines can arrive before them (another CPU's buffer)
             timing = timing or line.startswith("----- probe hit report")
-            if timing:
+            if timing or _LOCK_CONTENTION.match(line):
                 err.write(line)
                 if saved:
                     saved.write("# " + line)
@@ -239,6 +240,10 @@ def collect_saved(plan: Plan, console: Console, out: IO[str]):
     return collection, ctx, RunOutcome()
 
 
+# stap -t (STP_TIMING) at module exit: "'__global_NAME' lock contention occurred N times"
+_LOCK_CONTENTION = re.compile(r"'[^']+' lock contention occurred \d+ times$")
+
+
 def collect(plan: Plan, out: IO[str], err: IO[str]) -> int:
     console, errc = _consoles(plan, out, err)
     if plan.from_records:
@@ -249,8 +254,9 @@ def collect(plan: Plan, out: IO[str], err: IO[str]) -> int:
     collection.finish()
     notes = ctx.notes
     if outcome.skipped:
-        notes.append(f"stap skipped {outcome.skipped} probe hits (reentrancy or missed returns): "
-                     "counters may be low by up to that many events")
+        notes.append(f"stap skipped {outcome.skipped} probe hits (probes that fired while another ran on "
+                     "the same CPU, missed returns or lock waits): counters may be low by up to that many "
+                     "events")
     if outcome.bad_lines:
         notes.append(f"{outcome.bad_lines} lines from the collector were not records and were skipped "
                      f"(first: {outcome.first_bad}): counters may be low")

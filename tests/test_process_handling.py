@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from .conftest import FIXTURES, ROOT
 
 FAKES = ROOT / "tests" / "fakes"
@@ -135,12 +137,14 @@ def test_an_unreadable_line_costs_that_line_only(tmp_path):
     assert "unreadable lines from the collector" in err
 
 
-def test_stap_t_timing_report_passes_through(tmp_path):
+@pytest.mark.parametrize("mode", ["timing", "timing-early"])
+def test_stap_t_timing_report_passes_through(tmp_path, mode):
     """--stap-arg=-t: the module's per-probe report (recorded in the lab) follows the
-    records on stdout; it goes to stderr and into saved records as comments."""
+    records on stdout (its lock contention lines may come first); it goes to stderr and
+    into saved records as comments, and is not taken for unreadable records."""
     saved = tmp_path / "saved.records"
     p = tcpipstat(["--json", "index=lport", "--stap-arg=-t", "--save-records", str(saved)], tmp_path,
-                  FAKE_STAPRUN_MODE="timing", FAKE_TIMING=str(FIXTURES / "bookworm-stap-t-report.txt"))
+                  FAKE_STAPRUN_MODE=mode, FAKE_TIMING=str(FIXTURES / "bookworm-stap-t-report.txt"))
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
     rows = {o["lport"]: o for o in map(json.loads, out.splitlines())}

@@ -286,7 +286,11 @@ def test_congestion_states_against_the_kernel(suite, tmp_path):
     assert 2_000_000 <= times(sender) <= (end - start) * 1000, why
     recoveries = d.get("TcpExt.TCPSackRecovery", 0) + d.get("TcpExt.TCPRenoRecovery", 0)
     stays = sum(sum(o.get("dist_us", {}).get("Recovery", {}).values()) for o in objs)
-    assert recoveries > 0 and stays == recoveries, why
+    # Only tcp_enter_recovery() enters Recovery, and counts it: never more stays than
+    # that. A probe hit stap skipped (the report says how many) can hide one: with the
+    # fallback, a skipped tcp_ack return that went Recovery -> Open -> Recovery is one
+    # stay. (Seen in CI on 6.12: 457 skipped hits, 20 stays for 21 recoveries.)
+    assert recoveries > 0 and recoveries - r.skipped() <= stays <= recoveries, why
     # every row's time in Recovery is made of its stays: none without a stay, and back
     assert all((o["counters"]["CaRecoveryUs"] > 0) == bool(o.get("dist_us", {}).get("Recovery"))
                for o in objs), why
@@ -361,6 +365,9 @@ def test_samples_after_every_ack_against_ss(suite, tmp_path):
     assert client and client[-1]["event"] == "end" and [x["event"] for x in client].count("end") == 1, rows
     first = int(client[0]["snd_una"])
     done = [x for x in client if x["event"] == "ack" and (int(x["snd_una"]) - first) % (1 << 32) == 300000]
+    if not done and r.skipped():
+        # that ACK's tcp_ack return may be one of the hits stap skipped (and said so)
+        pytest.skip(f"no sample of the last ACK; stap skipped {r.skipped()} probe hits")
     assert done, client                                   # the workload's 300000 bytes, acknowledged
     s = done[-1]
     rtt, rttvar = (float(v) for v in ss["rtt"].split("/"))
