@@ -29,9 +29,11 @@ PROG = "tcpipstat"
 
 
 def dump_script(plan: Plan) -> str:
-    """The script for the chosen groups, before probe resolution (every unit)."""
-    return render_script([u.name for u in units_for_groups(plan.groups)], plan.max_sockets, plan.dist,
-                         plan.estats, plan.sample_ms is not None)
+    """The script for the chosen groups, before probe resolution (every unit; with
+    --kprobes-only, none that needs a tracepoint)."""
+    units = [u.name for u in units_for_groups(plan.groups)
+             if plan.tracepoints or not any(p.startswith("kernel.trace(") for p in u.points)]
+    return render_script(units, plan.max_sockets, plan.dist, plan.estats, plan.sample_ms is not None)
 
 
 def kernel_release(plan: Plan) -> str:
@@ -43,6 +45,8 @@ def prepare(plan: Plan, tc: Toolchain, log) -> tuple[str, list[str], list[str], 
     how congestion states are seen: "" without the cong group)."""
     kver = kernel_release(plan)
     points = points_for_groups(plan.groups)
+    if not plan.tracepoints:      # --kprobes-only: not even asked about (saves stap's helper module)
+        points = [p for p in points if not p.startswith("kernel.trace(")]
     log(f"checking which probe points exist on kernel {kver}...")
     resolved = tc.resolve(points, kver, render_probe_check(points))
     wanted = units_for_groups(plan.groups)

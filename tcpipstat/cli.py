@@ -98,6 +98,9 @@ OPTIONS: tuple[Opt, ...] = (
         metavar="N", default="8192"),
     Opt(("-r", "--kernel-release"), "compile for kernel KVER instead of the running one (uname -r)",
         dest="kernel_release", metavar="KVER"),
+    Opt(("--kprobes-only",), "use kprobes even where a tracepoint resolves (congestion states: the "
+        "tcp_ack, tcp_enter_loss and tcp_simple_retransmit fallback instead of tcp:tcp_cong_state_set), "
+        "to compare the two or to avoid a tracepoint", dest="tracepoints", action="store_false", default=True),
     Opt(("--no-overload-guard",), "disable stap's probe-overhead guard (-DSTP_NO_OVERLOAD); needed "
         "on slow machines such as emulated VMs, where the guard stops collection", dest="overload_guard",
         action="store_false", default=True),

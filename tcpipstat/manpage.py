@@ -147,7 +147,8 @@ def render_man() -> str:
            "change. Elsewhere (e.g. trixie's stap 5.1 with Linux 6.12) the state is read after tcp_ack(), "
            "tcp_enter_loss() and tcp_simple_retransmit() return, which costs a kretprobe per ACK and sees "
            "a change made elsewhere only at the next of those calls; a stay that begins and ends within "
-           "one of them is not seen. The report says which was used."))
+           "one of them is not seen. The report says which was used; --kprobes-only takes the second "
+           "where the tracepoint exists too (to compare them)."))
     a(".SH SERIES")
     a(_esc("--sample MS samples each connection the filters accept right after the kernel has processed an "
            "ACK for it (tcp_ack() returned): the first ACK once MS milliseconds have passed since the "

@@ -44,6 +44,7 @@ class Plan:
     max_sockets: int = 8192
     kernel_release: str | None = None
     overload_guard: bool = True
+    tracepoints: bool = True         # False: --kprobes-only
     stap_args: tuple[str, ...] = ()
     dump_script: bool = False
     save_records: str | None = None
@@ -127,6 +128,7 @@ def _check_read(ns) -> None:
         ("--rfc4898", ns.estats), ("--sample", ns.sample is not None), ("--on-cwnd-change", ns.on_cwnd_change),
         ("--series", ns.series), ("--plot", ns.plot), ("-r/--kernel-release", ns.kernel_release),
         ("--stap-arg", ns.stap_args), ("--no-overload-guard", not ns.overload_guard),
+        ("--kprobes-only", not ns.tracepoints),
         ("--max-sockets", str(ns.max_sockets) != "8192")) if on]
     if live_only:
         raise UsageError(f"--read reports a capture file: it cannot be combined with {live_only[0]} "
@@ -234,6 +236,7 @@ def build_plan(argv: list[str]) -> Plan:
         max_sockets=max_sockets,
         kernel_release=ns.kernel_release,
         overload_guard=ns.overload_guard,
+        tracepoints=ns.tracepoints,
         stap_args=stap_args,
         dump_script=ns.dump_script,
         save_records=ns.save_records,

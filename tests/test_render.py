@@ -119,3 +119,34 @@ def test_no_input_changes_the_script_text(filters, index, timeout):
     assert baseline == render_script([u.name for u in units_for_groups(DEFAULT_GROUPS)], 8192)
     for arg in module_args(list(plan.filters), plan.timeout_s):
         assert re.fullmatch(r"tis_[a-z0-9_]+=-?[0-9]+", arg), arg
+
+
+class _AskedToolchain:
+    """A toolchain whose probe check resolves every point it is asked about (and remembers them)."""
+    def __init__(self):
+        self.asked = []
+
+    def resolve(self, points, kver, script):
+        self.asked = list(points)
+        return frozenset(points)
+
+
+def test_kprobes_only_takes_the_fallback_where_the_tracepoint_resolves():
+    from tcpipstat.app import dump_script, prepare
+    tc = _AskedToolchain()
+    script, _, unavailable, how = prepare(build_plan(["-r", "6.1", "--cong"]), tc, lambda m: None)
+    assert 'kernel.trace("tcp:tcp_cong_state_set")' in tc.asked and how.startswith("tracepoint")
+    script, _, unavailable, how = prepare(build_plan(["-r", "6.1", "--cong", "--kprobes-only"]), tc, lambda m: None)
+    # not even asked (resolving a tracepoint costs stap a helper module), and not used
+    assert not any(p.startswith("kernel.trace(") for p in tc.asked), tc.asked
+    assert how.startswith("kprobes") and "kernel.trace" not in script and 'function("tcp_ack").return' in script
+    assert not unavailable                      # same counters either way
+    dumped = dump_script(build_plan(["--cong", "--kprobes-only"]))
+    assert "kernel.trace" not in dumped and 'function("tcp_ack").return' in dumped
+
+
+def test_the_fallback_reads_the_congestion_state_as_a_byte():
+    """stap 4.8 reads the icsk_ca_state bitfield as 0 (seen in the lab): the byte that
+    holds it is read instead (the low bits of the byte before icsk_retransmits)."""
+    kp = render_script({"CongStateK"}, 1024)
+    assert "->icsk_ca_state" not in kp and "->icsk_retransmits - 1) & 7" in kp

@@ -262,13 +262,14 @@ def test_a_full_table_always_ends_in_a_told_loss(suite, tmp_path):
     assert "raise --max-sockets (now 64)" in r.stderr, why
 
 
-def test_congestion_states_against_the_kernel(suite, tmp_path):
+def _congestion_run(suite, tmp_path, *extra):
     """netem delay + loss on loopback: the sending socket leaves Open; its times in the
     states cover its life; the stays in Recovery are the kernel's own count of recoveries
-    (TcpExt TCPSackRecovery + TCPRenoRecovery, which tcp_enter_recovery() counts)."""
+    (TcpExt TCPSackRecovery + TCPRenoRecovery, which tcp_enter_recovery() counts).
+    Returns how the states were seen."""
     rec = tmp_path / "records"
     r = LabRun(suite, tmp_path, "--json", "--cong", "--dist", "--all-processes", "--save-records", str(rec),
-               "*:5201-*:*", "*:*-*:5201", "-c", W.CONG_IPERF3)
+               *extra, "*:5201-*:*", "*:*-*:5201", "-c", W.CONG_IPERF3)
     why = r.explain()
     assert r.rc == 0, why
     how = re.search(r"congestion states seen through the (tracepoint|kprobes)", r.stderr)
@@ -294,6 +295,20 @@ def test_congestion_states_against_the_kernel(suite, tmp_path):
     # every row's time in Recovery is made of its stays: none without a stay, and back
     assert all((o["counters"]["CaRecoveryUs"] > 0) == bool(o.get("dist_us", {}).get("Recovery"))
                for o in objs), why
+    return how.group(1)
+
+
+def test_congestion_states_against_the_kernel(suite, tmp_path):
+    how = _congestion_run(suite, tmp_path)
+    assert how == ("tracepoint" if suite == "bookworm" else "kprobes")
+
+
+def test_congestion_fallback_where_the_tracepoint_exists(suite, tmp_path):
+    """--kprobes-only: the fallback on a kernel that has the tracepoint (with stap 4.8 it
+    read icsk_ca_state, a bitfield, as 0: every stay was Open)."""
+    if suite != "bookworm":
+        pytest.skip("no tracepoint here: the test above already ran the fallback")
+    assert _congestion_run(suite, tmp_path, "--kprobes-only") == "kprobes"
 
 
 def _ss_fields(line: str) -> dict[str, str]:
