@@ -150,3 +150,12 @@ def test_the_fallback_reads_the_congestion_state_as_a_byte():
     holds it is read instead (the low bits of the byte before icsk_retransmits)."""
     kp = render_script({"CongStateK"}, 1024)
     assert "->icsk_ca_state" not in kp and "->icsk_retransmits - 1) & 7" in kp
+
+
+def test_return_probes_take_entry_values_from_the_kretprobe():
+    """@entry() would keep each value in a global map keyed by thread (an extra kprobe and
+    two write-locked map operations per call); $param in a .return probe is saved in the
+    kretprobe's own data."""
+    for units in (all_units(), [u for u in all_units() if u != "CongState"]):   # + the fallback
+        text = render_script(units, 8192, dist=True, estats=True, sample=True)
+        assert ".return" in text and "@entry" not in text
