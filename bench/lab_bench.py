@@ -317,6 +317,8 @@ def main() -> None:
     ap.add_argument("--seed", type=Path, default=None, help="text holding the classic tcpipstat.stp")
     ap.add_argument("--configs", default="untraced,tcpipstat,socket-tcp,classic,classic-fixed",
                     help="overhead part: which of untraced, tcpipstat, socket-tcp, classic, classic-fixed")
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="work in DIR and keep it (e.g. the scale runs' saved records, to report them again)")
     a = ap.parse_args()
     SEED = a.seed or default_seed()
     CONFIGS.update(a.configs.split(","))
@@ -325,7 +327,8 @@ def main() -> None:
     print(f"# tcpipstat lab benchmark, {time.strftime('%Y-%m-%d %H:%M')}, host: {os.cpu_count()} x {cpu}; "
           f"guest: QEMU TCG, 2 vCPUs; runs: {a.runs}")
     with tempfile.TemporaryDirectory(prefix="tcpipstat-bench-") as tmp:
-        work = Path(tmp)
+        work = Path(a.keep or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         parts = a.parts.split(",")
         if "startup" in parts:
             part_startup(a.kernel, a.runs, work)
