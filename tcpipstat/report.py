@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+from json.encoder import encode_basestring_ascii
 import time
 from functools import lru_cache
 from itertools import chain, zip_longest
@@ -416,37 +417,122 @@ def _columns(ctx: ReportContext) -> list[tuple[str, bool, bool, int | None]]:
             for c in ctx.catalogue.counters if c.name in avail or c.name in unavail]
 
 
-def row_dict(row: Row, ctx: ReportContext, columns: list[tuple[str, bool, bool, int | None]] | None = None) -> dict:
+_NULL = object()      # looked up for a column a row shows as null: no row has it
+_INT = frozenset({int})
+
+
+class _CounterColumns:
+    """The counters of IPv4 rows, or of IPv6 rows, in JSON and CSV, worked out once per
+    report: every column's name, and what a row's ``counters.get`` is asked for it (a
+    column not available here, or IPv4-only in an IPv6 row, is null)."""
+
+    def __init__(self, columns: list[tuple[str, bool, bool, int | None]], v6: bool):
+        shown = [ok and not (v6 and v4) for _, ok, v4, _ in columns]
+        self.names = tuple(name for name, _, _, _ in columns)
+        self.lookups = tuple(name if on else _NULL for (name, _, _, _), on in zip(columns, shown))
+        self.absents = tuple(absent if on else None for (_, _, _, absent), on in zip(columns, shown))
+        self.shown = tuple(name for name, on in zip(self.names, shown) if on)
+        self.shown_absents = tuple(absent for absent, on in zip(self.absents, shown) if on)
+        # the JSON object with a %s for each shown column's value: null is written in
+        self.json_format = "{" + ",".join(
+            encode_basestring_ascii(name).replace("%", "%%") + (":%s" if on else ":null")
+            for name, on in zip(self.names, shown)) + "}"
+
+    def values(self, counters: dict) -> dict:
+        """{name: value or None} of every column, in order."""
+        return dict(zip(self.names, map(counters.get, self.lookups, self.absents)))
+
+    def json(self, counters: dict, dumps) -> str:
+        """:meth:`values` as compact JSON, as ``dumps`` writes it."""
+        vals = tuple(map(counters.get, self.shown, self.shown_absents))
+        if _INT.issuperset(map(type, vals)):    # counts: str() is their JSON
+            return self.json_format % vals
+        return dumps(self.values(counters))
+
+
+def _counter_columns(ctx: ReportContext) -> tuple[_CounterColumns, _CounterColumns]:
+    """The counter columns of IPv4 rows and of IPv6 rows."""
+    cols = _columns(ctx)
+    return _CounterColumns(cols, False), _CounterColumns(cols, True)
+
+
+def _row_head(row: Row) -> dict:
+    """A row's key fields, sockets, processes, and whether it opened while collecting."""
     d = key_fields(row.key)
     d["sockets"] = row.sockets
     d["closed"] = row.closed
     d["processes"] = [{"pid": p, "comm": c} for p, c in sorted(row.processes.items())]
     d["opened_during_collection"] = row.opened_during_collection
-    v6 = row.key.family == AF_INET6
-    get = row.counters.get
-    d["counters"] = {name: (get(name, absent) if ok and not (v6 and v4) else None)
-                     for name, ok, v4, absent in (columns if columns is not None else _columns(ctx))}
+    return d
+
+
+def _row_extras(row: Row, dist: bool) -> dict:
+    """What a row adds after its counters, when it has it: samples, RFC 4898 variables,
+    congestion-state histograms."""
+    d = {}
     sm = series_summary(row.samples) if row.samples else None
     if sm:                    # --sample: cwnd / srtt over the row's samples (the files have them all)
         d["series"] = sm
     es = row.estats
     if es is not None:        # --rfc4898: as the socket(s) closed; null: not kept by this kernel
         d["rfc4898"] = es
-    dist = row_dist(row) if "CaChanges" in d["counters"] else None
-    if dist:      # --dist: {"Recovery": {"1024": stays of 1024-2047 µs, ...}, ...}
-        d["dist_us"] = {s: {str((1 << b) if b else 0): n for b, n in bk.items()} for s, bk in dist.items()}
+    rd = row_dist(row) if dist else None
+    if rd:        # --dist: {"Recovery": {"1024": stays of 1024-2047 µs, ...}, ...}
+        d["dist_us"] = {s: {str((1 << b) if b else 0): n for b, n in bk.items()} for s, bk in rd.items()}
     return d
 
 
+def row_dict(row: Row, ctx: ReportContext, columns: tuple[_CounterColumns, _CounterColumns] | None = None) -> dict:
+    columns = columns or _counter_columns(ctx)
+    d = _row_head(row)
+    cols = columns[row.key.family == AF_INET6]
+    d["counters"] = cols.values(row.counters)
+    d.update(_row_extras(row, "CaChanges" in cols.names))
+    return d
+
+
+def _tuple_head_json(row: Row) -> str | None:
+    """:func:`_row_head` of an index=tuple row with one process or none as compact JSON
+    without its closing brace, written as json writes it (addresses are plain ASCII, the
+    numbers ints); None for any other row."""
+    k, procs, opened = row.key, row.processes, row.opened_during_collection
+    if (k.index != "tuple" or k.pid is not None or k.comm is not None or len(procs) > 1
+            or type(opened) is not bool
+            or not _INT.issuperset(map(type, (k.family, k.laddr, k.lport, k.raddr, k.rport,
+                                              row.sockets, row.closed, *procs)))):
+        return None
+    if procs:
+        (pid, comm), = procs.items()
+        if type(comm) is not str:
+            return None
+        p = f'[{{"pid":{pid},"comm":{encode_basestring_ascii(comm)}}}]'
+    else:
+        p = "[]"
+    return (f'{{"index":"tuple","family":"{"ipv6" if k.family == AF_INET6 else "ipv4"}",'
+            f'"laddr":"{_addr(k.family, k.laddr)}","lport":{k.lport},'
+            f'"raddr":"{_addr(k.family, k.raddr)}","rport":{k.rport},'
+            f'"sockets":{row.sockets},"closed":{row.closed},"processes":{p},'
+            f'"opened_during_collection":{"true" if opened else "false"}')
+
+
 def write_json(out: IO[str], rows: Iterable[Row], ctx: ReportContext, win: Window | None = None) -> int:
+    """One compact JSON object per row (NDJSON), :func:`row_dict`'s, put together from
+    pieces: the counters, most of each line, go through a format string planned once."""
     n = 0
-    cols = _columns(ctx)
+    columns = _counter_columns(ctx)
+    dist = "CaChanges" in columns[0].names
     dumps = json.JSONEncoder(separators=(",", ":")).encode
+    write = out.write
+    wf = window_fields(win) if win is not None else None
     for row in rows:
-        d = row_dict(row, ctx, cols)
-        if win is not None:
-            d = {**window_fields(win), **d}
-        out.write(dumps(d) + "\n")
+        line = _tuple_head_json(row) if wf is None else None
+        if line is None:
+            line = dumps({**wf, **_row_head(row)} if wf else _row_head(row))[:-1]
+        line += ',"counters":' + columns[row.key.family == AF_INET6].json(row.counters, dumps)
+        if row.samples or row.closing or dist:
+            for k, v in _row_extras(row, dist).items():
+                line += "," + encode_basestring_ascii(k) + ":" + dumps(v)
+        write(line + "}\n")
         n += 1
     return n
 
@@ -499,29 +585,23 @@ def csv_columns(ctx: ReportContext, window: bool = False) -> list[str]:
 
 def write_csv(out: IO[str], rows: Iterable[Row], ctx: ReportContext, win: Window | None = None,
               header: bool = True) -> int:
-    cols = csv_columns(ctx, win is not None)
+    """A header, then one line per row: csv_columns()'s, a missing value (None) empty."""
     w = csv.writer(out, lineterminator="\n")
     if header:
-        w.writerow(cols)
+        w.writerow(csv_columns(ctx, win is not None))
+    writerow = w.writerow
+    columns = _counter_columns(ctx)
+    evars = [v.name for v in EVARS] if ctx.estats else []
+    head = [window_fields(win)[k] for k in WINDOW_KEYS] if win is not None else []
     n = 0
-    cols_plan = _columns(ctx)
-    names = ctx.catalogue.by_name
     for row in rows:
-        d = row_dict(row, ctx, cols_plan)
-        if win is not None:
-            d.update(window_fields(win))
-        d["processes"] = " ".join(f"{p['comm']}[{p['pid']}]" for p in d["processes"])
-        vals = []
-        es = d.get("rfc4898") or {}
-        for c in cols:
-            if c in names:
-                v = d["counters"].get(c)
-                vals.append("" if v is None else v)
-            elif c.startswith("rfc4898."):
-                v = es.get(c[8:])
-                vals.append("" if v is None else v)
-            else:
-                vals.append(d.get(c, ""))
-        w.writerow(vals)
+        k = key_fields(row.key)
+        vals = head + [k.get(c, "") for c in CSV_KEYS[:-3]]
+        vals += (row.sockets, row.closed, " ".join(f"{c}[{p}]" for p, c in sorted(row.processes.items())))
+        cols = columns[row.key.family == AF_INET6]
+        vals += map(row.counters.get, cols.lookups, cols.absents)       # (csv writes None as "")
+        if evars:
+            vals += map((row.estats or {}).get, evars)
+        writerow(vals)
         n += 1
     return n

@@ -110,6 +110,31 @@ def test_onclose_reports_each_closed_socket_once():
     assert all(o["closed"] == 1 for o in objs)
 
 
+
+ODD_COMMS = "R\tclose\t10\t0\t1\t8000\t20010db8\t5\t443\t7\tq\\\"x\\tz\\r\\303\\251\t0\tSendBytes=1234567\tInSegs=3"
+
+
+@pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.records")), ids=lambda p: p.name)
+def test_ndjson_lines_are_json_dumps_of_row_dict(path):
+    """write_json builds its lines from pieces (for speed): each must be exactly what
+    json.dumps writes for the row's dict, whatever the index, the rows and the sockets."""
+    from tcpipstat.report import row_dict
+    text = path.read_text()
+    if path.name == "bookworm-tcpwork-v4.records":   # a command name to escape, an IPv6 row, two processes
+        lines = text.splitlines()
+        lines.insert(-1, ODD_COMMS)
+        lines.insert(-1, ODD_COMMS.replace("\t443\t7\t", "\t444\t9\t").replace("\tq", "\tother"))
+        text = "\n".join(lines)
+    c = Collection().extend(Parser(path.name).parse(text.splitlines()))
+    for ctx in (ReportContext(c.counter_names), ReportContext(c.counter_names[1:], c.counter_names[:1])):
+        for index in INDEXES:
+            rows = c.rows(index)
+            out = io.StringIO()
+            write_json(out, rows, ctx)
+            expected = "".join(json.dumps(row_dict(r, ctx), separators=(",", ":")) + "\n" for r in rows)
+            assert out.getvalue() == expected, index
+
+
 @pytest.mark.parametrize("line,why", [
     ("X\t1", "not a tcpipstat record"),
     ("R\tclose\t2\t0\t7f000001\t1\t0\t7f000001\t2\t0\tx\tBogus=1", "unknown counter"),
