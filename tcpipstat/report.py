@@ -99,13 +99,6 @@ def _addr(family: int | None, value: int | None) -> str:
     return Tuple(family or 2, value, 0, 0, 0).addr_str("l")
 
 
-def _endpoint(family: int | None, addr: int | None, port: int | None) -> str:
-    a = _addr(family, addr)
-    if family == AF_INET6:
-        a = f"[{a}]"
-    return f"{a}:{port}"
-
-
 def key_fields(key: GroupKey) -> dict[str, object]:
     out: dict[str, object] = {"index": key.index}
     if key.family is not None:
@@ -127,8 +120,9 @@ def key_fields(key: GroupKey) -> dict[str, object]:
 
 def key_label(key: GroupKey) -> str:
     if key.index == "tuple":
-        return (f"{_endpoint(key.family, key.laddr, key.lport)} <-> "
-                f"{_endpoint(key.family, key.raddr, key.rport)}")
+        if key.family == AF_INET6:
+            return f"[{_addr(key.family, key.laddr)}]:{key.lport} <-> [{_addr(key.family, key.raddr)}]:{key.rport}"
+        return f"{_addr(key.family, key.laddr)}:{key.lport} <-> {_addr(key.family, key.raddr)}:{key.rport}"
     if key.index == "laddr":
         return f"Local address: {_addr(key.family, key.laddr)}"
     if key.index == "raddr":
@@ -143,6 +137,9 @@ def key_label(key: GroupKey) -> str:
 
 
 def _procs(row: Row) -> str:
+    if len(row.processes) == 1:     # (most rows)
+        (pid, comm), = row.processes.items()
+        return f"{comm or '?'}[{pid}]"
     items = [f"{comm or '?'}[{pid}]" for pid, comm in sorted(row.processes.items())]
     if len(items) > 4:
         items = items[:4] + [f"+{len(row.processes) - 4} more"]
@@ -241,8 +238,9 @@ _EMPTY_CELL = ("-",)
 def _cells(row: Row, plans: tuple[tuple, tuple]) -> list:
     """The counter lines of each section (column) of one row."""
     get = row.counters.get
-    # a missing counter is 0 and, like 0, not shown
-    return [([f"{n} {v:,}" for n, v in zip(names, map(get, names)) if v] if type(names) is tuple
+    # a missing counter is 0 and, like 0, not shown; below 1,000, str() is the text of "{:,}"
+    return [([f"{n} {v}" if -1000 < v < 1000 and type(v) is int else f"{n} {v:,}"
+              for n, v in zip(names, map(get, names)) if v] if type(names) is tuple
              else names(get)) or _EMPTY_CELL
             for names in plans[row.key.family == AF_INET6]]
 
@@ -250,12 +248,12 @@ def _cells(row: Row, plans: tuple[tuple, tuple]) -> list:
 @lru_cache(maxsize=4096)
 def _table_format(sections: tuple[str, ...], widths: tuple[int, ...], depth: int) -> tuple[str, int]:
     """A row's table with columns of these widths and ``depth`` counter lines, as a
-    format string that takes the cells line by line, and its width: a blank line, the
+    %-format that takes the cells line by line, and its width: a blank line, the
     section names, a rule, the counter lines and a blank line, laid out like a rich
     SIMPLE_HEAD table."""
     width = sum(widths) + 3 * (len(widths) - 1) + 2
-    line = " " + "   ".join(f"{{:<{w}}}" for w in widths) + " "
-    head = line.format(*sections).replace("{", "{{").replace("}", "}}")
+    line = " " + "   ".join(f"%-{w}s" for w in widths) + " "
+    head = (line % sections).replace("%", "%%")
     return "\n".join([" " * width, head, " " + "\u2500" * (width - 2) + " ", *[line] * depth, " " * width]), width
 
 
@@ -265,7 +263,7 @@ def _table(row: Row, ctx: ReportContext, plans: tuple[tuple, tuple]) -> tuple[st
     cells = _cells(row, plans)
     widths = tuple([max(len(h), max(map(len, col))) for h, col in zip(ctx.section_names, cells)])
     fmt, width = _table_format(ctx.section_names, widths, max(map(len, cells)))
-    return fmt.format(*chain.from_iterable(zip_longest(*cells, fillvalue=""))), width
+    return fmt % tuple(chain.from_iterable(zip_longest(*cells, fillvalue=""))), width
 
 
 def _extra_lines(row: Row, dist: bool, us: bool) -> list[str]:
