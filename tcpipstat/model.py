@@ -28,6 +28,14 @@ class SocketTotals:
     in_tree: bool = False     # used by a process of the -c command's tree
     estats: dict | None = None  # --rfc4898: its RFC 4898 variables as it closed
 
+    @classmethod
+    def first(cls, rec: SocketRecord) -> "SocketTotals":
+        """A tuple's totals made from its first record (what ``SocketTotals(t).add(rec)``
+        makes, without the merge)."""
+        pid = rec.pid
+        return cls(rec.tuple, dict(rec.counters), pid, rec.comm if pid else "", rec.reason == "close",
+                   False | rec.in_tree)
+
     def add(self, rec: SocketRecord) -> None:
         if not self.counters:
             self.counters = dict(rec.counters)
@@ -50,6 +58,9 @@ class SocketTotals:
         return any(self.counters.values()) or self.estats is not None
 
 
+_tuple_new = tuple.__new__
+
+
 class GroupKey(NamedTuple):
     """What a report row groups by (a NamedTuple: built and hashed in C, once per socket)."""
     index: str
@@ -63,8 +74,8 @@ class GroupKey(NamedTuple):
 
     @classmethod
     def of(cls, index: str, t: Tuple) -> "GroupKey":
-        if index == "tuple":
-            return cls(index, t.family, t.laddr, t.lport, t.raddr, t.rport)
+        if index == "tuple":   # (the fields of a Tuple follow the index, in its order)
+            return _tuple_new(cls, ("tuple", *t, None, None))
         if index == "laddr":
             return cls(index, t.family, laddr=t.laddr)
         if index == "raddr":
@@ -150,7 +161,22 @@ class Collection:
     selection: str = ""                                   # "pid", "tree" or "" (all)
 
     def add(self, rec: Record) -> None:
-        if isinstance(rec, Header):
+        if isinstance(rec, SocketRecord):       # nearly every record: first
+            # a closed tuple seen again is a new socket (or late segments after
+            # close); for the summary it adds to the same tuple
+            st = self.sockets.get(rec.tuple)
+            if st is None:
+                st = self.sockets[rec.tuple] = SocketTotals.first(rec)
+            else:
+                st.add(rec)
+            if self.on_interval is not None:
+                w = _totals(self.window, rec.tuple)
+                w.add(rec)
+                # the window's sockets take the process the whole run knows for them
+                w.pid, w.comm, w.in_tree = st.pid, st.comm, st.in_tree
+            if rec.reason == "close" and self.on_close and st.has_activity and self._kept(st):
+                self.on_close(st)
+        elif isinstance(rec, Header):
             self.header = rec
         elif isinstance(rec, Trailer):
             self.trailer = rec
@@ -164,18 +190,6 @@ class Collection:
             _totals(self.sockets, rec.tuple).estats = rec.values
             if self.on_interval is not None:
                 _totals(self.window, rec.tuple).estats = rec.values
-        elif isinstance(rec, SocketRecord):
-            # a closed tuple seen again is a new socket (or late segments after
-            # close); for the summary it adds to the same tuple
-            st = _totals(self.sockets, rec.tuple)
-            st.add(rec)
-            if self.on_interval is not None:
-                w = _totals(self.window, rec.tuple)
-                w.add(rec)
-                # the window's sockets take the process the whole run knows for them
-                w.pid, w.comm, w.in_tree = st.pid, st.comm, st.in_tree
-            if rec.reason == "close" and self.on_close and st.has_activity and self._kept(st):
-                self.on_close(st)
 
     def _kept(self, st: SocketTotals) -> bool:
         return self.keep is None or self.keep(st)
@@ -230,15 +244,17 @@ class Collection:
         if index not in INDEXES:
             raise ValueError(index)
         rows: dict[GroupKey, Row] = {}
-        kept = self._kept if sockets is None else self._kept_in_window
-        for st in (self.sockets.values() if sockets is None else sockets):
+        whole = sockets is None
+        kept = self._kept if whole else self._kept_in_window
+        series = self.series if whole else {}
+        for st in (self.sockets.values() if whole else sockets):
             if not st.has_activity or not kept(st):
                 continue
             key = GroupKey.of_socket(index, st)
             # (a window's socket: judged on what the whole run has seen of it)
-            opened = self.sockets.get(st.tuple, st).opened_during_collection
+            opened = (st if whole else self.sockets.get(st.tuple, st)).opened_during_collection
             row = rows.get(key)
-            samples = self.series.get(st.tuple) if sockets is None else None
+            samples = series.get(st.tuple)
             if row is None:      # the common case with index=tuple: one socket, one row
                 rows[key] = Row(key, dict(st.counters), 1, int(st.closed),
                                 {st.pid: st.comm} if st.pid else {}, opened,

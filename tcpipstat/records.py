@@ -118,6 +118,8 @@ class Trailer:
     pfull: int = 0        # times the process table was full (attribution may be missing)
 
 
+_tuple_new = tuple.__new__     # (a Tuple made without NamedTuple's Python-level __new__)
+
 Record = Header | SocketRecord | Trailer | IntervalMark | EstatsRecord | SampleRecord
 
 
@@ -177,6 +179,8 @@ class Parser:
         self.header: Header | None = None
         self.trailer: Trailer | None = None
         self._known: frozenset[str] = frozenset()
+        self._valid: set[str] = set()     # counter names seen valid: the header's, histogram fields
+        self._fixed = 12
 
     def _err(self, lineno: int, line: str, why: str) -> RecordParseError:
         return RecordParseError(self.source, lineno, line, why)
@@ -188,6 +192,19 @@ class Parser:
         f = line.split("\t")
         kind = f[0]
         try:
+            if kind == "R":       # nearly every line
+                if self.header is None:
+                    raise self._err(lineno, line, "socket record before the header")
+                fixed = self._fixed
+                if len(f) < fixed:
+                    raise self._err(lineno, line, "socket record has too few fields")
+                reason = f[1]
+                if reason not in REASONS:
+                    raise self._err(lineno, line, f"unknown reason {reason!r}")
+                t = self._tuple(f, 2, lineno, line)
+                flags = int(f[11]) if fixed == 12 else 0
+                counters = self._counters(f, fixed, lineno, line)
+                return SocketRecord(reason, t, int(f[9]), unescape_comm(f[10]), counters, bool(flags & 1))
             if kind == "H":
                 if len(f) != 8 or f[1] != "tcpipstat":
                     raise self._err(lineno, line, "malformed header")
@@ -198,20 +215,9 @@ class Parser:
                 counters = tuple(c for c in f[7].split(",") if c)
                 self.header = Header(int(f[2]), f[3], int(f[4]), int(f[5]), int(f[6]), counters)
                 self._known = frozenset(counters)
+                self._valid = set(counters)
+                self._fixed = 11 if self.header.format == 1 else 12    # fields before the counters
                 return self.header
-            if kind == "R":
-                if self.header is None:
-                    raise self._err(lineno, line, "socket record before the header")
-                fixed = 11 if self.header.format == 1 else 12
-                if len(f) < fixed:
-                    raise self._err(lineno, line, "socket record has too few fields")
-                reason = f[1]
-                if reason not in REASONS:
-                    raise self._err(lineno, line, f"unknown reason {reason!r}")
-                t = self._tuple(f, 2, lineno, line)
-                flags = int(f[11]) if fixed == 12 else 0
-                counters = self._counters(f, fixed, lineno, line)
-                return SocketRecord(reason, t, int(f[9]), unescape_comm(f[10]), counters, bool(flags & 1))
             if kind == "I":
                 if self.header is None or len(f) != 3:
                     raise self._err(lineno, line, "malformed interval mark")
@@ -241,13 +247,19 @@ class Parser:
     def _tuple(self, f: list[str], i: int, lineno: int, line: str) -> Tuple:
         """FAMILY LADDR_HI LADDR_LO LPORT RADDR_HI RADDR_LO RPORT from field i on (R, S, E)."""
         fam = int(f[i])
-        if fam not in (AF_INET, AF_INET6):
+        if fam != AF_INET and fam != AF_INET6:
             raise self._err(lineno, line, f"unknown address family {fam}")
         lport, rport = int(f[i + 3]), int(f[i + 6])
         if not (0 <= lport <= 65535 and 0 <= rport <= 65535):
             raise self._err(lineno, line, "port out of range")
-        return Tuple(fam, (_hex64(f[i + 1]) << 64) | _hex64(f[i + 2]), lport,
-                     (_hex64(f[i + 4]) << 64) | _hex64(f[i + 5]), rport)
+        try:
+            lhi, llo, rhi, rlo = int(f[i + 1], 16), int(f[i + 2], 16), int(f[i + 4], 16), int(f[i + 5], 16)
+            ok = not (lhi | llo | rhi | rlo) >> 64      # none negative or 64 bits wide or more
+        except ValueError:
+            ok = False
+        if not ok:     # one by one, to say which is wrong
+            lhi, llo, rhi, rlo = _hex64(f[i + 1]), _hex64(f[i + 2]), _hex64(f[i + 4]), _hex64(f[i + 5])
+        return _tuple_new(Tuple, (fam, (lhi << 64) | llo, lport, (rhi << 64) | rlo, rport))
 
     def _values(self, items: list[str], names, what: str, lineno: int, line: str) -> dict[str, int | None]:
         """NAME=VALUE fields of S and E records, every name one of ``names``; -1 is None
@@ -262,12 +274,16 @@ class Parser:
         return out
 
     def _counters(self, f: list[str], fixed: int, lineno: int, line: str) -> dict[str, int]:
-        """NAME=VALUE fields, every name one the header announced."""
+        """NAME=VALUE fields, every name one the header announced (or a histogram field)."""
         counters: dict[str, int] = {}
-        known = self._known
+        valid = self._valid
         for item in f[fixed:]:
             name, sep, value = item.partition("=")
-            if not sep or (name not in known and not _HIST_NAME.match(name)):
+            if name not in valid:
+                if not sep or (name not in self._known and not _HIST_NAME.match(name)):
+                    raise self._err(lineno, line, f"unknown counter {name!r}")
+                valid.add(name)
+            elif not sep:
                 raise self._err(lineno, line, f"unknown counter {name!r}")
             counters[name] = int(value)
         return counters

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import csv
 import json
+from json.encoder import encode_basestring_ascii
 import time
 from functools import lru_cache
+from itertools import chain, zip_longest
 from dataclasses import dataclass, field
 from typing import IO, Iterable
 
 from rich.console import Console
+from rich.control import strip_control_codes
 from rich.text import Text
 
 from .counters import CA_STATES, COUNTERS, SECTIONS
@@ -72,6 +75,15 @@ class ReportContext:
         return cached[1]
 
     @property
+    def section_names(self) -> tuple[str, ...]:
+        """The names of the sections :attr:`layout` shows (the tables' column headers)."""
+        layout = self.layout
+        cached = self.__dict__.get("_section_names")
+        if cached is None or cached[0] is not layout:
+            cached = self.__dict__["_section_names"] = (layout, tuple(sec for sec, _ in layout))
+        return cached[1]
+
+    @property
     def available_set(self) -> frozenset[str]:
         """``available`` as a set (looked up for every counter of every row)."""
         cached = self.__dict__.get("_available_set")
@@ -85,13 +97,6 @@ def _addr(family: int | None, value: int | None) -> str:
     if value is None:
         return "*"
     return Tuple(family or 2, value, 0, 0, 0).addr_str("l")
-
-
-def _endpoint(family: int | None, addr: int | None, port: int | None) -> str:
-    a = _addr(family, addr)
-    if family == AF_INET6:
-        a = f"[{a}]"
-    return f"{a}:{port}"
 
 
 def key_fields(key: GroupKey) -> dict[str, object]:
@@ -115,8 +120,9 @@ def key_fields(key: GroupKey) -> dict[str, object]:
 
 def key_label(key: GroupKey) -> str:
     if key.index == "tuple":
-        return (f"{_endpoint(key.family, key.laddr, key.lport)} <-> "
-                f"{_endpoint(key.family, key.raddr, key.rport)}")
+        if key.family == AF_INET6:
+            return f"[{_addr(key.family, key.laddr)}]:{key.lport} <-> [{_addr(key.family, key.raddr)}]:{key.rport}"
+        return f"{_addr(key.family, key.laddr)}:{key.lport} <-> {_addr(key.family, key.raddr)}:{key.rport}"
     if key.index == "laddr":
         return f"Local address: {_addr(key.family, key.laddr)}"
     if key.index == "raddr":
@@ -131,93 +137,176 @@ def key_label(key: GroupKey) -> str:
 
 
 def _procs(row: Row) -> str:
+    if len(row.processes) == 1:     # (most rows)
+        (pid, comm), = row.processes.items()
+        return f"{comm or '?'}[{pid}]"
     items = [f"{comm or '?'}[{pid}]" for pid, comm in sorted(row.processes.items())]
     if len(items) > 4:
         items = items[:4] + [f"+{len(row.processes) - 4} more"]
     return ", ".join(items)
 
 
-def _title(row: Row, title_suffix: str, noun: str = "socket") -> Text:
-    title = Text(key_label(row.key), style="bold")
+def _title_parts(row: Row, title_suffix: str, noun: str = "socket") -> list[tuple[str, str]]:
+    """A row's title as (text, style) pieces: its key, its processes, how many sockets
+    it groups and a note."""
+    parts = [(key_label(row.key), "bold")]
     procs = _procs(row)
     if procs:
-        title.append(f"  {procs}", style="cyan")
+        parts.append((f"  {procs}", "cyan"))
     if row.key.index != "tuple":
-        title.append(f"  ({row.sockets} {noun}{'s' if row.sockets != 1 else ''})", style="dim")
+        parts.append((f"  ({row.sockets} {noun}{'s' if row.sockets != 1 else ''})", "dim"))
     if title_suffix:
-        title.append(f"  {title_suffix}", style="yellow")
+        parts.append((f"  {title_suffix}", "yellow"))
+    return parts
+
+
+def _title(row: Row, title_suffix: str, noun: str = "socket") -> Text:
+    (text, style), *rest = _title_parts(row, title_suffix, noun)
+    title = Text(text, style=style)
+    for text, style in rest:
+        title.append(text, style=style)
     return title
 
 
-def _cells(row: Row, ctx: ReportContext) -> list[list[str]]:
-    """The counter lines of each section (column) of one row."""
-    cells = []
-    avail, nozeros, counters = ctx.available_set, ctx.nozeros, row.counters
-    v6 = row.key.family == AF_INET6
+_COUNT, _CONST, _US, _UNIT = range(4)
+
+
+def _cell_plan(ctx: ReportContext, v6: bool) -> tuple:
+    """How each section (column) of an IPv4 or IPv6 row is filled, worked out once per
+    report: per section, the names of its counters when they are all plain counts
+    ("Name 1,234", the common case), else a function of the row's ``counters.get``
+    that returns the section's lines."""
+    avail, nozeros = ctx.available_set, ctx.nozeros
+    plan = []
     for _section, items in ctx.layout:
-        lines = []
+        steps = []            # (kind, name, text): what the section shows, in catalogue order
         for name, v4, unit in items:
             if name in avail:
                 if v6 and v4:                     # IPv4-only: n/a for an IPv6 row, not 0
                     if not nozeros:
-                        lines.append(f"{name} n/a")
+                        steps.append((_CONST, name, f"{name} n/a"))
                 elif unit == "us":                # a duration kept in µs (CaOpenUs -> "CaOpen 1.234 ms")
-                    v = counters.get(name, 0)
-                    if v == 0 and nozeros:
-                        continue
-                    label = name[:-2] if name.endswith("Us") else name
-                    lines.append(f"{label} {v:,} us" if ctx.us else f"{label} {v / 1000:,.3f} ms")
+                    steps.append((_US, name, name[:-2] if name.endswith("Us") else name))
                 elif unit:                        # a measurement: absent, not 0
-                    v = counters.get(name)
-                    if v is not None:
-                        lines.append(f"{name} {v:,.3f} {unit}")
-                    elif not nozeros:
-                        lines.append(f"{name} n/a")
+                    steps.append((_UNIT, name, unit))
                 else:
-                    v = counters.get(name, 0)
-                    if v == 0 and nozeros:
-                        continue
-                    lines.append(f"{name} {v:,}")
+                    steps.append((_COUNT, name, ""))
             elif not nozeros and name in ctx.unavailable:
-                lines.append(f"{name} n/a")
-        cells.append(lines or ["-"])
-    return cells
+                steps.append((_CONST, name, f"{name} n/a"))
+        if nozeros and all(kind == _COUNT for kind, _, _ in steps):
+            plan.append(tuple(name for _, name, _ in steps))
+        else:
+            plan.append(_section_lines(tuple(steps), nozeros, ctx.us))
+    return tuple(plan)
 
 
-def row_block(row: Row, ctx: ReportContext, title_suffix: str = "") -> tuple[Text, list[str]]:
-    """One report row as a title and the lines of a four-column table (Socket / Ip /
-    Tcp / TcpExt), laid out like a rich SIMPLE_HEAD table but built with plain string
-    operations: a 100k-row report renders in seconds, not minutes."""
-    cells = _cells(row, ctx)
-    sections = [sec for sec, _ in ctx.layout]
-    widths = [max(len(h), *map(len, col)) for h, col in zip(sections, cells)]
+def _section_lines(steps: tuple, nozeros: bool, us: bool):
+    """A section with zeros shown, durations, measurements or n/a lines: the general loop."""
+    def lines(get) -> list[str]:
+        out = []
+        for kind, name, text in steps:
+            if kind == _COUNT:
+                v = get(name, 0)
+                if v == 0 and nozeros:
+                    continue
+                out.append(f"{name} {v:,}")
+            elif kind == _CONST:
+                out.append(text)
+            elif kind == _US:
+                v = get(name, 0)
+                if v == 0 and nozeros:
+                    continue
+                out.append(f"{text} {v:,} us" if us else f"{text} {v / 1000:,.3f} ms")
+            else:
+                v = get(name)
+                if v is not None:
+                    out.append(f"{name} {v:,.3f} {text}")
+                elif not nozeros:
+                    out.append(f"{name} n/a")
+        return out
+    return lines
+
+
+def _cell_plans(ctx: ReportContext) -> tuple[tuple, tuple]:
+    """The cell plans of IPv4 rows and of IPv6 rows."""
+    return _cell_plan(ctx, False), _cell_plan(ctx, True)
+
+
+_EMPTY_CELL = ("-",)
+
+
+def _cells(row: Row, plans: tuple[tuple, tuple]) -> list:
+    """The counter lines of each section (column) of one row."""
+    get = row.counters.get
+    # a missing counter is 0 and, like 0, not shown; below 1,000, str() is the text of "{:,}"
+    return [([f"{n} {v}" if -1000 < v < 1000 and type(v) is int else f"{n} {v:,}"
+              for n, v in zip(names, map(get, names)) if v] if type(names) is tuple
+             else names(get)) or _EMPTY_CELL
+            for names in plans[row.key.family == AF_INET6]]
+
+
+@lru_cache(maxsize=4096)
+def _table_format(sections: tuple[str, ...], widths: tuple[int, ...], depth: int) -> tuple[str, int]:
+    """A row's table with columns of these widths and ``depth`` counter lines, as a
+    %-format that takes the cells line by line, and its width: a blank line, the
+    section names, a rule, the counter lines and a blank line, laid out like a rich
+    SIMPLE_HEAD table."""
     width = sum(widths) + 3 * (len(widths) - 1) + 2
-    fmt = " " + "   ".join(f"{{:<{w}}}" for w in widths) + " "
-    depth = max(map(len, cells))
-    for col in cells:
-        col.extend([""] * (depth - len(col)))
-    body = [" " * width, fmt.format(*sections), " " + "\u2500" * (width - 2) + " "]
-    body.extend(fmt.format(*parts) for parts in zip(*cells))
-    body.append(" " * width)
-    title = _title(row, title_suffix, ctx.catalogue.noun)
-    title.pad_right(max(0, width - len(title)))
-    return title, body
+    line = " " + "   ".join(f"%-{w}s" for w in widths) + " "
+    head = (line % sections).replace("%", "%%")
+    return "\n".join([" " * width, head, " " + "\u2500" * (width - 2) + " ", *[line] * depth, " " * width]), width
 
 
-def print_row(console: Console, row: Row, ctx: ReportContext, title_suffix: str = "") -> None:
-    title, body = row_block(row, ctx, title_suffix)
+def _table(row: Row, ctx: ReportContext, plans: tuple[tuple, tuple]) -> tuple[str, int]:
+    """A row's table (Socket / Ip / Tcp / TcpExt columns) and its width, built with plain
+    string operations: a 100k-row report renders in about a second, not minutes."""
+    cells = _cells(row, plans)
+    widths = tuple([max(len(h), max(map(len, col))) for h, col in zip(ctx.section_names, cells)])
+    fmt, width = _table_format(ctx.section_names, widths, max(map(len, cells)))
+    return fmt % tuple(chain.from_iterable(zip_longest(*cells, fillvalue=""))), width
+
+
+def _extra_lines(row: Row, dist: bool, us: bool) -> list[str]:
+    """What follows a row's table: RFC 4898 variables, congestion-state histograms, samples."""
+    lines = []
     if row.closing:
-        body.extend(estats_lines(row))
-    if "CaChanges" in ctx.available_set:       # (only the cong group has histograms)
-        body.extend(dist_lines(row, ctx.us))
+        lines.extend(estats_lines(row))
+    if dist:       # (only the cong group has histograms)
+        lines.extend(dist_lines(row, us))
     sm = series_summary(row.samples) if row.samples else None
     if sm:
-        body.extend([summary_line(sm), ""])
+        lines.extend([summary_line(sm), ""])
+    return lines
+
+
+def _row_text(row: Row, ctx: ReportContext, title_suffix: str, plans: tuple[tuple, tuple], dist: bool) -> str:
+    """A row as plain text (not a terminal: no styles), its title padded to the table's width."""
+    table, width = _table(row, ctx, plans)
+    title = "".join([text for text, _ in _title_parts(row, title_suffix, ctx.catalogue.noun)])
+    if not title.isprintable():         # what rich's Text drops (a command name's \\r, say)
+        title = strip_control_codes(title)
+    if len(title) < width:
+        title += " " * (width - len(title))
+    if row.closing or dist or row.samples:
+        extra = _extra_lines(row, dist, ctx.us)
+        if extra:
+            table += "\n" + "\n".join(extra)
+    return title + "\n" + table + "\n"
+
+
+def print_row(console: Console, row: Row, ctx: ReportContext, title_suffix: str = "",
+              plans: tuple[tuple, tuple] | None = None) -> None:
+    plans = plans or _cell_plans(ctx)
+    dist = "CaChanges" in ctx.available_set
     if console.is_terminal:   # styles: a bold title and header line
+        table, width = _table(row, ctx, plans)
+        body = table.split("\n") + _extra_lines(row, dist, ctx.us)
+        title = _title(row, title_suffix, ctx.catalogue.noun)
+        title.pad_right(max(0, width - len(title)))
         text = Text("\n").join([title, Text(body[0]), Text(body[1], style="bold"), *map(Text, body[2:])])
         console.print(text, crop=False, soft_wrap=True)
     else:
-        console.file.write(title.plain + "\n" + "\n".join(body) + "\n")
+        console.file.write(_row_text(row, ctx, title_suffix, plans, dist))
 
 
 _UNIT_SUFFIX = {"us": " us", "ms": " ms"}
@@ -288,10 +377,16 @@ def dist_lines(row: Row, us: bool = False, width: int = 30) -> list[str]:
 def render_tables(console: Console, rows: Iterable[Row], ctx: ReportContext, header: str) -> int:
     n = 0
     console.print(Text(header, style="bold"), soft_wrap=True)
-    for row in rows:
-        note = "" if row.opened_during_collection else ctx.catalogue.partial
-        print_row(console, row, ctx, note)
-        n += 1
+    plans = _cell_plans(ctx)
+    if console.is_terminal:
+        for row in rows:
+            print_row(console, row, ctx, "" if row.opened_during_collection else ctx.catalogue.partial, plans)
+            n += 1
+    else:                     # plain text: the console's file takes each row's text as it is
+        write, dist, partial = console.file.write, "CaChanges" in ctx.available_set, ctx.catalogue.partial
+        for row in rows:
+            write(_row_text(row, ctx, "" if row.opened_during_collection else partial, plans, dist))
+            n += 1
     if n == 0:
         console.print(ctx.catalogue.empty)
     return n
@@ -320,37 +415,122 @@ def _columns(ctx: ReportContext) -> list[tuple[str, bool, bool, int | None]]:
             for c in ctx.catalogue.counters if c.name in avail or c.name in unavail]
 
 
-def row_dict(row: Row, ctx: ReportContext, columns: list[tuple[str, bool, bool, int | None]] | None = None) -> dict:
+_NULL = object()      # looked up for a column a row shows as null: no row has it
+_INT = frozenset({int})
+
+
+class _CounterColumns:
+    """The counters of IPv4 rows, or of IPv6 rows, in JSON and CSV, worked out once per
+    report: every column's name, and what a row's ``counters.get`` is asked for it (a
+    column not available here, or IPv4-only in an IPv6 row, is null)."""
+
+    def __init__(self, columns: list[tuple[str, bool, bool, int | None]], v6: bool):
+        shown = [ok and not (v6 and v4) for _, ok, v4, _ in columns]
+        self.names = tuple(name for name, _, _, _ in columns)
+        self.lookups = tuple(name if on else _NULL for (name, _, _, _), on in zip(columns, shown))
+        self.absents = tuple(absent if on else None for (_, _, _, absent), on in zip(columns, shown))
+        self.shown = tuple(name for name, on in zip(self.names, shown) if on)
+        self.shown_absents = tuple(absent for absent, on in zip(self.absents, shown) if on)
+        # the JSON object with a %s for each shown column's value: null is written in
+        self.json_format = "{" + ",".join(
+            encode_basestring_ascii(name).replace("%", "%%") + (":%s" if on else ":null")
+            for name, on in zip(self.names, shown)) + "}"
+
+    def values(self, counters: dict) -> dict:
+        """{name: value or None} of every column, in order."""
+        return dict(zip(self.names, map(counters.get, self.lookups, self.absents)))
+
+    def json(self, counters: dict, dumps) -> str:
+        """:meth:`values` as compact JSON, as ``dumps`` writes it."""
+        vals = tuple(map(counters.get, self.shown, self.shown_absents))
+        if _INT.issuperset(map(type, vals)):    # counts: str() is their JSON
+            return self.json_format % vals
+        return dumps(self.values(counters))
+
+
+def _counter_columns(ctx: ReportContext) -> tuple[_CounterColumns, _CounterColumns]:
+    """The counter columns of IPv4 rows and of IPv6 rows."""
+    cols = _columns(ctx)
+    return _CounterColumns(cols, False), _CounterColumns(cols, True)
+
+
+def _row_head(row: Row) -> dict:
+    """A row's key fields, sockets, processes, and whether it opened while collecting."""
     d = key_fields(row.key)
     d["sockets"] = row.sockets
     d["closed"] = row.closed
     d["processes"] = [{"pid": p, "comm": c} for p, c in sorted(row.processes.items())]
     d["opened_during_collection"] = row.opened_during_collection
-    v6 = row.key.family == AF_INET6
-    get = row.counters.get
-    d["counters"] = {name: (get(name, absent) if ok and not (v6 and v4) else None)
-                     for name, ok, v4, absent in (columns if columns is not None else _columns(ctx))}
+    return d
+
+
+def _row_extras(row: Row, dist: bool) -> dict:
+    """What a row adds after its counters, when it has it: samples, RFC 4898 variables,
+    congestion-state histograms."""
+    d = {}
     sm = series_summary(row.samples) if row.samples else None
     if sm:                    # --sample: cwnd / srtt over the row's samples (the files have them all)
         d["series"] = sm
     es = row.estats
     if es is not None:        # --rfc4898: as the socket(s) closed; null: not kept by this kernel
         d["rfc4898"] = es
-    dist = row_dist(row) if "CaChanges" in d["counters"] else None
-    if dist:      # --dist: {"Recovery": {"1024": stays of 1024-2047 µs, ...}, ...}
-        d["dist_us"] = {s: {str((1 << b) if b else 0): n for b, n in bk.items()} for s, bk in dist.items()}
+    rd = row_dist(row) if dist else None
+    if rd:        # --dist: {"Recovery": {"1024": stays of 1024-2047 µs, ...}, ...}
+        d["dist_us"] = {s: {str((1 << b) if b else 0): n for b, n in bk.items()} for s, bk in rd.items()}
     return d
 
 
+def row_dict(row: Row, ctx: ReportContext, columns: tuple[_CounterColumns, _CounterColumns] | None = None) -> dict:
+    columns = columns or _counter_columns(ctx)
+    d = _row_head(row)
+    cols = columns[row.key.family == AF_INET6]
+    d["counters"] = cols.values(row.counters)
+    d.update(_row_extras(row, "CaChanges" in cols.names))
+    return d
+
+
+def _tuple_head_json(row: Row) -> str | None:
+    """:func:`_row_head` of an index=tuple row with one process or none as compact JSON
+    without its closing brace, written as json writes it (addresses are plain ASCII, the
+    numbers ints); None for any other row."""
+    k, procs, opened = row.key, row.processes, row.opened_during_collection
+    if (k.index != "tuple" or k.pid is not None or k.comm is not None or len(procs) > 1
+            or type(opened) is not bool
+            or not _INT.issuperset(map(type, (k.family, k.laddr, k.lport, k.raddr, k.rport,
+                                              row.sockets, row.closed, *procs)))):
+        return None
+    if procs:
+        (pid, comm), = procs.items()
+        if type(comm) is not str:
+            return None
+        p = f'[{{"pid":{pid},"comm":{encode_basestring_ascii(comm)}}}]'
+    else:
+        p = "[]"
+    return (f'{{"index":"tuple","family":"{"ipv6" if k.family == AF_INET6 else "ipv4"}",'
+            f'"laddr":"{_addr(k.family, k.laddr)}","lport":{k.lport},'
+            f'"raddr":"{_addr(k.family, k.raddr)}","rport":{k.rport},'
+            f'"sockets":{row.sockets},"closed":{row.closed},"processes":{p},'
+            f'"opened_during_collection":{"true" if opened else "false"}')
+
+
 def write_json(out: IO[str], rows: Iterable[Row], ctx: ReportContext, win: Window | None = None) -> int:
+    """One compact JSON object per row (NDJSON), :func:`row_dict`'s, put together from
+    pieces: the counters, most of each line, go through a format string planned once."""
     n = 0
-    cols = _columns(ctx)
+    columns = _counter_columns(ctx)
+    dist = "CaChanges" in columns[0].names
     dumps = json.JSONEncoder(separators=(",", ":")).encode
+    write = out.write
+    wf = window_fields(win) if win is not None else None
     for row in rows:
-        d = row_dict(row, ctx, cols)
-        if win is not None:
-            d = {**window_fields(win), **d}
-        out.write(dumps(d) + "\n")
+        line = _tuple_head_json(row) if wf is None else None
+        if line is None:
+            line = dumps({**wf, **_row_head(row)} if wf else _row_head(row))[:-1]
+        line += ',"counters":' + columns[row.key.family == AF_INET6].json(row.counters, dumps)
+        if row.samples or row.closing or dist:
+            for k, v in _row_extras(row, dist).items():
+                line += "," + encode_basestring_ascii(k) + ":" + dumps(v)
+        write(line + "}\n")
         n += 1
     return n
 
@@ -403,29 +583,23 @@ def csv_columns(ctx: ReportContext, window: bool = False) -> list[str]:
 
 def write_csv(out: IO[str], rows: Iterable[Row], ctx: ReportContext, win: Window | None = None,
               header: bool = True) -> int:
-    cols = csv_columns(ctx, win is not None)
+    """A header, then one line per row: csv_columns()'s, a missing value (None) empty."""
     w = csv.writer(out, lineterminator="\n")
     if header:
-        w.writerow(cols)
+        w.writerow(csv_columns(ctx, win is not None))
+    writerow = w.writerow
+    columns = _counter_columns(ctx)
+    evars = [v.name for v in EVARS] if ctx.estats else []
+    head = [window_fields(win)[k] for k in WINDOW_KEYS] if win is not None else []
     n = 0
-    cols_plan = _columns(ctx)
-    names = ctx.catalogue.by_name
     for row in rows:
-        d = row_dict(row, ctx, cols_plan)
-        if win is not None:
-            d.update(window_fields(win))
-        d["processes"] = " ".join(f"{p['comm']}[{p['pid']}]" for p in d["processes"])
-        vals = []
-        es = d.get("rfc4898") or {}
-        for c in cols:
-            if c in names:
-                v = d["counters"].get(c)
-                vals.append("" if v is None else v)
-            elif c.startswith("rfc4898."):
-                v = es.get(c[8:])
-                vals.append("" if v is None else v)
-            else:
-                vals.append(d.get(c, ""))
-        w.writerow(vals)
+        k = key_fields(row.key)
+        vals = head + [k.get(c, "") for c in CSV_KEYS[:-3]]
+        vals += (row.sockets, row.closed, " ".join(f"{c}[{p}]" for p, c in sorted(row.processes.items())))
+        cols = columns[row.key.family == AF_INET6]
+        vals += map(row.counters.get, cols.lookups, cols.absents)       # (csv writes None as "")
+        if evars:
+            vals += map((row.estats or {}).get, evars)
+        writerow(vals)
         n += 1
     return n

@@ -110,6 +110,72 @@ def test_onclose_reports_each_closed_socket_once():
     assert all(o["closed"] == 1 for o in objs)
 
 
+
+ODD_COMMS = "R\tclose\t10\t0\t1\t8000\t20010db8\t5\t443\t7\tq\\\"x\\tz\\r\\303\\251\t0\tSendBytes=1234567\tInSegs=3"
+
+
+@pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.records")), ids=lambda p: p.name)
+def test_ndjson_lines_are_json_dumps_of_row_dict(path):
+    """write_json builds its lines from pieces (for speed): each must be exactly what
+    json.dumps writes for the row's dict, whatever the index, the rows and the sockets."""
+    from tcpipstat.report import row_dict
+    text = path.read_text()
+    if path.name == "bookworm-tcpwork-v4.records":   # a command name to escape, an IPv6 row, two processes
+        lines = text.splitlines()
+        lines.insert(-1, ODD_COMMS)
+        lines.insert(-1, ODD_COMMS.replace("\t443\t7\t", "\t444\t9\t").replace("\tq", "\tother"))
+        text = "\n".join(lines)
+    c = Collection().extend(Parser(path.name).parse(text.splitlines()))
+    for ctx in (ReportContext(c.counter_names), ReportContext(c.counter_names[1:], c.counter_names[:1])):
+        for index in INDEXES:
+            rows = c.rows(index)
+            out = io.StringIO()
+            write_json(out, rows, ctx)
+            expected = "".join(json.dumps(row_dict(r, ctx), separators=(",", ":")) + "\n" for r in rows)
+            assert out.getvalue() == expected, index
+
+
+
+TABLE_RECORDS = [
+    "H\ttcpipstat\t2\t0.2\t1000\t0\t8192\tSendBytes,RecvBytes,InReceives,InNoRoutes,CurrEstab,InSegs,OutSegs,DelayedACKs",
+    "R\tclose\t2\t0\t7f000001\t80\t0\t7f000002\t4242\t7\tweb\t0\tSendBytes=1234567\tRecvBytes=999\tCurrEstab=-1234"
+    "\tInSegs=1000\tOutSegs=-5\tInReceives=0",
+    "R\tclose\t10\t0\t1\t80\t0\t2\t4243\t8\tw\\rb\t0\tSendBytes=12\tCurrEstab=1\tInSegs=1000000\tOutSegs=-1000"
+    "\tInNoRoutes=3",
+    "T\t2000\t1\t0\t0\t0",
+]
+
+
+def test_table_text():
+    """Tables are laid out with string operations (for speed): the text a rich SIMPLE_HEAD
+    table had, thousands separators on negative numbers too, a command's \\r dropped as
+    rich drops it, IPv4-only counters left out of IPv6 rows."""
+    from rich.console import Console
+    from tcpipstat.report import render_tables
+    c = Collection().extend(Parser("t").parse(TABLE_RECORDS))
+    out = io.StringIO()
+    render_tables(Console(file=out, width=100), c.rows(), ReportContext(c.counter_names), "hdr")
+    assert out.getvalue() == (
+        'hdr\n'
+        '127.0.0.1:80 <-> 127.0.0.2:4242  web[7]  (open before collection started: partial totals)\n'
+        '                                                      \n'
+        ' Socket                Ip   Tcp                TcpExt \n'
+        ' ──────────────────────────────────────────────────── \n'
+        ' SendBytes 1,234,567   -    CurrEstab -1,234   -      \n'
+        ' RecvBytes 999              InSegs 1,000              \n'
+        '                            OutSegs -5                \n'
+        '                                                      \n'
+        '[::1]:80 <-> [::2]:4243  wb[8]  (open before collection started: partial totals)\n'
+        '                                               \n'
+        ' Socket         Ip   Tcp                TcpExt \n'
+        ' ───────────────────────────────────────────── \n'
+        ' SendBytes 12   -    CurrEstab 1        -      \n'
+        '                     InSegs 1,000,000          \n'
+        '                     OutSegs -1,000            \n'
+        '                                               \n'
+    )
+
+
 @pytest.mark.parametrize("line,why", [
     ("X\t1", "not a tcpipstat record"),
     ("R\tclose\t2\t0\t7f000001\t1\t0\t7f000001\t2\t0\tx\tBogus=1", "unknown counter"),
