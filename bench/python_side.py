@@ -7,12 +7,16 @@ tuple arrives RECORDS/ROWS times, as spills and closes do). Then times each stag
 of the pipeline (parse, model, rows, NDJSON, CSV, tables), min/median/max over
 --runs runs, and can profile one pass (--profile).
 
-    python3 bench/python_side.py [--rows 100000] [--records 1000000] [--runs 5] [--profile]
+It runs with the cycle collector thresholds tcpipstat sets as it starts
+(tcpipstat.app.tune_gc); --default-gc keeps Python's defaults (700, 10, 10) instead.
+
+    python3 bench/python_side.py [--rows 100000] [--records 1000000] [--runs 5] [--profile] [--default-gc]
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import pstats
 import statistics
@@ -25,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from rich.console import Console  # noqa: E402
 
+from tcpipstat.app import tune_gc  # noqa: E402
 from tcpipstat.model import Collection  # noqa: E402
 from tcpipstat.records import Parser  # noqa: E402
 from tcpipstat.report import ReportContext, render_tables, write_csv, write_json  # noqa: E402
@@ -85,9 +90,14 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="profile one pass, print the top functions")
+    ap.add_argument("--default-gc", action="store_true",
+                    help="keep Python's cycle collector thresholds (not the ones tcpipstat sets)")
     a = ap.parse_args()
+    if not a.default_gc:
+        tune_gc()
     lines = make_stream(a.rows, a.records)
-    print(f"# {len(lines) - 2:,} records, {a.rows:,} socket tuples, Python {sys.version.split()[0]}")
+    print(f"# {len(lines) - 2:,} records, {a.rows:,} socket tuples, Python {sys.version.split()[0]}, "
+          f"gc thresholds {gc.get_threshold()}")
     if a.profile:
         pr = cProfile.Profile()
         pr.enable()

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -412,5 +413,19 @@ def run(argv: list[str], out: IO[str] | None = None, err: IO[str] | None = None)
         return ExitStatus.OK
 
 
+# Python's cycle collector scans everything it tracks again each time about 70,000 new
+# objects have piled up (thresholds 700, 10, 10). A run's records, per-socket totals
+# and report rows are such objects (about 700,000 for 100k sockets), none of them in
+# a reference cycle: those full passes were about 1.2 s of a 4 s 100k-row report.
+# Young collections ten times rarer make full passes rare; cycles are still collected.
+GC_THRESHOLDS = (10_000, 10, 10)
+
+
+def tune_gc() -> None:
+    """Let the cycle collector run less often (what tcpipstat does as it starts)."""
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def main() -> None:
+    tune_gc()
     sys.exit(int(run(sys.argv[1:])))

@@ -14,7 +14,7 @@ import time
 from functools import lru_cache
 from itertools import chain, zip_longest
 from dataclasses import dataclass, field
-from typing import IO, Iterable
+from typing import IO, Iterable, NamedTuple
 
 from rich.console import Console
 from rich.control import strip_control_codes
@@ -72,15 +72,6 @@ class ReportContext:
             shown = set(self.available) | set(self.unavailable)
             cached = self.__dict__["_layout"] = (key, tuple(
                 (sec, items) for sec, items in self.catalogue.layout if any(n in shown for n, _, _ in items)))
-        return cached[1]
-
-    @property
-    def section_names(self) -> tuple[str, ...]:
-        """The names of the sections :attr:`layout` shows (the tables' column headers)."""
-        layout = self.layout
-        cached = self.__dict__.get("_section_names")
-        if cached is None or cached[0] is not layout:
-            cached = self.__dict__["_section_names"] = (layout, tuple(sec for sec, _ in layout))
         return cached[1]
 
     @property
@@ -227,15 +218,22 @@ def _section_lines(steps: tuple, nozeros: bool, us: bool):
     return lines
 
 
-def _cell_plans(ctx: ReportContext) -> tuple[tuple, tuple]:
-    """The cell plans of IPv4 rows and of IPv6 rows."""
-    return _cell_plan(ctx, False), _cell_plan(ctx, True)
+class _TablePlan(NamedTuple):
+    """How the tables of a report are filled: the cell plans of IPv4 and IPv6 rows
+    (indexed by ``family == AF_INET6``), and the sections' names."""
+    v4: tuple
+    v6: tuple
+    sections: tuple[str, ...]
+
+
+def _cell_plans(ctx: ReportContext) -> _TablePlan:
+    return _TablePlan(_cell_plan(ctx, False), _cell_plan(ctx, True), tuple(sec for sec, _ in ctx.layout))
 
 
 _EMPTY_CELL = ("-",)
 
 
-def _cells(row: Row, plans: tuple[tuple, tuple]) -> list:
+def _cells(row: Row, plans: _TablePlan) -> list:
     """The counter lines of each section (column) of one row."""
     get = row.counters.get
     # a missing counter is 0 and, like 0, not shown; below 1,000, str() is the text of "{:,}"
@@ -257,12 +255,12 @@ def _table_format(sections: tuple[str, ...], widths: tuple[int, ...], depth: int
     return "\n".join([" " * width, head, " " + "\u2500" * (width - 2) + " ", *[line] * depth, " " * width]), width
 
 
-def _table(row: Row, ctx: ReportContext, plans: tuple[tuple, tuple]) -> tuple[str, int]:
+def _table(row: Row, ctx: ReportContext, plans: _TablePlan) -> tuple[str, int]:
     """A row's table (Socket / Ip / Tcp / TcpExt columns) and its width, built with plain
     string operations: a 100k-row report renders in about a second, not minutes."""
     cells = _cells(row, plans)
-    widths = tuple([max(len(h), max(map(len, col))) for h, col in zip(ctx.section_names, cells)])
-    fmt, width = _table_format(ctx.section_names, widths, max(map(len, cells)))
+    widths = tuple([max(len(h), max(map(len, col))) for h, col in zip(plans.sections, cells)])
+    fmt, width = _table_format(plans.sections, widths, max(map(len, cells)))
     return fmt % tuple(chain.from_iterable(zip_longest(*cells, fillvalue=""))), width
 
 
@@ -279,7 +277,7 @@ def _extra_lines(row: Row, dist: bool, us: bool) -> list[str]:
     return lines
 
 
-def _row_text(row: Row, ctx: ReportContext, title_suffix: str, plans: tuple[tuple, tuple], dist: bool) -> str:
+def _row_text(row: Row, ctx: ReportContext, title_suffix: str, plans: _TablePlan, dist: bool) -> str:
     """A row as plain text (not a terminal: no styles), its title padded to the table's width."""
     table, width = _table(row, ctx, plans)
     title = "".join([text for text, _ in _title_parts(row, title_suffix, ctx.catalogue.noun)])
@@ -295,7 +293,7 @@ def _row_text(row: Row, ctx: ReportContext, title_suffix: str, plans: tuple[tupl
 
 
 def print_row(console: Console, row: Row, ctx: ReportContext, title_suffix: str = "",
-              plans: tuple[tuple, tuple] | None = None) -> None:
+              plans: _TablePlan | None = None) -> None:
     plans = plans or _cell_plans(ctx)
     dist = "CaChanges" in ctx.available_set
     if console.is_terminal:   # styles: a bold title and header line
