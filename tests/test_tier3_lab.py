@@ -346,7 +346,10 @@ def test_rfc4898_at_close_against_ss_and_the_workload(suite, tmp_path):
     assert e["SegsRetrans"] >= int(ss.get("retrans", "0/0").split("/")[1]), (ss, e)
     assert e["ThruOctetsAcked"] == int(ss["bytes_acked"]) + 1 == 300002, (ss, e)      # + its FIN
     assert e["SegsOut"] > int(ss["segs_out"]), (ss, e)
-    assert e["CurMSS"] == int(ss["mss"]), (ss, e)
+    # mss_cache is bounded by half the largest window the peer offered (tcp_bound_to_half_wnd):
+    # when the server's window grows after the snapshot (it reads, then replies), the FIN's
+    # tcp_current_mss() raises it (seen in CI: ss 32741, at close 32768 = 65536 / 2)
+    assert e["CurMSS"] == int(ss["mss"]) or int(ss["mss"]) < e["CurMSS"] == e["MaxRwinRcvd"] // 2, (ss, e)
     assert e["MinRTT"] <= round(float(ss["minrtt"]) * 1000) + 1, (ss, e)
     # what the server sent: 1000 bytes and a FIN, received in sequence
     assert e["ThruOctetsReceived"] == 1001 and es["DataOctetsOut"] >= 1000, (e, es)
