@@ -32,8 +32,7 @@ PROG = "tcpipstat"
 def dump_script(plan: Plan) -> str:
     """The script for the chosen groups, before probe resolution (every unit; with
     --kprobes-only, none that needs a tracepoint)."""
-    units = [u.name for u in units_for_groups(plan.groups)
-             if plan.tracepoints or not any(p.startswith("kernel.trace(") for p in u.points)]
+    units = [u.name for u in units_for_groups(plan.groups, plan.tracepoints)]
     return render_script(units, plan.max_sockets, plan.dist, plan.estats, plan.sample_ms is not None)
 
 
@@ -45,12 +44,10 @@ def prepare(plan: Plan, tc: Toolchain, log) -> tuple[str, list[str], list[str], 
     """Resolve probe points on the target kernel; returns (script, available, unavailable,
     how congestion states are seen: "" without the cong group)."""
     kver = kernel_release(plan)
-    points = points_for_groups(plan.groups)
-    if not plan.tracepoints:      # --kprobes-only: not even asked about (saves stap's helper module)
-        points = [p for p in points if not p.startswith("kernel.trace(")]
+    points = points_for_groups(plan.groups, plan.tracepoints)   # --kprobes-only: no tracepoint asked
     log(f"checking which probe points exist on kernel {kver}...")
     resolved = tc.resolve(points, kver, render_probe_check(points))
-    wanted = units_for_groups(plan.groups)
+    wanted = units_for_groups(plan.groups, plan.tracepoints)
     ok = [u.name for u in wanted if all(p in resolved for p in u.points)]
     units = select_units(set(ok))
     available = counters_for_units([u for u in UNITS if u.name in units])

@@ -42,6 +42,11 @@ class Unit:
     note: str = ""
     fallback_for: str = ""  # used only where the named unit's points do not resolve
 
+    @property
+    def tracepoint(self) -> bool:
+        """Does it need a tracepoint (left out with --kprobes-only)?"""
+        return any(p.startswith("kernel.trace(") for p in self.points)
+
 
 def _f(name: str, ret: bool = False) -> str:
     return f'kernel.function("{name}")' + (".return" if ret else "")
@@ -152,8 +157,9 @@ UNITS: tuple[Unit, ...] = (
 UNIT_BY_NAME = {u.name: u for u in UNITS}
 
 
-def units_for_groups(groups: tuple[str, ...] | list[str]) -> list[Unit]:
-    return [u for u in UNITS if u.group in groups]
+def units_for_groups(groups: tuple[str, ...] | list[str], tracepoints: bool = True) -> list[Unit]:
+    """The groups' units; tracepoints=False (--kprobes-only): none that needs a tracepoint."""
+    return [u for u in UNITS if u.group in groups and (tracepoints or not u.tracepoint)]
 
 
 def counters_for_units(units: list[Unit]) -> list[str]:
@@ -166,16 +172,16 @@ def all_points() -> list[str]:
     return points_for_groups(GROUPS)
 
 
-def points_for_groups(groups: tuple[str, ...] | list[str]) -> list[str]:
+def points_for_groups(groups: tuple[str, ...] | list[str], tracepoints: bool = True) -> list[str]:
     """The probe points of the groups' units, each once, in catalogue order: what the
     probe check asks about. Per group set, because resolving a tracepoint (the cong
     group's) makes stap build a helper module against the kernel headers, which costs
-    tens of seconds the first time: runs without --cong must not pay it."""
+    tens of seconds the first time: runs without --cong (or with --kprobes-only,
+    tracepoints=False) must not pay it."""
     seen: dict[str, None] = {}
-    for u in UNITS:
-        if u.group in groups:
-            for p in u.points:
-                seen.setdefault(p, None)
+    for u in units_for_groups(groups, tracepoints):
+        for p in u.points:
+            seen.setdefault(p, None)
     return list(seen)
 
 
