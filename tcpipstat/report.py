@@ -569,7 +569,8 @@ def write_window(console: Console, out: IO[str], output: str, win: Window, rows:
         console.print(f"  ... {hidden} more rows (--top)")
 
 
-CSV_KEYS = ("index", "family", "laddr", "lport", "raddr", "rport", "pid", "comm", "sockets", "closed", "processes")
+_CSV_KEY_FIELDS = ("index", "family", "laddr", "lport", "raddr", "rport", "pid", "comm")   # key_fields()'
+CSV_KEYS = _CSV_KEY_FIELDS + ("sockets", "closed", "processes")
 WINDOW_KEYS = ("interval", "time", "final")
 
 
@@ -592,7 +593,7 @@ def write_csv(out: IO[str], rows: Iterable[Row], ctx: ReportContext, win: Window
     n = 0
     for row in rows:
         k = key_fields(row.key)
-        vals = head + [k.get(c, "") for c in CSV_KEYS[:-3]]
+        vals = head + [k.get(c, "") for c in _CSV_KEY_FIELDS]
         vals += (row.sockets, row.closed, " ".join(f"{c}[{p}]" for p, c in sorted(row.processes.items())))
         cols = columns[row.key.family == AF_INET6]
         vals += map(row.counters.get, cols.lookups, cols.absents)       # (csv writes None as "")
