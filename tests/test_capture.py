@@ -178,6 +178,7 @@ def test_process_indexes_are_a_clear_error(index):
     (["--groups", "tcp"], "-g/--groups"), (["--save-records", "x"], "--save-records"),
     (["--cong"], "--cong"), (["--dist"], "--dist"), (["--rfc4898"], "--rfc4898"), (["--sample", "10"], "--sample"),
     (["--on-cwnd-change"], "--on-cwnd-change"), (["--series", "s.csv"], "--series"), (["--plot", "p.png"], "--plot"),
+    (["--kprobes-only"], "--kprobes-only"),
 ])
 def test_live_only_options_are_refused(argv, what):
     status, out, err = run_cli("--read", str(LO), *argv)
