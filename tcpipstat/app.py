@@ -163,9 +163,10 @@ def collect_live(plan: Plan, console: Console, errc: Console, out: IO[str], err:
     _select(plan, collection, plan.tree)
     _on_close(plan, collection, ctx, console, out)
     _on_interval(plan, collection, ctx, console, out)
+    drain = tc.drain_ms()
     runner = Collector(tc, ko, module_args(list(plan.filters), plan.timeout_s, plan.interval_s, plan.count,
-                                         plan.sample_ms, plan.on_cwnd_change),
-                       plan.command, echo_stderr=lambda line: print(line, file=err))
+                                         plan.sample_ms, plan.on_cwnd_change, drain),
+                       plan.command, echo_stderr=lambda line: print(line, file=err), drain_ms=drain)
     parser = Parser("staprun")
     saved = open(plan.save_records, "w") if plan.save_records else None
     if saved:

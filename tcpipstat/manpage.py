@@ -256,7 +256,12 @@ def render_man() -> str:
            "The options beyond the counters cost: --cong a tracepoint hit per congestion-state change, or, "
            "without the tracepoint, a kretprobe on every ACK (tcp_ack) that write-locks the per-socket state "
            "table; --sample a kretprobe on every ACK and a record per sample (every-ACK sampling of a fast "
-           "transfer is one record per ACK); --rfc4898 one record per closing socket."))
+           "transfer is one record per ACK); --rfc4898 one record per closing socket. "
+           "At the end of a run (timeout, --count, the end of the -c command, Ctrl-C) the collector writes "
+           "out everything it holds and only then exits: with SystemTap before 5.1 it waits 0.5 s more, "
+           "because stapio before 5.1 drops output it has not read when the module exits (SystemTap "
+           "PR31597). The -c command runs in a shell that tells the collector it has ended "
+           "(/proc/systemtap/MODULE/finish)."))
     a(".SH REQUIREMENTS")
     a(_esc("SystemTap (stap, staprun), root, the headers (linux-headers-$(uname -r)) and debug information "
            "(linux-image-$(uname -r)-dbg on Debian, the -dbgsym package on Ubuntu, kernel-debuginfo on "
@@ -270,7 +275,8 @@ def render_man() -> str:
                            "A report of what was collected is still printed."))
     a(".TP\n.B 2\n" + _esc("Bad command line; nothing was run. The message names the bad word."))
     a(".TP\n.B 130\n" + _esc("Interrupted with Ctrl-C; during collection the report of what was collected "
-                             "is printed first."))
+                             "is printed first. The first Ctrl-C ends collection the normal way (the "
+                             "collector writes out what it holds); a second one stops staprun at once."))
     a(".SH SEE ALSO")
     a("stap(1), staprun(8), netstat(8), ss(8), nstat(8)")
     return "\n".join(L) + "\n"

@@ -116,6 +116,12 @@ class Trailer:
     dropped: int          # events lost because a collector table was full
     faults: int           # events a probe could not read
     pfull: int = 0        # times the process table was full (attribution may be missing)
+    ended: int = 0        # what ended the run: a key of ENDED_BY (0: not recorded)
+
+
+# The trailer's last field (tcpipstat.stp.j2, tis_finish): what ended the run. Only "stap"
+# leaves the last records at risk on stap < 5.1 (they are written as the module exits).
+ENDED_BY = {1: "timeout", 2: "count", 3: "request", 4: "stap"}
 
 
 _tuple_new = tuple.__new__     # (a Tuple made without NamedTuple's Python-level __new__)
@@ -234,9 +240,12 @@ class Parser:
                 t = self._tuple(f, 1, lineno, line)
                 return EstatsRecord(t, int(f[8]), self._values(f[9:], _EVAR_NAMES, "RFC 4898 variable", lineno, line))
             if kind == "T":
-                if len(f) not in (6, 7):      # 6: written before pfull existed
+                if len(f) not in (6, 7, 8):   # 6: written before pfull existed, 7: before ended
                     raise self._err(lineno, line, "malformed trailer")
-                self.trailer = Trailer(*(int(x) for x in f[1:]))
+                trailer = Trailer(*(int(x) for x in f[1:]))
+                if trailer.ended and trailer.ended not in ENDED_BY:
+                    raise self._err(lineno, line, f"trailer: unknown end {trailer.ended}")
+                self.trailer = trailer
                 return self.trailer
         except RecordParseError:
             raise

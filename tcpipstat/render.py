@@ -72,9 +72,12 @@ def script_hash(text: str) -> str:
 
 
 def module_args(filters: list[Filter], timeout_s: float | None, interval_s: float | None = None,
-                count: int | None = None, sample_ms: float | None = None, on_cwnd_change: bool = False) -> list[str]:
+                count: int | None = None, sample_ms: float | None = None, on_cwnd_change: bool = False,
+                drain_ms: int = 0) -> list[str]:
     """staprun NAME=VALUE arguments: numbers only, whatever the user typed."""
     args = [f"tis_nfilters={len(filters)}"]
+    if drain_ms:
+        args.append(f"tis_drain_ms={int(drain_ms)}")
     if sample_ms is not None:
         args.append(f"tis_sample_us={int(round(sample_ms * 1000))}")
         if on_cwnd_change:

@@ -107,6 +107,14 @@ class Toolchain:
             self._version = self._ask_version()
         return self._version
 
+    def drain_ms(self) -> int:
+        """How long a finished run waits before its module exits, so that stapio reads
+        the last records: stapio before SystemTap 5.1 stops its reader threads as soon
+        as the module has exited and drops what they had not read yet (PR31597; 5.1
+        waits 2 x its 200 ms read timeout itself). Unknown versions get the wait."""
+        m = re.search(r"version (\d+)\.(\d+)", self.version())
+        return 0 if m and (int(m.group(1)), int(m.group(2))) >= (5, 1) else DRAIN_MS
+
     def _ask_version(self) -> str:
         try:
             out = subprocess.run([*self.stap, "-V"], capture_output=True, text=True, timeout=60)
@@ -252,6 +260,15 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+# A finished run's wait before exiting on stap < 5.1 (Toolchain.drain_ms): stapio's
+# readers are woken at the latest every 10 ms (the runtime's relay timer), so this is
+# ample even in an emulated guest.
+DRAIN_MS = 500
+
+# The module's control file (tcpipstat.stp.j2: probe procfs("finish")): a write ends the run.
+PROCFS_ROOT = Path("/proc/systemtap")
+
+
 _POINT_LINE = re.compile(r'^kernel\.function\("([A-Za-z0-9_.]+)(?:@[^"]*)?"\)(\.return|\.call)?')
 _TRACE_LINE = re.compile(r'^kernel\.trace\("([A-Za-z0-9_]+:[A-Za-z0-9_]+)"\)')
 
@@ -297,15 +314,34 @@ class RunOutcome:
         return diagnose(self.stderr)
 
 
+def finish_path(ko: Path, root: Path = PROCFS_ROOT) -> Path:
+    """The module's control file: its name is the .ko's (stap -m at compile)."""
+    return root / ko.stem / "finish"
+
+
+def command_wrapper(command: str, finish: Path, drain_ms: int) -> str:
+    """The -c command as stapio is given it. stapio splits -c with wordexp (no shell):
+    a shell runs the command, then tells the module to finish (write out everything
+    and its trailer) and waits ``drain_ms`` before exiting, since its exit is what makes
+    stapio stop the module: on stap < 5.1 output still unread at that moment is lost.
+    The command's exit status is kept."""
+    tail = f"rc=$?; {{ echo 1 > {shlex.quote(str(finish))}; }} 2>/dev/null"
+    if drain_ms:
+        tail += f" && sleep {drain_ms / 1000:g}"
+    script = f"/bin/sh -c {shlex.quote(command)}; {tail}; exit $rc"
+    return "/bin/sh -c " + shlex.quote(script)
+
+
 class Collector:
     """staprun MODULE ARGS, its stdout streamed line by line."""
 
     def __init__(self, tc: Toolchain, ko: Path, module_args: list[str], command: str | None,
-                 echo_stderr: Callable[[str], None] | None = None):
+                 echo_stderr: Callable[[str], None] | None = None, drain_ms: int = 0,
+                 procfs_root: Path = PROCFS_ROOT):
         self.cmd = [*tc.staprun]
+        self.finish = finish_path(ko, procfs_root)
         if command:
-            # stapio splits -c with wordexp (no shell): give it a shell, quoted.
-            self.cmd += ["-c", "/bin/sh -c " + shlex.quote(command)]
+            self.cmd += ["-c", command_wrapper(command, self.finish, drain_ms)]
         self.cmd += [str(ko), *module_args]
         self.outcome = RunOutcome()
         self._echo = echo_stderr or (lambda line: print(line, file=sys.stderr))
@@ -329,7 +365,18 @@ class Collector:
             self._echo(line)
 
     def interrupt(self) -> None:
+        """Ctrl-C: the first asks the module to finish (it writes everything out, then
+        exits on its own once stapio has had time to read it); where its control file
+        cannot be written (another host's module, as in the lab), or on a second
+        Ctrl-C, staprun gets SIGINT."""
+        first = not self.outcome.interrupted
         self.outcome.interrupted = True
+        if first:
+            try:
+                self.finish.write_text("1\n")
+                return
+            except OSError:
+                pass
         if self._proc and self._proc.poll() is None:
             try:
                 os.kill(self._proc.pid, signal.SIGINT)

@@ -192,3 +192,81 @@ def test_a_kernel_without_a_point_cancels_the_guess(tmp_path):
     mods = list((tmp_path / "cache" / "modules").iterdir())
     assert len(mods) == 1 and "tcp_delack_timer_handler" not in mods[0].read_text()
     assert json.loads(out.splitlines()[0])["counters"]["DelayedACKs"] is None      # unavailable, not 0
+
+
+# ---- the end of a run: the module finishes (everything out, then the trailer) and only
+# then exits, so that stapio < 5.1 (PR31597) has read it all before it stops reading ----
+
+def _toolchain(version):
+    from tcpipstat.stap import Toolchain
+    return Toolchain(["stap"], ["staprun"], _version=version)
+
+
+@pytest.mark.parametrize("version, wait", [
+    ("Systemtap translator/driver (version 4.8/0.188, Debian version 4.8-2)", 500),
+    ("Systemtap translator/driver (version 4.9/0.189, commit release-4.9)", 500),
+    ("Systemtap translator/driver (version 5.1/0.192, Debian version 5.1-5)", 0),
+    ("Systemtap translator/driver (version 5.3/0.193, commit release-5.3)", 0),
+    ("Systemtap translator/driver (version 10.0/0.200, future)", 0),
+    ("unknown", 500),
+])
+def test_the_drain_wait_is_for_staprun_before_5_1(version, wait):
+    assert _toolchain(version).drain_ms() == wait
+
+
+def _run_wrapper(command, finish, drain_ms):
+    import shlex
+    from tcpipstat.stap import command_wrapper
+    argv = shlex.split(command_wrapper(command, finish, drain_ms))   # as stapio's wordexp splits it
+    t0 = time.monotonic()
+    rc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    return rc, time.monotonic() - t0
+
+
+def test_the_command_wrapper_runs_the_command_then_finishes_and_waits(tmp_path):
+    finish = tmp_path / "tcpipstat_abc" / "finish"
+    finish.parent.mkdir()
+    out = tmp_path / "out"
+    # quotes, $, ; and a subshell reach the command's own shell intact; its status is kept
+    cmd = f"""echo "it's $((1 + 2))" > {out}; (exit 7)"""
+    r, took = _run_wrapper(cmd, finish, 500)
+    assert r.returncode == 7, r.stderr
+    assert out.read_text() == "it's 3\n"
+    assert finish.read_text() == "1\n"                 # the module was told to finish
+    assert took >= 0.5                                 # ... and had 500 ms to be read
+
+
+def test_the_command_wrapper_without_a_module_does_not_wait_or_fail(tmp_path):
+    finish = tmp_path / "no-such-module" / "finish"
+    r, took = _run_wrapper("true", finish, 5000)
+    assert r.returncode == 0 and r.stderr == ""
+    assert took < 5 and not finish.exists()
+
+
+def test_ctrl_c_asks_the_module_to_finish_first_then_signals(tmp_path):
+    from tcpipstat.stap import Collector
+    ko = tmp_path / "tcpipstat_abc.ko"
+    (tmp_path / "proc" / "tcpipstat_abc").mkdir(parents=True)
+    c = Collector(_toolchain("unknown"), ko, [], None, procfs_root=tmp_path / "proc")
+    c._proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        c.interrupt()                                  # first: the control file, no signal
+        assert (tmp_path / "proc" / "tcpipstat_abc" / "finish").read_text() == "1\n"
+        assert c._proc.poll() is None and c.outcome.interrupted
+        c.interrupt()                                  # second: SIGINT to staprun
+        assert c._proc.wait(timeout=10) == -signal.SIGINT
+    finally:
+        if c._proc.poll() is None:
+            c._proc.kill()
+
+
+def test_ctrl_c_without_a_control_file_signals_at_once(tmp_path):
+    from tcpipstat.stap import Collector
+    c = Collector(_toolchain("unknown"), tmp_path / "tcpipstat_x.ko", [], None, procfs_root=tmp_path)
+    c._proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        c.interrupt()
+        assert c._proc.wait(timeout=10) == -signal.SIGINT
+    finally:
+        if c._proc.poll() is None:
+            c._proc.kill()

@@ -204,3 +204,24 @@ def test_comm_escapes():
     assert unescape_comm("plain") == "plain"
     assert unescape_comm("a\\tb\\\\c\\\"") == 'a\tb\\c"'
     assert unescape_comm("x\\033y") == "x\x1by"
+
+
+@pytest.mark.parametrize("fields, want", [
+    ("1700000000000\t12\t0\t0\t0", Trailer(1700000000000, 12, 0, 0, 0)),              # format 2, first
+    ("1700000000000\t12\t1\t2\t3\t4", Trailer(1700000000000, 12, 1, 2, 3, 4)),        # + pfull
+    ("1700000000000\t12\t1\t2\t3\t4\t3", Trailer(1700000000000, 12, 1, 2, 3, 4, 3)),  # + what ended it
+])
+def test_trailers_of_every_age_are_read(fields, want):
+    p = Parser("t")
+    assert p.parse_line("T\t" + fields, 1) == want == p.trailer
+
+
+@pytest.mark.parametrize("fields, why", [
+    ("1\t2\t3\t4\t5\t6\t9", "trailer: unknown end 9"),
+    ("1\t2\t3\t4\t5\t6\t3\t0", "malformed trailer"),
+    ("1\t2\t3", "malformed trailer"),
+])
+def test_a_bad_trailer_is_named(fields, why):
+    with pytest.raises(RecordParseError) as e:
+        Parser("t").parse_line("T\t" + fields, 7)
+    assert str(e.value).startswith(f"t:7: {why}: 'T")     # source, line, reason, text

@@ -160,3 +160,42 @@ def test_return_probes_take_entry_values_from_the_kretprobe():
         text = render_script(units, 8192, dist=True, estats=True, sample=True)
         code = "\n".join(line.split("//")[0] for line in text.splitlines())   # not the comments
         assert ".return" in code and "@entry" not in code
+
+
+def _probe_body(text, head):
+    """The text of the probe or function starting at ``head`` (up to its closing brace)."""
+    i = text.index(head)
+    depth, j = 0, text.index("{", i)
+    while True:
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j + 1]
+        j += 1
+
+
+def test_every_way_a_run_ends_goes_through_one_finish_that_writes_the_trailer_last():
+    for units, kw in [(all_units(), {}), (all_units(), {"estats": True, "sample": True, "dist": True})]:
+        text = render_script(set(units), 1024, **kw) if kw else render_script(set(units), 1024)
+        fin = _probe_body(text, "function tis_finish(how:long)")
+        # the trailer is written in one place, after the last records, once
+        assert text.count('printf("T\\t') == 1 and 'printf("T\\t' in fin
+        assert fin.index('tis_flush_all("end")') < fin.index('printf("T\\t')
+        assert "if (tis_done) return;" in fin
+        # Ctrl-C and the -c command's end (the control file), stap's own end, the timeout
+        # and --count all finish; only the timer exits, tis_drain_ms after finishing
+        assert _probe_body(text, 'probe procfs("finish").write').count("tis_finish(3)") == 1
+        assert _probe_body(text, "\nprobe end").count("tis_finish(4)") == 1
+        timer = _probe_body(text, "probe timer.ms(10)")
+        assert "tis_deadline && now >= tis_deadline) tis_finish(1)" in timer
+        assert "tis_nmarks >= tis_count) tis_finish(2)" in timer
+        assert text.count("exit()") == 1 and "if (gettimeofday_ms() >= tis_exit_at) exit()" in timer
+        assert timer.index("if (tis_done)") < timer.index("tis_ticks++")   # nothing else once done
+        # records written outside the timer keep quiet after the trailer
+        for f in ("function tis_estats(", "function tis_sample("):
+            if f in text:
+                assert _probe_body(text, f).split("\n")[1].strip().startswith("if (tis_done) return;")
+
+
+def test_the_drain_wait_reaches_the_module_as_a_number():
+    assert module_args([], None, drain_ms=500) == ["tis_nfilters=0", "tis_drain_ms=500"]
+    assert module_args([], None, drain_ms=0) == ["tis_nfilters=0"]

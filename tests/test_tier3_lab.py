@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tcpipstat.model import INDEXES
+from tcpipstat.records import ENDED_BY
 
 from . import lab_workloads as W
 from .conftest import LAB, lab_kver, run_cli
@@ -56,6 +57,13 @@ class LabRun:
         rows = "\n".join(f"  {o.get('laddr')}:{o.get('lport')}-{o.get('raddr')}:{o.get('rport')} "
                          f"{ {k: v for k, v in o['counters'].items() if v} }" for o in self.json())
         return f"\nrows:\n{rows}\nstderr:\n{self.stderr}\nmeta:\n{self.meta[-3000:]}"
+
+
+def ended_by(records: Path) -> str:
+    """What ended a run, from its saved records' trailer (records.ENDED_BY)."""
+    trailers = [l.split("\t") for l in records.read_text().splitlines() if l.startswith("T\t")]
+    assert len(trailers) == 1 and len(trailers[0]) == 8, trailers
+    return ENDED_BY[int(trailers[0][7])]
 
 
 def near(value, want, slack):
@@ -226,6 +234,9 @@ def test_many_sockets_one_run(suite, tmp_path):
     assert slack <= 10, r.stderr   # the lab's lock wait keeps skipped hits rare
     trailer = [l.split("\t") for l in rec.read_text().splitlines() if l.startswith("T\t")]
     assert len(trailer) == 1 and trailer[0][4] == "0", why                      # no event lost
+    # the -c command's shell told the module to finish: the 128 rows were written before
+    # stapio was asked to stop (on stap < 5.1 what the end probe writes can be lost)
+    assert ended_by(rec) == "request", why
 
 
 def test_full_tables_are_counted_and_told(suite, tmp_path):
@@ -428,20 +439,24 @@ def test_sampling_modes(suite, tmp_path, mode):
 
 
 def test_timeout_ends_the_run_on_time(suite, tmp_path):
-    r = LabRun(suite, tmp_path, "timeout=2")
+    rec = tmp_path / "records"
+    r = LabRun(suite, tmp_path, "timeout=2", "--save-records", str(rec))
     assert r.rc == 0, r.stderr
     m = re.search(r"index=tuple, ([0-9.]+) s", r.stdout)
     assert m, r.stdout
-    # the window closes when the module's end probe runs, after stap has stopped the
-    # timer: under emulation (TCG) that takes up to a second more
+    # the module's timer finishes the run at the deadline (a tick may come late under
+    # emulation), and exits after that
     assert 1.9 <= float(m.group(1)) <= 3.8
+    assert ended_by(rec) == "timeout"
 
 
 def test_command_ends_the_run(suite, tmp_path):
-    r = LabRun(suite, tmp_path, "timeout=60", "-c", "sleep 1")
+    rec = tmp_path / "records"
+    r = LabRun(suite, tmp_path, "timeout=60", "-c", "sleep 1", "--save-records", str(rec))
     assert r.rc == 0, r.stderr
     m = re.search(r"index=tuple, ([0-9.]+) s", r.stdout)
     assert m and float(m.group(1)) < 5, r.stdout
+    assert ended_by(rec) == "request"        # the command's shell, through the control file
 
 
 def test_stap_warnings_are_surfaced(suite, tmp_path):
@@ -489,11 +504,13 @@ def test_interval_snapshots_add_up_to_the_run(suite, tmp_path):
 
 
 def test_interval_count_stops_after_k_snapshots(suite, tmp_path):
+    rec = tmp_path / "records"
     r = LabRun(suite, tmp_path, "-T", "--interval", "0.5", "--count", "3", "--zeros", "*:7007-*:*",
-               "-c", W.TCPWORK_PERIODIC)
+               "-c", W.TCPWORK_PERIODIC, "--save-records", str(rec))
     assert r.rc == 0, r.stderr
     heads = re.findall(r"^(\d\d:\d\d:\d\d)  interval (\d+)", r.stdout, re.M)
     assert [int(n) for _, n in heads] == [1, 2, 3], r.stdout + r.stderr
+    assert ended_by(rec) == "count"
 
 
 def test_index_comm_separates_programs(suite, tmp_path):
