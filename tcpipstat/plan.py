@@ -85,7 +85,8 @@ def _seconds(value, what: str = "timeout") -> float | None:
     if not math.isfinite(t) or t <= 0 or t > MAX_TIMEOUT_S:
         raise UsageError(f"bad {what} '{text}': expected a number of seconds > 0")
     if t < 0.1:
-        raise UsageError(f"bad {what} '{text}': the collector checks the clock every 0.1 s")
+        raise UsageError(f"bad {what} '{text}': expected at least 0.1 s (closed sockets are "
+                         "handed over every 0.1 s)")
     return t
 
 

@@ -33,6 +33,8 @@ def test_command_and_outputs():
     (["timeout=abc"], "abc"),
     (["timeout=-1"], "-1"),
     (["timeout=nan"], "nan"),
+    (["timeout=0.05"], "at least 0.1 s"),
+    (["--interval", "0.0001"], "'0.0001'"),
     (["nozeros=2"], "nozeros=2"),
     (["onclose=yes"], "onclose=yes"),
     (["foo=1"], "foo=1"),
