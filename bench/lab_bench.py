@@ -13,6 +13,10 @@ Parts:
   overhead  loopback iperf3 throughput and a connection-churn workload (tcpwork: N
             connect/send/close in a row) untraced, under tcpipstat (default groups) and
             under the classic script.
+  end       the end of a run: `-c true`, warm, seconds from "collecting" to tcpipstat's
+            exit and what ended the run (the trailer's last field). On stap < 5.1 the
+            collector waits 0.5 s after writing everything out (stapio drops what is
+            unread when the module exits: SystemTap PR31597), on 5.1 it does not.
   scale     --scale-conns connections (two sockets each) in one run: no lost counts
             (against the guest's /proc/net/snmp), memory of the tool (VmHWM) and of the
             module (its own log line), time to report the saved run as tables and NDJSON.
@@ -202,6 +206,23 @@ def part_startup(suite: str, runs: int, work: Path) -> None:
           f"{statistics.median(warm_other) - statistics.median(warm):+.2f} s")
 
 
+def part_end(suite: str, runs: int, work: Path) -> None:
+    print(f"\n## end of a run: `-c true`, warm ({suite}, kernel {kver(suite)})")
+    print(f"  {'':<44} {'min':>10} {'median':>10} {'max':>10}")
+    cache, rec = work / "cache-end", work / "end.records"
+    Run(suite, ["-c", "true"], cache)                 # compile once
+    after, total, ended = [], [], set()
+    for _ in range(runs):
+        r = Run(suite, ["--save-records", str(rec), "-c", "true"], cache)
+        after.append(r.elapsed - r.to_collecting if r.rc == 0 and r.to_collecting else None)
+        total.append(r.elapsed if r.rc == 0 else None)
+        trailer = [l.split("\t") for l in rec.read_text().splitlines() if l.startswith("T\t")]
+        ended.add(trailer[0][7] if trailer and len(trailer[0]) > 7 else "none")
+    show("command to exit", total, "s")
+    show("'collecting' to exit (guest boot included)", after, "s")
+    print(f"  trailer's end field (3: the command's shell asked): {', '.join(sorted(ended))}")
+
+
 def part_groups(suite: str, runs: int, work: Path) -> None:
     """Each group alone, compile only: the probe check is taken from a warm cache."""
     print(f"\n## compile cost of each counter group alone ({suite}): seconds to 'collecting', "
@@ -336,6 +357,8 @@ def main() -> None:
             part_groups(a.kernel, a.runs, work)
         if "overhead" in parts:
             part_overhead(a.kernel, a.runs, work, a.conns, a.iperf_secs)
+        if "end" in parts:
+            part_end(a.kernel, a.runs, work)
         if "scale" in parts:
             part_scale(a.kernel, a.scale_runs or a.runs, work, a.scale_conns)
 
