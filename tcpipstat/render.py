@@ -83,8 +83,9 @@ def module_args(filters: list[Filter], timeout_s: float | None, interval_s: floa
         if on_cwnd_change:
             args.append("tis_sample_cwnd=1")
     for i, flt in enumerate(filters):
-        for name, value in zip(FILTER_FIELDS, flt.slots()):
-            args.append(f"tis_f{i}_{name}={int(value)}")
+        # FILTER_FIELDS in order, each as the 16 hex digits of its 64 bits (the script's
+        # strtol(.., 16) reads them back as the same signed 64-bit number)
+        args.append(f"tis_f{i}=" + "".join(f"{int(v) & 0xFFFFFFFFFFFFFFFF:016x}" for v in flt.slots()))
     if timeout_s:
         args.append(f"tis_timeout_ms={int(round(timeout_s * 1000))}")
     if interval_s:

@@ -118,7 +118,22 @@ def test_no_input_changes_the_script_text(filters, index, timeout):
     baseline = render_script([u.name for u in units_for_groups(plan.groups)], plan.max_sockets)
     assert baseline == render_script([u.name for u in units_for_groups(DEFAULT_GROUPS)], 8192)
     for arg in module_args(list(plan.filters), plan.timeout_s):
-        assert re.fullmatch(r"tis_[a-z0-9_]+=-?[0-9]+", arg), arg
+        # numbers, or a filter's numbers as fixed-width hex: nothing the user typed
+        assert re.fullmatch(r"tis_[a-z0-9_]+=-?[0-9]+|tis_f[0-9]+=(?:[0-9a-f]{16}){13}", arg), arg
+
+
+def test_filters_reach_the_module_as_fixed_width_hex_of_their_64_bit_numbers():
+    plan = build_plan(["[fe80::/10]:80..90-[2001:db8::1]:*", "10.1.2.0/24:*-*:22"])
+    args = module_args(list(plan.filters), None)
+    assert args[0] == "tis_nfilters=2"
+    for i, (arg, flt) in enumerate(zip(args[1:], plan.filters)):
+        name, _, hexes = arg.partition("=")
+        assert name == f"tis_f{i}" and len(hexes) == 13 * 16
+        # the script's strtol(substr(s, j * 16, 16), 16) reads back each signed 64-bit slot
+        back = [int(hexes[j * 16:(j + 1) * 16], 16) for j in range(13)]
+        assert [v - (1 << 64) if v >= 1 << 63 else v for v in back] == list(flt.slots())
+    # an IPv6 mask's high half has its top bit set: a negative slot, sent as its 64 bits
+    assert any(v < 0 for v in plan.filters[0].slots())
 
 
 class _AskedToolchain:

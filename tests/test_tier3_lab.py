@@ -138,6 +138,12 @@ def test_filters_really_filter(suite, tmp_path):
     passive = sum(o["counters"]["PassiveOpens"] for o in objs)
     assert 3 - r.skipped() <= passive <= r.snmp_delta()["Tcp.PassiveOpens"] - 2, r.explain()
     assert 3 - r.skipped() <= sum(o["counters"]["ActiveOpens"] for o in objs) <= 3, r.explain()
+    # prefixes and port ranges select the same sockets
+    r2 = LabRun(suite, tmp_path, "--json", "127.0.0.0/8:7000..7001-*:*", "*:*-127.0.0.0/8:6990..7001",
+                "-c", W.TCPWORK_V4)
+    assert r2.rc == 0, r2.stderr
+    ports = lambda objs: sorted(7001 if 7001 in (o["lport"], o["rport"]) else (o["lport"], o["rport"]) for o in objs)
+    assert ports(r2.json()) == ports(objs) == [7001] * len(objs), (r.explain(), r2.explain())
     # and a filter that matches nothing counts nothing
     r = LabRun(suite, tmp_path, "--json", "*:9-*:*", "-c", W.TCPWORK_V4)
     assert r.rc == 0 and r.json() == []
