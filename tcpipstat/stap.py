@@ -261,8 +261,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 # A finished run's wait before exiting on stap < 5.1 (Toolchain.drain_ms): stapio's
-# readers are woken at the latest every 10 ms (the runtime's relay timer), so this is
-# ample even in an emulated guest.
+# readers are woken on the next jiffy when there is output (the runtime's relay timer,
+# STP_RELAY_TIMER_INTERVAL), so this is ample even in an emulated guest.
 DRAIN_MS = 500
 
 # The module's control file (tcpipstat.stp.j2: probe procfs("finish")): a write ends the run.
