@@ -225,3 +225,27 @@ def test_a_bad_trailer_is_named(fields, why):
     with pytest.raises(RecordParseError) as e:
         Parser("t").parse_line("T\t" + fields, 7)
     assert str(e.value).startswith(f"t:7: {why}: 'T")     # source, line, reason, text
+
+
+def test_real_recordings_say_what_ended_them():
+    """Recorded in the lab (tests/fixtures/refresh.sh): a -c run, finished by the command's
+    shell through the collector's control file, and a timeout run, finished by its timer."""
+    from tcpipstat.records import ENDED_BY
+    from .lab_workloads import TCPWORK_V4_PORTS
+    ended = {}
+    for name in ("bookworm-tcpwork-v4.ended", "trixie-timeout.ended"):
+        p = Parser(name)
+        recs = list(p.parse((FIXTURES / f"{name}.records").read_text().splitlines()))
+        assert recs[-1] is p.trailer                                # the trailer is the last record
+        ended[name] = ENDED_BY[p.trailer.ended]
+    assert ended == {"bookworm-tcpwork-v4.ended": "request", "trixie-timeout.ended": "timeout"}
+    # everything the workload did is in the -c run's records: its exact bytes per server port
+    status, out, err = run_cli("--from-records", str(FIXTURES / "bookworm-tcpwork-v4.ended.records"),
+                               "--json", "index=lport")
+    assert status == 0, err
+    rows = {o["lport"]: o["counters"] for o in map(json.loads, out.splitlines())}
+    for port, (n, up, down) in TCPWORK_V4_PORTS.items():
+        assert (rows[port]["RecvBytes"], rows[port]["SendBytes"]) == (n * up, n * down)
+    # the timeout run's window is the timeout: it ends at the deadline, in the timer
+    status, out, err = run_cli("--from-records", str(FIXTURES / "trixie-timeout.ended.records"))
+    assert status == 0 and "0 rows, index=tuple, 1.0 s" in out, out + err
