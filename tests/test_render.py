@@ -203,7 +203,7 @@ def test_every_way_a_run_ends_goes_through_one_finish_that_writes_the_trailer_la
         timer = _probe_body(text, "probe timer.ms(10)")
         assert "tis_deadline && now >= tis_deadline) tis_finish(1)" in timer
         assert "tis_nmarks >= tis_count) tis_finish(2)" in timer
-        assert text.count("exit()") == 1 and "if (gettimeofday_ms() >= tis_exit_at) exit()" in timer
+        assert text.count("exit()") == 1 and "if (gettimeofday_ms() >= tis_done + tis_drain_ms) exit()" in timer
         assert timer.index("if (tis_done)") < timer.index("tis_ticks++")   # nothing else once done
         # records written outside the timer keep quiet after the trailer
         for f in ("function tis_estats(", "function tis_sample("):
