@@ -45,7 +45,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LAB = ROOT / "lab"
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
 from classic import classic_script, default_seed  # noqa: E402
+from tcpipstat.records import ENDED_BY, Parser  # noqa: E402
 
 GROUPS = ("socket", "tcp", "ip", "ext")
 IPERF3 = ("iperf3 -s -1 >/dev/null & sleep 1; iperf3 -4 -c 127.0.0.1 -t {secs} -f m 2>&1 | grep -m1 sender; wait")
@@ -216,11 +218,12 @@ def part_end(suite: str, runs: int, work: Path) -> None:
         r = Run(suite, ["--save-records", str(rec), "-c", "true"], cache)
         after.append(r.elapsed - r.to_collecting if r.rc == 0 and r.to_collecting else None)
         total.append(r.elapsed if r.rc == 0 else None)
-        trailer = [l.split("\t") for l in rec.read_text().splitlines() if l.startswith("T\t")]
-        ended.add(trailer[0][7] if trailer and len(trailer[0]) > 7 else "none")
+        p = Parser(str(rec))
+        list(p.parse(rec.read_text().splitlines()))
+        ended.add(ENDED_BY.get(p.trailer.ended, "not recorded") if p.trailer else "no trailer")
     show("command to exit", total, "s")
     show("'collecting' to exit (guest boot included)", after, "s")
-    print(f"  trailer's end field (3: the command's shell asked): {', '.join(sorted(ended))}")
+    print(f"  what ended the runs (the trailer's last field): {', '.join(sorted(ended))}")
 
 
 def part_groups(suite: str, runs: int, work: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tcpipstat.model import INDEXES
-from tcpipstat.records import ENDED_BY
+from tcpipstat.records import ENDED_BY, Parser, Trailer
 
 from . import lab_workloads as W
 from .conftest import LAB, lab_kver, run_cli
@@ -60,10 +60,11 @@ class LabRun:
 
 
 def ended_by(records: Path) -> str:
-    """What ended a run, from its saved records' trailer (records.ENDED_BY)."""
-    trailers = [l.split("\t") for l in records.read_text().splitlines() if l.startswith("T\t")]
-    assert len(trailers) == 1 and len(trailers[0]) == 8, trailers
-    return ENDED_BY[int(trailers[0][7])]
+    """What ended a run, from its saved records' one trailer, as tcpipstat reads it."""
+    p = Parser(str(records))
+    trailers = [r for r in p.parse(records.read_text().splitlines()) if isinstance(r, Trailer)]
+    assert len(trailers) == 1 and trailers[0].ended in ENDED_BY, trailers
+    return ENDED_BY[trailers[0].ended]
 
 
 def near(value, want, slack):
