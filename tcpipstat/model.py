@@ -2,8 +2,8 @@
 
 A socket tuple may arrive in several records (the collector empties its table
 when it fills, and writes closed sockets out as they close); they add up here.
-Grouping by ``index`` (tuple, laddr, raddr, lport, rport, pid, comm) happens
-here too, so the index never changes the compiled module. With ``interval``, the
+Grouping by ``index`` (the registry in tcpipstat/indexes.py) happens here too, so
+the index never changes the compiled module. With ``interval``, the
 records received since the last interval mark form a window of their own.
 """
 from __future__ import annotations
@@ -13,9 +13,11 @@ from operator import attrgetter
 from typing import Callable, Iterable, NamedTuple
 
 from .estats import EVAR_BY_NAME
-from .records import EstatsRecord, Header, IntervalMark, Record, SampleRecord, SocketRecord, Trailer, Tuple
+from .indexes import BY_NAME as INDEX_BY_NAME, NAMES as INDEXES, GroupKey
+from .records import (EstatsRecord, Header, IntervalMark, Record, SampleRecord, SocketRecord,
+                      Trailer, Tuple)
 
-INDEXES = ("tuple", "laddr", "raddr", "lport", "rport", "pid", "comm")
+__all__ = ["INDEXES", "GroupKey", "Collection", "Row", "SocketTotals", "Window"]
 
 
 @dataclass
@@ -56,44 +58,6 @@ class SocketTotals:
     @property
     def has_activity(self) -> bool:
         return any(self.counters.values()) or self.estats is not None
-
-
-_tuple_new = tuple.__new__
-
-
-class GroupKey(NamedTuple):
-    """What a report row groups by (a NamedTuple: built and hashed in C, once per socket)."""
-    index: str
-    family: int | None = None
-    laddr: int | None = None
-    lport: int | None = None
-    raddr: int | None = None
-    rport: int | None = None
-    pid: int | None = None          # 0: no process context was ever seen
-    comm: str | None = None         # "": unknown
-
-    @classmethod
-    def of(cls, index: str, t: Tuple) -> "GroupKey":
-        if index == "tuple":   # (the fields of a Tuple follow the index, in its order)
-            return _tuple_new(cls, ("tuple", *t, None, None))
-        if index == "laddr":
-            return cls(index, t.family, laddr=t.laddr)
-        if index == "raddr":
-            return cls(index, t.family, raddr=t.raddr)
-        if index == "lport":
-            return cls(index, lport=t.lport)
-        if index == "rport":
-            return cls(index, rport=t.rport)
-        raise ValueError(index)
-
-    @classmethod
-    def of_socket(cls, index: str, st: "SocketTotals") -> "GroupKey":
-        if index == "pid":
-            return cls(index, pid=st.pid)
-        if index == "comm":
-            return cls(index, comm=st.comm if st.pid else "")
-        return cls.of(index, st.tuple)
-
 
 
 def in_key_order(rows: Iterable["Row"]) -> list["Row"]:
@@ -241,8 +205,10 @@ class Collection:
         return self._kept(whole)
 
     def rows(self, index: str = "tuple", sockets: Iterable[SocketTotals] | None = None) -> list[Row]:
-        if index not in INDEXES:
+        ix = INDEX_BY_NAME.get(index)
+        if ix is None:
             raise ValueError(index)
+        key_of = ix.of_socket
         rows: dict[GroupKey, Row] = {}
         whole = sockets is None
         kept = self._kept if whole else self._kept_in_window
@@ -250,7 +216,7 @@ class Collection:
         for st in (self.sockets.values() if whole else sockets):
             if not st.has_activity or not kept(st):
                 continue
-            key = GroupKey.of_socket(index, st)
+            key = key_of(st)
             # (a window's socket: judged on what the whole run has seen of it)
             opened = (st if whole else self.sockets.get(st.tuple, st)).opened_during_collection
             row = rows.get(key)

@@ -23,8 +23,9 @@ from rich.text import Text
 from .counters import CA_STATES, COUNTERS, SECTIONS
 from .estats import EVARS, TABLES as ESTATS_TABLES
 from .series import summary as series_summary, summary_line
-from .model import GroupKey, Row, SocketTotals, Window
-from .records import AF_INET6, Tuple, hist_key
+from .indexes import KEY_FIELDS, GroupKey, key_fields, key_json, key_title
+from .model import Row, SocketTotals, Window
+from .records import AF_INET6, hist_key
 
 
 @dataclass(frozen=True)
@@ -83,50 +84,6 @@ class ReportContext:
         return cached[1]
 
 
-@lru_cache(maxsize=65536)
-def _addr(family: int | None, value: int | None) -> str:
-    if value is None:
-        return "*"
-    return Tuple(family or 2, value, 0, 0, 0).addr_str("l")
-
-
-def key_fields(key: GroupKey) -> dict[str, object]:
-    out: dict[str, object] = {"index": key.index}
-    if key.family is not None:
-        out["family"] = "ipv6" if key.family == AF_INET6 else "ipv4"
-    if key.laddr is not None:
-        out["laddr"] = _addr(key.family, key.laddr)
-    if key.lport is not None:
-        out["lport"] = key.lport
-    if key.raddr is not None:
-        out["raddr"] = _addr(key.family, key.raddr)
-    if key.rport is not None:
-        out["rport"] = key.rport
-    if key.pid is not None:
-        out["pid"] = key.pid
-    if key.comm is not None:
-        out["comm"] = key.comm
-    return out
-
-
-def key_label(key: GroupKey) -> str:
-    if key.index == "tuple":
-        if key.family == AF_INET6:
-            return f"[{_addr(key.family, key.laddr)}]:{key.lport} <-> [{_addr(key.family, key.raddr)}]:{key.rport}"
-        return f"{_addr(key.family, key.laddr)}:{key.lport} <-> {_addr(key.family, key.raddr)}:{key.rport}"
-    if key.index == "laddr":
-        return f"Local address: {_addr(key.family, key.laddr)}"
-    if key.index == "raddr":
-        return f"Remote address: {_addr(key.family, key.raddr)}"
-    if key.index == "lport":
-        return f"Local port: {key.lport}"
-    if key.index == "pid":
-        return f"Process: {key.pid}" if key.pid else "Process: unknown (no process context seen)"
-    if key.index == "comm":
-        return f"Command: {key.comm}" if key.comm else "Command: unknown (no process context seen)"
-    return f"Remote port: {key.rport}"
-
-
 def _procs(row: Row) -> str:
     if len(row.processes) == 1:     # (most rows)
         (pid, comm), = row.processes.items()
@@ -140,7 +97,7 @@ def _procs(row: Row) -> str:
 def _title_parts(row: Row, title_suffix: str, noun: str = "socket") -> list[tuple[str, str]]:
     """A row's title as (text, style) pieces: its key, its processes, how many sockets
     it groups and a note."""
-    parts = [(key_label(row.key), "bold")]
+    parts = [(key_title(row.key), "bold")]
     procs = _procs(row)
     if procs:
         parts.append((f"  {procs}", "cyan"))
@@ -400,8 +357,7 @@ def render_footer(console: Console, ctx: ReportContext) -> None:
 
 def closed_socket_row(st: SocketTotals, samples: Iterable = ()) -> Row:
     """onclose=1: one closed socket's row (with its RFC 4898 variables and samples)."""
-    key = GroupKey.of("tuple", st.tuple)
-    return Row(key, dict(st.counters), 1, 1, {st.pid: st.comm} if st.pid else {},
+    return Row(GroupKey.of("tuple", st.tuple), dict(st.counters), 1, 1, {st.pid: st.comm} if st.pid else {},
                st.opened_during_collection, [st.estats] if st.estats is not None else [], list(samples))
 
 
@@ -415,6 +371,7 @@ def _columns(ctx: ReportContext) -> list[tuple[str, bool, bool, int | None]]:
 
 _NULL = object()      # looked up for a column a row shows as null: no row has it
 _INT = frozenset({int})
+_STR = frozenset({str})
 
 
 class _CounterColumns:
@@ -487,28 +444,18 @@ def row_dict(row: Row, ctx: ReportContext, columns: tuple[_CounterColumns, _Coun
     return d
 
 
-def _tuple_head_json(row: Row) -> str | None:
-    """:func:`_row_head` of an index=tuple row with one process or none as compact JSON
-    without its closing brace, written as json writes it (addresses are plain ASCII, the
-    numbers ints); None for any other row."""
-    k, procs, opened = row.key, row.processes, row.opened_during_collection
-    if (k.index != "tuple" or k.pid is not None or k.comm is not None or len(procs) > 1
-            or type(opened) is not bool
-            or not _INT.issuperset(map(type, (k.family, k.laddr, k.lport, k.raddr, k.rport,
-                                              row.sockets, row.closed, *procs)))):
+def _head_json(row: Row) -> str | None:
+    """:func:`_row_head` as compact JSON without its closing brace, written as json
+    writes it; None for a row whose values are not the plain ones (then json does it)."""
+    procs, opened = row.processes, row.opened_during_collection
+    if (type(opened) is not bool or type(row.sockets) is not int or type(row.closed) is not int
+            or not _INT.issuperset(map(type, procs))
+            or not _STR.issuperset(map(type, procs.values()))):
         return None
-    if procs:
-        (pid, comm), = procs.items()
-        if type(comm) is not str:
-            return None
-        p = f'[{{"pid":{pid},"comm":{encode_basestring_ascii(comm)}}}]'
-    else:
-        p = "[]"
-    return (f'{{"index":"tuple","family":"{"ipv6" if k.family == AF_INET6 else "ipv4"}",'
-            f'"laddr":"{_addr(k.family, k.laddr)}","lport":{k.lport},'
-            f'"raddr":"{_addr(k.family, k.raddr)}","rport":{k.rport},'
-            f'"sockets":{row.sockets},"closed":{row.closed},"processes":{p},'
-            f'"opened_during_collection":{"true" if opened else "false"}')
+    p = ",".join(f'{{"pid":{pid},"comm":{encode_basestring_ascii(comm)}}}'
+                 for pid, comm in sorted(procs.items()))
+    return (f'{key_json(row.key)},"sockets":{row.sockets},"closed":{row.closed},'
+            f'"processes":[{p}],"opened_during_collection":{"true" if opened else "false"}')
 
 
 def write_json(out: IO[str], rows: Iterable[Row], ctx: ReportContext, win: Window | None = None) -> int:
@@ -521,7 +468,7 @@ def write_json(out: IO[str], rows: Iterable[Row], ctx: ReportContext, win: Windo
     write = out.write
     wf = window_fields(win) if win is not None else None
     for row in rows:
-        line = _tuple_head_json(row) if wf is None else None
+        line = _head_json(row) if wf is None else None
         if line is None:
             line = dumps({**wf, **_row_head(row)} if wf else _row_head(row))[:-1]
         line += ',"counters":' + columns[row.key.family == AF_INET6].json(row.counters, dumps)
@@ -569,7 +516,7 @@ def write_window(console: Console, out: IO[str], output: str, win: Window, rows:
         console.print(f"  ... {hidden} more rows (--top)")
 
 
-_CSV_KEY_FIELDS = ("index", "family", "laddr", "lport", "raddr", "rport", "pid", "comm")   # key_fields()'
+_CSV_KEY_FIELDS = ("index", *KEY_FIELDS)          # key_fields()' of every index
 CSV_KEYS = _CSV_KEY_FIELDS + ("sockets", "closed", "processes")
 WINDOW_KEYS = ("interval", "time", "final")
 
