@@ -1,99 +1,96 @@
-"""The main path: arguments -> plan -> script -> stap -> records -> model -> report.
+"""The main path: arguments -> plan -> collector (a Backend) -> records -> model -> Sink.
 
-``main()`` is the one place where errors become exit statuses (errors.ExitStatus).
+``run()`` is the one place where errors become exit statuses (errors.ExitStatus).
 """
 from __future__ import annotations
 
 import gc
-import json
-import os
 import re
 import signal
 import sys
-from typing import IO
+from dataclasses import dataclass, field
+from typing import IO, Iterable
 
 from rich.console import Console
-from rich.table import Table
 
-from .counters import UNITS, counters_for_units, points_for_groups, units_for_groups
-from .errors import EnvironmentNotReady, ExitStatus, RecordParseError, TcpipstatError, UsageError
-from .model import Collection, Window, sort_rows
+from .backend import Backend, RunOutcome, choose as choose_backend
+from .errors import ExitStatus, RecordParseError, TcpipstatError, UsageError
+from .model import Collection, sort_rows
+from .outcome import Outcome, ended_by, run_notes
 from .plan import Plan, build_plan
 from .procs import fill_processes
 from .records import Parser
-from .render import module_args, render_probe_check, render_script, select_units
-from .report import (ReportContext, closed_socket_row, print_row, render_footer, render_tables,
-                     write_csv, write_json, write_window)
-from .stap import Collector, RunOutcome, SpeculativeCompile, Toolchain
+from .report import ReportContext
+from .sinks import make_sink
+from .stap import dump_script, kernel_release
 
 PROG = "tcpipstat"
 
 
-def dump_script(plan: Plan) -> str:
-    """The script for the chosen groups, before probe resolution (every unit; with
-    --kprobes-only, none that needs a tracepoint)."""
-    units = [u.name for u in units_for_groups(plan.groups, plan.tracepoints)]
-    return render_script(units, plan.max_sockets, plan.dist, plan.estats, plan.sample_ms is not None)
+@dataclass
+class _Source:
+    """Where a run's records come from: a live collector or a saved file."""
+    lines: Iterable[str]
+    name: str                                 # names the source in parse errors
+    available: tuple[str, ...] = ()
+    unavailable: tuple[str, ...] = ()
+    tree: bool = False                        # -c: only the command's process tree
+    cong: str = ""                            # how congestion states were seen
+    estats: bool = False                      # --rfc4898 was on
+    backend: Backend | None = None            # None: a saved run
+    outcome: RunOutcome = field(default_factory=RunOutcome)
 
 
-def kernel_release(plan: Plan) -> str:
-    return plan.kernel_release or os.uname().release
+def _log(plan: Plan, errc: Console):
+    def log(msg: str) -> None:
+        if plan.output == "table" or plan.verbose:
+            errc.print(f"[dim]{PROG}: {msg}[/]")
+    return log
 
 
-def prepare(plan: Plan, tc: Toolchain, log) -> tuple[str, list[str], list[str], str]:
-    """Resolve probe points on the target kernel; returns (script, available, unavailable,
-    how congestion states are seen: "" without the cong group)."""
-    kver = kernel_release(plan)
-    points = points_for_groups(plan.groups, plan.tracepoints)   # --kprobes-only: no tracepoint asked
-    log(f"checking which probe points exist on kernel {kver}...")
-    resolved = tc.resolve(points, kver, render_probe_check(points))
-    wanted = units_for_groups(plan.groups, plan.tracepoints)
-    ok = [u.name for u in wanted if all(p in resolved for p in u.points)]
-    units = select_units(set(ok))
-    available = counters_for_units([u for u in UNITS if u.name in units])
-    every = counters_for_units(wanted)
-    unavailable = [c for c in every if c not in available]
-    cong = next((u.note for u in UNITS if u.name in units and u.group == "cong"), "")
-    return (render_script(units, plan.max_sockets, plan.dist, plan.estats, plan.sample_ms is not None),
-            available, unavailable, cong)
+def _live(plan: Plan, errc: Console, err: IO[str]) -> _Source:
+    """Prepare the collector: probe check and build, before anything runs."""
+    backend = choose_backend(plan, lambda line: print(line, file=err))
+    prepared = backend.prepare(_log(plan, errc))
+    return _Source(backend.lines(), "staprun" if backend.name == "stap" else backend.name,
+                   prepared.available, prepared.unavailable, plan.tree, prepared.cong,
+                   plan.estats, backend, backend.outcome)
 
 
-def _cong_note(how: str) -> str:
-    return f"congestion states seen through the {how}"
+def _save_header(plan: Plan, src: _Source, kver: str) -> str:
+    return (f"# tcpipstat records; kernel={kver}; unavailable={','.join(src.unavailable)}; "
+            f"tree={int(plan.tree)}" + (f"; cong={src.cong}" if src.cong else "")
+            + ("; rfc4898=1" if plan.estats else "") + "\n")
 
 
-def _write_series(plan: Plan, collection: Collection, notes: list[str]) -> None:
-    """--series / --plot: every sample of the connections the report keeps."""
-    from .series import plot, write_series
-    series = collection.kept_series()
-    if plan.series:
-        fmt = "ndjson" if plan.series.lower().endswith((".ndjson", ".json")) else "csv"
-        try:
-            n = write_series(plan.series, series, fmt)
-        except OSError as e:
-            raise TcpipstatError(f"cannot write --series '{plan.series}': {e.strerror}") from None
-        notes.append(f"{n:,} samples of {len(series)} connections written to {plan.series} ({fmt})")
-    if plan.plot:
-        try:
-            drawn = plot(plan.plot, series)
-        except OSError as e:
-            raise TcpipstatError(f"cannot write --plot '{plan.plot}': {e.strerror}") from None
-        notes.append(f"cwnd and srtt of {drawn} connections drawn in {plan.plot}"
-                     + (f" (the {drawn} with most samples of {len(series)})" if len(series) > drawn else ""))
+def _saved(plan: Plan) -> _Source:
+    """A file written by --save-records: its header comment says how the run was made."""
+    path = plan.from_records
+    try:
+        f = open(path, encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise UsageError(f"cannot read --from-records '{path}': {e.strerror}") from None
+    with f:
+        first = f.readline()
+        lines = list(f)
+    if not first.startswith("#"):
+        return _Source([first, *lines], path)
+    m = re.search(r"unavailable=([A-Za-z0-9,]*)", first)
+    how = re.search(r"; cong=([^;\n]+)", first)
+    return _Source(_numbered_from_2(lines), path,
+                   unavailable=tuple(x for x in m.group(1).split(",") if x) if m else (),
+                   tree=bool(re.search(r"; tree=1\b", first)),
+                   cong=how.group(1).strip() if how else "",
+                   estats=bool(re.search(r"; rfc4898=1\b", first)))
 
 
-def _top(plan: Plan, rows: list, notes: list[str]) -> list:
-    """--sort / --top, saying how many rows were left out."""
-    rows, hidden = sort_rows(rows, plan.sort, plan.top)
-    if hidden:
-        notes.append(f"{hidden} more rows not shown (--top {plan.top}, by {plan.sort})")
-    return rows
+class _numbered_from_2(list):
+    """The lines after a saved file's header comment (line numbers start at 2)."""
+    first_lineno = 2
 
 
-def _consoles(plan: Plan, out: IO[str], err: IO[str]):
-    console = Console(file=out, highlight=False, soft_wrap=False)
-    errc = Console(file=err, highlight=False, stderr=True)
-    return console, errc
+# stap -t (STP_TIMING) at module exit: "'__global_NAME' lock contention occurred N times"
+_LOCK_CONTENTION = re.compile(r"'[^']+' lock contention occurred \d+ times$")
 
 
 def _select(plan: Plan, collection: Collection, tree: bool) -> None:
@@ -104,286 +101,205 @@ def _select(plan: Plan, collection: Collection, tree: bool) -> None:
         collection.keep, collection.selection = (lambda st: st.in_tree), "tree"
 
 
-def _on_interval(plan: Plan, collection: Collection, ctx: ReportContext, console: Console, out: IO[str]) -> None:
-    if plan.interval_s is None:
+def _hooks(plan: Plan, collection: Collection, sink) -> None:
+    """Reports made while collecting: each closing socket, each interval's snapshot."""
+    if plan.onclose:
+        collection.on_close = lambda st: sink.on_close(st, collection.series.get(st.tuple, ()))
+    if plan.interval_s is not None:
+        def show(win) -> None:
+            rows, hidden = sort_rows(win.rows(plan.index), plan.sort, plan.top)
+            sink.on_window(win, rows, hidden, plan.timestamp)
+        collection.on_interval = show
+
+
+def _feed_live(src: _Source, collection: Collection, ctx: ReportContext, err: IO[str],
+               saved: IO[str] | None) -> None:
+    """The collector's lines into the model. One unreadable line must not cost the whole
+    run: it is counted, skipped and told (after the report, with a non-zero exit)."""
+    parser, outcome, timing = Parser(src.name), src.outcome, False
+    for lineno, line in enumerate(src.lines, 1):
+        # --stap-arg=-t: stap's per-probe timing report follows the records on stdout;
+        # its lock contention lines can arrive before them (another CPU's buffer)
+        timing = timing or line.startswith("----- probe hit report")
+        if timing or _LOCK_CONTENTION.match(line):
+            err.write(line)
+            if saved:
+                saved.write("# " + line)
+            continue
+        if saved:
+            saved.write(line)
+        try:
+            rec = parser.parse_line(line, lineno)
+        except RecordParseError as e:
+            outcome.bad_lines += 1
+            outcome.first_bad = outcome.first_bad or e.message
+            continue
+        if rec is not None:
+            collection.add(rec)
+
+
+def _feed_saved(src: _Source, collection: Collection, ctx: ReportContext) -> None:
+    """A saved file's lines into the model: an unreadable line is an error."""
+    parser = Parser(src.name)
+    for lineno, line in enumerate(src.lines, getattr(src.lines, "first_lineno", 1)):
+        rec = parser.parse_line(line, lineno)
+        if rec is not None:
+            collection.add(rec)
+            if rec is collection.header:      # (the counters onclose=1 rows show)
+                ctx.available = rec.counters
+    if collection.header is None:
+        raise UsageError(f"'{src.name}' holds no tcpipstat records (no header line)")
+    ctx.available = collection.header.counters
+
+
+def _collect_into(plan: Plan, src: _Source, collection: Collection, ctx: ReportContext,
+                  err: IO[str], log) -> None:
+    if src.backend is None:
+        _feed_saved(src, collection, ctx)
         return
-    state = {"csv_header": True}
-
-    def show(win: Window) -> None:
-        rows, hidden = sort_rows(win.rows(plan.index), plan.sort, plan.top)
-        write_window(console, out, plan.output, win, rows, hidden, ctx, plan.timestamp, state)
-        out.flush()
-    collection.on_interval = show
-
-
-def _on_close(plan: Plan, collection: Collection, ctx: ReportContext, console: Console, out: IO[str]) -> None:
-    if not plan.onclose:
-        return
-    if plan.output == "table":
-        collection.on_close = lambda st: print_row(
-            console, closed_socket_row(st, collection.series.get(st.tuple, ())), ctx,
-            "" if st.opened_during_collection else "(opened before collection started: partial totals)")
-    elif plan.output == "json":
-        collection.on_close = lambda st: (
-            write_json(out, [closed_socket_row(st, collection.series.get(st.tuple, ()))], ctx), out.flush())
-
-
-def collect_live(plan: Plan, console: Console, errc: Console, out: IO[str], err: IO[str]):
-    def log(msg: str) -> None:
-        if plan.output == "table" or plan.verbose:
-            errc.print(f"[dim]{PROG}: {msg}[/]")
-
-    tc = Toolchain.find()
-    if not tc.overridden and os.geteuid() != 0:
-        raise EnvironmentNotReady("collecting needs root (staprun loads a kernel module)",
-                                  "run it with sudo, or use --dump-script to see the script")
-    kver = kernel_release(plan)
-    flags = plan.compile_flags()
-    guess = None
-    first = dump_script(plan)            # the script when every probe point exists
-    if (not plan.verbose and not tc.resolved_cached(kver, render_probe_check(points_for_groups(plan.groups)))
-            and not tc.module_path(first, kver, flags).is_file()):
-        log(f"compiling the collector for {kver} while checking its probe points (cached after the first run)...")
-        guess = SpeculativeCompile(tc, first, kver, flags)
-    try:
-        script, available, unavailable, cong = prepare(plan, tc, log)
-        ko = guess.take(script) if guess else None
-    except BaseException:
-        if guess:
-            guess.cancel()
-        raise
-    if ko is None:
-        log(f"compiling the collector for {kver} (cached after the first run)...")
-        ko = tc.compile(script, kver, flags, plan.verbose)
-
-    ctx = ReportContext(tuple(available), tuple(unavailable), plan.nozeros, us=plan.us, estats=plan.estats)
-    if cong:
-        ctx.notes.append(_cong_note(cong))
-    collection = Collection()
-    _select(plan, collection, plan.tree)
-    _on_close(plan, collection, ctx, console, out)
-    _on_interval(plan, collection, ctx, console, out)
-    drain = tc.drain_ms()
-    runner = Collector(tc, ko, module_args(list(plan.filters), plan.timeout_s, plan.interval_s, plan.count,
-                                         plan.sample_ms, plan.on_cwnd_change, drain),
-                       plan.command, echo_stderr=lambda line: print(line, file=err), drain_ms=drain)
-    parser = Parser("staprun")
     saved = open(plan.save_records, "w") if plan.save_records else None
     if saved:
-        saved.write(f"# tcpipstat records; kernel={kver}; unavailable={','.join(unavailable)}; "
-                    f"tree={int(plan.tree)}" + (f"; cong={cong}" if cong else "") +
-                    ("; rfc4898=1" if plan.estats else "") + "\n")
-    previous = signal.signal(signal.SIGINT, lambda *_: runner.interrupt())
+        saved.write(_save_header(plan, src, kernel_release(plan)))
+    backend = src.backend
+    previous = signal.signal(signal.SIGINT, lambda *_: backend.interrupt())
     try:
         what = f"running {plan.command!r}" if plan.command else (
             f"for {plan.timeout_s:g} s" if plan.timeout_s else "until Ctrl-C")
         log(f"collecting {what}...")
-        timing = False
-        for lineno, line in enumerate(runner.lines(), 1):
-            # --stap-arg=-t: stap's per-probe timing report follows the records on stdout;
-            # its lock contention lines can arrive before them (another CPU's buffer)
-            timing = timing or line.startswith("----- probe hit report")
-            if timing or _LOCK_CONTENTION.match(line):
-                err.write(line)
-                if saved:
-                    saved.write("# " + line)
-                continue
-            if saved:
-                saved.write(line)
-            try:
-                rec = parser.parse_line(line, lineno)
-            except RecordParseError as e:
-                # one unreadable line must not cost the whole run: count it, go on, and
-                # say so (after the report, with a non-zero exit)
-                runner.outcome.bad_lines += 1
-                runner.outcome.first_bad = runner.outcome.first_bad or e.message
-                continue
-            if rec is not None:
-                collection.add(rec)
+        _feed_live(src, collection, ctx, err, saved)
     finally:
         signal.signal(signal.SIGINT, previous)
         if saved:
             saved.close()
-    if not tc.overridden:
+    if backend.same_host:
         fill_processes(collection.sockets.values())
-    return collection, ctx, runner.outcome
 
 
-def collect_saved(plan: Plan, console: Console, out: IO[str]):
-    path = plan.from_records
-    try:
-        f = open(path, encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise UsageError(f"cannot read --from-records '{path}': {e.strerror}") from None
-    unavailable: tuple[str, ...] = ()
-    with f:
-        first = f.readline()
-        m = re.search(r"unavailable=([A-Za-z0-9,]*)", first) if first.startswith("#") else None
-        if m:
-            unavailable = tuple(x for x in m.group(1).split(",") if x)
-        parser = Parser(path)
-        collection = Collection()
-        # a run of -c CMD reports its command's process tree, replayed or not
-        _select(plan, collection, bool(re.search(r"; tree=1\b", first)) if first.startswith("#") else False)
-        ctx = ReportContext((), unavailable, plan.nozeros, us=plan.us, estats=bool(re.search(r"; rfc4898=1\b", first)))
-        how = re.search(r"; cong=([^;\n]+)", first) if first.startswith("#") else None
-        if how:
-            ctx.notes.append(_cong_note(how.group(1).strip()))
-        _on_close(plan, collection, ctx, console, out)
-        lines = [first] + list(f) if not first.startswith("#") else list(f)
-        for lineno, line in enumerate(lines, 2 if first.startswith("#") else 1):
-            rec = parser.parse_line(line, lineno)
-            if rec is not None:
-                collection.add(rec)
-                if rec is collection.header:
-                    ctx.available = rec.counters
-    if collection.header is None:
-        raise UsageError(f"'{path}' holds no tcpipstat records (no header line)")
-    ctx.available = collection.header.counters
-    return collection, ctx, RunOutcome()
+def _write_series(plan: Plan, collection: Collection) -> list[str]:
+    """--series / --plot: every sample of the connections the report keeps; what was
+    written, for the notes."""
+    from .series import plot, write_series
+    series, written = collection.kept_series(), []
+    if plan.series:
+        fmt = "ndjson" if plan.series.lower().endswith((".ndjson", ".json")) else "csv"
+        try:
+            n = write_series(plan.series, series, fmt)
+        except OSError as e:
+            raise TcpipstatError(f"cannot write --series '{plan.series}': {e.strerror}") from None
+        written.append(f"{n:,} samples of {len(series)} connections written to {plan.series} "
+                       f"({fmt})")
+    if plan.plot:
+        try:
+            drawn = plot(plan.plot, series)
+        except OSError as e:
+            raise TcpipstatError(f"cannot write --plot '{plan.plot}': {e.strerror}") from None
+        written.append(f"cwnd and srtt of {drawn} connections drawn in {plan.plot}"
+                       + (f" (the {drawn} with most samples of {len(series)})"
+                          if len(series) > drawn else ""))
+    return written
 
 
-# stap -t (STP_TIMING) at module exit: "'__global_NAME' lock contention occurred N times"
-_LOCK_CONTENTION = re.compile(r"'[^']+' lock contention occurred \d+ times$")
+def _outcome(plan: Plan, src: _Source, collection: Collection) -> Outcome:
+    """The facts of a finished run (what it counted is the model's)."""
+    ro, tr, header = src.outcome, collection.trailer, collection.header
+    active_kept = [s for s in collection.sockets.values()
+                   if not s.closed and s.has_activity and collection.kept(s)]
+    return Outcome(
+        cong=src.cong, skipped=ro.skipped, unreadable=ro.bad_lines,
+        first_unreadable=ro.first_bad, faults=tr.faults if tr else 0,
+        dropped=tr.dropped if tr else 0, pfull=tr.pfull if tr else 0,
+        max_sockets=header.max_sockets if header else plan.max_sockets,
+        warnings=list(ro.warnings), finished=tr is not None,
+        ended_by=ended_by(tr.ended) if tr else "",
+        no_rfc4898=sum(1 for s in active_kept if s.estats is None) if src.estats else 0,
+        still_open=len(active_kept) if plan.onclose else 0,
+        outside_tree=sum(1 for s in collection.sockets.values()
+                         if s.has_activity and not s.in_tree)
+        if collection.selection == "tree" else 0,
+        duration_s=collection.duration_s, interrupted=ro.interrupted,
+        returncode=ro.returncode, available=tuple(src.available),
+        unavailable=tuple(src.unavailable))
+
+
+def _report_rows(plan: Plan, collection: Collection, outcome: Outcome):
+    """The rows of the end report; None when the snapshots or the closes were the report."""
+    if plan.onclose or plan.interval_s is not None:
+        return None
+    rows, outcome.hidden = sort_rows(collection.rows(plan.index), plan.sort, plan.top)
+    outcome.top, outcome.sort, outcome.rows = plan.top, plan.sort, len(rows)
+    return rows
 
 
 def collect(plan: Plan, out: IO[str], err: IO[str]) -> int:
-    console, errc = _consoles(plan, out, err)
-    if plan.from_records:
-        collection, ctx, outcome = collect_saved(plan, console, out)
-    else:
-        collection, ctx, outcome = collect_live(plan, console, errc, out, err)
-
+    console, errc = _consoles(out, err)
+    src = _saved(plan) if plan.from_records else _live(plan, errc, err)
+    ctx = ReportContext(src.available, src.unavailable, plan.nozeros, us=plan.us,
+                        estats=src.estats)
+    sink = make_sink(plan.output, ctx, out, console, errc)
+    collection = Collection()
+    _select(plan, collection, src.tree)
+    _hooks(plan, collection, sink)
+    _collect_into(plan, src, collection, ctx, err, _log(plan, errc))
     collection.finish()
-    notes = ctx.notes
-    if outcome.skipped:
-        notes.append(f"stap skipped {outcome.skipped} probe hits (probes that fired while another ran on "
-                     "the same CPU, missed returns or lock waits): counters may be low by up to that many "
-                     "events")
-    if outcome.bad_lines:
-        notes.append(f"{outcome.bad_lines} lines from the collector were not records and were skipped "
-                     f"(first: {outcome.first_bad}): counters may be low")
-    tr = collection.trailer
-    if tr and tr.faults:
-        notes.append(f"{tr.faults} events could not be read (memory faults in probes)")
-    size = collection.header.max_sockets if collection.header else plan.max_sockets
-    if tr and tr.dropped:
-        notes.append(f"{tr.dropped} events were not counted: the collector's tables (--max-sockets {size}) "
-                     f"were full; they hold the sockets active between two flushes, and more than {size // 2} "
-                     "were active within 10 ms")
-    if tr and tr.pfull:
-        notes.append(f"the process table (--max-sockets {size}) was full {tr.pfull} "
-                     "times: some sockets may show no process")
-    for w in outcome.warnings:
-        notes.append(f"stap: {w}")
-    if tr is None:
-        notes.append("the collector did not finish normally: the report holds what was received")
-
+    outcome = _outcome(plan, src, collection)
     if plan.series or plan.plot:
-        _write_series(plan, collection, notes)
-    if ctx.estats:
-        no_vars = sum(1 for s in collection.sockets.values()
-                      if s.estats is None and not s.closed and s.has_activity and collection._kept(s))
-        if no_vars:
-            notes.append(f"{no_vars} sockets were still open at the end: RFC 4898 variables are read as a "
-                         "socket closes, so they have none")
-    if plan.onclose:
-        still_open = sum(1 for s in collection.sockets.values()
-                         if not s.closed and s.has_activity and collection._kept(s))
-        if still_open:
-            notes.append(f"{still_open} sockets were still open at the end and are not reported (onclose=1)")
-        rows = []
-    elif plan.interval_s is not None:
-        rows = []   # the snapshots were the report
-    else:
-        rows = _top(plan, collection.rows(plan.index), notes)
-    if collection.selection == "tree":
-        left = sum(1 for s in collection.sockets.values() if s.has_activity and not s.in_tree)
-        if left:
-            notes.append(f"{left} sockets active meanwhile were not used by the command's processes and "
-                         "are not reported (--all-processes shows them)")
-    if plan.interval_s is not None:
-        pass
-    elif plan.output == "json":
-        write_json(out, rows, ctx)
-    elif plan.output == "csv":
-        write_csv(out, rows, ctx)
-    elif not plan.onclose:
-        dur = collection.duration_s
-        header = f"tcpipstat: {len(rows)} rows, index={plan.index}" + (f", {dur:.1f} s" if dur is not None else "")
-        render_tables(console, rows, ctx, header)
-    render_footer(console if plan.output == "table" else errc, ctx)
+        outcome.written = _write_series(plan, collection)
+    rows = _report_rows(plan, collection, outcome)
+    ctx.notes = run_notes(outcome)
+    dur = collection.duration_s
+    sink.on_end(rows, f"tcpipstat: {len(rows or ())} rows, index={plan.index}"
+                + (f", {dur:.1f} s" if dur is not None else ""))
+    if plan.outcome_json:
+        outcome.write(plan.outcome_json)
+    return _exit_status(src.outcome, outcome)
 
-    if outcome.returncode not in (0, None) and not outcome.interrupted:
-        problem = outcome.problem()
-        msg = problem[0] if problem else (outcome.error_lines[0] if outcome.error_lines
-                                          else f"staprun exited with status {outcome.returncode}")
-        raise TcpipstatError(f"collection ended abnormally: {msg} (the report above holds what was collected)",
-                             problem[1] if problem else "")
-    if tr and tr.dropped and not outcome.interrupted:
-        raise TcpipstatError(f"{tr.dropped} events were lost to full tables (the report above holds "
-                             "everything else)",
-                             f"raise --max-sockets (now {size})")
-    if outcome.bad_lines and not outcome.interrupted:
-        raise TcpipstatError(f"{outcome.bad_lines} unreadable lines from the collector (the report above "
-                             "holds everything else)", "please report it, with --save-records output")
-    return ExitStatus.INTERRUPTED if outcome.interrupted else ExitStatus.OK
+
+def _exit_status(ro: RunOutcome, o: Outcome) -> int:
+    """After the report: what went wrong, as an error (exit 1), or the run's status."""
+    if ro.returncode not in (0, None) and not ro.interrupted:
+        problem = ro.problem
+        msg = problem[0] if problem else (ro.error_lines[0] if ro.error_lines
+                                          else f"{ro.program} exited with status {ro.returncode}")
+        raise TcpipstatError(f"collection ended abnormally: {msg} (the report above holds what "
+                             "was collected)", problem[1] if problem else "")
+    if o.dropped and not ro.interrupted:
+        raise TcpipstatError(f"{o.dropped} events were lost to full tables (the report above "
+                             "holds everything else)", f"raise --max-sockets (now {o.max_sockets})")
+    if o.unreadable and not ro.interrupted:
+        raise TcpipstatError(f"{o.unreadable} unreadable lines from the collector (the report "
+                             "above holds everything else)",
+                             "please report it, with --save-records output")
+    return ExitStatus.INTERRUPTED if ro.interrupted else ExitStatus.OK
+
+
+def _consoles(out: IO[str], err: IO[str]) -> tuple[Console, Console]:
+    console = Console(file=out, highlight=False, soft_wrap=False)
+    errc = Console(file=err, highlight=False, stderr=True)
+    return console, errc
 
 
 def report_capture(plan: Plan, out: IO[str], err: IO[str]) -> int:
-    """--read: the report of a capture file (tcpipstat/capture), through the same report layer."""
+    """--read: the report of a capture file (tcpipstat/capture), through the same sinks."""
     from .capture import analyse
     from .capture.fields import CATALOGUE, NAMES
-    console, errc = _consoles(plan, out, err)
+    console, errc = _consoles(out, err)
     cap = analyse(plan.read, plan.filters)
     ctx = ReportContext(NAMES, (), plan.nozeros, cap.notes(), CATALOGUE)
-    rows = _top(plan, cap.rows(plan.index), ctx.notes)
+    rows, hidden = sort_rows(cap.rows(plan.index), plan.sort, plan.top)
+    ctx.notes += run_notes(Outcome(hidden=hidden, top=plan.top, sort=plan.sort))
     if cap.flows.rejected:
         ctx.notes.append(f"{cap.flows.rejected:,} connections were not accepted by the filters")
-    if plan.output == "json":
-        write_json(out, rows, ctx)
-    elif plan.output == "csv":
-        write_csv(out, rows, ctx)
-    else:
-        dur = cap.duration_s
-        header = (f"tcpipstat: {len(rows)} rows, index={plan.index}, {plan.read}: {cap.read.frames:,} packets, "
-                  f"{cap.decoded.tcp:,} TCP" + (f", {dur:.1f} s" if dur is not None else ""))
-        render_tables(console, rows, ctx, header)
-    render_footer(console if plan.output == "table" else errc, ctx)
+    dur = cap.duration_s
+    title = (f"tcpipstat: {len(rows)} rows, index={plan.index}, {plan.read}: "
+             f"{cap.read.frames:,} packets, {cap.decoded.tcp:,} TCP"
+             + (f", {dur:.1f} s" if dur is not None else ""))
+    make_sink(plan.output, ctx, out, console, errc).on_end(rows, title)
     if cap.interrupted:
         return ExitStatus.INTERRUPTED
     if cap.read.stopped:
-        raise TcpipstatError(f"capture '{plan.read}': {cap.read.stopped}; the report above holds the "
-                             f"{cap.read.frames:,} packets read before that")
+        raise TcpipstatError(f"capture '{plan.read}': {cap.read.stopped}; the report above "
+                             f"holds the {cap.read.frames:,} packets read before that")
     return ExitStatus.OK
-
-
-def check(plan: Plan, out: IO[str]) -> int:
-    """--check: print what this host can and cannot do; OK when collection can work."""
-    from .check import run_checks
-    kver = kernel_release(plan)
-    result = run_checks(kver, kver == os.uname().release, plan.groups)
-    if plan.output == "json":
-        doc = {**result, "checks": [f.as_dict() for f in result["checks"]]}
-        out.write(json.dumps(doc, separators=(",", ":")) + "\n")
-    else:
-        console = Console(file=out, highlight=False, soft_wrap=False)
-        console.print(f"[bold]tcpipstat --check[/] for kernel {kver}"
-                      + ("" if result["running"] else " (not the running kernel)"))
-        mark = {True: "[green]ok[/]", False: "[red]PROBLEM[/]", None: "[yellow]unknown[/]"}
-        t = Table(box=None, show_header=False, pad_edge=False)
-        t.add_column(no_wrap=True)
-        t.add_column(no_wrap=True)
-        t.add_column()
-        for f in result["checks"]:
-            t.add_row(mark[f.ok], f.name, f.detail)
-            if f.ok is False:
-                t.add_row("", "", f"fix (Debian/Ubuntu): {f.fix_debian}")
-                t.add_row("", "", f"fix (Fedora/RHEL): {f.fix_fedora}")
-        console.print(t)
-        console.print("[green]collection can work here[/]" if result["ready"] else
-                      "[red]collection cannot work here until the problems above are fixed[/]")
-    return ExitStatus.OK if result["ready"] else ExitStatus.ERROR
 
 
 def run(argv: list[str], out: IO[str] | None = None, err: IO[str] | None = None) -> int:
@@ -395,7 +311,8 @@ def run(argv: list[str], out: IO[str] | None = None, err: IO[str] | None = None)
             out.write(dump_script(plan))
             return ExitStatus.OK
         if plan.check:
-            return check(plan, out)
+            from .check import report
+            return report(kernel_release(plan), plan.groups, plan.output == "json", out)
         if plan.read is not None:
             return report_capture(plan, out, err)
         return collect(plan, out, err)

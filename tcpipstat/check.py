@@ -10,13 +10,14 @@ counters this kernel provides.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .counters import UNITS, counters_for_units, points_for_groups, units_for_groups
-from .errors import TcpipstatError
+from .errors import ExitStatus, TcpipstatError
 from .render import render_probe_check
 from .stap import Toolchain
 
@@ -193,3 +194,37 @@ def run_checks(kver: str, running: bool, groups: tuple[str, ...], sysroot: str |
     findings += host_checks(kver, running, Host(sysroot), os.geteuid(), tc_over)
     return {"kernel": kver, "running": running, "ready": all(x.ok is not False for x in findings),
             "checks": findings, "available": available, "unavailable": unavailable}
+
+
+def report(kver: str, groups: tuple[str, ...], as_json: bool, out) -> int:
+    """--check: print what this host can and cannot do; OK when collection can work."""
+    result = run_checks(kver, kver == os.uname().release, groups)
+    if as_json:
+        doc = {**result, "checks": [f.as_dict() for f in result["checks"]]}
+        out.write(json.dumps(doc, separators=(",", ":")) + "\n")
+    else:
+        _draw(kver, result, out)
+    return ExitStatus.OK if result["ready"] else ExitStatus.ERROR
+
+
+_MARK = {True: "[green]ok[/]", False: "[red]PROBLEM[/]", None: "[yellow]unknown[/]"}
+
+
+def _draw(kver: str, result: dict, out) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    console = Console(file=out, highlight=False, soft_wrap=False)
+    console.print(f"[bold]tcpipstat --check[/] for kernel {kver}"
+                  + ("" if result["running"] else " (not the running kernel)"))
+    t = Table(box=None, show_header=False, pad_edge=False)
+    t.add_column(no_wrap=True)
+    t.add_column(no_wrap=True)
+    t.add_column()
+    for f in result["checks"]:
+        t.add_row(_MARK[f.ok], f.name, f.detail)
+        if f.ok is False:
+            t.add_row("", "", f"fix (Debian/Ubuntu): {f.fix_debian}")
+            t.add_row("", "", f"fix (Fedora/RHEL): {f.fix_fedora}")
+    console.print(t)
+    console.print("[green]collection can work here[/]" if result["ready"] else
+                  "[red]collection cannot work here until the problems above are fixed[/]")

@@ -138,7 +138,7 @@ class Collection:
                 w.add(rec)
                 # the window's sockets take the process the whole run knows for them
                 w.pid, w.comm, w.in_tree = st.pid, st.comm, st.in_tree
-            if rec.reason == "close" and self.on_close and st.has_activity and self._kept(st):
+            if rec.reason == "close" and self.on_close and st.has_activity and self.kept(st):
                 self.on_close(st)
         elif isinstance(rec, Header):
             self.header = rec
@@ -155,12 +155,13 @@ class Collection:
             if self.on_interval is not None:
                 _totals(self.window, rec.tuple).estats = rec.values
 
-    def _kept(self, st: SocketTotals) -> bool:
+    def kept(self, st: SocketTotals) -> bool:
+        """Is this socket in the report (-x PID, -c tree)?"""
         return self.keep is None or self.keep(st)
 
     def kept_series(self) -> dict[Tuple, list]:
         """The samples of the connections the report keeps (filters, -x, -c tree)."""
-        return {t: ss for t, ss in self.series.items() if self._kept(self.sockets[t])}
+        return {t: ss for t, ss in self.series.items() if self.kept(self.sockets[t])}
 
     def _close_window(self, mark: IntervalMark | None) -> None:
         start = self.marks[-1].ms if self.marks else (self.header.start_ms if self.header else None)
@@ -202,7 +203,7 @@ class Collection:
         whole = self.sockets.get(st.tuple, st)
         if self.selection == "tree" and not whole.pid:
             return True
-        return self._kept(whole)
+        return self.kept(whole)
 
     def rows(self, index: str = "tuple", sockets: Iterable[SocketTotals] | None = None) -> list[Row]:
         ix = INDEX_BY_NAME.get(index)
@@ -211,7 +212,7 @@ class Collection:
         key_of = ix.of_socket
         rows: dict[GroupKey, Row] = {}
         whole = sockets is None
-        kept = self._kept if whole else self._kept_in_window
+        kept = self.kept if whole else self._kept_in_window
         series = self.series if whole else {}
         for st in (self.sockets.values() if whole else sockets):
             if not st.has_activity or not kept(st):
@@ -243,7 +244,7 @@ class Collection:
     def totals(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for st in self.sockets.values():
-            if not self._kept(st):
+            if not self.kept(st):
                 continue
             for k, v in st.counters.items():
                 out[k] = out.get(k, 0) + v

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .cli import parse_args
 from .counters import COUNTERS, DEFAULT_GROUPS, GROUPS
@@ -59,7 +59,7 @@ class Plan:
     tree: bool = False               # -c without --all-processes: only the command's tree
     check: bool = False
     read: str | None = None          # --read: report from this capture file
-    extra: dict = field(default_factory=dict, compare=False)
+    outcome_json: str | None = None  # --outcome-json FILE: how the run ended, as JSON
 
     def compile_flags(self) -> list[str]:
         """stap options that change the module (so they are part of its cache key)."""

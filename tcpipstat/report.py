@@ -492,16 +492,9 @@ def window_fields(win: Window) -> dict:
     return {"interval": win.seq, "time": _iso(win.end_ms), "final": win.final}
 
 
-def write_window(console: Console, out: IO[str], output: str, win: Window, rows: list[Row], hidden: int,
-                 ctx: ReportContext, timestamp: bool, state: dict) -> None:
-    """One interval snapshot: the counts since the previous one."""
-    if output == "json":
-        write_json(out, rows, ctx, win)
-        return
-    if output == "csv":
-        write_csv(out, rows, ctx, win, header=state.get("csv_header", True))
-        state["csv_header"] = False
-        return
+def print_window(console: Console, win: Window, rows: list[Row], hidden: int, ctx: ReportContext,
+                 timestamp: bool) -> None:
+    """One interval snapshot as tables: the counts since the previous one."""
     head = f"interval {win.seq}" + (" (partial, to the end of the run)" if win.final else "")
     if win.start_ms is not None and win.end_ms is not None:
         head += f", {max(0, win.end_ms - win.start_ms) / 1000:.1f} s"

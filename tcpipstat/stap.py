@@ -3,7 +3,7 @@ collecting (staprun, streaming its output).
 
 ``TCPIPSTAT_STAP`` / ``TCPIPSTAT_STAPRUN`` replace the two commands (a command
 line, split like a shell would); the kernel lab uses them to compile in its
-Debian root and to run the module in a QEMU guest (see lab/README.md).
+Debian root and to run the module in a QEMU guest (see lab/lab.sh).
 """
 from __future__ import annotations
 
@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .backend import Log, Prepared, RunOutcome
+from .counters import UNITS, counters_for_units, points_for_groups, units_for_groups
 from .errors import EnvironmentNotReady, StapFailed
+from .render import module_args, render_probe_check, render_script, select_units
 
 INSTALL_HINT = ("install SystemTap: 'apt-get install systemtap' (Debian/Ubuntu) or "
                 "'dnf install systemtap' (Fedora/RHEL)")
@@ -298,22 +301,6 @@ def parse_resolved(p2_stdout: str, points: list[str]) -> frozenset[str]:
 _SKIPPED = re.compile(r"Number of errors: (\d+), skipped probes: (\d+)")
 
 
-@dataclass
-class RunOutcome:
-    returncode: int = 0
-    interrupted: bool = False
-    errors: int = 0
-    skipped: int = 0
-    warnings: list[str] = field(default_factory=list)
-    error_lines: list[str] = field(default_factory=list)
-    stderr: str = ""
-    bad_lines: int = 0              # collector output that was not a record (skipped)
-    first_bad: str = ""
-
-    def problem(self) -> tuple[str, str] | None:
-        return diagnose(self.stderr)
-
-
 def finish_path(ko: Path, root: Path = PROCFS_ROOT) -> Path:
     """The module's control file: its name is the .ko's (stap -m at compile)."""
     return root / ko.stem / "finish"
@@ -343,7 +330,7 @@ class Collector:
         if command:
             self.cmd += ["-c", command_wrapper(command, self.finish, drain_ms)]
         self.cmd += [str(ko), *module_args]
-        self.outcome = RunOutcome()
+        self.outcome = RunOutcome(program="staprun")
         self._echo = echo_stderr or (lambda line: print(line, file=sys.stderr))
         self._proc: subprocess.Popen | None = None
         self._stderr_lines: list[str] = []
@@ -398,3 +385,104 @@ class Collector:
         t.join(timeout=5)
         self.outcome.returncode = self._proc.returncode
         self.outcome.stderr = "\n".join(self._stderr_lines)
+        self.outcome.problem = diagnose(self.outcome.stderr)
+
+
+# ---- the stap backend (tcpipstat/backend.py's protocol) ----
+def dump_script(plan) -> str:
+    """The script for the chosen groups, before probe resolution (every unit; with
+    --kprobes-only, none that needs a tracepoint)."""
+    units = [u.name for u in units_for_groups(plan.groups, plan.tracepoints)]
+    return render_script(units, plan.max_sockets, plan.dist, plan.estats,
+                         plan.sample_ms is not None)
+
+
+def kernel_release(plan) -> str:
+    return plan.kernel_release or os.uname().release
+
+
+def prepare(plan, tc: Toolchain, log: Log) -> tuple[str, list[str], list[str], str]:
+    """Resolve probe points on the target kernel; returns (script, available, unavailable,
+    how congestion states are seen: "" without the cong group)."""
+    kver = kernel_release(plan)
+    points = points_for_groups(plan.groups, plan.tracepoints)   # --kprobes-only: no tracepoint asked
+    log(f"checking which probe points exist on kernel {kver}...")
+    resolved = tc.resolve(points, kver, render_probe_check(points))
+    wanted = units_for_groups(plan.groups, plan.tracepoints)
+    ok = [u.name for u in wanted if all(p in resolved for p in u.points)]
+    units = select_units(set(ok))
+    available = counters_for_units([u for u in UNITS if u.name in units])
+    every = counters_for_units(wanted)
+    unavailable = [c for c in every if c not in available]
+    cong = next((u.note for u in UNITS if u.name in units and u.group == "cong"), "")
+    return (render_script(units, plan.max_sockets, plan.dist, plan.estats, plan.sample_ms is not None),
+            available, unavailable, cong)
+
+
+class StapBackend:
+    """The SystemTap collector: probe check (stap -p2), module (stap -p4, cached),
+    staprun streaming the records."""
+    name = "stap"
+
+    def __init__(self, plan, echo_stderr: Callable[[str], None]):
+        self.plan = plan
+        self._echo = echo_stderr
+        self.tc = Toolchain.find()
+        self.outcome = RunOutcome()
+        self._collector: Collector | None = None
+        self._guess: SpeculativeCompile | None = None
+
+    @property
+    def same_host(self) -> bool:
+        """A replaced staprun (the lab's) runs the module elsewhere: its sockets are not
+        this host's."""
+        return not self.tc.overridden
+
+    def prepare(self, log: Log) -> Prepared:
+        plan, tc = self.plan, self.tc
+        if not tc.overridden and os.geteuid() != 0:
+            raise EnvironmentNotReady("collecting needs root (staprun loads a kernel module)",
+                                      "run it with sudo, or use --dump-script to see the script")
+        kver = kernel_release(plan)
+        script, available, unavailable, cong = self._checked_script(log, kver)
+        ko = self._module(script, kver, log)
+        drain = tc.drain_ms()
+        args = module_args(list(plan.filters), plan.timeout_s, plan.interval_s, plan.count,
+                           plan.sample_ms, plan.on_cwnd_change, drain)
+        self._collector = Collector(tc, ko, args, plan.command, echo_stderr=self._echo,
+                                    drain_ms=drain)
+        self.outcome = self._collector.outcome
+        return Prepared(kver, tuple(available), tuple(unavailable), cong)
+
+    def _checked_script(self, log: Log, kver: str):
+        """The probe check, with the usual script compiled meanwhile on a cold cache."""
+        plan, tc = self.plan, self.tc
+        first = dump_script(plan)            # the script when every probe point exists
+        flags = plan.compile_flags()
+        check = render_probe_check(points_for_groups(plan.groups))
+        if (not plan.verbose and not tc.resolved_cached(kver, check)
+                and not tc.module_path(first, kver, flags).is_file()):
+            log(f"compiling the collector for {kver} while checking its probe points "
+                "(cached after the first run)...")
+            self._guess = SpeculativeCompile(tc, first, kver, flags)
+        try:
+            return prepare(plan, tc, log)
+        except BaseException:
+            if self._guess:
+                self._guess.cancel()
+            raise
+
+    def _module(self, script: str, kver: str, log: Log) -> Path:
+        ko = self._guess.take(script) if self._guess else None
+        if ko is None:
+            log(f"compiling the collector for {kver} (cached after the first run)...")
+            ko = self.tc.compile(script, kver, self.plan.compile_flags(), self.plan.verbose)
+        return ko
+
+    def lines(self) -> Iterator[str]:
+        assert self._collector is not None, "prepare() first"
+        return self._collector.lines()
+
+    def interrupt(self) -> None:
+        if self._collector is not None:
+            self._collector.interrupt()

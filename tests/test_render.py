@@ -147,7 +147,7 @@ class _AskedToolchain:
 
 
 def test_kprobes_only_takes_the_fallback_where_the_tracepoint_resolves():
-    from tcpipstat.app import dump_script, prepare
+    from tcpipstat.stap import dump_script, prepare
     tc = _AskedToolchain()
     script, _, unavailable, how = prepare(build_plan(["-r", "6.1", "--cong"]), tc, lambda m: None)
     assert 'kernel.trace("tcp:tcp_cong_state_set")' in tc.asked and how.startswith("tracepoint")

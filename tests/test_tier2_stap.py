@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tcpipstat.app import prepare
+from tcpipstat.stap import prepare
 from tcpipstat.counters import GROUPS, all_points, units_for_groups
 from tcpipstat.plan import build_plan
 from tcpipstat.render import render_probe_check, render_script, select_units
