@@ -89,8 +89,8 @@ def test_counters_whose_probe_is_missing_are_unavailable_not_zero(tmp_path):
 
 def test_not_root_is_refused_before_stap(tmp_path, monkeypatch):
     if os.geteuid() == 0:
-        from tcpipstat import app
-        monkeypatch.setattr(app.os, "geteuid", lambda: 1000)
+        from tcpipstat import stap
+        monkeypatch.setattr(stap.os, "geteuid", lambda: 1000)
     monkeypatch.delenv("TCPIPSTAT_STAP", raising=False)
     monkeypatch.delenv("TCPIPSTAT_STAPRUN", raising=False)
     monkeypatch.setenv("PATH", str(FAKES) + ":" + os.environ["PATH"])
@@ -163,19 +163,18 @@ def _passes(log):
 
 def test_a_cold_start_compiles_while_the_probe_check_runs(tmp_path):
     """Every point exists: the module compiled from the unchecked script is used, and the
-    cold start costs about the longer pass (p4 2 s), not p2 + p4 (3.5 s)."""
+    compile runs while the probe check does (the fake stap's log of when each pass started
+    and ended shows it, whatever else the machine is doing)."""
     log = tmp_path / "stap.log"
-    t0 = time.time()
     p = tcpipstat(["--json", "index=lport"], tmp_path, FAKE_STAP_LOG=str(log), FAKE_STAP_P2_S="1.5",
                   FAKE_STAP_P4_S="2")
     _, err = p.communicate(timeout=60)
-    took = time.time() - t0
     assert p.returncode == 0, err
     ev = _passes(log)
     assert [p for e, p, _ in ev if e == "start"].count("p4") == 1          # one compile
     p2_end = next(t for e, p, t in ev if (e, p) == ("end", "p2"))
     p4_start = next(t for e, p, t in ev if (e, p) == ("start", "p4"))
-    assert p4_start < p2_end and took < 3.4, (ev, took)
+    assert p4_start < p2_end, ev
     assert len(list((tmp_path / "cache" / "modules").iterdir())) == 1
 
 
