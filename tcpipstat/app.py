@@ -36,6 +36,7 @@ class _Source:
     unavailable: tuple[str, ...] = ()
     tree: bool = False                        # -c: only the command's process tree
     cong: str = ""                            # how congestion states were seen
+    dist: bool = False                        # --dist was on
     estats: bool = False                      # --rfc4898 was on
     backend: Backend | None = None            # None: a saved run
     outcome: RunOutcome = field(default_factory=RunOutcome)
@@ -54,12 +55,13 @@ def _live(plan: Plan, errc: Console, err: IO[str]) -> _Source:
     prepared = backend.prepare(_log(plan, errc))
     return _Source(backend.lines(), "staprun" if backend.name == "stap" else backend.name,
                    prepared.available, prepared.unavailable, plan.tree, prepared.cong,
-                   plan.estats, backend, backend.outcome)
+                   plan.dist, plan.estats, backend, backend.outcome)
 
 
 def _save_header(plan: Plan, src: _Source, kver: str) -> str:
     return (f"# tcpipstat records; kernel={kver}; unavailable={','.join(src.unavailable)}; "
-            f"tree={int(plan.tree)}" + (f"; cong={src.cong}" if src.cong else "")
+            f"tree={int(plan.tree)}"
+            + (f"; cong={src.cong}; dist={int(src.dist)}" if src.cong else "")
             + ("; rfc4898=1" if plan.estats else "") + "\n")
 
 
@@ -77,10 +79,13 @@ def _saved(plan: Plan) -> _Source:
         return _Source([first, *lines], path)
     m = re.search(r"unavailable=([A-Za-z0-9,]*)", first)
     how = re.search(r"; cong=([^;\n]+)", first)
+    dist = re.search(r"; dist=([01])\b", first)
     return _Source(_numbered_from_2(lines), path,
                    unavailable=tuple(x for x in m.group(1).split(",") if x) if m else (),
                    tree=bool(re.search(r"; tree=1\b", first)),
                    cong=how.group(1).strip() if how else "",
+                   # (recordings older than dist= show the histograms they hold)
+                   dist=dist.group(1) == "1" if dist else bool(how),
                    estats=bool(re.search(r"; rfc4898=1\b", first)))
 
 
@@ -234,7 +239,7 @@ def collect(plan: Plan, out: IO[str], err: IO[str]) -> int:
     console, errc = _consoles(out, err)
     src = _saved(plan) if plan.from_records else _live(plan, errc, err)
     ctx = ReportContext(src.available, src.unavailable, plan.nozeros, us=plan.us,
-                        estats=src.estats)
+                        estats=src.estats, dist=src.dist)
     sink = make_sink(plan.output, ctx, out, console, errc)
     collection = Collection()
     _select(plan, collection, src.tree)

@@ -63,6 +63,7 @@ class ReportContext:
     catalogue: Catalogue = LIVE
     us: bool = False                            # -u: congestion times in µs (default ms)
     estats: bool = False                        # --rfc4898: RFC 4898 columns in CSV
+    dist: bool = False                          # --dist: congestion-state histograms
 
     @property
     def layout(self) -> tuple:
@@ -252,7 +253,7 @@ def _row_text(row: Row, ctx: ReportContext, title_suffix: str, plans: _TablePlan
 def print_row(console: Console, row: Row, ctx: ReportContext, title_suffix: str = "",
               plans: _TablePlan | None = None) -> None:
     plans = plans or _cell_plans(ctx)
-    dist = "CaChanges" in ctx.available_set
+    dist = ctx.dist
     if console.is_terminal:   # styles: a bold title and header line
         table, width = _table(row, ctx, plans)
         body = table.split("\n") + _extra_lines(row, dist, ctx.us)
@@ -338,7 +339,7 @@ def render_tables(console: Console, rows: Iterable[Row], ctx: ReportContext, hea
             print_row(console, row, ctx, "" if row.opened_during_collection else ctx.catalogue.partial, plans)
             n += 1
     else:                     # plain text: the console's file takes each row's text as it is
-        write, dist, partial = console.file.write, "CaChanges" in ctx.available_set, ctx.catalogue.partial
+        write, dist, partial = console.file.write, ctx.dist, ctx.catalogue.partial
         for row in rows:
             write(_row_text(row, ctx, "" if row.opened_during_collection else partial, plans, dist))
             n += 1
@@ -440,7 +441,7 @@ def row_dict(row: Row, ctx: ReportContext, columns: tuple[_CounterColumns, _Coun
     d = _row_head(row)
     cols = columns[row.key.family == AF_INET6]
     d["counters"] = cols.values(row.counters)
-    d.update(_row_extras(row, "CaChanges" in cols.names))
+    d.update(_row_extras(row, ctx.dist))
     return d
 
 
@@ -463,7 +464,7 @@ def write_json(out: IO[str], rows: Iterable[Row], ctx: ReportContext, win: Windo
     pieces: the counters, most of each line, go through a format string planned once."""
     n = 0
     columns = _counter_columns(ctx)
-    dist = "CaChanges" in columns[0].names
+    dist = ctx.dist
     dumps = json.JSONEncoder(separators=(",", ":")).encode
     write = out.write
     wf = window_fields(win) if win is not None else None
