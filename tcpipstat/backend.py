@@ -59,6 +59,17 @@ class Backend(Protocol):
     def same_host(self) -> bool:
         """Do the sockets it sees live on this host (can psutil look them up)?"""
 
+    @staticmethod
+    def checks(kver: str, running: bool, groups: tuple[str, ...], host) -> tuple:
+        """--check: (findings, available counters, unavailable counters) on ``kver``
+        (check.Finding each; ``host`` reads the files the checks look at)."""
+
+
+def backends() -> list[type]:
+    """Every backend, in order of preference (what --check reports on)."""
+    from .stap import StapBackend
+    return [StapBackend]
+
 
 def choose(plan, echo_stderr: Callable[[str], None]) -> Backend:
     """The backend that collects for ``plan`` (only SystemTap, for now)."""

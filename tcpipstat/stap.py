@@ -479,6 +479,15 @@ class StapBackend:
             ko = self.tc.compile(script, kver, self.plan.compile_flags(), self.plan.verbose)
         return ko
 
+    @staticmethod
+    def checks(kver: str, running: bool, groups: tuple[str, ...], host) -> tuple:
+        """stap itself and its probe check on ``kver``, then what the host must allow."""
+        from .check import host_checks, stap_checks
+        findings, available, unavailable = stap_checks(kver, groups)
+        over = bool(os.environ.get("TCPIPSTAT_STAPRUN"))
+        findings += host_checks(kver, running, host, os.geteuid(), over)
+        return findings, available, unavailable
+
     def lines(self) -> Iterator[str]:
         assert self._collector is not None, "prepare() first"
         return self._collector.lines()
