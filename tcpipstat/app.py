@@ -289,16 +289,18 @@ def report_capture(plan: Plan, out: IO[str], err: IO[str]) -> int:
     from .capture.fields import CATALOGUE, NAMES
     console, errc = _consoles(out, err)
     cap = analyse(plan.read, plan.filters)
-    ctx = ReportContext(NAMES, (), plan.nozeros, cap.notes(), CATALOGUE)
     rows, hidden = sort_rows(cap.rows(plan.index), plan.sort, plan.top)
-    ctx.notes += run_notes(Outcome(hidden=hidden, top=plan.top, sort=plan.sort))
-    if cap.flows.rejected:
-        ctx.notes.append(f"{cap.flows.rejected:,} connections were not accepted by the filters")
     dur = cap.duration_s
+    outcome = Outcome(capture=cap.notes(), hidden=hidden, top=plan.top, sort=plan.sort,
+                      rejected=cap.flows.rejected, rows=len(rows), duration_s=dur,
+                      interrupted=cap.interrupted, available=NAMES)
+    ctx = ReportContext(NAMES, (), plan.nozeros, run_notes(outcome), CATALOGUE)
     title = (f"tcpipstat: {len(rows)} rows, index={plan.index}, {plan.read}: "
              f"{cap.read.frames:,} packets, {cap.decoded.tcp:,} TCP"
              + (f", {dur:.1f} s" if dur is not None else ""))
     make_sink(plan.output, ctx, out, console, errc).on_end(rows, title)
+    if plan.outcome_json:
+        outcome.write(plan.outcome_json)
     if cap.interrupted:
         return ExitStatus.INTERRUPTED
     if cap.read.stopped:

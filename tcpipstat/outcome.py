@@ -14,7 +14,9 @@ from .records import ENDED_BY
 
 @dataclass
 class Outcome:
-    """The facts of one run (live or replayed), in the order its notes give them."""
+    """The facts of one run (live, replayed or a capture's), in the order its notes give
+    them."""
+    capture: list[str] = field(default_factory=list)      # --read: what the capture showed
     cong: str = ""                 # how congestion states were seen ("": no cong group)
     skipped: int = 0               # probe hits the collector could not run
     unreadable: int = 0            # collector lines that were not records
@@ -32,6 +34,7 @@ class Outcome:
     hidden: int = 0                # --top: rows left out
     top: int | None = None
     sort: str | None = None
+    rejected: int = 0              # --read: connections the filters did not accept
     outside_tree: int = 0          # -c: active sockets not used by the command's processes
     rows: int = 0                  # rows in the report
     duration_s: float | None = None
@@ -54,7 +57,9 @@ def ended_by(code: int) -> str:
 
 def run_notes(o: Outcome) -> list[str]:
     """The notes under a run's report, in order."""
-    notes = [f"congestion states seen through the {o.cong}"] if o.cong else []
+    notes = list(o.capture)
+    if o.cong:
+        notes.append(f"congestion states seen through the {o.cong}")
     notes += _collector_notes(o)
     notes += o.written
     if o.no_rfc4898:
@@ -65,6 +70,8 @@ def run_notes(o: Outcome) -> list[str]:
                      "(onclose=1)")
     if o.hidden:
         notes.append(f"{o.hidden} more rows not shown (--top {o.top}, by {o.sort})")
+    if o.rejected:
+        notes.append(f"{o.rejected:,} connections were not accepted by the filters")
     if o.outside_tree:
         notes.append(f"{o.outside_tree} sockets active meanwhile were not used by the command's "
                      "processes and are not reported (--all-processes shows them)")
