@@ -19,7 +19,7 @@ from .model import Collection, sort_rows
 from .outcome import Outcome, ended_by, run_notes
 from .plan import Plan, build_plan
 from .procs import fill_processes
-from .records import Parser
+from .records import Parser, SaveHeader
 from .report import ReportContext
 from .sinks import make_sink
 from .stap import dump_script, kernel_release
@@ -58,13 +58,6 @@ def _live(plan: Plan, errc: Console, err: IO[str]) -> _Source:
                    plan.dist, plan.estats, backend, backend.outcome)
 
 
-def _save_header(plan: Plan, src: _Source, kver: str) -> str:
-    return (f"# tcpipstat records; kernel={kver}; unavailable={','.join(src.unavailable)}; "
-            f"tree={int(plan.tree)}"
-            + (f"; cong={src.cong}; dist={int(src.dist)}" if src.cong else "")
-            + ("; rfc4898=1" if plan.estats else "") + "\n")
-
-
 def _saved(plan: Plan) -> _Source:
     """A file written by --save-records: its header comment says how the run was made."""
     path = plan.from_records
@@ -75,18 +68,11 @@ def _saved(plan: Plan) -> _Source:
     with f:
         first = f.readline()
         lines = list(f)
-    if not first.startswith("#"):
+    head = SaveHeader.read(first)       # None: no header line, the first is a record
+    if head is None:
         return _Source([first, *lines], path)
-    m = re.search(r"unavailable=([A-Za-z0-9,]*)", first)
-    how = re.search(r"; cong=([^;\n]+)", first)
-    dist = re.search(r"; dist=([01])\b", first)
-    return _Source(_numbered_from_2(lines), path,
-                   unavailable=tuple(x for x in m.group(1).split(",") if x) if m else (),
-                   tree=bool(re.search(r"; tree=1\b", first)),
-                   cong=how.group(1).strip() if how else "",
-                   # (recordings older than dist= show the histograms they hold)
-                   dist=dist.group(1) == "1" if dist else bool(how),
-                   estats=bool(re.search(r"; rfc4898=1\b", first)))
+    return _Source(_numbered_from_2(lines), path, unavailable=head.unavailable, tree=head.tree,
+                   cong=head.cong, dist=head.dist, estats=head.rfc4898)
 
 
 class _numbered_from_2(list):
@@ -164,7 +150,8 @@ def _collect_into(plan: Plan, src: _Source, collection: Collection, ctx: ReportC
         return
     saved = open(plan.save_records, "w") if plan.save_records else None
     if saved:
-        saved.write(_save_header(plan, src, kernel_release(plan)))
+        saved.write(SaveHeader(kernel_release(plan), src.unavailable, src.tree, src.cong,
+                               src.dist, src.estats).line())
     backend = src.backend
     previous = signal.signal(signal.SIGINT, lambda *_: backend.interrupt())
     try:
