@@ -72,7 +72,12 @@ class JsonSink(Sink):
 class CsvSink(Sink):
     def __init__(self, *args) -> None:
         super().__init__(*args)
-        self._header = True       # (snapshots share one header)
+        self._header = True       # (snapshots and closed sockets share one header)
+
+    def on_close(self, st: SocketTotals, samples) -> None:
+        write_csv(self.out, [closed_socket_row(st, samples)], self.ctx, header=self._header)
+        self._header = False
+        self.out.flush()
 
     def on_window(self, win: Window, rows: list[Row], hidden: int, timestamp: bool) -> None:
         write_csv(self.out, rows, self.ctx, win, header=self._header)
