@@ -8,8 +8,9 @@ The classic tcpipstat.stp grammar, extended:
 * port: ``*``, a number 0-65535, or a range ``LOW..HIGH``.
 
 A filter compiles to value/mask pairs and port ranges (:meth:`Filter.slots`),
-which reach the collector as numeric module parameters: the text a user types
-never reaches the script.
+which reach the collector as one module parameter per filter, a string of hex
+digits (16 for each of its FILTER_FIELDS; see render.module_args): the text a
+user types never reaches the script.
 """
 from __future__ import annotations
 
@@ -126,7 +127,8 @@ def parse_addr(tok: str, text: str, side: str) -> AddrMatch:
         try:
             net = ipaddress.IPv4Network(tok, strict=False)
         except ValueError:
-            raise _bad(text, f"{side} address '{tok}' is not an IPv4 prefix like 10.0.0.0/8") from None
+            why = f"{side} address '{tok}' is not an IPv4 prefix like 10.0.0.0/8"
+            raise _bad(text, why) from None
         return AddrMatch(AF_INET, int(net.network_address), int(net.netmask))
     octets = tok.split(".")
     if len(octets) != 4:
@@ -169,7 +171,8 @@ def parse_filter(text: str) -> Filter:
     local, remote = parse_addr(la, text, "local"), parse_addr(ra, text, "remote")
     if local.family and remote.family and local.family != remote.family:
         raise _bad(text, "local and remote addresses are of different families")
-    return Filter(text, local, parse_port(lp, text, "local"), remote, parse_port(rp, text, "remote"))
+    return Filter(text, local, parse_port(lp, text, "local"),
+                  remote, parse_port(rp, text, "remote"))
 
 
 def looks_like_filter(tok: str) -> bool:

@@ -5,19 +5,20 @@ import math
 import re
 from dataclasses import dataclass
 
-from .cli import parse_args
+from .cli import OPTIONS, parse_args, word_list
 from .counters import COUNTERS, DEFAULT_GROUPS, GROUPS
 from .errors import UsageError
 from .filters import Filter, parse_filters
-from .model import INDEXES, SORT_SUMS
+from .indexes import BY_NAME, NAMES, OFFLINE_NAMES
+from .model import SORT_SUMS
 
 MAX_TIMEOUT_S = 10 * 365 * 24 * 3600
 PID_MAX_LIMIT = 4 * 1024 * 1024   # include/linux/threads.h: pids never exceed this
-PROCESS_INDEXES = ("pid", "comm")
 _KVER = re.compile(r"^[A-Za-z0-9._+~-]{1,100}$")
 # stap options a user may pass through: none of them adds code to the script.
 _STAP_ARG_OK = (
-    re.compile(r"^-D[A-Za-z_][A-Za-z0-9_]{0,63}(=-?[0-9]{1,19}(LL|ULL|L|UL|U)?)?$"),   # a number, C suffix allowed
+    # a define of a number, C integer suffix allowed
+    re.compile(r"^-D[A-Za-z_][A-Za-z0-9_]{0,63}(=-?[0-9]{1,19}(LL|ULL|L|UL|U)?)?$"),
     re.compile(r"^-s[0-9]{1,4}$"),
     re.compile(r"^-[twuk]$"),
     re.compile(r"^--suppress-time-limits$"),
@@ -106,8 +107,8 @@ def _sort_key(value: str | None, counters=COUNTERS) -> str | None:
     names.update({k: k for k in SORT_SUMS})
     key = names.get(value.lower())
     if key is None:
-        raise UsageError(f"bad --sort '{value}': expected a counter name (e.g. RetransSegs) or one of "
-                         f"{', '.join(SORT_SUMS)}")
+        raise UsageError(f"bad --sort '{value}': expected a counter name (e.g. RetransSegs) "
+                         f"or one of {', '.join(SORT_SUMS)}")
     return key
 
 
@@ -120,33 +121,17 @@ def _check_read(ns) -> None:
     """--read reports a capture file: what needs the live collector cannot go with it."""
     if not ns.read:
         raise UsageError("--read needs a capture file name")
-    live_only = [w for w, on in (
-        ("-c", ns.command), ("-x/--pid", ns.pid), ("--all-processes", ns.all_processes),
-        ("--interval", ns.interval), ("--count", ns.count), ("-T/--timestamp", ns.timestamp),
-        ("onclose", ns.onclose), ("timeout", ns.timeout), ("--from-records", ns.from_records),
-        ("--save-records", ns.save_records), ("--dump-script", ns.dump_script), ("--check", ns.check),
-        ("-g/--groups", ns.groups != ",".join(DEFAULT_GROUPS)), ("--cong", ns.cong), ("--dist", ns.dist),
-        ("--rfc4898", ns.estats), ("--sample", ns.sample is not None), ("--on-cwnd-change", ns.on_cwnd_change),
-        ("--series", ns.series), ("--plot", ns.plot), ("-r/--kernel-release", ns.kernel_release),
-        ("--stap-arg", ns.stap_args), ("--no-overload-guard", not ns.overload_guard),
-        ("--kprobes-only", not ns.tracepoints),
-        ("--max-sockets", str(ns.max_sockets) != "8192")) if on]
+    live_only = [o.name for o in OPTIONS if o.live_only and o.given(ns)]
     if live_only:
-        raise UsageError(f"--read reports a capture file: it cannot be combined with {live_only[0]} "
-                         "(that needs the live collector)")
-    if ns.index in PROCESS_INDEXES:
-        raise UsageError(f"index={ns.index} is not available with --read: a capture does not say which "
-                         "process used a connection (use index=tuple, laddr, raddr, lport or rport)")
+        raise UsageError("--read reports a capture file: it cannot be combined with "
+                         f"{live_only[0]} (that needs the live collector)")
+    if not BY_NAME[ns.index].offline:
+        raise UsageError(f"index={ns.index} is not available with --read: a capture does not say "
+                         f"which process used a connection (use index={word_list(OFFLINE_NAMES)})")
 
 
-def build_plan(argv: list[str]) -> Plan:
-    ns = parse_args(argv)
-    if ns.index not in INDEXES:
-        raise UsageError(f"bad index '{ns.index}': expected one of {', '.join(INDEXES)}")
-    if ns.read is not None:
-        _check_read(ns)
-    if ns.onclose and ns.index != "tuple":
-        raise UsageError(f"onclose needs index=tuple (got index={ns.index})")
+def _groups(ns) -> tuple[str, ...]:
+    """The counter groups to collect, in the catalogue's order."""
     groups = tuple(g for g in ns.groups.split(",") if g)
     if ns.cong or ns.dist:
         groups += ("cong",)
@@ -155,23 +140,42 @@ def build_plan(argv: list[str]) -> Plan:
             raise UsageError(f"bad group '{g}': expected some of {', '.join(GROUPS)}")
     if not groups:
         raise UsageError("no counter group selected")
+    return tuple(g for g in GROUPS if g in groups)
+
+
+def _max_sockets(ns) -> int:
     try:
         max_sockets = int(ns.max_sockets)
     except ValueError:
         raise UsageError(f"bad --max-sockets '{ns.max_sockets}': expected a number") from None
     if not 64 <= max_sockets <= 1 << 20:
         raise UsageError(f"bad --max-sockets '{ns.max_sockets}': expected 64 to {1 << 20}")
+    return max_sockets
+
+
+def _stap_args(ns) -> tuple[str, ...]:
+    """The --stap-arg options, which go to stap as written (and -r's kernel release)."""
     if ns.kernel_release is not None and not _KVER.match(ns.kernel_release):
         raise UsageError(f"bad kernel release '{ns.kernel_release}'")
     stap_args = tuple(ns.stap_args or ())
     for a in stap_args:
         if not any(r.match(a) for r in _STAP_ARG_OK):
-            raise UsageError(f"--stap-arg '{a}' is not allowed (allowed: -DNAME=NUMBER, -sNUM, -t, -w, -u, -k, "
-                             "--suppress-time-limits)")
+            raise UsageError(f"--stap-arg '{a}' is not allowed (allowed: -DNAME=NUMBER, -sNUM, "
+                             "-t, -w, -u, -k, --suppress-time-limits)")
+    return stap_args
+
+
+def _check_sources(ns) -> None:
+    """-c runs a command; --from-records replays a saved run instead."""
     if ns.command is not None and not ns.command.strip():
         raise UsageError("empty -c command")
     if ns.from_records and (ns.command or ns.save_records):
-        raise UsageError("--from-records reports a saved run: it cannot be combined with -c or --save-records")
+        raise UsageError("--from-records reports a saved run: it cannot be combined with -c or "
+                         "--save-records")
+
+
+def _snapshots(ns) -> tuple[float | None, int | None]:
+    """--interval and --count."""
     interval = _seconds(ns.interval, "interval")
     count = _count(ns.count, "--count", 1, 10 ** 9)
     if count is not None and interval is None:
@@ -179,45 +183,92 @@ def build_plan(argv: list[str]) -> Plan:
     if ns.timestamp and interval is None:
         raise UsageError("-T/--timestamp needs --interval (it stamps each snapshot)")
     if interval is not None and ns.onclose:
-        raise UsageError("interval and onclose cannot be combined: choose snapshots or one report per socket")
+        raise UsageError("interval and onclose cannot be combined: choose snapshots or one report "
+                         "per socket")
     if interval is not None and ns.from_records:
-        raise UsageError("--interval cannot replay --from-records (save the run with --interval instead: "
-                         "its snapshots are in the records)")
+        raise UsageError("--interval cannot replay --from-records (save the run with --interval "
+                         "instead: its snapshots are in the records)")
+    return interval, count
+
+
+def _processes(ns, groups: tuple[str, ...]) -> tuple[int | None, bool]:
+    """-x PID, and whether only the -c command's process tree is reported."""
     pid = _count(ns.pid, "pid", 1, PID_MAX_LIMIT)
     if pid is not None and ns.all_processes:
         raise UsageError("-x/--pid and --all-processes contradict each other")
     if ns.all_processes and not ns.command:
         raise UsageError("--all-processes only makes sense with -c CMD")
     tree = bool(ns.command) and pid is None and not ns.all_processes
-    needs_proc = [w for w, on in ((f"index={ns.index}", ns.index in PROCESS_INDEXES),
-                                  ("-x/--pid", pid is not None), ("-c (its process tree)", tree)) if on]
+    needs_proc = [w for w, on in ((f"index={ns.index}", BY_NAME[ns.index].needs_process),
+                                  ("-x/--pid", pid is not None),
+                                  ("-c (its process tree)", tree)) if on]
     if needs_proc and "socket" not in groups:
-        raise UsageError(f"{needs_proc[0]} needs the socket group (its probes tell which process uses a "
-                         "socket): add socket to --groups" + (", or use --all-processes" if tree else ""))
-    if ns.check:
-        extra = [w for w, on in (("-c", ns.command), ("--from-records", ns.from_records), ("--dump-script", ns.dump_script),
-                                 ("--interval", interval), ("--save-records", ns.save_records), ("onclose", ns.onclose),
-                                 ("FILTER", ns.filters)) if on]
-        if extra:
-            raise UsageError(f"--check diagnoses the host and collects nothing: it cannot be combined with {extra[0]}")
-    sample_ms = None
-    if ns.sample is not None or ns.series or ns.plot or ns.on_cwnd_change:
-        text = "100" if ns.sample is None else str(ns.sample)
-        try:
-            sample_ms = float(text)
-        except ValueError:
-            raise UsageError(f"bad --sample '{text}': expected milliseconds (0: every ACK)") from None
-        if not 0 <= sample_ms <= 3_600_000 or sample_ms != sample_ms:
-            raise UsageError(f"bad --sample '{text}': expected 0 to 3600000 milliseconds")
+        raise UsageError(f"{needs_proc[0]} needs the socket group (its probes tell which process "
+                         "uses a socket): add socket to --groups"
+                         + (", or use --all-processes" if tree else ""))
+    return pid, tree
+
+
+def _check_check(ns) -> None:
+    """--check diagnoses the host: what would collect or report cannot go with it."""
+    refused = [o.name for o in OPTIONS if o.not_with_check and o.given(ns)]
+    if ns.filters:
+        refused.append("FILTER")
+    if refused:
+        raise UsageError("--check diagnoses the host and collects nothing: it cannot be combined "
+                         f"with {refused[0]}")
+
+
+def _sample_ms(ns) -> float | None:
+    """--sample's period; --series, --plot and --on-cwnd-change sample too (100 ms)."""
+    if ns.sample is None and not (ns.series or ns.plot or ns.on_cwnd_change):
+        return None
+    text = "100" if ns.sample is None else str(ns.sample)
+    try:
+        sample_ms = float(text)
+    except ValueError:
+        raise UsageError(f"bad --sample '{text}': expected milliseconds (0: every ACK)") from None
+    if not 0 <= sample_ms <= 3_600_000 or sample_ms != sample_ms:
+        raise UsageError(f"bad --sample '{text}': expected 0 to 3600000 milliseconds")
+    return sample_ms
+
+
+def _check_series_files(ns) -> None:
     if ns.plot and not ns.plot.lower().endswith(".png"):
         raise UsageError(f"bad --plot '{ns.plot}': expected a FILE.png")
     for what, path in (("--series", ns.series), ("--plot", ns.plot)):
         if path is not None and not path.strip():
             raise UsageError(f"empty {what} file name")
+
+
+def _order(ns) -> tuple[str | None, int | None]:
+    """--sort and --top (which sorts by bytes unless told)."""
     sort = _sort_key(ns.sort, _capture_fields() if ns.read is not None else COUNTERS)
     top = _count(ns.top, "--top", 1, 10 ** 9)
     if top is not None and sort is None:
         sort = "bytes"
+    return sort, top
+
+
+def build_plan(argv: list[str]) -> Plan:
+    ns = parse_args(argv)
+    if ns.index not in NAMES:
+        raise UsageError(f"bad index '{ns.index}': expected one of {', '.join(NAMES)}")
+    if ns.read is not None:
+        _check_read(ns)
+    if ns.onclose and ns.index != "tuple":
+        raise UsageError(f"onclose needs index=tuple (got index={ns.index})")
+    groups = _groups(ns)
+    max_sockets = _max_sockets(ns)
+    stap_args = _stap_args(ns)
+    _check_sources(ns)
+    interval, count = _snapshots(ns)
+    pid, tree = _processes(ns, groups)
+    if ns.check:
+        _check_check(ns)
+    sample_ms = _sample_ms(ns)
+    _check_series_files(ns)
+    sort, top = _order(ns)
     return Plan(
         filters=tuple(parse_filters(ns.filters)),
         index=ns.index,
@@ -226,7 +277,7 @@ def build_plan(argv: list[str]) -> Plan:
         onclose=bool(ns.onclose),
         command=ns.command,
         output=ns.output,
-        groups=tuple(g for g in GROUPS if g in groups),
+        groups=groups,
         dist=bool(ns.dist),
         estats=bool(ns.estats),
         sample_ms=sample_ms,

@@ -1,6 +1,8 @@
 import pytest
 
+from tcpipstat.cli import OPTION_GROUPS, OPTIONS, Opt
 from tcpipstat.errors import ExitStatus, UsageError
+from tcpipstat.indexes import INDEXES, NAMES, OFFLINE_NAMES
 from tcpipstat.plan import build_plan
 
 from .conftest import run_cli
@@ -17,7 +19,8 @@ def test_classic_words_and_gnu_options_agree():
 
 def test_defaults():
     p = build_plan([])
-    assert (p.index, p.timeout_s, p.nozeros, p.onclose, p.output) == ("tuple", None, True, False, "table")
+    assert (p.index, p.timeout_s, p.nozeros, p.onclose, p.output) == (
+        "tuple", None, True, False, "table")
     assert p.filters == ()
 
 
@@ -104,3 +107,39 @@ def test_stap_defines_may_carry_a_c_integer_suffix():
     # stap's runtime prints some limits with %lld: a define must then be a long long
     assert build_plan(["--stap-arg=-DSTP_OVERLOAD_THRESHOLD=1000000LL"]).stap_args == (
         "-DSTP_OVERLOAD_THRESHOLD=1000000LL",)
+
+
+def _giving(o: Opt) -> list[str]:
+    """Arguments that set option ``o`` to other than its default."""
+    if o.action == "append":
+        return [f"{o.flags[-1]}=-t"]
+    if o.action == "store":
+        return [o.flags[-1], "7"]
+    return [o.flags[-1]]
+
+
+@pytest.mark.parametrize("o", [o for o in OPTIONS if o.live_only], ids=lambda o: o.flags[-1])
+def test_every_live_only_option_is_refused_with_read(o):
+    with pytest.raises(UsageError) as e:
+        build_plan(["--read", "x.pcap", *_giving(o)])
+    assert str(e.value) == ("--read reports a capture file: it cannot be combined with "
+                            f"{o.name} (that needs the live collector)")
+
+
+@pytest.mark.parametrize("o", [o for o in OPTIONS if o.not_with_check], ids=lambda o: o.flags[-1])
+def test_what_collects_or_reports_is_refused_with_check(o):
+    with pytest.raises(UsageError) as e:
+        build_plan(["--check", *_giving(o)])
+    assert str(e.value) == ("--check diagnoses the host and collects nothing: it cannot be "
+                            f"combined with {o.name}")
+
+
+def test_help_has_the_option_groups_and_every_index(capsys):
+    with pytest.raises(SystemExit):
+        build_plan(["--help"])
+    text = capsys.readouterr().out
+    for title, _ in OPTION_GROUPS:
+        assert f"\n{title}:\n" in text
+    assert "|".join(NAMES) in text and f"index={'|'.join(OFFLINE_NAMES)}" in text
+    for ix in INDEXES:
+        assert f"{ix.name} ({ix.help}" in " ".join(text.split())
