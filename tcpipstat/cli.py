@@ -142,6 +142,11 @@ OPTION_GROUPS: tuple[tuple[str, tuple[Opt, ...]], ...] = (
         Opt(("-u", "--us"), "show congestion-state times in microseconds (default: milliseconds; "
             "JSON and CSV always carry microseconds)", dest="us", action="store_true",
             default=False),
+        Opt(("--outcome-json",), "also write how the run ended to FILE, as one JSON object: what "
+            "ended it, the probe hits the collector skipped, events lost or unreadable, rows, "
+            "duration and the notes under the report (written once the run has collected, even "
+            "when it then fails; see OUTCOME)", dest="outcome_json", metavar="FILE",
+            not_with_check=True),
     )),
     ("Offline", (
         Opt(("--save-records",), "also write the collector's raw records to FILE (re-report them "

@@ -125,6 +125,12 @@ def _capture_fields() -> Iterator[str]:
         yield from (".TP", f"\\fB{c.name}\\fR ({c.section}{unit})", _sentence(c.description))
 
 
+def _outcome_fields() -> Iterator[str]:
+    from .outcome import documented_fields
+    for name, doc in documented_fields():
+        yield from (".TP", _bold(name), _sentence(doc))
+
+
 PARTS: dict[str, Callable[[], Iterable[str]]] = {
     "synopsis": _synopsis,
     "options": _options,
@@ -133,6 +139,7 @@ PARTS: dict[str, Callable[[], Iterable[str]]] = {
     "rfc4898_variables": _rfc4898_variables,
     "rfc4898_unavailable": _rfc4898_unavailable,
     "capture_fields": _capture_fields,
+    "outcome_fields": _outcome_fields,
 }
 
 

@@ -7,48 +7,63 @@ printed under its report.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from .records import ENDED_BY
+
+
+def _f(default, doc: str):
+    """A field with its documentation (a factory when ``default`` is a type)."""
+    if isinstance(default, type):
+        return field(default_factory=default, metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
 
 
 @dataclass
 class Outcome:
     """The facts of one run (live, replayed or a capture's), in the order its notes give
-    them."""
-    capture: list[str] = field(default_factory=list)      # --read: what the capture showed
-    cong: str = ""                 # how congestion states were seen ("": no cong group)
-    skipped: int = 0               # probe hits the collector could not run
-    unreadable: int = 0            # collector lines that were not records
-    first_unreadable: str = ""
-    faults: int = 0                # events a probe could not read
-    dropped: int = 0               # events lost to full collector tables
-    pfull: int = 0                 # times the process table was full
-    max_sockets: int = 0           # the collector's table size
-    warnings: list[str] = field(default_factory=list)     # the collector's own warnings
-    finished: bool = True          # the collector wrote its trailer
-    ended_by: str = ""             # what ended the run (records.ENDED_BY), "" if not told
-    written: list[str] = field(default_factory=list)      # --series / --plot: what was written
-    no_rfc4898: int = 0            # --rfc4898: sockets still open at the end (no variables)
-    still_open: int = 0            # onclose=1: sockets still open at the end (not reported)
-    hidden: int = 0                # --top: rows left out
-    top: int | None = None
-    sort: str | None = None
-    rejected: int = 0              # --read: connections the filters did not accept
-    outside_tree: int = 0          # -c: active sockets not used by the command's processes
-    rows: int = 0                  # rows in the report
-    duration_s: float | None = None
-    interrupted: bool = False
-    returncode: int | None = 0     # the collector's exit status
-    available: tuple[str, ...] = ()
-    unavailable: tuple[str, ...] = ()
+    them. Each field's doc is its entry in the man page (OUTCOME)."""
+    capture: list[str] = _f(list, "--read: what the capture showed (its notes)")
+    cong: str = _f("", "how congestion states were seen (empty: no cong group)")
+    skipped: int = _f(0, "probe hits the collector could not run (counters may be low by as "
+                      "many events)")
+    unreadable: int = _f(0, "collector lines that were not records (skipped)")
+    first_unreadable: str = _f("", "the first of them, with its line number")
+    faults: int = _f(0, "events a probe could not read")
+    dropped: int = _f(0, "events lost because the collector's tables were full")
+    pfull: int = _f(0, "times the process table was full (some sockets may lack a process)")
+    max_sockets: int = _f(0, "the collector's table size (--max-sockets)")
+    warnings: list[str] = _f(list, "the collector's own warnings")
+    finished: bool = _f(True, "false when the collector did not write its trailer (cut short)")
+    ended_by: str = _f("", "what ended the run: timeout, count, request (Ctrl-C or the end of "
+                       "the -c command), stap; empty when not told")
+    written: list[str] = _f(list, "--series and --plot: what was written where")
+    no_rfc4898: int = _f(0, "--rfc4898: sockets still open at the end (no variables)")
+    still_open: int = _f(0, "onclose=1: sockets still open at the end (not reported)")
+    hidden: int = _f(0, "--top: rows left out")
+    top: int | None = _f(None, "--top N")
+    sort: str | None = _f(None, "the counter rows were sorted by")
+    rejected: int = _f(0, "--read: connections the filters did not accept")
+    outside_tree: int = _f(0, "-c: active sockets not used by the command's processes")
+    rows: int = _f(0, "rows in the report (0 when snapshots or closes were the report)")
+    duration_s: float | None = _f(None, "seconds from the collector's start to its end")
+    interrupted: bool = _f(False, "true after Ctrl-C")
+    returncode: int | None = _f(0, "the collector's exit status")
+    available: tuple[str, ...] = _f(tuple, "the counters this kernel gave")
+    unavailable: tuple[str, ...] = _f(tuple, "counters of the chosen groups this kernel lacks")
 
     def as_dict(self) -> dict:
         return {**asdict(self), "notes": run_notes(self)}
 
     def write(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as f:
-            f.write(json.dumps(self.as_dict(), sort_keys=True) + "\n")
+            f.write(json.dumps(self.as_dict()) + "\n")
+
+
+def documented_fields() -> list[tuple[str, str]]:
+    """(name, what it says) of every field --outcome-json writes, notes last."""
+    return [(f.name, f.metadata["doc"]) for f in fields(Outcome)] + [
+        ("notes", "the notes printed under the report, in order")]
 
 
 def ended_by(code: int) -> str:

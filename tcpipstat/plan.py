@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 
@@ -233,12 +234,33 @@ def _sample_ms(ns) -> float | None:
     return sample_ms
 
 
-def _check_series_files(ns) -> None:
+def _check_output_files(ns) -> None:
+    """Files written after collecting must be writable before anything runs: a run is
+    not to be lost to a typo in a file name."""
     if ns.plot and not ns.plot.lower().endswith(".png"):
         raise UsageError(f"bad --plot '{ns.plot}': expected a FILE.png")
-    for what, path in (("--series", ns.series), ("--plot", ns.plot)):
-        if path is not None and not path.strip():
+    for what, path in (("--series", ns.series), ("--plot", ns.plot),
+                       ("--save-records", ns.save_records), ("--outcome-json", ns.outcome_json)):
+        if path is None:
+            continue
+        if not path.strip():
             raise UsageError(f"empty {what} file name")
+        why = _unwritable(path)
+        if why:
+            raise UsageError(f"cannot write {what} '{path}': {why}")
+
+
+def _unwritable(path: str) -> str:
+    """Why ``path`` cannot be written ("" if it can), without creating it."""
+    if os.path.isdir(path):
+        return "it is a directory"
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        return f"no folder '{folder}'"
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path)
+                                                      and not os.access(path, os.W_OK)):
+        return "permission denied"
+    return ""
 
 
 def _order(ns) -> tuple[str | None, int | None]:
@@ -267,7 +289,7 @@ def build_plan(argv: list[str]) -> Plan:
     if ns.check:
         _check_check(ns)
     sample_ms = _sample_ms(ns)
-    _check_series_files(ns)
+    _check_output_files(ns)
     sort, top = _order(ns)
     return Plan(
         filters=tuple(parse_filters(ns.filters)),
@@ -303,4 +325,5 @@ def build_plan(argv: list[str]) -> Plan:
         tree=tree,
         check=ns.check,
         read=ns.read,
+        outcome_json=ns.outcome_json,
     )

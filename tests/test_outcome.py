@@ -1,0 +1,61 @@
+"""Tier 1: --outcome-json, the machine-readable end of a run, on real recordings: it says
+what the report's notes say, and it is written even when the run then fails."""
+from __future__ import annotations
+
+import json
+
+from tcpipstat.outcome import Outcome, documented_fields, run_notes
+
+from .conftest import FIXTURES, run_cli
+
+
+def _run(tmp_path, *argv):
+    path = tmp_path / "outcome.json"
+    status, out, err = run_cli(*argv, "--outcome-json", str(path))
+    return status, out, err, json.loads(path.read_text()) if path.exists() else None
+
+
+def test_a_timeout_run_says_what_ended_it(tmp_path):
+    status, out, err, o = _run(tmp_path, "--from-records",
+                               str(FIXTURES / "trixie-timeout.ended.records"))
+    assert status == 0 and o["ended_by"] == "timeout" and o["finished"], o
+    assert o["rows"] == int(out.split()[1]) and f", {o['duration_s']:.1f} s" in out.split("\n")[0]
+
+
+def test_lost_events_are_in_the_outcome_although_the_run_fails(tmp_path):
+    status, out, err, o = _run(tmp_path, "--from-records",
+                               str(FIXTURES / "bookworm-table-too-small.records"), "--json")
+    assert status == 1 and o["dropped"] > 0 and o["pfull"] > 0 and o["max_sockets"] == 64
+    assert f"{o['dropped']} events were lost to full tables" in err
+    # the notes are those printed under the report (stderr with --json)
+    for note in o["notes"]:
+        assert note.split(":")[0] in err.replace("\n", " ")
+
+
+def test_notes_are_the_footers(tmp_path):
+    status, out, err, o = _run(tmp_path, "--from-records",
+                               str(FIXTURES / "bookworm-cong-dist.records"), "--top", "1")
+    assert status == 0 and o["hidden"] > 0 and o["cong"].startswith("tracepoint")
+    assert o["notes"] == run_notes(Outcome(cong=o["cong"], hidden=o["hidden"], top=1,
+                                           sort="bytes"))
+    flat = " ".join(out.split())
+    assert all(" ".join(n.split()) in flat for n in o["notes"]), (o["notes"], out)
+
+
+def test_a_capture_has_an_outcome(tmp_path):
+    status, out, err, o = _run(tmp_path, "--read", str(FIXTURES / "capture" / "lo.pcap"))
+    assert status == 0 and o["rows"] == int(out.split()[1]) > 0 and o["available"], o
+    assert o["capture"] and all(" ".join(n.split()) in " ".join(out.split()) for n in o["notes"])
+
+
+def test_an_unwritable_outcome_file_is_refused_before_anything_runs(tmp_path):
+    for path, why in ((tmp_path, "it is a directory"),
+                      (tmp_path / "no" / "such.json", "no folder")):
+        status, out, err = run_cli("--from-records", str(FIXTURES / "bookworm-iperf3.records"),
+                                   "--outcome-json", str(path))
+        assert status == 2 and why in err and out == "", err
+
+
+def test_every_field_is_documented():
+    names = [n for n, _ in documented_fields()]
+    assert names[:-1] == list(Outcome().as_dict())[:-1] and names[-1] == "notes"
