@@ -258,7 +258,8 @@ def _add_option(group, o: Opt) -> None:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse argv; classic key=value words are folded into the same namespace."""
     parser = build_parser()
-    ns, extra = parser.parse_known_args(argv)
+    # (intermixed: classic words and filters may come anywhere among the options)
+    ns, extra = parser.parse_known_intermixed_args(argv)
     if extra:
         raise UsageError(f"unrecognized argument '{extra[0]}' (see --help)")
     ns.filters = []

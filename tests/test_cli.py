@@ -143,3 +143,12 @@ def test_help_has_the_option_groups_and_every_index(capsys):
     assert "|".join(NAMES) in text and f"index={'|'.join(OFFLINE_NAMES)}" in text
     for ix in INDEXES:
         assert f"{ix.name} ({ix.help}" in " ".join(text.split())
+
+
+def test_classic_words_and_filters_anywhere_among_the_options():
+    """The README's and the man page's own example: classic words after an option that
+    takes a value, and filters on both sides of an option."""
+    plan = build_plan(["-T", "interval=1", "--count", "10", "index=lport"])
+    assert (plan.interval_s, plan.count, plan.index, plan.timestamp) == (1.0, 10, "lport", True)
+    plan = build_plan(["*:*-*:5201", "--json", "*:*-*:80"])
+    assert plan.output == "json" and [f.rport.low for f in plan.filters] == [5201, 80]
