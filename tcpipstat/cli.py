@@ -262,6 +262,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ns, extra = parser.parse_known_intermixed_args(argv)
     if extra:
         raise UsageError(f"unrecognized argument '{extra[0]}' (see --help)")
+    _refuse_empty_values(ns)
     ns.filters = []
     for word in ns.words:
         m = _CLASSIC_WORD.match(word)
@@ -274,6 +275,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             continue
         ns.filters.append(word)
     return ns
+
+
+def _refuse_empty_values(ns: argparse.Namespace) -> None:
+    """argparse takes the value '--' of ``--OPT=--`` for the end of the options and stores
+    an empty list where a string belongs: refuse it by name."""
+    for o in OPTIONS:
+        if o.action not in ("store", "append"):
+            continue
+        value = getattr(ns, o.dest)
+        values = value if o.action == "append" and value is not None else [value]
+        if any(isinstance(v, list) for v in values):
+            raise UsageError(f"bad value '--' for {o.name}: expected {o.metavar}")
 
 
 def _bool01(value: str, word: str) -> bool:

@@ -15,7 +15,7 @@ from .model import SORT_SUMS
 
 MAX_TIMEOUT_S = 10 * 365 * 24 * 3600
 PID_MAX_LIMIT = 4 * 1024 * 1024   # include/linux/threads.h: pids never exceed this
-_KVER = re.compile(r"^[A-Za-z0-9._+~-]{1,100}$")
+_KVER = re.compile(r"[A-Za-z0-9._+~][A-Za-z0-9._+~-]{0,99}")     # (fullmatch; not an option)
 # stap options a user may pass through: none of them adds code to the script.
 _STAP_ARG_OK = (
     # a define of a number, C integer suffix allowed
@@ -76,12 +76,20 @@ class Plan:
         return flags + list(self.stap_args)
 
 
+def _ascii_number(kind, text: str):
+    """float() or int() of ASCII text only: Python also reads other scripts' digits
+    (timeout=\u0663 would be 3 s), which no one means on a command line."""
+    if not text.isascii():
+        raise ValueError(text)
+    return kind(text)
+
+
 def _seconds(value, what: str = "timeout") -> float | None:
     if value is None:
         return None
     text = str(value)
     try:
-        t = float(text)
+        t = _ascii_number(float, text)
     except ValueError:
         raise UsageError(f"bad {what} '{text}': expected a number of seconds") from None
     if not math.isfinite(t) or t <= 0 or t > MAX_TIMEOUT_S:
@@ -146,7 +154,7 @@ def _groups(ns) -> tuple[str, ...]:
 
 def _max_sockets(ns) -> int:
     try:
-        max_sockets = int(ns.max_sockets)
+        max_sockets = _ascii_number(int, str(ns.max_sockets))
     except ValueError:
         raise UsageError(f"bad --max-sockets '{ns.max_sockets}': expected a number") from None
     if not 64 <= max_sockets <= 1 << 20:
@@ -156,11 +164,11 @@ def _max_sockets(ns) -> int:
 
 def _stap_args(ns) -> tuple[str, ...]:
     """The --stap-arg options, which go to stap as written (and -r's kernel release)."""
-    if ns.kernel_release is not None and not _KVER.match(ns.kernel_release):
+    if ns.kernel_release is not None and not _KVER.fullmatch(ns.kernel_release):
         raise UsageError(f"bad kernel release '{ns.kernel_release}'")
     stap_args = tuple(ns.stap_args or ())
     for a in stap_args:
-        if not any(r.match(a) for r in _STAP_ARG_OK):
+        if not any(r.fullmatch(a) for r in _STAP_ARG_OK):
             raise UsageError(f"--stap-arg '{a}' is not allowed (allowed: -DNAME=NUMBER, -sNUM, "
                              "-t, -w, -u, -k, --suppress-time-limits)")
     return stap_args
@@ -226,7 +234,7 @@ def _sample_ms(ns) -> float | None:
         return None
     text = "100" if ns.sample is None else str(ns.sample)
     try:
-        sample_ms = float(text)
+        sample_ms = _ascii_number(float, text)
     except ValueError:
         raise UsageError(f"bad --sample '{text}': expected milliseconds (0: every ACK)") from None
     if not 0 <= sample_ms <= 3_600_000 or sample_ms != sample_ms:
