@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import IO, Iterable
 
 from rich.console import Console
+from rich.markup import escape
 
 from .backend import Backend, RunOutcome, choose as choose_backend
-from .errors import ExitStatus, RecordParseError, TcpipstatError, UsageError
+from .errors import ExitStatus, RecordParseError, TcpipstatError, UsageError, one_line
 from .model import Collection, sort_rows
 from .outcome import Outcome, ended_by, run_notes
 from .plan import Plan, build_plan
@@ -45,7 +46,7 @@ class _Source:
 def _log(plan: Plan, errc: Console):
     def log(msg: str) -> None:
         if plan.output == "table" or plan.verbose:
-            errc.print(f"[dim]{PROG}: {msg}[/]")
+            errc.print(f"[dim]{PROG}: {escape(msg)}[/]")       # (msg may hold -c's command)
     return log
 
 
@@ -311,9 +312,9 @@ def run(argv: list[str], out: IO[str] | None = None, err: IO[str] | None = None)
             return report_capture(plan, out, err)
         return collect(plan, out, err)
     except TcpipstatError as e:
-        print(f"{PROG}: {e.message}", file=err)
+        print(f"{PROG}: {one_line(e.message)}", file=err)
         if e.hint:
-            print(f"{PROG}: fix: {e.hint}", file=err)
+            print(f"{PROG}: fix: {one_line(e.hint)}", file=err)
         return e.status
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted before collection started; nothing was collected", file=err)

@@ -38,3 +38,12 @@ class RecordParseError(TcpipstatError):
         shown = line if len(line) <= 200 else line[:200] + "..."
         super().__init__(f"{source}:{lineno}: {why}: {shown!r}")
         self.source, self.lineno, self.line, self.why = source, lineno, line, why
+
+
+def one_line(text: str) -> str:
+    """``text`` with every control or otherwise unprintable character written as a Python
+    escape (``\\n``, ``\\x1b``): a message names bad input without letting it split the
+    line or reach the terminal as a control sequence."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -18,6 +18,7 @@ from typing import IO, Iterable, NamedTuple
 
 from rich.console import Console
 from rich.control import strip_control_codes
+from rich.markup import escape
 from rich.text import Text
 
 from .counters import CA_STATES, COUNTERS, SECTIONS
@@ -353,7 +354,7 @@ def render_footer(console: Console, ctx: ReportContext) -> None:
         console.print("[yellow]Unavailable on this kernel[/] (probe did not resolve, not zero): "
                       + ", ".join(ctx.unavailable))
     for note in ctx.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")     # (a note may name a file)
 
 
 def closed_socket_row(st: SocketTotals, samples: Iterable = ()) -> Row:

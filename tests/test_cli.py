@@ -152,3 +152,38 @@ def test_classic_words_and_filters_anywhere_among_the_options():
     assert (plan.interval_s, plan.count, plan.index, plan.timestamp) == (1.0, 10, "lport", True)
     plan = build_plan(["*:*-*:5201", "--json", "*:*-*:80"])
     assert plan.output == "json" and [f.rport.low for f in plan.filters] == [5201, 80]
+
+
+@pytest.mark.parametrize("opt", ["--command", "--sort", "--stap-arg", "--series", "--plot",
+                                 "--kernel-release", "--max-sockets", "--groups"])
+def test_a_value_of_double_dash_is_refused_by_name(opt):
+    """argparse stores [] for --OPT=--; it used to reach the validators (a traceback)."""
+    status, out, err = run_cli("--dump-script", f"{opt}=--")
+    assert status == ExitStatus.USAGE and "bad value '--'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["--stap-arg=-DFOO=1\n"], ["-r", "6.1.0\n"], ["-r=-g"],
+                                  ["timeout=\u0663"], ["--max-sockets=\u0663\u0663\u0663"],
+                                  ["--sample=\u0663"]])
+def test_values_are_matched_whole_and_in_ascii(argv):
+    """A trailing newline slipped past $-anchored patterns, an option was taken for a
+    kernel release, and Python's float() reads Arabic-Indic digits."""
+    status, out, err = run_cli("--dump-script", *argv)
+    assert status == ExitStatus.USAGE and out == "", err
+
+
+def test_messages_are_one_line_with_control_characters_escaped():
+    status, out, err = run_cli("--dump-script", "1.2.3.4:80-*:\x1b[31m", )
+    assert status == ExitStatus.USAGE and err.count("\n") == 1 and "\x1b" not in err
+    assert "\\x1b[31m" in err
+    status, out, err = run_cli("--dump-script", "--stap-arg=-DX=1\n")
+    assert err.count("\n") == 1 and "'-DX=1\\n'" in err
+
+
+def test_markup_in_a_file_name_is_shown_as_typed(tmp_path):
+    """rich markup in a name the user chose reaches the notes as text."""
+    from .conftest import FIXTURES
+    series = tmp_path / "[red]y[bold].csv"
+    status, out, err = run_cli("--from-records", str(FIXTURES / "bookworm-sample50.records"),
+                               "--series", str(series))
+    assert status == 0 and series.exists() and "[red]y[bold].csv" in out, out[-500:]
