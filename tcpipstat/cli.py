@@ -263,6 +263,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if extra:
         raise UsageError(f"unrecognized argument '{extra[0]}' (see --help)")
     _refuse_empty_values(ns)
+    _refuse_two_outputs(argv)
     ns.filters = []
     for word in ns.words:
         m = _CLASSIC_WORD.match(word)
@@ -289,6 +290,14 @@ def _refuse_empty_values(ns: argparse.Namespace) -> None:
             raise UsageError(f"bad value '--' for {o.name}: expected {o.metavar}")
 
 
+def _refuse_two_outputs(argv: list[str]) -> None:
+    """--json and --csv set one output: the last would silently win."""
+    outputs = [o for o in OPTIONS if o.dest == "output"]
+    given = [f for o in outputs for f in o.flags if f in argv]
+    if len(given) > 1:
+        raise UsageError(f"{given[0]} and {given[1]} contradict each other: choose one output")
+
+
 def _bool01(value: str, word: str) -> bool:
     if value not in ("0", "1"):
         raise UsageError(f"bad value in '{word}': expected 0 or 1")
@@ -296,7 +305,11 @@ def _bool01(value: str, word: str) -> bool:
 
 
 def _apply_classic(ns: argparse.Namespace, o: Opt, value: str, word: str) -> None:
-    """A classic word sets what its option sets; a switch's word is 1 (on) or 0 (off)."""
+    """A classic word sets what its option sets; a switch's word is 1 (on) or 0 (off).
+    Given beside its option with another value, neither may silently win."""
     if o.action == "store_const":
         value = o.const if _bool01(value, word) else not o.const
+    given = getattr(ns, o.dest)
+    if o.action != "store_const" and given != o.default and given != value:
+        raise UsageError(f"'{word}' and {o.name} {given} contradict each other: give one")
     setattr(ns, o.dest, value)

@@ -118,6 +118,9 @@ def parse_addr(tok: str, text: str, side: str) -> AddrMatch:
         if not tok.endswith("]") or len(tok) < 3:
             raise _bad(text, f"{side} address '{tok}': an IPv6 address goes in [brackets]")
         inner = tok[1:-1]
+        if "%" in inner:     # (ipaddress accepts a scope and the match would drop it)
+            raise _bad(text, f"{side} address '{tok}': a scope (%{inner.partition('%')[2]}) "
+                             "cannot be matched: give the address alone")
         try:
             net = ipaddress.IPv6Network(inner, strict=False)
         except ValueError:

@@ -181,6 +181,11 @@ def _check_sources(ns) -> None:
     if ns.from_records and (ns.command or ns.save_records):
         raise UsageError("--from-records reports a saved run: it cannot be combined with -c or "
                          "--save-records")
+    unused = [w for w, on in (("--from-records", ns.from_records), ("--save-records",
+                              ns.save_records), ("--outcome-json", ns.outcome_json)) if on]
+    if ns.dump_script and unused:
+        raise UsageError(f"--dump-script prints the collector's script and runs nothing: it "
+                         f"cannot be combined with {unused[0]}")
 
 
 def _snapshots(ns) -> tuple[float | None, int | None]:

@@ -187,3 +187,20 @@ def test_markup_in_a_file_name_is_shown_as_typed(tmp_path):
     status, out, err = run_cli("--from-records", str(FIXTURES / "bookworm-sample50.records"),
                                "--series", str(series))
     assert status == 0 and series.exists() and "[red]y[bold].csv" in out, out[-500:]
+
+
+@pytest.mark.parametrize("argv,word", [
+    (["index=raddr", "--index", "lport"], "contradict"),
+    (["--index", "lport", "index=raddr"], "contradict"),
+    (["--json", "--csv"], "contradict"),
+    (["--dump-script", "--from-records", "x"], "runs nothing"),
+    (["[fe80::1%eth0]:*-*:*"], "scope"),
+])
+def test_conflicts_and_unsupported_forms_are_refused(argv, word):
+    """Each of these used to be accepted with one half silently dropped."""
+    status, out, err = run_cli(*argv)
+    assert status == ExitStatus.USAGE and word in err and out == "", err
+
+
+def test_an_option_and_its_classic_word_may_agree():
+    assert build_plan(["index=lport", "--index", "lport"]).index == "lport"
