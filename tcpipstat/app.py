@@ -20,7 +20,7 @@ from .errors import EnvironmentNotReady, ExitStatus, RecordParseError, Tcpipstat
 from .model import Collection, Window, sort_rows
 from .plan import Plan, build_plan
 from .procs import fill_processes
-from .records import Parser
+from .records import Parser, SaveHeader
 from .render import module_args, render_probe_check, render_script, select_units
 from .report import (ReportContext, closed_socket_row, print_row, render_footer, render_tables,
                      write_csv, write_json, write_window)
@@ -170,9 +170,7 @@ def collect_live(plan: Plan, console: Console, errc: Console, out: IO[str], err:
     parser = Parser("staprun")
     saved = open(plan.save_records, "w") if plan.save_records else None
     if saved:
-        saved.write(f"# tcpipstat records; kernel={kver}; unavailable={','.join(unavailable)}; "
-                    f"tree={int(plan.tree)}" + (f"; cong={cong}" if cong else "") +
-                    ("; rfc4898=1" if plan.estats else "") + "\n")
+        saved.write(SaveHeader(kver, tuple(unavailable), plan.tree, cong, plan.estats).line())
     previous = signal.signal(signal.SIGINT, lambda *_: runner.interrupt())
     try:
         what = f"running {plan.command!r}" if plan.command else (
@@ -215,23 +213,20 @@ def collect_saved(plan: Plan, console: Console, out: IO[str]):
         f = open(path, encoding="utf-8", errors="replace")
     except OSError as e:
         raise UsageError(f"cannot read --from-records '{path}': {e.strerror}") from None
-    unavailable: tuple[str, ...] = ()
     with f:
         first = f.readline()
-        m = re.search(r"unavailable=([A-Za-z0-9,]*)", first) if first.startswith("#") else None
-        if m:
-            unavailable = tuple(x for x in m.group(1).split(",") if x)
+        saved = SaveHeader.read(first)       # None: no header line, the first is a record
+        head = saved or SaveHeader()
         parser = Parser(path)
         collection = Collection()
         # a run of -c CMD reports its command's process tree, replayed or not
-        _select(plan, collection, bool(re.search(r"; tree=1\b", first)) if first.startswith("#") else False)
-        ctx = ReportContext((), unavailable, plan.nozeros, us=plan.us, estats=bool(re.search(r"; rfc4898=1\b", first)))
-        how = re.search(r"; cong=([^;\n]+)", first) if first.startswith("#") else None
-        if how:
-            ctx.notes.append(_cong_note(how.group(1).strip()))
+        _select(plan, collection, head.tree)
+        ctx = ReportContext((), head.unavailable, plan.nozeros, us=plan.us, estats=head.rfc4898)
+        if head.cong:
+            ctx.notes.append(_cong_note(head.cong))
         _on_close(plan, collection, ctx, console, out)
-        lines = [first] + list(f) if not first.startswith("#") else list(f)
-        for lineno, line in enumerate(lines, 2 if first.startswith("#") else 1):
+        lines = list(f) if saved else [first] + list(f)
+        for lineno, line in enumerate(lines, 2 if saved else 1):
             rec = parser.parse_line(line, lineno)
             if rec is not None:
                 collection.add(rec)

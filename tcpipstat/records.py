@@ -1,38 +1,41 @@
 """The collector's output lines -> typed records.
 
-The script (stp_templates/tcpipstat.stp.j2) writes tab-separated lines:
+The script (stp_templates/tcpipstat.stp.j2) writes tab-separated lines, one kind of
+record each, whose fields are laid down once below (``RecordSpec``: the template's
+printf formats are made from them, the parser finds each field by its name):
 
-``H  tcpipstat  FORMAT  VERSION  START_MS  NFILTERS  MAX_SOCKETS  COUNTER,COUNTER,...``
-    once, from the begin probe.
-``R  REASON  FAMILY  LADDR_HI  LADDR_LO  LPORT  RADDR_HI  RADDR_LO  RPORT  PID  COMM  FLAGS  NAME=VALUE...``
-    one socket tuple's counts since it was last written out. REASON is ``close``
-    (the socket closed), ``spill`` (the table was emptied to make room),
-    ``interval`` (an interval ended) or ``end``. Addresses are hex: IPv4 in the
-    low word, IPv6 as two 64-bit halves. PID/COMM: the process that last used the
-    socket in process context (0 and "" if none did); COMM is escaped by stap's
+``H  MAGIC  FORMAT  VERSION  START_MS  NFILTERS  MAX_SOCKETS  COUNTERS``
+    once, from the begin probe. MAGIC is ``tcpipstat``; COUNTERS: ``NAME,NAME,...``.
+``R  REASON  FAMILY  LADDR_HI  LADDR_LO  LPORT  RADDR_HI  RADDR_LO  RPORT  PID  COMM  FLAGS``
+    then ``NAME=VALUE`` fields: one socket tuple's counts since it was last written
+    out. REASON is ``close`` (the socket closed), ``spill`` (the table was emptied to
+    make room), ``interval`` (an interval ended) or ``end``. Addresses are hex: IPv4
+    in the low word, IPv6 as two 64-bit halves. PID/COMM: the process that last used
+    the socket in process context (0 and "" if none did); COMM is escaped by stap's
     text_str(). FLAGS: bit 0 = that process was the -c command or one of its
     descendants when it used the socket (format 1 has no FLAGS field). Several
     records for one tuple add up.
 ``I  SEQ  MS``
     interval mode: interval SEQ ended at MS (gettimeofday_ms); the records of its
     sockets came just before.
-``E  FAMILY  LADDR_HI  LADDR_LO  LPORT  RADDR_HI  RADDR_LO  RPORT  MS  NAME=VALUE...``
-    --rfc4898: a socket the filters accept closed at MS; its RFC 4898 variables
-    (tcpipstat/estats.py), -1 for one this kernel does not keep.
-``S  EVENT  US  FAMILY  LADDR_HI  LADDR_LO  LPORT  RADDR_HI  RADDR_LO  RPORT  NAME=VALUE...``
-    --sample: a connection's state US microseconds after collection began, after an
-    ACK (EVENT ack) or as it closed (EVENT end); names in tcpipstat/series.py.
-``T  END_MS  IDS  SPILLS  DROPPED  FAULTS  [PFULL]``
-    once, from the end probe. IDS: records written (tcpipstat 0.1: socket ids
-    handed out). SPILLS: times the tables were emptied to make room. DROPPED:
-    events lost because a table was full (more sockets busy between two checks
-    than half of MAX_SOCKETS). FAULTS: events a probe could not read. PFULL
-    (absent in older recordings: read as 0): times the
-    process table was found full, so some records may lack their process.
+``E  FAMILY  LADDR_HI  LADDR_LO  LPORT  RADDR_HI  RADDR_LO  RPORT  MS``
+    then ``NAME=VALUE`` fields: --rfc4898: a socket the filters accept closed at MS;
+    its RFC 4898 variables (tcpipstat/estats.py), -1 for one this kernel does not keep.
+``S  EVENT  US  FAMILY  LADDR_HI  LADDR_LO  LPORT  RADDR_HI  RADDR_LO  RPORT``
+    then ``NAME=VALUE`` fields: --sample: a connection's state US microseconds after
+    collection began, after an ACK (EVENT ack) or as it closed (EVENT end); names in
+    tcpipstat/series.py.
+``T  END_MS  IDS  SPILLS  DROPPED  FAULTS  PFULL  ENDED``
+    once, when the run finishes. IDS: records written (tcpipstat 0.1: socket ids
+    handed out). SPILLS: times the tables were emptied to make room. DROPPED: events
+    lost because a table was full (more sockets busy between two checks than half of
+    MAX_SOCKETS). FAULTS: events a probe could not read. PFULL: times the process
+    table was found full, so some records may lack their process. ENDED: what ended
+    the run (``ENDED_BY``). Older recordings lack ENDED, or PFULL and ENDED: read as 0.
 
-Lines starting with ``#`` are comments (tcpipstat --save-records writes one).
-Anything else on stdout is an error: it names the source, the line number and
-the text.
+Lines starting with ``#`` are comments; tcpipstat --save-records writes one first
+(``SaveHeader``). Anything else on stdout is an error: it names the source, the line
+number and the text.
 """
 from __future__ import annotations
 
@@ -47,8 +50,77 @@ from .series import FIELD_NAMES as _SAMPLE_FIELDS, SAMPLE_KINDS, Sample
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)   # format 1 (tcpipstat 0.1): no FLAGS field, no intervals
+MAGIC = "tcpipstat"         # the header's second field
 REASONS = ("close", "spill", "interval", "end")
 AF_INET, AF_INET6 = 2, 10
+
+
+@dataclass(frozen=True)
+class Field:
+    """One tab-separated field of a record, and the printf conversion that writes it."""
+    name: str
+    conv: str = "%d"
+    optional: bool = False   # absent in older recordings (read as 0); only last fields
+
+
+@dataclass(frozen=True)
+class RecordSpec:
+    """One kind of record: its letter (the line's first field), then its fields in order,
+    then (``pairs``) any number of NAME=VALUE fields."""
+    kind: str
+    fields: tuple[Field, ...]
+    pairs: bool = False
+
+    def at(self, name: str) -> int:
+        """The field's index in the line split at tabs (the letter is index 0)."""
+        return 1 + [f.name for f in self.fields].index(name)
+
+    @property
+    def width(self) -> int:
+        """Fields before the NAME=VALUE pairs, the letter included."""
+        return 1 + len(self.fields)
+
+    @property
+    def min_width(self) -> int:
+        """The width of the oldest recordings (without the optional fields)."""
+        return 1 + sum(not f.optional for f in self.fields)
+
+    def without(self, name: str) -> RecordSpec:
+        return RecordSpec(self.kind, tuple(f for f in self.fields if f.name != name), self.pairs)
+
+    def printf(self, **consts: object) -> str:
+        """The printf format that writes the record: tab-separated conversions, a field of
+        ``consts`` written as that text instead (known when the script is made). A newline
+        ends it, unless NAME=VALUE pairs follow (the writer appends them, then the newline)."""
+        text = "\t".join([self.kind] + [str(consts.pop(f.name, f.conv)) for f in self.fields])
+        if consts:
+            raise KeyError(f"{self.kind} record has no field {', '.join(consts)}")
+        return text if self.pairs else text + "\n"
+
+
+_TUPLE = (Field("FAMILY"), Field("LADDR_HI", "%x"), Field("LADDR_LO", "%x"), Field("LPORT"),
+          Field("RADDR_HI", "%x"), Field("RADDR_LO", "%x"), Field("RPORT"))
+HEADER = RecordSpec("H", (Field("MAGIC", "%s"), Field("FORMAT"), Field("VERSION", "%s"),
+                          Field("START_MS"), Field("NFILTERS"), Field("MAX_SOCKETS"),
+                          Field("COUNTERS", "%s")))
+SOCKET = RecordSpec("R", (Field("REASON", "%s"), *_TUPLE, Field("PID"), Field("COMM", "%s"),
+                          Field("FLAGS")), pairs=True)
+SOCKET_FORMAT1 = SOCKET.without("FLAGS")
+INTERVAL = RecordSpec("I", (Field("SEQ"), Field("MS")))
+ESTATS = RecordSpec("E", (*_TUPLE, Field("MS")), pairs=True)
+SAMPLE = RecordSpec("S", (Field("EVENT", "%s"), Field("US"), *_TUPLE), pairs=True)
+TRAILER = RecordSpec("T", (Field("END_MS"), Field("IDS"), Field("SPILLS"), Field("DROPPED"),
+                           Field("FAULTS"), Field("PFULL", optional=True),
+                           Field("ENDED", optional=True)))
+SPECS = (HEADER, SOCKET, INTERVAL, ESTATS, SAMPLE, TRAILER)
+
+# The parser's field indices, taken from the specs once (plain ints: socket records are
+# nearly every line, and their fields are read with constant-cost lookups)
+_H = {f.name: HEADER.at(f.name) for f in HEADER.fields}
+_R_REASON, _R_TUPLE, _R_PID, _R_COMM, _R_FLAGS = (
+    SOCKET.at(n) for n in ("REASON", "FAMILY", "PID", "COMM", "FLAGS"))
+_E_TUPLE, _E_MS = ESTATS.at("FAMILY"), ESTATS.at("MS")
+_S_EVENT, _S_US, _S_TUPLE = SAMPLE.at("EVENT"), SAMPLE.at("US"), SAMPLE.at("FAMILY")
 
 
 class Tuple(NamedTuple):
@@ -110,6 +182,7 @@ class IntervalMark:
 
 @dataclass(frozen=True)
 class Trailer:
+    """TRAILER's fields, in its order."""
     end_ms: int
     ids: int
     spills: int
@@ -122,6 +195,36 @@ class Trailer:
 # The trailer's last field (tcpipstat.stp.j2, tis_finish): what ended the run. Only "stap"
 # leaves the last records at risk on stap < 5.1 (they are written as the module exits).
 ENDED_BY = {1: "timeout", 2: "count", 3: "request", 4: "stap"}
+
+
+@dataclass(frozen=True)
+class SaveHeader:
+    """The comment line --save-records writes first: what a replay (--from-records) needs
+    to know of the run that its records do not say."""
+    kernel: str = ""
+    unavailable: tuple[str, ...] = ()   # counters the kernel could not provide
+    tree: bool = False                  # a -c run: its command's process tree is reported
+    cong: str = ""                      # how congestion states were seen ("": no --cong)
+    rfc4898: bool = False
+
+    def line(self) -> str:
+        items = [f"kernel={self.kernel}", f"unavailable={','.join(self.unavailable)}",
+                 f"tree={int(self.tree)}"]
+        if self.cong:
+            items.append(f"cong={self.cong}")
+        if self.rfc4898:
+            items.append("rfc4898=1")
+        return "; ".join(["# tcpipstat records", *items]) + "\n"
+
+    @classmethod
+    def read(cls, line: str) -> SaveHeader | None:
+        """The header ``line`` holds; None when it is not a comment (no header: a record)."""
+        if not line.startswith("#"):
+            return None
+        items = {k.strip(): v.strip() for k, _, v in (i.partition("=") for i in line.split(";"))}
+        unavailable = re.match(r"[A-Za-z0-9,]*", items.get("unavailable", "")).group()
+        return cls(items.get("kernel", ""), tuple(x for x in unavailable.split(",") if x),
+                   items.get("tree") == "1", items.get("cong", ""), items.get("rfc4898") == "1")
 
 
 _tuple_new = tuple.__new__     # (a Tuple made without NamedTuple's Python-level __new__)
@@ -149,20 +252,23 @@ def _hex64(tok: str) -> int:
     return v
 
 
+_SIMPLE_ESCAPES = {"n": 10, "t": 9, "r": 13, "v": 11, "f": 12, "a": 7, "b": 8, "\\": 92,
+                   '"': 34, "'": 39, "?": 63}
+
+
 def unescape_comm(text: str) -> str:
     """Undo stap's text_str() C-style escapes (\\n, \\t, \\\\, \\", \\ooo)."""
     if "\\" not in text:
         return text
     out = bytearray()
     i = 0
-    simple = {"n": 10, "t": 9, "r": 13, "v": 11, "f": 12, "a": 7, "b": 8, "\\": 92, '"': 34, "'": 39, "?": 63}
     raw = text.encode("latin-1", "replace")
     while i < len(raw):
         c = raw[i]
         if c == 92 and i + 1 < len(raw):
             n = chr(raw[i + 1])
-            if n in simple:
-                out.append(simple[n])
+            if n in _SIMPLE_ESCAPES:
+                out.append(_SIMPLE_ESCAPES[n])
                 i += 2
                 continue
             j = i + 1
@@ -186,7 +292,9 @@ class Parser:
         self.trailer: Trailer | None = None
         self._known: frozenset[str] = frozenset()
         self._valid: set[str] = set()     # counter names seen valid: the header's, histogram fields
-        self._fixed = 12
+        self._rwidth = SOCKET.width       # fields before a socket record's counters
+        self._other = {"H": self._header, "I": self._interval, "S": self._sample,
+                       "E": self._estats, "T": self._trailer}
 
     def _err(self, lineno: int, line: str, why: str) -> RecordParseError:
         return RecordParseError(self.source, lineno, line, why)
@@ -198,60 +306,73 @@ class Parser:
         f = line.split("\t")
         kind = f[0]
         try:
-            if kind == "R":       # nearly every line
+            if kind == "R":       # nearly every line: read here, without a further call
                 if self.header is None:
                     raise self._err(lineno, line, "socket record before the header")
-                fixed = self._fixed
-                if len(f) < fixed:
+                width = self._rwidth
+                if len(f) < width:
                     raise self._err(lineno, line, "socket record has too few fields")
-                reason = f[1]
+                reason = f[_R_REASON]
                 if reason not in REASONS:
                     raise self._err(lineno, line, f"unknown reason {reason!r}")
-                t = self._tuple(f, 2, lineno, line)
-                flags = int(f[11]) if fixed == 12 else 0
-                counters = self._counters(f, fixed, lineno, line)
-                return SocketRecord(reason, t, int(f[9]), unescape_comm(f[10]), counters, bool(flags & 1))
-            if kind == "H":
-                if len(f) != 8 or f[1] != "tcpipstat":
-                    raise self._err(lineno, line, "malformed header")
-                if int(f[2]) not in READABLE_FORMATS:
-                    raise self._err(lineno, line, f"record format {f[2]} is not one of "
-                                                  f"{', '.join(map(str, READABLE_FORMATS))} "
-                                                  "(script and parser from different tcpipstat versions)")
-                counters = tuple(c for c in f[7].split(",") if c)
-                self.header = Header(int(f[2]), f[3], int(f[4]), int(f[5]), int(f[6]), counters)
-                self._known = frozenset(counters)
-                self._valid = set(counters)
-                self._fixed = 11 if self.header.format == 1 else 12    # fields before the counters
-                return self.header
-            if kind == "I":
-                if self.header is None or len(f) != 3:
-                    raise self._err(lineno, line, "malformed interval mark")
-                return IntervalMark(int(f[1]), int(f[2]))
-            if kind == "S":
-                if self.header is None or len(f) < 10 or f[1] not in SAMPLE_KINDS:
-                    raise self._err(lineno, line, "malformed sample record")
-                t = self._tuple(f, 3, lineno, line)
-                got = self._values(f[10:], _SAMPLE_FIELDS, "sample field", lineno, line)
-                return SampleRecord(t, Sample(int(f[2]), f[1], tuple(got.get(n) for n in _SAMPLE_FIELDS)))
-            if kind == "E":
-                if self.header is None or len(f) < 9:
-                    raise self._err(lineno, line, "malformed RFC 4898 record")
-                t = self._tuple(f, 1, lineno, line)
-                return EstatsRecord(t, int(f[8]), self._values(f[9:], _EVAR_NAMES, "RFC 4898 variable", lineno, line))
-            if kind == "T":
-                if len(f) not in (6, 7, 8):   # 6: written before pfull existed, 7: before ended
-                    raise self._err(lineno, line, "malformed trailer")
-                trailer = Trailer(*(int(x) for x in f[1:]))
-                if trailer.ended and trailer.ended not in ENDED_BY:
-                    raise self._err(lineno, line, f"trailer: unknown end {trailer.ended}")
-                self.trailer = trailer
-                return self.trailer
+                t = self._tuple(f, _R_TUPLE, lineno, line)
+                flags = int(f[_R_FLAGS]) if width > _R_FLAGS else 0
+                counters = self._counters(f, width, lineno, line)
+                return SocketRecord(reason, t, int(f[_R_PID]), unescape_comm(f[_R_COMM]),
+                                    counters, bool(flags & 1))
+            other = self._other.get(kind)
+            if other is not None:
+                return other(f, lineno, line)
         except RecordParseError:
             raise
         except ValueError as e:
             raise self._err(lineno, line, f"bad number ({e})") from None
         raise self._err(lineno, line, "not a tcpipstat record")
+
+    def _header(self, f: list[str], lineno: int, line: str) -> Header:
+        if len(f) != HEADER.width or f[_H["MAGIC"]] != MAGIC:
+            raise self._err(lineno, line, "malformed header")
+        fmt = int(f[_H["FORMAT"]])
+        if fmt not in READABLE_FORMATS:
+            raise self._err(lineno, line, f"record format {fmt} is not one of "
+                                          f"{', '.join(map(str, READABLE_FORMATS))} (script "
+                                          "and parser from different tcpipstat versions)")
+        counters = tuple(c for c in f[_H["COUNTERS"]].split(",") if c)
+        self.header = Header(fmt, f[_H["VERSION"]], int(f[_H["START_MS"]]),
+                             int(f[_H["NFILTERS"]]), int(f[_H["MAX_SOCKETS"]]), counters)
+        self._known = frozenset(counters)
+        self._valid = set(counters)
+        self._rwidth = (SOCKET_FORMAT1 if fmt == 1 else SOCKET).width
+        return self.header
+
+    def _interval(self, f: list[str], lineno: int, line: str) -> IntervalMark:
+        if self.header is None or len(f) != INTERVAL.width:
+            raise self._err(lineno, line, "malformed interval mark")
+        return IntervalMark(int(f[INTERVAL.at("SEQ")]), int(f[INTERVAL.at("MS")]))
+
+    def _sample(self, f: list[str], lineno: int, line: str) -> SampleRecord:
+        if self.header is None or len(f) < SAMPLE.width or f[_S_EVENT] not in SAMPLE_KINDS:
+            raise self._err(lineno, line, "malformed sample record")
+        t = self._tuple(f, _S_TUPLE, lineno, line)
+        got = self._values(f[SAMPLE.width:], _SAMPLE_FIELDS, "sample field", lineno, line)
+        values = tuple(got.get(n) for n in _SAMPLE_FIELDS)
+        return SampleRecord(t, Sample(int(f[_S_US]), f[_S_EVENT], values))
+
+    def _estats(self, f: list[str], lineno: int, line: str) -> EstatsRecord:
+        if self.header is None or len(f) < ESTATS.width:
+            raise self._err(lineno, line, "malformed RFC 4898 record")
+        t = self._tuple(f, _E_TUPLE, lineno, line)
+        values = self._values(f[ESTATS.width:], _EVAR_NAMES, "RFC 4898 variable", lineno, line)
+        return EstatsRecord(t, int(f[_E_MS]), values)
+
+    def _trailer(self, f: list[str], lineno: int, line: str) -> Trailer:
+        if not TRAILER.min_width <= len(f) <= TRAILER.width:
+            raise self._err(lineno, line, "malformed trailer")
+        trailer = Trailer(*(int(x) for x in f[1:]))     # Trailer's fields are TRAILER's
+        if trailer.ended and trailer.ended not in ENDED_BY:
+            raise self._err(lineno, line, f"trailer: unknown end {trailer.ended}")
+        self.trailer = trailer
+        return trailer
 
     def _tuple(self, f: list[str], i: int, lineno: int, line: str) -> Tuple:
         """FAMILY LADDR_HI LADDR_LO LPORT RADDR_HI RADDR_LO RPORT from field i on (R, S, E)."""
@@ -262,15 +383,18 @@ class Parser:
         if not (0 <= lport <= 65535 and 0 <= rport <= 65535):
             raise self._err(lineno, line, "port out of range")
         try:
-            lhi, llo, rhi, rlo = int(f[i + 1], 16), int(f[i + 2], 16), int(f[i + 4], 16), int(f[i + 5], 16)
+            lhi, llo = int(f[i + 1], 16), int(f[i + 2], 16)
+            rhi, rlo = int(f[i + 4], 16), int(f[i + 5], 16)
             ok = not (lhi | llo | rhi | rlo) >> 64      # none negative or 64 bits wide or more
         except ValueError:
             ok = False
         if not ok:     # one by one, to say which is wrong
-            lhi, llo, rhi, rlo = _hex64(f[i + 1]), _hex64(f[i + 2]), _hex64(f[i + 4]), _hex64(f[i + 5])
+            lhi, llo = _hex64(f[i + 1]), _hex64(f[i + 2])
+            rhi, rlo = _hex64(f[i + 4]), _hex64(f[i + 5])
         return _tuple_new(Tuple, (fam, (lhi << 64) | llo, lport, (rhi << 64) | rlo, rport))
 
-    def _values(self, items: list[str], names, what: str, lineno: int, line: str) -> dict[str, int | None]:
+    def _values(self, items: list[str], names, what: str, lineno: int,
+                line: str) -> dict[str, int | None]:
         """NAME=VALUE fields of S and E records, every name one of ``names``; -1 is None
         (not known / not on this kernel)."""
         out: dict[str, int | None] = {}

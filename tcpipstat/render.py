@@ -17,7 +17,7 @@ from .counters import UNITS, counters_for_units
 from .estats import EVARS
 from .series import FIELDS as SFIELDS
 from .filters import FILTER_FIELDS, MAX_FILTERS, Filter
-from .records import FORMAT_VERSION
+from .records import FORMAT_VERSION, HEADER, MAGIC, SPECS
 
 
 @lru_cache(maxsize=1)
@@ -39,6 +39,20 @@ def select_units(unit_names: set[str] | frozenset[str]) -> list[str]:
     return [u.name for u in chosen if u.primary or u.counters[0] in fed]
 
 
+def _stap_string(text: str) -> str:
+    """``text`` as the inside of a stap string literal."""
+    return (text.replace("\\", "\\\\").replace('"', '\\"')
+            .replace("\t", "\\t").replace("\n", "\\n"))
+
+
+def record_formats(counters: list[str], max_sockets: int) -> dict[str, str]:
+    """Each record kind's printf format (records.py's specs), as stap string literals'
+    text; the header's constants are written into its format."""
+    consts = {HEADER.kind: dict(MAGIC=MAGIC, FORMAT=FORMAT_VERSION, VERSION=__version__,
+                                MAX_SOCKETS=max_sockets, COUNTERS=",".join(counters))}
+    return {s.kind: _stap_string(s.printf(**consts.get(s.kind, {}))) for s in SPECS}
+
+
 def render_script(unit_names: list[str] | set[str], max_sockets: int, dist: bool = False,
                   estats: bool = False, sample: bool = False) -> str:
     """dist: also keep log2 histograms of congestion-state episodes (--dist); estats:
@@ -49,6 +63,7 @@ def render_script(unit_names: list[str] | set[str], max_sockets: int, dist: bool
     return _env().get_template("tcpipstat.stp.j2").render(
         version=__version__,
         format_version=FORMAT_VERSION,
+        fmt=record_formats(counters, int(max_sockets)),
         units=set(units),
         counters=counters,
         max_sockets=int(max_sockets),

@@ -1,6 +1,7 @@
 """Parser, model and reports on records recorded from real lab runs (tests/fixtures,
 refreshed by tests/fixtures/refresh.sh)."""
 import csv
+import re
 import io
 import json
 
@@ -249,3 +250,49 @@ def test_real_recordings_say_what_ended_them():
     # the timeout run's window is the timeout: it ends at the deadline, in the timer
     status, out, err = run_cli("--from-records", str(FIXTURES / "trixie-timeout.ended.records"))
     assert status == 0 and "0 rows, index=tuple, 1.0 s" in out, out + err
+
+
+def test_the_docstring_lists_each_record_kind_as_its_spec():
+    import tcpipstat.records as records
+    documented = re.findall(r"^``([A-Z])  ([A-Z_ ]+)``$", records.__doc__, re.M)
+    assert {k: n.split() for k, n in documented} == {
+        s.kind: [f.name for f in s.fields] for s in records.SPECS}
+
+
+def test_the_trailer_and_header_hold_their_specs_fields_in_order():
+    from dataclasses import fields
+    from tcpipstat.records import HEADER, TRAILER, Header
+    assert [f.name.lower() for f in TRAILER.fields] == [f.name for f in fields(Trailer)]
+    assert [f.name.lower() for f in HEADER.fields[1:]] == [f.name for f in fields(Header)]
+
+
+def test_record_formats_come_from_the_specs():
+    from tcpipstat.records import HEADER, SOCKET, SOCKET_FORMAT1, TRAILER
+    assert SOCKET.printf() == "R\t%s\t%d\t%x\t%x\t%d\t%x\t%x\t%d\t%d\t%s\t%d"
+    assert (SOCKET.width, SOCKET_FORMAT1.width, SOCKET.at("PID"), SOCKET.at("FLAGS")) == (12, 11, 9, 11)
+    assert TRAILER.printf() == "T" + "\t%d" * 7 + "\n" and (TRAILER.min_width, TRAILER.width) == (6, 8)
+    assert HEADER.printf(MAGIC="tcpipstat", FORMAT=2, VERSION="v", MAX_SOCKETS=8, COUNTERS="A,B") \
+        == "H\ttcpipstat\t2\tv\t%d\t%d\t8\tA,B\n"
+    with pytest.raises(KeyError):
+        TRAILER.printf(NOPE=1)
+
+
+@pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.records")), ids=lambda p: p.name)
+def test_save_headers_read_back_as_written(path):
+    from tcpipstat.records import SaveHeader
+    first = path.read_text().splitlines(keepends=True)[0]
+    head = SaveHeader.read(first)
+    assert SaveHeader.read(head.line()) == head and head.kernel.startswith("6.")
+    if "; tree=" in first:       # (tcpipstat 0.1 wrote no tree= field)
+        assert head.line() == first
+    assert SaveHeader.read("H\ttcpipstat\t2\n") is None
+
+
+def test_save_header_fields():
+    from tcpipstat.records import SaveHeader
+    head = SaveHeader("6.1", ("DelayedACKs", "InSegs"), True, "kprobes: tcp_ack, x", True)
+    line = head.line()
+    assert line == ("# tcpipstat records; kernel=6.1; unavailable=DelayedACKs,InSegs; tree=1; "
+                    "cong=kprobes: tcp_ack, x; rfc4898=1\n")
+    assert SaveHeader.read(line) == head
+    assert SaveHeader.read("# tcpipstat records; kernel=k; unavailable=\n") == SaveHeader("k")

@@ -214,3 +214,35 @@ def test_every_way_a_run_ends_goes_through_one_finish_that_writes_the_trailer_la
 def test_the_drain_wait_reaches_the_module_as_a_number():
     assert module_args([], None, drain_ms=500) == ["tis_nfilters=0", "tis_drain_ms=500"]
     assert module_args([], None, drain_ms=0) == ["tis_nfilters=0"]
+
+
+def _call_args(text, start):
+    """The arguments of the call whose "(" is at ``start``, split at top-level commas
+    (stap string literals, with their escapes, read as one piece)."""
+    args, cur, depth, i = [], "", 0, start
+    while True:
+        ch = text[i]
+        if ch == '"':
+            end = re.compile(r'"(?:[^"\\]|\\.)*"').match(text, i).end()
+            cur, i = cur + text[i:end], end
+            continue
+        depth += {"(": 1, "[": 1, ")": -1, "]": -1}.get(ch, 0)
+        if depth == 0:
+            return args + [cur.strip()]
+        if ch == "," and depth == 1:
+            args, cur = args + [cur.strip()], ""
+        elif i > start:
+            cur += ch
+        i += 1
+
+
+def test_every_record_is_written_with_its_specs_format_and_as_many_values():
+    from tcpipstat.records import SPECS
+    text = render_script(all_units(), 8192, dist=True, estats=True, sample=True)
+    for spec in SPECS:
+        heads = list(re.finditer(r'printf\("' + spec.kind + r'\\t', text))
+        assert len(heads) == 1, spec.kind
+        args = _call_args(text, heads[0].start() + len("printf"))
+        fmt = args[0][1:-1]
+        assert len(args) - 1 == len(re.findall(r"%[dxs]", fmt)), (spec.kind, args)
+        assert fmt.count("\\t") == len(spec.fields) and fmt.endswith("\\n") != spec.pairs
