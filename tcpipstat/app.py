@@ -15,13 +15,13 @@ from typing import IO
 from rich.console import Console
 from rich.table import Table
 
-from .counters import UNITS, counters_for_units, points_for_groups, units_for_groups
+from .counters import points_for_groups, select
 from .errors import EnvironmentNotReady, ExitStatus, RecordParseError, TcpipstatError, UsageError
 from .model import Collection, Window, sort_rows
 from .plan import Plan, build_plan
 from .procs import fill_processes
 from .records import Parser, SaveHeader
-from .render import module_args, render_probe_check, render_script, select_units
+from .render import module_args, render_probe_check, render_script, resolve_points
 from .report import (ReportContext, closed_socket_row, print_row, render_footer, render_tables,
                      write_csv, write_json, write_window)
 from .stap import Collector, RunOutcome, SpeculativeCompile, Toolchain
@@ -32,8 +32,8 @@ PROG = "tcpipstat"
 def dump_script(plan: Plan) -> str:
     """The script for the chosen groups, before probe resolution (every unit; with
     --kprobes-only, none that needs a tracepoint)."""
-    units = [u.name for u in units_for_groups(plan.groups, plan.tracepoints)]
-    return render_script(units, plan.max_sockets, plan.dist, plan.estats, plan.sample_ms is not None)
+    sel = select(plan.groups, plan.tracepoints)
+    return render_script(sel, plan.max_sockets, plan.dist, plan.estats, plan.sample_ms is not None)
 
 
 def kernel_release(plan: Plan) -> str:
@@ -46,16 +46,9 @@ def prepare(plan: Plan, tc: Toolchain, log) -> tuple[str, list[str], list[str], 
     kver = kernel_release(plan)
     points = points_for_groups(plan.groups, plan.tracepoints)   # --kprobes-only: no tracepoint asked
     log(f"checking which probe points exist on kernel {kver}...")
-    resolved = tc.resolve(points, kver, render_probe_check(points))
-    wanted = units_for_groups(plan.groups, plan.tracepoints)
-    ok = [u.name for u in wanted if all(p in resolved for p in u.points)]
-    units = select_units(set(ok))
-    available = counters_for_units([u for u in UNITS if u.name in units])
-    every = counters_for_units(wanted)
-    unavailable = [c for c in every if c not in available]
-    cong = next((u.note for u in UNITS if u.name in units and u.group == "cong"), "")
-    return (render_script(units, plan.max_sockets, plan.dist, plan.estats, plan.sample_ms is not None),
-            available, unavailable, cong)
+    sel = select(plan.groups, plan.tracepoints, resolve_points(tc, points, kver))
+    return (render_script(sel, plan.max_sockets, plan.dist, plan.estats, plan.sample_ms is not None),
+            list(sel.available), list(sel.unavailable), sel.cong)
 
 
 def _cong_note(how: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from . import __version__
 from .cli import OPTIONS, PROG, SUMMARY
 from .counters import COUNTERS, GROUPS, SECTIONS, UNITS
+from .render import stap_point
 from .estats import EVARS, TABLES as ESTATS_TABLES, UNAVAILABLE as ESTATS_UNAVAILABLE
 from .series import FIELDS as SERIES_FIELDS
 from .capture.fields import FIELDS as CAPTURE_FIELDS
@@ -126,7 +127,7 @@ def render_man() -> str:
         for c in COUNTERS:
             if c.section != sec:
                 continue
-            where = sorted({p for u in UNITS if c.name in u.counters for p in u.points})
+            where = sorted({stap_point(p) for u in UNITS if c.name in u.counters for p in u.points})
             a(".TP")
             a(f"\\fB{c.name}\\fR ({c.group})")
             v4 = " IPv4 only: n/a (null) in rows of IPv6 sockets." if c.ipv4_only else ""
