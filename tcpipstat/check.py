@@ -16,9 +16,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .counters import UNITS, counters_for_units, points_for_groups, units_for_groups
+from .counters import points_for_groups, select
 from .errors import ExitStatus, TcpipstatError
-from .render import render_probe_check
+from .render import resolve_points
 from .stap import Toolchain
 
 # /sys/firmware/efi/efivars/SecureBoot-<EFI global variable GUID>: 4 attribute bytes, then 1 = on
@@ -171,18 +171,15 @@ def stap_checks(kver: str, groups: tuple[str, ...]) -> tuple[list[Finding], list
         f.append(Finding("stap", False, e.message, "apt-get install systemtap", "dnf install systemtap"))
         return f, [], []
     f.append(Finding("stap", True, f"{' '.join(tc.stap)}: {version}"))
-    points = points_for_groups(groups)
     try:
-        resolved = tc.resolve(points, kver, render_probe_check(points))
+        resolved = resolve_points(tc, points_for_groups(groups), kver)
     except TcpipstatError as e:
         f.append(Finding("probe check", False, f"stap -p2 -r {kver}: {e.message}",
                          e.hint or f"apt-get install linux-headers-{kver} linux-image-{kver}-dbg",
                          e.hint or f"dnf install kernel-devel-{kver}; dnf debuginfo-install kernel-{kver}"))
         return f, [], []
-    wanted = units_for_groups(groups)
-    ok_units = [u for u in wanted if all(p in resolved for p in u.points)]
-    available = counters_for_units([u for u in UNITS if u in ok_units])
-    unavailable = [c for c in counters_for_units(wanted) if c not in available]
+    sel = select(groups, resolved=resolved)
+    available, unavailable = list(sel.available), list(sel.unavailable)
     f.append(Finding("probe check", True, f"stap -p2 -r {kver}: {len(available)} counters available"
                      + (f", {len(unavailable)} not on this kernel: {', '.join(unavailable)}" if unavailable else "")))
     return f, available, unavailable

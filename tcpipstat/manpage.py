@@ -17,6 +17,7 @@ from . import __version__
 from .capture.fields import FIELDS as CAPTURE_FIELDS
 from .cli import OPTION_GROUPS, PROG, SUMMARY, Opt, synopsis, word_list
 from .counters import COUNTERS, GROUPS, SECTIONS, UNITS
+from .render import stap_point
 from .estats import EVARS, TABLES as ESTATS_TABLES, UNAVAILABLE as ESTATS_UNAVAILABLE
 from .filters import MAX_FILTERS
 from .indexes import INDEXES, OFFLINE_NAMES
@@ -93,7 +94,8 @@ def _counters() -> Iterator[str]:
         for c in COUNTERS:
             if c.section != sec:
                 continue
-            where = sorted({p for u in UNITS if c.name in u.counters for p in u.points})
+            where = sorted({stap_point(p) for u in UNITS if c.name in u.counters
+                            for p in u.points})
             v4 = " IPv4 only: n/a (null) in rows of IPv6 sockets." if c.ipv4_only else ""
             yield from (".TP", f"\\fB{c.name}\\fR ({c.group})",
                         _sentence(f"{c.description}. Probes: {', '.join(where)}") + _esc(v4))

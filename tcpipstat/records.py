@@ -44,6 +44,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, NamedTuple
 
+from .counters import CA_STATES
 from .errors import RecordParseError
 from .estats import EVAR_BY_NAME as _EVAR_NAMES
 from .series import FIELD_NAMES as _SAMPLE_FIELDS, SAMPLE_KINDS, Sample
@@ -236,9 +237,9 @@ _tuple_new = tuple.__new__     # (a Tuple made without NamedTuple's Python-level
 Record = Header | SocketRecord | Trailer | IntervalMark | EstatsRecord | SampleRecord
 
 
-# --dist: "h.STATE.BUCKET": stays in congestion state STATE (0-4, enum tcp_ca_state) that
+# --dist: "h.STATE.BUCKET": stays in congestion state STATE (its index in CA_STATES) that
 # lasted 2^BUCKET to 2^(BUCKET+1) - 1 microseconds. Kept with the counters (they add up alike).
-_HIST_NAME = re.compile(r"h\.[0-4]\.(?:[0-9]|[1-5][0-9]|6[0-3])\Z")
+_HIST_NAME = re.compile(rf"h\.[0-{len(CA_STATES) - 1}]\.(?:[0-9]|[1-5][0-9]|6[0-3])\Z")
 
 
 def hist_key(name: str) -> tuple[int, int] | None:

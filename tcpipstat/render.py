@@ -4,20 +4,25 @@ Only the probe units and the table size reach the script text; everything else
 the user chooses travels as module parameters (see :func:`module_args`), so the
 compiled module is reused for every filter, index, timeout and report option.
 Nothing the user types is ever placed into the script text.
+
+This is the SystemTap collector's side of the catalogue: the probe points of
+tcpipstat/counters.py written in stap's syntax (:func:`stap_point`), and the stap
+expressions that read the RFC 4898 variables (tcpipstat/estats.py) and the sampled
+fields (tcpipstat/series.py) from a struct tcp_sock.
 """
 from __future__ import annotations
 
-import hashlib
 from functools import lru_cache
+from typing import Iterable
 
 import jinja2
 
 from . import __version__
-from .counters import UNITS, counters_for_units
+from .counters import CA_TIME_COUNTERS, CORE_PROBES, Probe, Selection
 from .estats import EVARS
-from .series import FIELDS as SFIELDS
 from .filters import FILTER_FIELDS, MAX_FILTERS, Filter
 from .records import FORMAT_VERSION, HEADER, MAGIC, SPECS
+from .series import FIELDS as SFIELDS
 
 
 @lru_cache(maxsize=1)
@@ -30,13 +35,102 @@ def _env() -> jinja2.Environment:
     )
 
 
-def select_units(unit_names: set[str] | frozenset[str]) -> list[str]:
-    """Close a set of available unit names: drop a fallback whose preferred unit is
-    there, and secondary units whose counter has no primary unit (their array would
-    not exist)."""
-    chosen = [u for u in UNITS if u.name in unit_names and u.fallback_for not in unit_names]
-    fed = set(counters_for_units(chosen))
-    return [u.name for u in chosen if u.primary or u.counters[0] in fed]
+def stap_point(p: Probe) -> str:
+    """A probe point in stap's syntax."""
+    if p.kind == "tracepoint":
+        return f'kernel.trace("{p.target}")'
+    return f'kernel.function("{p.target}")' + (".return" if p.kind == "kretprobe" else "")
+
+
+def render_probe_check(points: Iterable[Probe]) -> str:
+    """A script whose pass 2 tells which of ``points`` resolve on a kernel."""
+    return _env().get_template("probe_check.stp.j2").render(
+        points=[stap_point(p) for p in points])
+
+
+def resolve_points(tc, points: Iterable[Probe], kver: str) -> frozenset[Probe]:
+    """Which of ``points`` exist on kernel ``kver``: the probe check, run by the
+    toolchain ``tc`` (stap.Toolchain), which answers in stap's syntax."""
+    by_text = {stap_point(p): p for p in points}
+    resolved = tc.resolve(list(by_text), kver, render_probe_check(by_text.values()))
+    return frozenset(by_text[t] for t in resolved)
+
+
+# ---- the stap expressions of the fields read from a struct tcp_sock (t_t) ----
+T = '@cast(t_t, "tcp_sock", "kernel")'
+ICSK = '@cast(t_t, "inet_connection_sock", "kernel")'
+_MSS = f"{T}->mss_cache"
+# The option bits of tp->rx_opt (struct tcp_options_received) are bitfields in the u16
+# right after rcv_tsecr: saw_tstamp:1, tstamp_ok:1, dsack:1, wscale_ok:1, sack_ok:3,
+# smc_ok:1, snd_wscale:4, rcv_wscale:4 (the same in Linux 6.1 and 6.12). They are read
+# as that word: stap 4.8 read every one of them as 0 from Debian 6.1's debuginfo (seen
+# in the lab, where 5.1 with 6.12 reads them right); tier 3 checks both.
+_RXW = f"(kernel_short(&{T}->rx_opt->rcv_tsecr + 4) & 0xffff)"
+_FLIGHT = f"({T}->packets_out - ({T}->sacked_out + {T}->lost_out) + {T}->retrans_out)"
+_RTO_MS = f"({ICSK}->icsk_rto * 1000 / HZ())"
+
+
+def _opt(field: str) -> str:
+    """A tcp_sock field some kernels lack: -1 where it does not exist (no version checks)."""
+    return f"(@defined({T}->{field}) ? {T}->{field} : -1)"
+
+
+# RFC 4898 variables (estats.EVARS), by name; -1 means "not on this kernel"
+STAP_EVARS = {
+    "SegsOut": f"{T}->segs_out",
+    "DataSegsOut": f"{T}->data_segs_out",
+    "DataOctetsOut": f"{T}->bytes_sent",
+    "SegsRetrans": f"{T}->total_retrans",
+    "OctetsRetrans": f"{T}->bytes_retrans",
+    "SegsIn": f"{T}->segs_in",
+    "DataSegsIn": f"{T}->data_segs_in",
+    "SmoothedRTT": f"({T}->srtt_us >> 3)",
+    "CurRTO": _RTO_MS,
+    "CurMSS": _MSS,
+    "CurCwnd": f"({T}->snd_cwnd * {_MSS})",
+    "CurSsthresh": f"({T}->snd_ssthresh >= 0x7fffffff ? -1 : {T}->snd_ssthresh * {_MSS})",
+    "PipeSize": f"({_FLIGHT} * {_MSS})",
+    "Timeouts": _opt("total_rto"),
+    "CurRwinSent": f"{T}->rcv_wnd",
+    "CurRwinRcvd": f"{T}->snd_wnd",
+    "MaxRwinRcvd": f"{T}->max_window",
+    "SndLimTimeRwin": f"({T}->chrono_stat[1] * 1000 / HZ())",
+    "SndLimTimeSnd": f"({T}->chrono_stat[2] * 1000 / HZ())",
+    "MinRTT": f"({T}->rtt_min->s[0]->v == 0xffffffff ? -1 : {T}->rtt_min->s[0]->v)",
+    "MSSSent": f"{T}->advmss",
+    "MSSRcvd": f"{T}->rx_opt->mss_clamp",
+    "WinScaleSent": f"(({_RXW} >> 12) & 15)",
+    "WinScaleRcvd": f"(({_RXW} >> 8) & 15)",
+    "SACK": f"((({_RXW} >> 4) & 7) != 0)",
+    "TimeStamps": f"(({_RXW} >> 1) & 1)",
+    "ECN": f"({T}->ecn_flags & 1)",
+    "DSACKDups": f"{T}->dsack_dups",
+    "MaxReordering": f"{T}->reordering",
+    "SndUna": f"{T}->snd_una",
+    "SndNxt": f"{T}->snd_nxt",
+    "RcvNxt": f"{T}->rcv_nxt",
+    "ThruOctetsAcked": f"{T}->bytes_acked",
+    "ThruOctetsReceived": f"{T}->bytes_received",
+}
+
+# Sampled fields (series.FIELDS), by name; -1: not known yet
+STAP_SFIELDS = {
+    "cwnd": f"{T}->snd_cwnd",
+    "ssthresh": f"({T}->snd_ssthresh >= 0x7fffffff ? -1 : {T}->snd_ssthresh)",
+    "snd_wnd": f"{T}->snd_wnd",
+    "srtt_us": f"({T}->srtt_us >> 3)",
+    "rttvar_us": f"({T}->mdev_us >> 2)",
+    "rto_ms": _RTO_MS,
+    "lost": f"{T}->lost_out",
+    "retrans": f"{T}->retrans_out",
+    "total_retrans": f"{T}->total_retrans",
+    "inflight": _FLIGHT,
+    "rqueue": f"(({T}->rcv_nxt - {T}->copied_seq) & 0xffffffff)",
+    "wqueue": f"(({T}->write_seq - {T}->snd_una) & 0xffffffff)",
+    "snd_nxt": f"{T}->snd_nxt",
+    "snd_una": f"{T}->snd_una",
+    "mss": f"{T}->mss_cache",
+}
 
 
 def _stap_string(text: str) -> str:
@@ -45,7 +139,7 @@ def _stap_string(text: str) -> str:
             .replace("\t", "\\t").replace("\n", "\\n"))
 
 
-def record_formats(counters: list[str], max_sockets: int) -> dict[str, str]:
+def record_formats(counters: Iterable[str], max_sockets: int) -> dict[str, str]:
     """Each record kind's printf format (records.py's specs), as stap string literals'
     text; the header's constants are written into its format."""
     consts = {HEADER.kind: dict(MAGIC=MAGIC, FORMAT=FORMAT_VERSION, VERSION=__version__,
@@ -53,42 +147,37 @@ def record_formats(counters: list[str], max_sockets: int) -> dict[str, str]:
     return {s.kind: _stap_string(s.printf(**consts.get(s.kind, {}))) for s in SPECS}
 
 
-def render_script(unit_names: list[str] | set[str], max_sockets: int, dist: bool = False,
+def render_script(sel: Selection, max_sockets: int, dist: bool = False,
                   estats: bool = False, sample: bool = False) -> str:
-    """dist: also keep log2 histograms of congestion-state episodes (--dist); estats:
-    write each closing socket's RFC 4898 variables (--rfc4898); sample: sample
-    connections after ACKs (--sample; period and mode are module parameters)."""
-    units = select_units(set(unit_names))
-    counters = counters_for_units([u for u in UNITS if u.name in units])
+    """The collector of the units ``sel`` chose (counters.select). dist: also keep log2
+    histograms of congestion-state episodes (--dist); estats: write each closing socket's
+    RFC 4898 variables (--rfc4898); sample: sample connections after ACKs (--sample;
+    period and mode are module parameters)."""
     return _env().get_template("tcpipstat.stp.j2").render(
         version=__version__,
         format_version=FORMAT_VERSION,
-        fmt=record_formats(counters, int(max_sockets)),
-        units=set(units),
-        counters=counters,
+        fmt=record_formats(sel.available, int(max_sockets)),
+        units=sel.units,
+        points={u.name: [stap_point(p) for p in u.points] for u in sel.units},
+        counters=sel.available,
+        proc=sel.proc,
+        cong=bool(sel.cong),
+        ca_time=CA_TIME_COUNTERS,
+        at={name: stap_point(p) for name, p in CORE_PROBES.items()},
         max_sockets=int(max_sockets),
         dist=bool(dist),
         estats=bool(estats),
-        evars=EVARS,
+        evars=[(v.name, STAP_EVARS[v.name]) for v in EVARS],
         sample=bool(sample),
-        sfields=SFIELDS,
+        sfields=[(f.name, STAP_SFIELDS[f.name]) for f in SFIELDS],
         max_filters=MAX_FILTERS,
         filter_fields=FILTER_FIELDS,
     )
 
 
-def render_probe_check(points: list[str]) -> str:
-    """A script whose pass 2 tells which of ``points`` resolve on a kernel."""
-    return _env().get_template("probe_check.stp.j2").render(points=points)
-
-
-def script_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def module_args(filters: list[Filter], timeout_s: float | None, interval_s: float | None = None,
-                count: int | None = None, sample_ms: float | None = None, on_cwnd_change: bool = False,
-                drain_ms: int = 0) -> list[str]:
+                count: int | None = None, sample_ms: float | None = None,
+                on_cwnd_change: bool = False, drain_ms: int = 0) -> list[str]:
     """staprun NAME=VALUE arguments: numbers only, whatever the user typed."""
     args = [f"tis_nfilters={len(filters)}"]
     if drain_ms:
@@ -100,7 +189,8 @@ def module_args(filters: list[Filter], timeout_s: float | None, interval_s: floa
     for i, flt in enumerate(filters):
         # FILTER_FIELDS in order, each as the 16 hex digits of its 64 bits (the script's
         # strtol(.., 16) reads them back as the same signed 64-bit number)
-        args.append(f"tis_f{i}=" + "".join(f"{int(v) & 0xFFFFFFFFFFFFFFFF:016x}" for v in flt.slots()))
+        args.append(f"tis_f{i}=" + "".join(f"{int(v) & 0xFFFFFFFFFFFFFFFF:016x}"
+                                           for v in flt.slots()))
     if timeout_s:
         args.append(f"tis_timeout_ms={int(round(timeout_s * 1000))}")
     if interval_s:

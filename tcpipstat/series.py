@@ -6,51 +6,46 @@ ACK for it (tcp_ack() returned): the first ACK of each sampling period, or every
 (period 0), or with --on-cwnd-change only when the congestion window changed since the
 connection's previous sample. When the connection closes, an ``end`` sample marks it.
 ``S`` records carry them (tcpipstat/records.py); ``FIELDS`` is the one list of what
-they hold, feeding the template, the parser, the files and the man page.
+they hold, feeding the collector (the SystemTap collector's expressions:
+tcpipstat/render.py), the parser, the files and the man page.
 """
 from __future__ import annotations
 
 import csv
 import json
 from dataclasses import dataclass
-from typing import IO, Iterable
-
-T = '@cast(t_t, "tcp_sock", "kernel")'
-ICSK = '@cast(t_t, "inet_connection_sock", "kernel")'
+from typing import Iterable
 
 
 @dataclass(frozen=True)
 class SField:
     name: str
     field: str          # the kernel's (for the man page)
-    expr: str           # stap expression over t_t
     description: str
 
 
 FIELDS: tuple[SField, ...] = (
-    SField("cwnd", "tp->snd_cwnd", f"{T}->snd_cwnd", "congestion window, segments"),
+    SField("cwnd", "tp->snd_cwnd", "congestion window, segments"),
     SField("ssthresh", "tp->snd_ssthresh",
-           f"({T}->snd_ssthresh >= 0x7fffffff ? -1 : {T}->snd_ssthresh)",
            "slow-start threshold, segments (empty / null while still infinite)"),
-    SField("snd_wnd", "tp->snd_wnd", f"{T}->snd_wnd", "the peer's receive window, bytes"),
-    SField("srtt_us", "tp->srtt_us >> 3", f"({T}->srtt_us >> 3)", "smoothed RTT, microseconds"),
-    SField("rttvar_us", "tp->mdev_us >> 2", f"({T}->mdev_us >> 2)",
+    SField("snd_wnd", "tp->snd_wnd", "the peer's receive window, bytes"),
+    SField("srtt_us", "tp->srtt_us >> 3", "smoothed RTT, microseconds"),
+    SField("rttvar_us", "tp->mdev_us >> 2",
            "RTT variation, microseconds (as ss and tcp_info show it)"),
-    SField("rto_ms", "icsk->icsk_rto", f"({ICSK}->icsk_rto * 1000 / HZ())", "retransmission time-out, ms"),
-    SField("lost", "tp->lost_out", f"{T}->lost_out", "segments now considered lost"),
-    SField("retrans", "tp->retrans_out", f"{T}->retrans_out", "retransmitted segments not yet acknowledged"),
-    SField("total_retrans", "tp->total_retrans", f"{T}->total_retrans",
+    SField("rto_ms", "icsk->icsk_rto", "retransmission time-out, ms"),
+    SField("lost", "tp->lost_out", "segments now considered lost"),
+    SField("retrans", "tp->retrans_out", "retransmitted segments not yet acknowledged"),
+    SField("total_retrans", "tp->total_retrans",
            "segments retransmitted since the connection began"),
     SField("inflight", "tcp_packets_in_flight()",
-           f"({T}->packets_out - ({T}->sacked_out + {T}->lost_out) + {T}->retrans_out)",
            "segments in flight (sent, not acknowledged, not lost)"),
-    SField("rqueue", "tp->rcv_nxt - tp->copied_seq", f"(({T}->rcv_nxt - {T}->copied_seq) & 0xffffffff)",
+    SField("rqueue", "tp->rcv_nxt - tp->copied_seq",
            "bytes received, not yet read by the application"),
-    SField("wqueue", "tp->write_seq - tp->snd_una", f"(({T}->write_seq - {T}->snd_una) & 0xffffffff)",
+    SField("wqueue", "tp->write_seq - tp->snd_una",
            "bytes written by the application, not yet acknowledged"),
-    SField("snd_nxt", "tp->snd_nxt", f"{T}->snd_nxt", "next sequence number to send"),
-    SField("snd_una", "tp->snd_una", f"{T}->snd_una", "oldest unacknowledged sequence number"),
-    SField("mss", "tp->mss_cache", f"{T}->mss_cache", "current MSS, bytes"),
+    SField("snd_nxt", "tp->snd_nxt", "next sequence number to send"),
+    SField("snd_una", "tp->snd_una", "oldest unacknowledged sequence number"),
+    SField("mss", "tp->mss_cache", "current MSS, bytes"),
 )
 FIELD_NAMES = tuple(f.name for f in FIELDS)
 SAMPLE_KINDS = ("ack", "end")
@@ -83,11 +78,13 @@ def write_series(path: str, series: dict, fmt: str) -> int:
             conn = _conn(t)
             for s in samples:
                 if w:
-                    w.writerow([f"{s.t_us / 1e6:.6f}", s.kind, conn["family"], conn["laddr"], conn["lport"],
-                                conn["raddr"], conn["rport"], *("" if v is None else v for v in s.values)])
+                    w.writerow([f"{s.t_us / 1e6:.6f}", s.kind, conn["family"], conn["laddr"],
+                                conn["lport"], conn["raddr"], conn["rport"],
+                                *("" if v is None else v for v in s.values)])
                 else:
-                    f.write(json.dumps({"t_s": round(s.t_us / 1e6, 6), "event": s.kind, **conn,
-                                        **dict(zip(FIELD_NAMES, s.values))}, separators=(",", ":")) + "\n")
+                    obj = {"t_s": round(s.t_us / 1e6, 6), "event": s.kind, **conn,
+                           **dict(zip(FIELD_NAMES, s.values))}
+                    f.write(json.dumps(obj, separators=(",", ":")) + "\n")
                 n += 1
     return n
 
@@ -102,8 +99,9 @@ def sparkline(values: list[float], width: int = 24) -> str:
         return ""
     if len(vals) > width:
         step = len(vals) / width
-        vals = [sum(b) / len(b) for b in (vals[int(i * step):max(int((i + 1) * step), int(i * step) + 1)]
-                                          for i in range(width))]
+        bins = (vals[int(i * step):max(int((i + 1) * step), int(i * step) + 1)]
+                for i in range(width))
+        vals = [sum(b) / len(b) for b in bins]
     lo, hi = min(vals), max(vals)
     if hi == lo:
         return BARS[0] * len(vals)
@@ -139,8 +137,8 @@ def plot(path: str, series: dict, title: str = "tcpipstat") -> int:
         import matplotlib.pyplot as plt
     except ImportError:
         from .errors import UsageError
-        raise UsageError("--plot needs matplotlib: pip install 'tcpipstat[plot]' (or apt-get install "
-                         "python3-matplotlib)") from None
+        raise UsageError("--plot needs matplotlib: pip install 'tcpipstat[plot]' (or apt-get "
+                         "install python3-matplotlib)") from None
     conns = [(t, [s for s in ss if s.kind == "ack"]) for t, ss in series.items()]
     conns = [(t, ss) for t, ss in conns if ss]
     fig, (ax1, ax2) = plt.subplots(2, 1, sharex=True, figsize=(10, 6.5))

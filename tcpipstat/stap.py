@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .backend import Log, Prepared, RunOutcome
-from .counters import UNITS, counters_for_units, points_for_groups, units_for_groups
+from .counters import points_for_groups, select
 from .errors import EnvironmentNotReady, StapFailed
-from .render import module_args, render_probe_check, render_script, select_units
+from .render import module_args, render_probe_check, render_script, resolve_points
 
 INSTALL_HINT = ("install SystemTap: 'apt-get install systemtap' (Debian/Ubuntu) or "
                 "'dnf install systemtap' (Fedora/RHEL)")
@@ -392,9 +392,8 @@ class Collector:
 def dump_script(plan) -> str:
     """The script for the chosen groups, before probe resolution (every unit; with
     --kprobes-only, none that needs a tracepoint)."""
-    units = [u.name for u in units_for_groups(plan.groups, plan.tracepoints)]
-    return render_script(units, plan.max_sockets, plan.dist, plan.estats,
-                         plan.sample_ms is not None)
+    sel = select(plan.groups, plan.tracepoints)
+    return render_script(sel, plan.max_sockets, plan.dist, plan.estats, plan.sample_ms is not None)
 
 
 def kernel_release(plan) -> str:
@@ -405,18 +404,12 @@ def prepare(plan, tc: Toolchain, log: Log) -> tuple[str, list[str], list[str], s
     """Resolve probe points on the target kernel; returns (script, available, unavailable,
     how congestion states are seen: "" without the cong group)."""
     kver = kernel_release(plan)
-    points = points_for_groups(plan.groups, plan.tracepoints)   # --kprobes-only: no tracepoint asked
+    points = points_for_groups(plan.groups, plan.tracepoints)   # --kprobes-only: no tracepoint
     log(f"checking which probe points exist on kernel {kver}...")
-    resolved = tc.resolve(points, kver, render_probe_check(points))
-    wanted = units_for_groups(plan.groups, plan.tracepoints)
-    ok = [u.name for u in wanted if all(p in resolved for p in u.points)]
-    units = select_units(set(ok))
-    available = counters_for_units([u for u in UNITS if u.name in units])
-    every = counters_for_units(wanted)
-    unavailable = [c for c in every if c not in available]
-    cong = next((u.note for u in UNITS if u.name in units and u.group == "cong"), "")
-    return (render_script(units, plan.max_sockets, plan.dist, plan.estats, plan.sample_ms is not None),
-            available, unavailable, cong)
+    sel = select(plan.groups, plan.tracepoints, resolve_points(tc, points, kver))
+    return (render_script(sel, plan.max_sockets, plan.dist, plan.estats,
+                          plan.sample_ms is not None),
+            list(sel.available), list(sel.unavailable), sel.cong)
 
 
 class StapBackend:

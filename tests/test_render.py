@@ -3,63 +3,103 @@ import re
 
 from hypothesis import given, settings, strategies as st
 
-from tcpipstat.counters import DEFAULT_GROUPS, GROUPS, UNITS, all_points, counters_for_units, units_for_groups
+from tcpipstat.counters import (CA_TIME_COUNTERS, DEFAULT_GROUPS, GROUPS, UNITS, all_points,
+                                counters_for_units, points_for_groups, select, tracepoint)
 from tcpipstat.plan import build_plan
-from tcpipstat.render import module_args, render_probe_check, render_script, select_units
+from tcpipstat.render import _env, module_args, render_probe_check, render_script, stap_point
 
 TEMPLATE_DIR = __import__("pathlib").Path(__file__).resolve().parent.parent / "tcpipstat" / "stp_templates"
+CONG_TP = tracepoint("tcp:tcp_cong_state_set")
 
 
-def all_units():
-    return [u.name for u in UNITS]
+def named(*names):
+    """The selection on a kernel where exactly the points of the units ``names`` exist."""
+    return select(GROUPS, resolved={p for u in UNITS if u.name in names for p in u.points})
 
 
-def test_every_unit_renders_its_points_and_only_them():
+def unit_names(sel):
+    return [u.name for u in sel.units]
+
+
+def test_every_unit_renders_its_points():
     for u in UNITS:
-        # a unit's probes appear exactly when the unit is selected
-        primary = u.name if u.primary else None
+        # a secondary unit runs only with a primary unit of its counter
         names = {u.name} | ({n.name for n in UNITS if n.primary and n.counters[:1] == u.counters[:1]}
-                            if not primary else set())
-        text = render_script(names, 1024)
-        for p in u.points:
+                            if not u.primary else set())
+        sel = named(*names)
+        assert u.name in unit_names(sel)
+        text = render_script(sel, 1024)
+        for p in map(stap_point, u.points):
             assert f"probe {p}" in text or f", {p}" in text, (u.name, p)
 
 
-def test_template_points_are_all_in_the_catalogue():
-    src = (TEMPLATE_DIR / "units.stp.j2").read_text()
-    used = set(re.findall(r'kernel\.function\("[A-Za-z0-9_]+"\)(?:\.return)?|kernel\.trace\("[a-z0-9_:]+"\)', src))
-    assert used == set(all_points())
+def test_templates_name_no_probe_point_of_their_own():
+    """Probe points come from the catalogue (counters.py), written by render.stap_point;
+    the templates only place them."""
+    for path in TEMPLATE_DIR.glob("*.j2"):
+        src = path.read_text()
+        assert not re.search(r'kernel\.(function|trace)\("', src), path.name
+        heads = re.findall(r"^probe (\S+)", src, re.M)
+        assert all(h.startswith("{{") or h in ("begin", "end", "timer.ms(10)", 'procfs("finish").write')
+                   for h in heads), (path.name, heads)
+        assert not re.search(r'"\w+" in units', src), path.name     # units are asked their attributes
+
+
+def test_each_unit_has_a_block_taking_its_points():
+    blocks = _env().get_template("units.stp.j2").module
+    for u in UNITS:
+        assert len(getattr(blocks, u.name).arguments) == len(u.points), u.name
 
 
 def test_group_combinations_render_distinct_consistent_scripts():
     seen = set()
     for r in range(1, len(GROUPS) + 1):
         for combo in itertools.combinations(GROUPS, r):
-            units = [u.name for u in units_for_groups(combo)]
-            text = render_script(units, 8192)
-            counters = counters_for_units([u for u in UNITS if u.name in select_units(set(units))])
+            sel = select(combo)
+            text = render_script(sel, 8192)
             header = re.search(r'printf\("H\\ttcpipstat.*?\\t8192\\t([A-Za-z,]*)\\n"', text).group(1)
-            assert header.split(",") == counters
-            for c in counters:
+            assert header.split(",") == list(sel.available) == counters_for_units(sel.units)
+            for c in sel.available:
                 assert f"global tis_c_{c}[8192]" in text
             seen.add(text)
     assert len(seen) == 2 ** len(GROUPS) - 1
 
 
 def test_a_fallback_only_without_its_preferred_unit():
-    assert select_units({"CongState", "CongStateK"}) == ["CongState"]
-    assert select_units({"CongStateK"}) == ["CongStateK"]
-    tp = render_script({"CongState"}, 1024)
-    kp = render_script({"CongStateK"}, 1024)
+    everything = set(all_points())
+    tp = select(("cong",), resolved=everything)
+    kp = select(("cong",), resolved=everything - {CONG_TP})
+    assert unit_names(tp) == ["CongState"] and tp.cong == "tracepoint tcp:tcp_cong_state_set"
+    assert unit_names(kp) == ["CongStateK"] and kp.cong.startswith("kprobes: tcp_ack")
+    assert unit_names(select(("cong",), tracepoints=False, resolved=everything)) == ["CongStateK"]
+    # both keep the same counters, so reports do not depend on which one a kernel has
+    assert tp.available == kp.available == (
+        "CaOpenUs", "CaDisorderUs", "CaCwrUs", "CaRecoveryUs", "CaLossUs", "CaChanges")
+    assert not tp.unavailable and not kp.unavailable and select(("tcp",)).cong == ""
+    tp, kp = render_script(tp, 1024), render_script(kp, 1024)
     assert 'kernel.trace("tcp:tcp_cong_state_set")' in tp and 'function("tcp_ack")' not in tp
     assert 'function("tcp_ack").return' in kp and "kernel.trace" not in kp
-    # both keep the same counters, so reports do not depend on which one a kernel has
-    head = lambda t: re.search(r'printf\("H\\t.*?\\t1024\\t([A-Za-z,]*)', t).group(1)
-    assert head(tp) == head(kp) == "CaOpenUs,CaDisorderUs,CaCwrUs,CaRecoveryUs,CaLossUs,CaChanges"
+
+
+def test_what_a_kernel_lacks_is_unavailable():
+    lacking = set(all_points()) - {UNITS[[u.name for u in UNITS].index("DelayedACKs")].points[2]}
+    sel = select(DEFAULT_GROUPS, resolved=lacking)
+    assert "DelayedACKs" not in unit_names(sel) and sel.unavailable == ("DelayedACKs",)
+    assert "DelayedACKs" not in sel.available and "ListenDrops" in sel.available
+    # IPv6 coverage alone does not make a counter available
+    sel = select(("tcp",), resolved=set(all_points()) - {UNITS[19].points[0]})
+    assert UNITS[19].name == "InSegs" and "InSegs6" not in unit_names(sel)
+    assert sel.unavailable == ("InSegs",)
+
+
+def test_the_congestion_time_follows_the_state_order():
+    text = render_script(named("CongState"), 1024)
+    chain = re.findall(r"if \(s == (\d)\) tis_c_(\w+)\[", text)
+    assert chain == [(str(i), c) for i, c in enumerate(CA_TIME_COUNTERS)]
 
 
 def test_dist_adds_histograms_and_room_for_them():
-    plain, dist = render_script({"CongState"}, 1024), render_script({"CongState"}, 1024, dist=True)
+    plain, dist = render_script(named("CongState"), 1024), render_script(named("CongState"), 1024, dist=True)
     assert "tis_cd" not in plain and "tis_cd[" in dist and 'sprintf("\\th.%d.%d=%d"' in dist
     plan = build_plan(["--dist"])
     assert "cong" in plan.groups and "-DMAXSTRINGLEN=4096" in plan.compile_flags()
@@ -67,29 +107,35 @@ def test_dist_adds_histograms_and_room_for_them():
 
 
 def test_secondary_units_need_their_primary():
-    assert "OutSegsCtl" not in select_units({"OutSegsCtl", "InSegs"})
-    assert "OutSegsCtl" in select_units({"OutSegsCtl", "OutSegs"})
+    assert "OutSegsCtl" not in unit_names(named("OutSegsCtl", "InSegs"))
+    assert "OutSegsCtl" in unit_names(named("OutSegsCtl", "OutSegs"))
+
+
+def test_process_attribution_only_with_a_unit_that_tells_it():
+    assert select(("socket",)).proc and not select(("ip",)).proc
+    assert "tis_p%[" in render_script(select(("socket",)), 1024)
+    assert "tis_p%[" not in render_script(select(("ip",)), 1024)
 
 
 def test_no_tapset_filter_functions_are_used():
-    text = render_script(all_units(), 8192)
+    text = render_script(select(GROUPS), 8192)
     assert "filter_key" not in text
     assert "tcpmib." not in text and "ipmib." not in text and "linuxmib." not in text
 
 
 def test_the_probe_check_asks_only_about_the_groups_chosen():
-    from tcpipstat.counters import points_for_groups
     default = points_for_groups(DEFAULT_GROUPS)
     # a tracepoint makes stap build a helper module (tens of seconds cold): only with --cong
-    assert not any(p.startswith("kernel.trace") for p in default)
-    assert 'kernel.trace("tcp:tcp_cong_state_set")' in points_for_groups(build_plan(["--cong"]).groups)
+    assert not any(p.kind == "tracepoint" for p in default)
+    assert CONG_TP in points_for_groups(build_plan(["--cong"]).groups)
     assert points_for_groups(GROUPS) == all_points() and set(default) < set(all_points())
 
 
 def test_probe_check_lists_every_point_optionally():
     text = render_probe_check(all_points())
     for p in all_points():
-        assert f"probe {p} ?" in text
+        assert f"probe {stap_point(p)} ?" in text
+    assert stap_point(CONG_TP) == 'kernel.trace("tcp:tcp_cong_state_set")'
 
 
 _word = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30)
@@ -115,8 +161,8 @@ def test_no_input_changes_the_script_text(filters, index, timeout):
     except Exception as e:  # only usage errors may come out of bad input
         assert type(e).__name__ == "UsageError", e
         return
-    baseline = render_script([u.name for u in units_for_groups(plan.groups)], plan.max_sockets)
-    assert baseline == render_script([u.name for u in units_for_groups(DEFAULT_GROUPS)], 8192)
+    baseline = render_script(select(plan.groups), plan.max_sockets)
+    assert baseline == render_script(select(DEFAULT_GROUPS), 8192)
     for arg in module_args(list(plan.filters), plan.timeout_s):
         # numbers, or a filter's numbers as fixed-width hex: nothing the user typed
         assert re.fullmatch(r"tis_[a-z0-9_]+=-?[0-9]+|tis_f[0-9]+=(?:[0-9a-f]{16}){13}", arg), arg
@@ -163,7 +209,7 @@ def test_kprobes_only_takes_the_fallback_where_the_tracepoint_resolves():
 def test_the_fallback_reads_the_congestion_state_as_a_byte():
     """stap 4.8 reads the icsk_ca_state bitfield as 0 (seen in the lab): the byte that
     holds it is read instead (the low bits of the byte before icsk_retransmits)."""
-    kp = render_script({"CongStateK"}, 1024)
+    kp = render_script(named("CongStateK"), 1024)
     assert "->icsk_ca_state" not in kp and "->icsk_retransmits - 1) & 7" in kp
 
 
@@ -171,8 +217,8 @@ def test_return_probes_take_entry_values_from_the_kretprobe():
     """@entry() would keep each value in a global map keyed by thread (an extra kprobe and
     two write-locked map operations per call); $param in a .return probe is saved in the
     kretprobe's own data."""
-    for units in (all_units(), [u for u in all_units() if u != "CongState"]):   # + the fallback
-        text = render_script(units, 8192, dist=True, estats=True, sample=True)
+    for sel in (select(GROUPS), select(GROUPS, tracepoints=False)):   # + the fallback
+        text = render_script(sel, 8192, dist=True, estats=True, sample=True)
         code = "\n".join(line.split("//")[0] for line in text.splitlines())   # not the comments
         assert ".return" in code and "@entry" not in code
 
@@ -189,8 +235,8 @@ def _probe_body(text, head):
 
 
 def test_every_way_a_run_ends_goes_through_one_finish_that_writes_the_trailer_last():
-    for units, kw in [(all_units(), {}), (all_units(), {"estats": True, "sample": True, "dist": True})]:
-        text = render_script(set(units), 1024, **kw) if kw else render_script(set(units), 1024)
+    for kw in [{}, {"estats": True, "sample": True, "dist": True}]:
+        text = render_script(select(GROUPS), 1024, **kw)
         fin = _probe_body(text, "function tis_finish(how:long)")
         # the trailer is written in one place, after the last records, once
         assert text.count('printf("T\\t') == 1 and 'printf("T\\t' in fin
@@ -238,7 +284,7 @@ def _call_args(text, start):
 
 def test_every_record_is_written_with_its_specs_format_and_as_many_values():
     from tcpipstat.records import SPECS
-    text = render_script(all_units(), 8192, dist=True, estats=True, sample=True)
+    text = render_script(select(GROUPS), 8192, dist=True, estats=True, sample=True)
     for spec in SPECS:
         heads = list(re.finditer(r'printf\("' + spec.kind + r'\\t', text))
         assert len(heads) == 1, spec.kind

@@ -84,8 +84,16 @@ def test_onclose_reports_carry_the_variables():
 
 def test_the_option_plans_the_records_and_room_for_them():
     from tcpipstat.plan import build_plan
+    from tcpipstat.counters import select
     from tcpipstat.render import render_script
     plan = build_plan(["--rfc4898"])
     assert plan.estats and "-DMAXSTRINGLEN=2048" in plan.compile_flags()
-    assert "function tis_estats" in render_script({"InSegs"}, 1024, estats=True)
-    assert "tis_estats" not in render_script({"InSegs"}, 1024)
+    assert "function tis_estats" in render_script(select(("tcp",)), 1024, estats=True)
+    assert "tis_estats" not in render_script(select(("tcp",)), 1024)
+
+
+def test_the_stap_collector_reads_every_variable_and_only_them():
+    from tcpipstat.render import STAP_EVARS, STAP_SFIELDS
+    from tcpipstat.series import FIELD_NAMES
+    assert list(STAP_EVARS) == [v.name for v in EVARS]
+    assert list(STAP_SFIELDS) == list(FIELD_NAMES)

@@ -3,6 +3,7 @@
 import pytest
 
 from tcpipstat.counters import all_points
+from tcpipstat.render import stap_point
 from tcpipstat.stap import diagnose, parse_resolved
 
 from .conftest import FIXTURES
@@ -11,7 +12,7 @@ from .conftest import FIXTURES
 @pytest.mark.parametrize("suite", ["bookworm", "trixie"])
 def test_parse_resolved_on_recorded_pass2(suite):
     text = (FIXTURES / f"{suite}-probe-check.p2").read_text()
-    points = all_points()
+    points = [stap_point(p) for p in all_points()]
     resolved = parse_resolved(text, points)
     assert 'kernel.function("tcp_v4_rcv")' in resolved
     assert 'kernel.function("tcp_sendmsg").return' in resolved

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from tcpipstat.stap import prepare
-from tcpipstat.counters import GROUPS, all_points, units_for_groups
+from tcpipstat.counters import GROUPS, all_points, kprobe, select
 from tcpipstat.plan import build_plan
-from tcpipstat.render import render_probe_check, render_script, select_units
+from tcpipstat.render import render_probe_check, render_script, stap_point
 from tcpipstat.stap import Toolchain, parse_resolved
 
 from .conftest import LAB, lab_kver, run_cli
@@ -67,18 +67,18 @@ def test_congestion_states_come_from_the_tracepoint_or_the_fallback(lab_toolchai
 
 def test_an_absent_probe_point_is_detected(lab_toolchain, suite):
     tc, kver = lab_toolchain
-    points = all_points() + ['kernel.function("tcpipstat_no_such_function")']
+    points = all_points() + [kprobe("tcpipstat_no_such_function")]
     res = _stap(tc, ["-p2", "-r", kver], render_probe_check(points))
     assert res.returncode == 0, res.stderr
-    resolved = parse_resolved(res.stdout, points)
+    resolved = parse_resolved(res.stdout, [stap_point(p) for p in points])
     assert 'kernel.function("tcpipstat_no_such_function")' not in resolved
-    assert set(all_points()) - resolved == EXPECTED_UNRESOLVED[suite]
+    assert {stap_point(p) for p in all_points()} - resolved == EXPECTED_UNRESOLVED[suite]
 
 
 def _resolved_units(combo, suite):
     """The units tcpipstat would choose on this lab kernel (fallbacks where needed)."""
-    return [u.name for u in units_for_groups(combo)
-            if not set(u.points) & EXPECTED_UNRESOLVED[suite]]
+    resolved = {p for p in all_points() if stap_point(p) not in EXPECTED_UNRESOLVED[suite]}
+    return select(combo, resolved=resolved)
 
 
 def test_every_group_combination_elaborates(lab_toolchain, suite):
@@ -91,7 +91,8 @@ def test_every_group_combination_elaborates(lab_toolchain, suite):
     # --dist, and the kprobe fallback even where the tracepoint exists
     scripts.append((("cong", "dist"), render_script(_resolved_units(("cong",), suite), 8192, dist=True)))
     scripts.append((GROUPS + ("dist",), render_script(_resolved_units(GROUPS, suite), 8192, dist=True)))
-    scripts.append((("CongStateK", "dist"), render_script({"CongStateK", "sendmsg"}, 8192, dist=True)))
+    scripts.append((("CongStateK", "dist"), render_script(select(("socket", "cong"), tracepoints=False),
+                                                          8192, dist=True)))
     # --rfc4898: every tcp_sock field it reads (one -1 where the kernel lacks it)
     scripts.append((("tcp", "rfc4898"), render_script(_resolved_units(("tcp",), suite), 8192, estats=True)))
     # --sample with everything else that reads struct tcp_sock
@@ -108,7 +109,7 @@ def test_hostile_input_still_parses(lab_toolchain):
     """Whatever the user typed, the script is the same text; pass 1 proves it parses."""
     tc, kver = lab_toolchain
     plan = build_plan(["index=raddr", "timeout=5", "*.*.*.*:80-*:*", "[::1]:1..9-*:*"])
-    script = render_script([u.name for u in units_for_groups(plan.groups)], plan.max_sockets)
+    script = render_script(select(plan.groups), plan.max_sockets)
     res = _stap(tc, ["-p1", "-r", kver], script)
     assert res.returncode == 0, res.stderr
 
@@ -116,8 +117,7 @@ def test_hostile_input_still_parses(lab_toolchain):
 @pytest.mark.parametrize("groups", [GROUPS] + [(g,) for g in GROUPS], ids=lambda g: "+".join(g))
 def test_compiles(lab_toolchain, suite, groups):
     tc, kver = lab_toolchain
-    units = select_units(set(_resolved_units(groups, suite)))
-    ko = tc.compile(render_script(units, 8192, dist="cong" in groups), kver,
+    ko = tc.compile(render_script(_resolved_units(groups, suite), 8192, dist="cong" in groups), kver,
                     ["-DMAXSKIPPED=1000000000", "-DSTP_NO_OVERLOAD", "-DMAXSTRINGLEN=4096"])
     assert ko.is_file() and ko.stat().st_size > 10000
 
