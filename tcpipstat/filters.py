@@ -178,9 +178,6 @@ def parse_filter(text: str) -> Filter:
                   remote, parse_port(rp, text, "remote"))
 
 
-def looks_like_filter(tok: str) -> bool:
-    """A positional word that is meant as a filter (has the '-' between two sides)."""
-    return "-" in tok and ":" in tok
 
 
 def parse_filters(texts: list[str]) -> list[Filter]:
