@@ -48,11 +48,18 @@ CONG_IPERF3 = (f"{NETEM}; iperf3 -s -1 >/dev/null & "
 # One connection under netem loss whose client holds it once all 300000 bytes are sent;
 # as soon as the peer has acknowledged them all (ss shows bytes_acked:300001, the SYN
 # included), `ss -tin`'s line goes to the guest log as "@@SS ..."; then the client shuts
-# down, the server replies 1000 bytes and both close (RFC 4898 at close). The last 2 s
-# let a lost FIN or its ACK be resent, so that both sockets reach CLOSED in time.
+# down, the server replies 1000 bytes and both close (RFC 4898 at close). The command then
+# waits until no socket of port 7012 is left but in TIME-WAIT (netem may lose a FIN, and a
+# resend takes an RTO or more): a socket still closing when the command ends has no end
+# sample and no RFC 4898 variables (CI once saw the client's end sample missing after a
+# fixed 2 s wait). At most 30 s.
 _SS = "/usr/bin/ss -Htin '( dport = :7012 )'"
+_SS_OPEN = ("/usr/bin/ss -Htn exclude time-wait exclude listening "
+            "'( sport = :7012 or dport = :7012 )'")
 RFC4898_HOLD = (f"{NETEM}; tcpwork server 127.0.0.1 7012 1000 1 >/dev/null & "
                 "TCPWORK_HOLD_MS=3000 tcpwork client 127.0.0.1 7012 1 300000 >/dev/null & "
                 f"i=0; while [ $i -lt 250 ] && ! {_SS} | grep -q 'bytes_acked:300001 '; do "
                 "sleep 0.02; i=$((i + 1)); done; "
-                f"echo \"@@SS $({_SS} | tr '\\n\\t' '  ')\"; wait; sleep 2")
+                f"echo \"@@SS $({_SS} | tr '\\n\\t' '  ')\"; wait; "
+                f"i=0; while [ $i -lt 1500 ] && [ -n \"$({_SS_OPEN})\" ]; do "
+                "sleep 0.02; i=$((i + 1)); done")
