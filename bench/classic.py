@@ -42,7 +42,7 @@ def classic_script(seed: Path) -> str:
         raise SystemExit(f"bench/classic.py: {seed} does not hold the classic tcpipstat.stp")
     # the example text ends at a line holding only "|" (the seed's block separator), or at EOF
     lines = text[start:].splitlines()
-    end = next((i for i, l in enumerate(lines) if l.strip() == "|"), len(lines))
+    end = next((i for i, line in enumerate(lines) if line.strip() == "|"), len(lines))
     script = "\n".join(lines[:end]) + "\n"
     patched, n = re.subn(r"\$sock->sk", "$sk", script)
     if n == 0:

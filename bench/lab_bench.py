@@ -3,7 +3,8 @@
 and with no tracing at all. Prints figures (min / median / max over --runs runs).
 
     sudo lab/setup bookworm                     # once
-    python3 bench/lab_bench.py [--kernel bookworm] [--runs 5] [--parts startup,groups,overhead,scale]
+    python3 bench/lab_bench.py [--kernel bookworm] [--runs 5]
+                               [--parts startup,groups,overhead,scale]
 
 Parts:
   startup   time from command to "collecting": cold (empty tcpipstat and stap caches),
@@ -50,15 +51,17 @@ from classic import classic_script, default_seed  # noqa: E402
 from tcpipstat.records import ENDED_BY, Parser  # noqa: E402
 
 GROUPS = ("socket", "tcp", "ip", "ext")
-IPERF3 = ("iperf3 -s -1 >/dev/null & sleep 1; iperf3 -4 -c 127.0.0.1 -t {secs} -f m 2>&1 | grep -m1 sender; wait")
+IPERF3 = ("iperf3 -s -1 >/dev/null & sleep 1; "
+          "iperf3 -4 -c 127.0.0.1 -t {secs} -f m 2>&1 | grep -m1 sender; wait")
 CHURN = "tcpwork server 127.0.0.1 7100 1 {n} & tcpwork client 127.0.0.1 7100 {n} 1; wait"
 CLASSIC_FLAGS = ["-DSTP_NO_OVERLOAD", "-DMAXTRYLOCK=1000"]   # what lab/run passes tcpipstat
 CLASSIC_FILTER = "*.*.*.*:*-*.*.*.*:*"
 
 
 def lab_dir() -> Path:
-    return Path(os.environ.get("LAB_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-                / "tcpipstat-lab")
+    if os.environ.get("LAB_DIR"):
+        return Path(os.environ["LAB_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tcpipstat-lab"
 
 
 def stap_cache(suite: str) -> Path:
@@ -87,9 +90,9 @@ class Run:
         meta = Path(tempfile.mkstemp(prefix="bench-meta-")[1])
         env = {**os.environ, "TCPIPSTAT_CACHE": str(cache), "LAB_GUEST_TIMEOUT": str(timeout)}
         t0 = time.monotonic()
-        p = subprocess.Popen([str(LAB / "run"), "--kernel", suite, "--meta", str(meta), "--", *args],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                             start_new_session=True)
+        cmd = [str(LAB / "run"), "--kernel", suite, "--meta", str(meta), "--", *args]
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env, start_new_session=True)
         self.hwm_kb = 0
         done = threading.Event()
 
@@ -174,8 +177,9 @@ def compile_classic(suite: str, workdir: Path, fixed: bool = False) -> tuple[Pat
     # stap takes them as script arguments); the one script argument is a filter that
     # accepts every IPv4 socket (with none, the classic script counts nothing)
     t0 = time.monotonic()
-    p = subprocess.run([str(LAB / "lab.sh"), "stap", "-p4", "-r", kver(suite), "-m", name, *CLASSIC_FLAGS,
-                        script.name, CLASSIC_FILTER], cwd=workdir, env=env, capture_output=True, text=True)
+    p = subprocess.run([str(LAB / "lab.sh"), "stap", "-p4", "-r", kver(suite), "-m", name,
+                        *CLASSIC_FLAGS, script.name, CLASSIC_FILTER],
+                       cwd=workdir, env=env, capture_output=True, text=True)
     ko = workdir / f"{name}.ko"
     if p.returncode != 0 or not ko.is_file():
         raise SystemExit(f"classic script did not compile:\n{p.stderr[-2000:]}")
@@ -240,7 +244,8 @@ def part_groups(suite: str, runs: int, work: Path) -> None:
             shutil.copytree(warm_cache / "resolve", cache / "resolve")
             shutil.rmtree(stap_cache(suite), ignore_errors=True)
             # --all-processes: -c's process tree needs the socket group's probes
-            vals.append(Run(suite, ["--groups", g, "--all-processes", "-c", "true"], cache).to_collecting)
+            r = Run(suite, ["--groups", g, "--all-processes", "-c", "true"], cache)
+            vals.append(r.to_collecting)
         show(f"compile of --groups {g} alone", vals, "s")
 
 
@@ -252,7 +257,6 @@ def part_overhead(suite: str, runs: int, work: Path, conns: int, secs: int) -> N
     ko, _ = compile_classic(suite, work)
     ko_fixed, _ = compile_classic(suite, work, fixed=True)
     iperf, churn = IPERF3.format(secs=secs), CHURN.format(n=conns)
-    on = lambda c: c in CONFIGS
     res: dict[str, list[float]] = {}
 
     def add(key, v):
@@ -261,18 +265,20 @@ def part_overhead(suite: str, runs: int, work: Path, conns: int, secs: int) -> N
 
     for i in range(runs):
         for w, wl, rate in (("iperf3", iperf, mbits), ("churn", churn, churn_rate)):
-            if on("untraced"):
+            if "untraced" in CONFIGS:
                 add(f"{w} untraced", rate(guest_untraced(suite, wl)))
-            if on("tcpipstat"):
+            if "tcpipstat" in CONFIGS:
                 r = Run(suite, ["--json", "--all-processes", "-c", wl], cache)
                 add(f"{w} tcpipstat (all groups)", rate(r.stderr + r.meta))
-            if on("socket-tcp"):
-                r = Run(suite, ["--json", "--all-processes", "--groups", "socket,tcp", "-c", wl], cache)
+            if "socket-tcp" in CONFIGS:
+                r = Run(suite, ["--json", "--all-processes", "--groups", "socket,tcp", "-c", wl],
+                        cache)
                 add(f"{w} tcpipstat (--groups socket,tcp)", rate(r.stderr + r.meta))
-            if on("classic"):
+            if "classic" in CONFIGS:
                 add(f"{w} classic tcpipstat.stp, as it runs", rate(guest_module(suite, ko, wl)))
-            if on("classic-fixed"):
-                add(f"{w} classic tcpipstat.stp, filter working", rate(guest_module(suite, ko_fixed, wl)))
+            if "classic-fixed" in CONFIGS:
+                add(f"{w} classic tcpipstat.stp, filter working",
+                    rate(guest_module(suite, ko_fixed, wl)))
     for k, v in res.items():
         show(k, v, "Mbit/s" if k.startswith("iperf3") else "conn/s")
     for w in ("iperf3", "churn"):
@@ -280,7 +286,8 @@ def part_overhead(suite: str, runs: int, work: Path, conns: int, secs: int) -> N
         if base:
             for k, v in res.items():
                 if k.startswith(w) and "untraced" not in k:
-                    print(f"  {k}: {100 * statistics.median(v) / statistics.median(base):.1f} % of untraced (medians)")
+                    share = 100 * statistics.median(v) / statistics.median(base)
+                    print(f"  {k}: {share:.1f} % of untraced (medians)")
 
 
 def part_scale(suite: str, runs: int, work: Path, conns: int) -> None:
@@ -296,29 +303,37 @@ def part_scale(suite: str, runs: int, work: Path, conns: int) -> None:
     vals: dict[str, list[float]] = {}
     for i in range(runs):
         rec = work / f"scale-{i}.records"
-        r = Run(suite, ["--json", "--all-processes", "--save-records", str(rec), "-c", wl], cache, timeout=3000)
-        rows = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+        r = Run(suite, ["--json", "--all-processes", "--save-records", str(rec), "-c", wl], cache,
+                timeout=3000)
+        rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
         d = {}
         for line in r.meta.splitlines():
             if line.startswith("@@SNMP_DELTA Tcp: "):
                 d = dict(kv.split("=") for kv in line.split(": ", 1)[1].split())
         skipped = re.search(r"stap skipped (\d+)", r.stderr)
         mem = re.search(r"@@STAP_MEM .*memory: (\S+)", r.meta)
-        tot = lambda k: sum(o["counters"].get(k) or 0 for o in rows)
-        print(f"  run {i + 1}: rc={r.rc} rows={len(rows)} ActiveOpens={tot('ActiveOpens')} (snmp "
-              f"{d.get('ActiveOpens')}) InSegs={tot('InSegs')} (snmp {d.get('InSegs')}) "
+        print(f"  run {i + 1}: rc={r.rc} rows={len(rows)} "
+              f"ActiveOpens={_total(rows, 'ActiveOpens')} (snmp {d.get('ActiveOpens')}) "
+              f"InSegs={_total(rows, 'InSegs')} (snmp {d.get('InSegs')}) "
               f"skipped={skipped.group(1) if skipped else 0} spills={_spills(rec)} "
-              f"tool VmHWM={r.hwm_kb / 1024:.0f} MiB module memory={mem.group(1) if mem else '?'} "
+              f"tool VmHWM={r.hwm_kb / 1024:.0f} MiB "
+              f"module memory={mem.group(1) if mem else '?'} "
               f"run {r.elapsed:.0f} s", flush=True)
         vals.setdefault("tool peak memory (VmHWM)", []).append(r.hwm_kb / 1024)
         for what, extra in (("tables", []), ("NDJSON", ["--json"])):
             t0 = time.monotonic()
             subprocess.run([sys.executable, "-m", "tcpipstat", "--from-records", str(rec), *extra],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, cwd=ROOT)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
+                           cwd=ROOT)
             vals.setdefault(f"report of the saved run as {what}", []).append(time.monotonic() - t0)
     print(f"  {'':<44} {'min':>10} {'median':>10} {'max':>10}")
     for k, v in vals.items():
         show(k, v, "MiB" if "memory" in k else "s")
+
+
+def _total(rows: list[dict], counter: str) -> int:
+    """A counter summed over NDJSON rows (null, unavailable, as 0)."""
+    return sum(o["counters"].get(counter) or 0 for o in rows)
 
 
 def _spills(rec: Path) -> str:
@@ -337,19 +352,24 @@ def main() -> None:
     ap.add_argument("--conns", type=int, default=20000, help="churn workload: connections")
     ap.add_argument("--iperf-secs", type=int, default=3)
     ap.add_argument("--scale-conns", type=int, default=50000)
-    ap.add_argument("--scale-runs", type=int, default=None, help="runs of the scale part (default --runs)")
-    ap.add_argument("--seed", type=Path, default=None, help="text holding the classic tcpipstat.stp")
+    ap.add_argument("--scale-runs", type=int, default=None,
+                    help="runs of the scale part (default --runs)")
+    ap.add_argument("--seed", type=Path, default=None,
+                    help="text holding the classic tcpipstat.stp")
     ap.add_argument("--configs", default="untraced,tcpipstat,socket-tcp,classic,classic-fixed",
-                    help="overhead part: which of untraced, tcpipstat, socket-tcp, classic, classic-fixed")
+                    help="overhead part: which of untraced, tcpipstat, socket-tcp, classic, "
+                         "classic-fixed")
     ap.add_argument("--keep", type=Path, default=None,
-                    help="work in DIR and keep it (e.g. the scale runs' saved records, to report them again)")
+                    help="work in DIR and keep it (e.g. the scale runs' saved records, to report "
+                         "them again)")
     a = ap.parse_args()
     SEED = a.seed or default_seed()
     CONFIGS.update(a.configs.split(","))
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), "?")
-    print(f"# tcpipstat lab benchmark, {time.strftime('%Y-%m-%d %H:%M')}, host: {os.cpu_count()} x {cpu}; "
-          f"guest: QEMU TCG, 2 vCPUs; runs: {a.runs}")
+    cpu = next((line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "?")
+    print(f"# tcpipstat lab benchmark, {time.strftime('%Y-%m-%d %H:%M')}, "
+          f"host: {os.cpu_count()} x {cpu}; guest: QEMU TCG, 2 vCPUs; runs: {a.runs}")
     with tempfile.TemporaryDirectory(prefix="tcpipstat-bench-") as tmp:
         work = Path(a.keep or tmp)
         work.mkdir(parents=True, exist_ok=True)

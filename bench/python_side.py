@@ -10,7 +10,8 @@ of the pipeline (parse, model, rows, NDJSON, CSV, tables), min/median/max over
 It runs with the cycle collector thresholds tcpipstat sets as it starts
 (tcpipstat.app.tune_gc); --default-gc keeps Python's defaults (700, 10, 10) instead.
 
-    python3 bench/python_side.py [--rows 100000] [--records 1000000] [--runs 5] [--profile] [--default-gc]
+    python3 bench/python_side.py [--rows 100000] [--records 1000000] [--runs 5]
+                                 [--profile] [--default-gc]
 """
 from __future__ import annotations
 
@@ -38,17 +39,17 @@ FIXTURE = ROOT / "tests" / "fixtures" / "bookworm-tcpwork-v4.records"
 
 
 def make_stream(rows: int, records: int) -> list[str]:
-    lines = [l for l in FIXTURE.read_text().splitlines() if not l.startswith("#")]
-    head = [l for l in lines if l.startswith("H\t")]
-    socks = [l.split("\t") for l in lines if l.startswith("R\t") and "=" in l]
-    tail = [l for l in lines if l.startswith("T\t")]
+    lines = [line for line in FIXTURE.read_text().splitlines() if not line.startswith("#")]
+    head = [line for line in lines if line.startswith("H\t")]
+    socks = [line.split("\t") for line in lines if line.startswith("R\t") and "=" in line]
+    tail = [line for line in lines if line.startswith("T\t")]
     out = list(head)
     per = max(1, records // rows)
     for rep in range(per):
         for i in range(rows):
             f = list(socks[i % len(socks)])
             f[1] = "close" if rep == per - 1 else "spill"
-            f[3], f[4] = "0", "%x" % (0x0A000000 + (i >> 16))       # 10.x.y.z: distinct local addresses
+            f[3], f[4] = "0", "%x" % (0x0A000000 + (i >> 16))   # 10.x.y.z: distinct local addresses
             f[5] = str(i & 0xFFFF)
             out.append("\t".join(f))
     return out + tail
@@ -58,7 +59,8 @@ def stage_times(lines: list[str]) -> dict[str, float]:
     t = {}
     t0 = time.perf_counter()
     p = Parser("bench")
-    recs = [r for r in (p.parse_line(l, n) for n, l in enumerate(lines, 1)) if r is not None]
+    recs = [r for r in (p.parse_line(line, n) for n, line in enumerate(lines, 1))
+            if r is not None]
     t["parse"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     c = Collection().extend(recs)
@@ -89,15 +91,16 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--profile", action="store_true", help="profile one pass, print the top functions")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile one pass, print the top functions")
     ap.add_argument("--default-gc", action="store_true",
                     help="keep Python's cycle collector thresholds (not the ones tcpipstat sets)")
     a = ap.parse_args()
     if not a.default_gc:
         tune_gc()
     lines = make_stream(a.rows, a.records)
-    print(f"# {len(lines) - 2:,} records, {a.rows:,} socket tuples, Python {sys.version.split()[0]}, "
-          f"gc thresholds {gc.get_threshold()}")
+    print(f"# {len(lines) - 2:,} records, {a.rows:,} socket tuples, "
+          f"Python {sys.version.split()[0]}, gc thresholds {gc.get_threshold()}")
     if a.profile:
         pr = cProfile.Profile()
         pr.enable()

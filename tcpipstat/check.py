@@ -37,8 +37,8 @@ class Finding:
     fix_fedora: str = ""
 
     def as_dict(self) -> dict:
-        return {"check": self.name, "ok": self.ok, "detail": self.detail,
-                "fix": {"debian": self.fix_debian, "fedora": self.fix_fedora} if self.ok is False else None}
+        fix = {"debian": self.fix_debian, "fedora": self.fix_fedora} if self.ok is False else None
+        return {"check": self.name, "ok": self.ok, "detail": self.detail, "fix": fix}
 
 
 class Host:
@@ -79,96 +79,135 @@ def _config(text: str) -> dict[str, str]:
     return out
 
 
-def host_checks(kver: str, running: bool, host: Host, euid: int, staprun_overridden: bool) -> list[Finding]:
+def host_checks(kver: str, running: bool, host: Host, euid: int,
+                staprun_overridden: bool) -> list[Finding]:
     """Everything that does not need stap: root, modules, kprobes, lockdown, signing, files."""
-    f: list[Finding] = []
-    f.append(Finding("root", euid == 0, "running as root" if euid == 0 else f"running as uid {euid}",
-                     "run tcpipstat with sudo (staprun loads a kernel module)",
-                     "run tcpipstat with sudo (or join the stapusr and stapdev groups)"))
     cfg, cfg_src = host.kernel_config(kver, running)
-
-    def cfg_on(name: str) -> bool | None:
-        return None if cfg is None else cfg.get(name, "n") in ("y", "m")
-
+    f = [_root(euid), _modules(kver, running, host, cfg, staprun_overridden)]
     if staprun_overridden:
-        f.append(Finding("modules", None, "staprun is replaced (TCPIPSTAT_STAPRUN): the replacement loads the "
-                                          "module, so this host's module loading is not checked"))
-    elif running:
-        mods, disabled = host.path("proc/modules").exists(), (host.read("proc/sys/kernel/modules_disabled") or "0").strip()
-        cmdline = (host.read("proc/cmdline") or "").split()
-        if not mods or cfg_on("CONFIG_MODULES") is False:
-            f.append(Finding("modules", False, "this kernel cannot load modules (built without CONFIG_MODULES: "
-                             "no /proc/modules)", "boot a kernel with loadable modules (e.g. Debian's linux-image "
-                             "packages); in a container or micro-VM, run tcpipstat on the host",
-                             "boot a kernel with loadable modules (Fedora's kernel packages); in a container or "
-                             "micro-VM, run tcpipstat on the host"))
-        elif disabled != "0":
-            f.append(Finding("modules", False, "module loading was switched off (kernel.modules_disabled=1)",
-                             "reboot: kernel.modules_disabled cannot be turned back on",
-                             "reboot: kernel.modules_disabled cannot be turned back on"))
-        else:
-            f.append(Finding("modules", True, "loadable modules are enabled"
-                             + (" (nomodule on the kernel command line)" if "nomodule" in cmdline else "")))
-    else:
-        f.append(Finding("modules", None, f"{kver} is not the running kernel: modules load where it runs"))
-
-    if not staprun_overridden:
-        kp = cfg_on("CONFIG_KPROBES"), cfg_on("CONFIG_KRETPROBES")
-        if kp == (True, True):
-            f.append(Finding("kprobes", True, f"CONFIG_KPROBES and CONFIG_KRETPROBES are on ({cfg_src})"))
-        elif None in kp:
-            f.append(Finding("kprobes", None, "kernel configuration not found (/boot/config-KVER, /proc/config.gz)"))
-        else:
-            f.append(Finding("kprobes", False, f"this kernel has no kprobes ({cfg_src}): SystemTap's kernel probes "
-                             "cannot attach", "boot a kernel built with CONFIG_KPROBES=y (Debian's are)",
-                             "boot a kernel built with CONFIG_KPROBES=y (Fedora's are)"))
-
-    if running and not staprun_overridden:
-        lock = host.read("sys/kernel/security/lockdown")
-        mode = re.search(r"\[(\w+)\]", lock or "")
-        sb = host.path(_SECURE_BOOT)
-        secure = None
-        try:
-            raw = sb.read_bytes()
-            secure = len(raw) >= 5 and raw[4] == 1
-        except OSError:
-            pass
-        sb_note = "; Secure Boot is on" if secure else ""
-        if mode and mode.group(1) != "none":
-            f.append(Finding("lockdown", False, f"kernel lockdown is '{mode.group(1)}'{sb_note}: unsigned modules are "
-                             "refused", "turn Secure Boot off (mokutil --disable-validation) or sign stap's modules "
-                             "with an enrolled key (stap --use-server, or MOK signing)",
-                             "turn Secure Boot off, or enroll a key and sign stap's modules (stap --use-server)"))
-        else:
-            f.append(Finding("lockdown", True, ("lockdown is 'none'" if mode else "no lockdown LSM") + sb_note))
-        forced = cfg_on("CONFIG_MODULE_SIG_FORCE") or "module.sig_enforce=1" in (host.read("proc/cmdline") or "")
-        if forced:
-            f.append(Finding("module signing", False, "the kernel only loads signed modules (CONFIG_MODULE_SIG_FORCE "
-                             "or module.sig_enforce=1)", "sign stap's modules with a key the kernel trusts (stap "
-                             "--use-server with a signing server)", "sign stap's modules (stap --use-server)"))
-        elif cfg is not None:
-            f.append(Finding("module signing", True, "unsigned modules are allowed"))
-
-    if not staprun_overridden:   # with a replaced stap/staprun the files live elsewhere (the lab's root)
-        build = host.path(f"lib/modules/{kver}/build")
-        f.append(Finding("headers", build.is_dir(), f"/lib/modules/{kver}/build " + ("exists" if build.is_dir() else "is missing"),
-                         f"apt-get install linux-headers-{kver}", f"dnf install kernel-devel-{kver}"))
-        found = [p.format(k=kver) for p in _VMLINUX if host.path(p.format(k=kver)).is_file()]
-        f.append(Finding("debuginfo", bool(found), ("/" + found[0]) if found else
-                         f"no vmlinux with debug information for {kver}",
-                         f"apt-get install linux-image-{kver}-dbg (Ubuntu: linux-image-{kver}-dbgsym from ddebs)",
-                         f"dnf debuginfo-install kernel-{kver}"))
+        # the replacement loads the module, and with a replaced stap/staprun the files live
+        # elsewhere (the lab's root): nothing more here is this host's business
+        return f
+    f.append(_kprobes(cfg, cfg_src))
+    if running:
+        f += _lockdown_and_signing(host, cfg)
+    f += _files(kver, host)
     return f
 
 
-def stap_checks(kver: str, groups: tuple[str, ...]) -> tuple[list[Finding], list[str], list[str]]:
+def _on(cfg: dict[str, str] | None, name: str) -> bool | None:
+    """Is kernel option ``name`` built in or a module (None: configuration not found)?"""
+    return None if cfg is None else cfg.get(name, "n") in ("y", "m")
+
+
+def _root(euid: int) -> Finding:
+    return Finding("root", euid == 0, "running as root" if euid == 0 else f"running as uid {euid}",
+                   "run tcpipstat with sudo (staprun loads a kernel module)",
+                   "run tcpipstat with sudo (or join the stapusr and stapdev groups)")
+
+
+def _modules(kver: str, running: bool, host: Host, cfg: dict[str, str] | None,
+             staprun_overridden: bool) -> Finding:
+    if staprun_overridden:
+        return Finding("modules", None, "staprun is replaced (TCPIPSTAT_STAPRUN): the replacement "
+                                        "loads the module, so this host's module loading is not "
+                                        "checked")
+    if not running:
+        return Finding("modules", None,
+                       f"{kver} is not the running kernel: modules load where it runs")
+    mods = host.path("proc/modules").exists()
+    disabled = (host.read("proc/sys/kernel/modules_disabled") or "0").strip()
+    cmdline = (host.read("proc/cmdline") or "").split()
+    if not mods or _on(cfg, "CONFIG_MODULES") is False:
+        return Finding("modules", False, "this kernel cannot load modules (built without "
+                       "CONFIG_MODULES: no /proc/modules)",
+                       "boot a kernel with loadable modules (e.g. Debian's linux-image packages); "
+                       "in a container or micro-VM, run tcpipstat on the host",
+                       "boot a kernel with loadable modules (Fedora's kernel packages); in a "
+                       "container or micro-VM, run tcpipstat on the host")
+    if disabled != "0":
+        return Finding("modules", False,
+                       "module loading was switched off (kernel.modules_disabled=1)",
+                       "reboot: kernel.modules_disabled cannot be turned back on",
+                       "reboot: kernel.modules_disabled cannot be turned back on")
+    return Finding("modules", True, "loadable modules are enabled"
+                   + (" (nomodule on the kernel command line)" if "nomodule" in cmdline else ""))
+
+
+def _kprobes(cfg: dict[str, str] | None, cfg_src: str) -> Finding:
+    kp = _on(cfg, "CONFIG_KPROBES"), _on(cfg, "CONFIG_KRETPROBES")
+    if kp == (True, True):
+        return Finding("kprobes", True, f"CONFIG_KPROBES and CONFIG_KRETPROBES are on ({cfg_src})")
+    if None in kp:
+        return Finding("kprobes", None,
+                       "kernel configuration not found (/boot/config-KVER, /proc/config.gz)")
+    return Finding("kprobes", False, f"this kernel has no kprobes ({cfg_src}): SystemTap's kernel "
+                   "probes cannot attach",
+                   "boot a kernel built with CONFIG_KPROBES=y (Debian's are)",
+                   "boot a kernel built with CONFIG_KPROBES=y (Fedora's are)")
+
+
+def _secure_boot(host: Host) -> bool | None:
+    """Is the SecureBoot EFI variable on (None: not readable, e.g. no EFI)?"""
+    try:
+        raw = host.path(_SECURE_BOOT).read_bytes()
+    except OSError:
+        return None
+    return len(raw) >= 5 and raw[4] == 1
+
+
+def _lockdown_and_signing(host: Host, cfg: dict[str, str] | None) -> list[Finding]:
+    f: list[Finding] = []
+    mode = re.search(r"\[(\w+)\]", host.read("sys/kernel/security/lockdown") or "")
+    sb_note = "; Secure Boot is on" if _secure_boot(host) else ""
+    if mode and mode.group(1) != "none":
+        f.append(Finding("lockdown", False, f"kernel lockdown is '{mode.group(1)}'{sb_note}: "
+                         "unsigned modules are refused",
+                         "turn Secure Boot off (mokutil --disable-validation) or sign stap's "
+                         "modules with an enrolled key (stap --use-server, or MOK signing)",
+                         "turn Secure Boot off, or enroll a key and sign stap's modules "
+                         "(stap --use-server)"))
+    else:
+        f.append(Finding("lockdown", True,
+                         ("lockdown is 'none'" if mode else "no lockdown LSM") + sb_note))
+    forced = (_on(cfg, "CONFIG_MODULE_SIG_FORCE")
+              or "module.sig_enforce=1" in (host.read("proc/cmdline") or ""))
+    if forced:
+        f.append(Finding("module signing", False, "the kernel only loads signed modules "
+                         "(CONFIG_MODULE_SIG_FORCE or module.sig_enforce=1)",
+                         "sign stap's modules with a key the kernel trusts (stap --use-server "
+                         "with a signing server)", "sign stap's modules (stap --use-server)"))
+    elif cfg is not None:
+        f.append(Finding("module signing", True, "unsigned modules are allowed"))
+    return f
+
+
+def _files(kver: str, host: Host) -> list[Finding]:
+    """The kernel headers and the vmlinux with DWARF that stap compiles against."""
+    build = host.path(f"lib/modules/{kver}/build")
+    found = [p.format(k=kver) for p in _VMLINUX if host.path(p.format(k=kver)).is_file()]
+    return [
+        Finding("headers", build.is_dir(),
+                f"/lib/modules/{kver}/build " + ("exists" if build.is_dir() else "is missing"),
+                f"apt-get install linux-headers-{kver}", f"dnf install kernel-devel-{kver}"),
+        Finding("debuginfo", bool(found),
+                ("/" + found[0]) if found else f"no vmlinux with debug information for {kver}",
+                f"apt-get install linux-image-{kver}-dbg "
+                f"(Ubuntu: linux-image-{kver}-dbgsym from ddebs)",
+                f"dnf debuginfo-install kernel-{kver}"),
+    ]
+
+
+def stap_checks(kver: str, groups: tuple[str, ...]
+                ) -> tuple[list[Finding], list[str], list[str]]:
     """stap itself: present, its version, and pass 2 of the probe check on ``kver``."""
     f: list[Finding] = []
     try:
         tc = Toolchain.find()
         version = tc.version()
     except TcpipstatError as e:
-        f.append(Finding("stap", False, e.message, "apt-get install systemtap", "dnf install systemtap"))
+        f.append(Finding("stap", False, e.message, "apt-get install systemtap",
+                         "dnf install systemtap"))
         return f, [], []
     f.append(Finding("stap", True, f"{' '.join(tc.stap)}: {version}"))
     try:
@@ -176,16 +215,20 @@ def stap_checks(kver: str, groups: tuple[str, ...]) -> tuple[list[Finding], list
     except TcpipstatError as e:
         f.append(Finding("probe check", False, f"stap -p2 -r {kver}: {e.message}",
                          e.hint or f"apt-get install linux-headers-{kver} linux-image-{kver}-dbg",
-                         e.hint or f"dnf install kernel-devel-{kver}; dnf debuginfo-install kernel-{kver}"))
+                         e.hint or f"dnf install kernel-devel-{kver}; "
+                                   f"dnf debuginfo-install kernel-{kver}"))
         return f, [], []
     sel = select(groups, resolved=resolved)
     available, unavailable = list(sel.available), list(sel.unavailable)
-    f.append(Finding("probe check", True, f"stap -p2 -r {kver}: {len(available)} counters available"
-                     + (f", {len(unavailable)} not on this kernel: {', '.join(unavailable)}" if unavailable else "")))
+    missing = (f", {len(unavailable)} not on this kernel: {', '.join(unavailable)}"
+               if unavailable else "")
+    f.append(Finding("probe check", True,
+                     f"stap -p2 -r {kver}: {len(available)} counters available{missing}"))
     return f, available, unavailable
 
 
-def run_checks(kver: str, running: bool, groups: tuple[str, ...], sysroot: str | Path = "/") -> dict:
+def run_checks(kver: str, running: bool, groups: tuple[str, ...],
+               sysroot: str | Path = "/") -> dict:
     """Every backend's checks on ``kver`` (tcpipstat/backend.py); ready when one can collect."""
     from .backend import backends
     (backend,) = backends()           # (one backend so far: its verdict is the answer)

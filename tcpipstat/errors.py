@@ -1,4 +1,4 @@
-"""Exit statuses and the errors that map to them (one top-level mapper: cli.main)."""
+"""Exit statuses and the errors that map to them (one top-level mapper: app.run)."""
 from __future__ import annotations
 
 import enum

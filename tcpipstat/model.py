@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable
 
 from .estats import EVAR_BY_NAME
 from .indexes import BY_NAME as INDEX_BY_NAME, NAMES as INDEXES, GroupKey
@@ -35,8 +35,8 @@ class SocketTotals:
         """A tuple's totals made from its first record (what ``SocketTotals(t).add(rec)``
         makes, without the merge)."""
         pid = rec.pid
-        return cls(rec.tuple, dict(rec.counters), pid, rec.comm if pid else "", rec.reason == "close",
-                   False | rec.in_tree)
+        return cls(rec.tuple, dict(rec.counters), pid, rec.comm if pid else "",
+                   rec.reason == "close", False | rec.in_tree)
 
     def add(self, rec: SocketRecord) -> None:
         if not self.counters:
@@ -74,7 +74,7 @@ class Row:
     closed: int = 0
     processes: dict[int, str] = field(default_factory=dict)
     opened_during_collection: bool = True
-    closing: list = field(default_factory=list)     # --rfc4898: the variables of each socket that closed
+    closing: list = field(default_factory=list)     # --rfc4898: each closed socket's variables
     samples: list = field(default_factory=list)     # --sample: its connections' samples
 
     @property
@@ -171,7 +171,8 @@ class Collection:
         win = Window(len(self.marks) if mark else len(self.marks) + 1, start, end, mark is None,
                      dict(self.window), self)
         self.window = {}
-        if self.on_interval and (mark is not None or any(s.has_activity for s in win.sockets.values())):
+        if self.on_interval and (mark is not None
+                                 or any(s.has_activity for s in win.sockets.values())):
             self.on_interval(win)
 
     def finish(self) -> None:
@@ -205,7 +206,8 @@ class Collection:
             return True
         return self.kept(whole)
 
-    def rows(self, index: str = "tuple", sockets: Iterable[SocketTotals] | None = None) -> list[Row]:
+    def rows(self, index: str = "tuple",
+             sockets: Iterable[SocketTotals] | None = None) -> list[Row]:
         ix = INDEX_BY_NAME.get(index)
         if ix is None:
             raise ValueError(index)

@@ -42,12 +42,14 @@ class Catalogue:
     empty: str = "No socket activity was accepted by the filters."
     partial: str = "(open before collection started: partial totals)"
     by_name: dict = field(init=False, repr=False, compare=False)
-    layout: tuple = field(init=False, repr=False, compare=False)   # ((section, ((name, v4, unit), ...)), ...)
+    # ((section, ((name, v4, unit), ...)), ...)
+    layout: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "by_name", {c.name: c for c in self.counters})
         object.__setattr__(self, "layout", tuple(
-            (sec, tuple((c.name, c.ipv4_only, getattr(c, "unit", "") or ("us" if getattr(c, "time_us", False) else ""))
+            (sec, tuple((c.name, c.ipv4_only,
+                         getattr(c, "unit", "") or ("us" if getattr(c, "time_us", False) else ""))
                         for c in self.counters if c.section == sec))
             for sec in self.sections))
 
@@ -74,7 +76,8 @@ class ReportContext:
         if cached is None or cached[0] != key:
             shown = set(self.available) | set(self.unavailable)
             cached = self.__dict__["_layout"] = (key, tuple(
-                (sec, items) for sec, items in self.catalogue.layout if any(n in shown for n, _, _ in items)))
+                (sec, items) for sec, items in self.catalogue.layout
+                if any(n in shown for n, _, _ in items)))
         return cached[1]
 
     @property
@@ -135,7 +138,7 @@ def _cell_plan(ctx: ReportContext, v6: bool) -> tuple:
                 if v6 and v4:                     # IPv4-only: n/a for an IPv6 row, not 0
                     if not nozeros:
                         steps.append((_CONST, name, f"{name} n/a"))
-                elif unit == "us":                # a duration kept in µs (CaOpenUs -> "CaOpen 1.234 ms")
+                elif unit == "us":                # a duration in µs (CaOpenUs -> "CaOpen 1.234 ms")
                     steps.append((_US, name, name[:-2] if name.endswith("Us") else name))
                 elif unit:                        # a measurement: absent, not 0
                     steps.append((_UNIT, name, unit))
@@ -186,7 +189,8 @@ class _TablePlan(NamedTuple):
 
 
 def _cell_plans(ctx: ReportContext) -> _TablePlan:
-    return _TablePlan(_cell_plan(ctx, False), _cell_plan(ctx, True), tuple(sec for sec, _ in ctx.layout))
+    return _TablePlan(_cell_plan(ctx, False), _cell_plan(ctx, True),
+                      tuple(sec for sec, _ in ctx.layout))
 
 
 _EMPTY_CELL = ("-",)
@@ -203,7 +207,8 @@ def _cells(row: Row, plans: _TablePlan) -> list:
 
 
 @lru_cache(maxsize=4096)
-def _table_format(sections: tuple[str, ...], widths: tuple[int, ...], depth: int) -> tuple[str, int]:
+def _table_format(sections: tuple[str, ...], widths: tuple[int, ...],
+                  depth: int) -> tuple[str, int]:
     """A row's table with columns of these widths and ``depth`` counter lines, as a
     %-format that takes the cells line by line, and its width: a blank line, the
     section names, a rule, the counter lines and a blank line, laid out like a rich
@@ -211,7 +216,8 @@ def _table_format(sections: tuple[str, ...], widths: tuple[int, ...], depth: int
     width = sum(widths) + 3 * (len(widths) - 1) + 2
     line = " " + "   ".join(f"%-{w}s" for w in widths) + " "
     head = (line % sections).replace("%", "%%")
-    return "\n".join([" " * width, head, " " + "\u2500" * (width - 2) + " ", *[line] * depth, " " * width]), width
+    return "\n".join([" " * width, head, " " + "\u2500" * (width - 2) + " ",
+                      *[line] * depth, " " * width]), width
 
 
 def _table(row: Row, ctx: ReportContext, plans: _TablePlan) -> tuple[str, int]:
@@ -236,7 +242,8 @@ def _extra_lines(row: Row, dist: bool, us: bool) -> list[str]:
     return lines
 
 
-def _row_text(row: Row, ctx: ReportContext, title_suffix: str, plans: _TablePlan, dist: bool) -> str:
+def _row_text(row: Row, ctx: ReportContext, title_suffix: str, plans: _TablePlan,
+              dist: bool) -> str:
     """A row as plain text (not a terminal: no styles), its title padded to the table's width."""
     table, width = _table(row, ctx, plans)
     title = "".join([text for text, _ in _title_parts(row, title_suffix, ctx.catalogue.noun)])
@@ -260,7 +267,8 @@ def print_row(console: Console, row: Row, ctx: ReportContext, title_suffix: str 
         body = table.split("\n") + _extra_lines(row, dist, ctx.us)
         title = _title(row, title_suffix, ctx.catalogue.noun)
         title.pad_right(max(0, width - len(title)))
-        text = Text("\n").join([title, Text(body[0]), Text(body[1], style="bold"), *map(Text, body[2:])])
+        text = Text("\n").join([title, Text(body[0]), Text(body[1], style="bold"),
+                                *map(Text, body[2:])])
         console.print(text, crop=False, soft_wrap=True)
     else:
         console.file.write(_row_text(row, ctx, title_suffix, plans, dist))
@@ -282,7 +290,7 @@ def estats_lines(row: Row, width: int = 96) -> list[str]:
     if es is None:
         return []
     n = len(row.closing)
-    lines = [f" RFC 4898 at close" + ("" if n == 1 else f" ({n} sockets: sums, means, min / max)")]
+    lines = [" RFC 4898 at close" + ("" if n == 1 else f" ({n} sockets: sums, means, min / max)")]
     for table in ESTATS_TABLES:
         items = [f"{v.name} {_fmt_evar(es.get(v.name), v.unit)}" for v in EVARS if v.table == table]
         line = f"   {table}:"
@@ -319,7 +327,8 @@ def dist_lines(row: Row, us: bool = False, width: int = 30) -> list[str]:
     for state, buckets in row_dist(row).items():
         top = max(buckets.values())
         n_stays = sum(buckets.values())
-        lines.append(f" {state}: how long each stay lasted ({n_stays:,} stay{'' if n_stays == 1 else 's'})")
+        lines.append(f" {state}: how long each stay lasted "
+                     f"({n_stays:,} stay{'' if n_stays == 1 else 's'})")
         spans = {b: _span(b, us) for b in range(min(buckets), max(buckets) + 1)}
         w = max(map(len, spans.values()))
         for b, span in spans.items():
@@ -337,7 +346,8 @@ def render_tables(console: Console, rows: Iterable[Row], ctx: ReportContext, hea
     plans = _cell_plans(ctx)
     if console.is_terminal:
         for row in rows:
-            print_row(console, row, ctx, "" if row.opened_during_collection else ctx.catalogue.partial, plans)
+            print_row(console, row, ctx,
+                      "" if row.opened_during_collection else ctx.catalogue.partial, plans)
             n += 1
     else:                     # plain text: the console's file takes each row's text as it is
         write, dist, partial = console.file.write, ctx.dist, ctx.catalogue.partial
@@ -359,8 +369,9 @@ def render_footer(console: Console, ctx: ReportContext) -> None:
 
 def closed_socket_row(st: SocketTotals, samples: Iterable = ()) -> Row:
     """onclose=1: one closed socket's row (with its RFC 4898 variables and samples)."""
-    return Row(GroupKey.of("tuple", st.tuple), dict(st.counters), 1, 1, {st.pid: st.comm} if st.pid else {},
-               st.opened_during_collection, [st.estats] if st.estats is not None else [], list(samples))
+    return Row(GroupKey.of("tuple", st.tuple), dict(st.counters), 1, 1,
+               {st.pid: st.comm} if st.pid else {}, st.opened_during_collection,
+               [st.estats] if st.estats is not None else [], list(samples))
 
 
 def _columns(ctx: ReportContext) -> list[tuple[str, bool, bool, int | None]]:
@@ -385,7 +396,8 @@ class _CounterColumns:
         shown = [ok and not (v6 and v4) for _, ok, v4, _ in columns]
         self.names = tuple(name for name, _, _, _ in columns)
         self.lookups = tuple(name if on else _NULL for (name, _, _, _), on in zip(columns, shown))
-        self.absents = tuple(absent if on else None for (_, _, _, absent), on in zip(columns, shown))
+        self.absents = tuple(absent if on else None
+                             for (_, _, _, absent), on in zip(columns, shown))
         self.shown = tuple(name for name, on in zip(self.names, shown) if on)
         self.shown_absents = tuple(absent for absent, on in zip(self.absents, shown) if on)
         # the JSON object with a %s for each shown column's value: null is written in
@@ -426,18 +438,20 @@ def _row_extras(row: Row, dist: bool) -> dict:
     congestion-state histograms."""
     d = {}
     sm = series_summary(row.samples) if row.samples else None
-    if sm:                    # --sample: cwnd / srtt over the row's samples (the files have them all)
+    if sm:                    # --sample: cwnd / srtt over the row's samples (files have them all)
         d["series"] = sm
     es = row.estats
     if es is not None:        # --rfc4898: as the socket(s) closed; null: not kept by this kernel
         d["rfc4898"] = es
     rd = row_dist(row) if dist else None
     if rd:        # --dist: {"Recovery": {"1024": stays of 1024-2047 µs, ...}, ...}
-        d["dist_us"] = {s: {str((1 << b) if b else 0): n for b, n in bk.items()} for s, bk in rd.items()}
+        d["dist_us"] = {s: {str((1 << b) if b else 0): n for b, n in bk.items()}
+                        for s, bk in rd.items()}
     return d
 
 
-def row_dict(row: Row, ctx: ReportContext, columns: tuple[_CounterColumns, _CounterColumns] | None = None) -> dict:
+def row_dict(row: Row, ctx: ReportContext,
+             columns: tuple[_CounterColumns, _CounterColumns] | None = None) -> dict:
     columns = columns or _counter_columns(ctx)
     d = _row_head(row)
     cols = columns[row.key.family == AF_INET6]
@@ -460,7 +474,8 @@ def _head_json(row: Row) -> str | None:
             f'"processes":[{p}],"opened_during_collection":{"true" if opened else "false"}')
 
 
-def write_json(out: IO[str], rows: Iterable[Row], ctx: ReportContext, win: Window | None = None) -> int:
+def write_json(out: IO[str], rows: Iterable[Row], ctx: ReportContext,
+               win: Window | None = None) -> int:
     """One compact JSON object per row (NDJSON), :func:`row_dict`'s, put together from
     pieces: the counters, most of each line, go through a format string planned once."""
     n = 0
@@ -518,7 +533,8 @@ WINDOW_KEYS = ("interval", "time", "final")
 
 def csv_columns(ctx: ReportContext, window: bool = False) -> list[str]:
     return (list(WINDOW_KEYS) if window else []) + list(CSV_KEYS) + [
-        c.name for c in ctx.catalogue.counters if c.name in ctx.available or c.name in ctx.unavailable] + (
+        c.name for c in ctx.catalogue.counters
+        if c.name in ctx.available or c.name in ctx.unavailable] + (
         [f"rfc4898.{v.name}" for v in EVARS] if ctx.estats else [])
 
 
@@ -536,7 +552,8 @@ def write_csv(out: IO[str], rows: Iterable[Row], ctx: ReportContext, win: Window
     for row in rows:
         k = key_fields(row.key)
         vals = head + [k.get(c, "") for c in _CSV_KEY_FIELDS]
-        vals += (row.sockets, row.closed, " ".join(f"{c}[{p}]" for p, c in sorted(row.processes.items())))
+        vals += (row.sockets, row.closed,
+                 " ".join(f"{c}[{p}]" for p, c in sorted(row.processes.items())))
         cols = columns[row.key.family == AF_INET6]
         vals += map(row.counters.get, cols.lookups, cols.absents)       # (csv writes None as "")
         if evars:

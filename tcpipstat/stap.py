@@ -49,22 +49,25 @@ def _cmd_from_env(var: str, default: str) -> list[str]:
 
 # ---- stap's messages -> one clear line with the fix ----
 _DIAG = (
-    (re.compile(r"missing .*kernel.*debuginfo|debuginfo.*(not|missing)|Couldn't find .*vmlinux", re.I),
+    (re.compile(r"missing .*kernel.*debuginfo|debuginfo.*(not|missing)|"
+                r"Couldn't find .*vmlinux", re.I),
      "the kernel's debug information is missing",
-     "install it: 'apt-get install linux-image-$(uname -r)-dbg' (Debian; Ubuntu: the -dbgsym package) or "
-     "'debuginfo-install kernel-$(uname -r)' (Fedora/RHEL)"),
+     "install it: 'apt-get install linux-image-$(uname -r)-dbg' (Debian; Ubuntu: the -dbgsym "
+     "package) or 'debuginfo-install kernel-$(uname -r)' (Fedora/RHEL)"),
     (re.compile(r"build/\.config.*(No such file|failed)|kernel build tree.*not found|"
                 r"Checking \".*/build/\.config\" failed", re.I),
      "the kernel headers (build tree) are missing",
-     "install them: 'apt-get install linux-headers-$(uname -r)' or 'dnf install kernel-devel-$(uname -r)'"),
-    (re.compile(r"probe overhead \(\d+ cycles\) exceeded threshold", re.I),   # digits: not the C source a compiler error quotes
+     "install them: 'apt-get install linux-headers-$(uname -r)' or "
+     "'dnf install kernel-devel-$(uname -r)'"),
+    # "\d+ cycles": the run-time message, not the C source that a compiler error quotes
+    (re.compile(r"probe overhead \(\d+ cycles\) exceeded threshold", re.I),
      "stap stopped collection: its probe-overhead guard tripped",
      "run again with --no-overload-guard (slow or emulated machines) or collect fewer --groups"),
     (re.compile(r"Array overflow|MAXMAPENTRIES", re.I),
      "a collector table overflowed",
      "run again with a larger --max-sockets"),
-    (re.compile(r"Couldn't insert module|Operation not permitted.*insert|module verification failed|"
-                r"Key was rejected|Lockdown|lockdown", re.I),
+    (re.compile(r"Couldn't insert module|Operation not permitted.*insert|"
+                r"module verification failed|Key was rejected|Lockdown|lockdown", re.I),
      "the kernel refused to load the module",
      "loadable modules must be enabled and unsigned modules allowed (Secure Boot / lockdown off, "
      "or sign stap modules: see stap's --use-server and mokutil)"),
@@ -85,7 +88,7 @@ def _first_error(stderr: str) -> str:
     for line in stderr.splitlines():
         if re.search(r"(semantic|parse) error|ERROR:|error:", line):
             return line.strip()
-    lines = [l.strip() for l in stderr.splitlines() if l.strip()]
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     return lines[-1] if lines else "(no message)"
 
 
@@ -102,7 +105,8 @@ class Toolchain:
     @classmethod
     def find(cls) -> "Toolchain":
         over = bool(os.environ.get("TCPIPSTAT_STAP") or os.environ.get("TCPIPSTAT_STAPRUN"))
-        return cls(_cmd_from_env("TCPIPSTAT_STAP", "stap"), _cmd_from_env("TCPIPSTAT_STAPRUN", "staprun"), over)
+        return cls(_cmd_from_env("TCPIPSTAT_STAP", "stap"),
+                   _cmd_from_env("TCPIPSTAT_STAPRUN", "staprun"), over)
 
     def version(self) -> str:
         """`stap -V`'s first line, asked once per toolchain (every cache key has it)."""
@@ -154,7 +158,8 @@ class Toolchain:
 
     # -- pass 4: the module, cached by everything that shapes it --
     def module_path(self, script: str, kver: str, flags: list[str]) -> Path:
-        key = hashlib.sha256("\0".join([kver, self.version(), script, *flags]).encode()).hexdigest()[:16]
+        digest = hashlib.sha256("\0".join([kver, self.version(), script, *flags]).encode())
+        key = digest.hexdigest()[:16]
         return cache_dir() / "modules" / f"tcpipstat_{key}.ko"
 
     def compile(self, script: str, kver: str, flags: list[str], verbose: int = 0) -> Path:
@@ -181,7 +186,8 @@ class Toolchain:
         cmd = [*self.stap, *args]
         try:
             proc = subprocess.Popen(cmd, cwd=cwd, text=True, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE if capture else None, start_new_session=True)
+                                    stderr=subprocess.PIPE if capture else None,
+                                    start_new_session=True)
         except OSError as e:
             raise EnvironmentNotReady(f"cannot run stap: {e}", INSTALL_HINT) from None
         self._running.add(proc)
@@ -290,7 +296,8 @@ def parse_resolved(p2_stdout: str, points: list[str]) -> frozenset[str]:
             continue
         m = _POINT_LINE.match(line)
         if m:
-            found.add(f'kernel.function("{m.group(1)}")' + (".return" if m.group(2) == ".return" else ""))
+            found.add(f'kernel.function("{m.group(1)}")'
+                      + (".return" if m.group(2) == ".return" else ""))
         m = _TRACE_LINE.match(line)
         if m:
             found.add(f'kernel.trace("{m.group(1)}")')

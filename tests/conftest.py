@@ -42,7 +42,8 @@ def lab_kver(suite: str) -> str:
     res = subprocess.run([str(LAB / "lab.sh"), "kver"], capture_output=True, text=True,
                          env={**os.environ, "LAB_SUITE": suite})
     if res.returncode != 0 or not res.stdout.strip():
-        pytest.fail(f"TCPIPSTAT_LAB=1 but the {suite} lab is not set up: run `sudo lab/setup {suite}`")
+        pytest.fail(f"TCPIPSTAT_LAB=1 but the {suite} lab is not set up: "
+                    f"run `sudo lab/setup {suite}`")
     return res.stdout.strip()
 
 

@@ -19,11 +19,13 @@ IPERF3 = "iperf3 -s -1 >/dev/null & iperf3 -4 -c 127.0.0.1 -t 2 >/dev/null 2>&1;
 # Interval mode: a pair of connections every 0.4 s for about 4.5 s (port 7007):
 # every 1 s interval has traffic. 20 connections, 300 bytes up / 30 down each.
 TCPWORK_PERIODIC = ("tcpwork server 127.0.0.1 7007 30 20 & "
-                    "for i in 1 2 3 4 5 6 7 8 9 10; do tcpwork client 127.0.0.1 7007 2 300; sleep 0.4; done; wait")
+                    "for i in 1 2 3 4 5 6 7 8 9 10; do "
+                    "tcpwork client 127.0.0.1 7007 2 300; sleep 0.4; done; wait")
 
 # Two programs at once, for index=comm: tcpwork's known counts beside iperf3.
 TCPWORK_AND_IPERF3 = ("iperf3 -s -1 >/dev/null & tcpwork server 127.0.0.1 7008 100 3 & "
-                      "tcpwork client 127.0.0.1 7008 3 1000; iperf3 -4 -c 127.0.0.1 -t 1 >/dev/null 2>&1; wait")
+                      "tcpwork client 127.0.0.1 7008 3 1000; "
+                      "iperf3 -4 -c 127.0.0.1 -t 1 >/dev/null 2>&1; wait")
 
 # A server outside the -c command's process tree (LAB_BACKGROUND: started before the
 # module, not by the command) and one the command starts and leaves behind (the
@@ -37,7 +39,8 @@ HUNDRED_CHILDREN = "i=0; while [ $i -lt 100 ]; do sleep 4 & i=$((i + 1)); done; 
 
 # More sockets active at once than --max-sockets 64 holds (80 parallel iperf3 streams
 # and their server sides, 162 sockets): events are lost, and the tool must say how many.
-TABLE_TOO_SMALL = "iperf3 -s -1 >/dev/null & iperf3 -4 -c 127.0.0.1 -P 80 -n 8M >/dev/null 2>&1; wait"
+TABLE_TOO_SMALL = ("iperf3 -s -1 >/dev/null & "
+                   "iperf3 -4 -c 127.0.0.1 -P 80 -n 8M >/dev/null 2>&1; wait")
 
 # Delay and loss on loopback (netem, in the lab guest): real fast retransmits, recoveries
 # and congestion-state changes in a 2 s iperf3 run (the client sends).

@@ -20,8 +20,9 @@ def by_name(findings):
     return {f.name: f for f in findings}
 
 
-def tree(tmp_path: Path, lockdown="[none] integrity confidentiality", config="y", sig_force=False,
-         modules=True, disabled="0", headers=True, vmlinux="usr/lib/debug/boot/vmlinux-{k}") -> Path:
+def tree(tmp_path: Path, lockdown="[none] integrity confidentiality", config="y",
+         sig_force=False, modules=True, disabled="0", headers=True,
+         vmlinux="usr/lib/debug/boot/vmlinux-{k}") -> Path:
     r = tmp_path / "root"
     (r / "proc/sys/kernel").mkdir(parents=True)
     if modules:
@@ -32,8 +33,10 @@ def tree(tmp_path: Path, lockdown="[none] integrity confidentiality", config="y"
         (r / "sys/kernel/security").mkdir(parents=True)
         (r / "sys/kernel/security/lockdown").write_text(lockdown + "\n")
     (r / "boot").mkdir()
-    kp = "CONFIG_KPROBES=y\nCONFIG_KRETPROBES=y\n" if config == "y" else "# CONFIG_KPROBES is not set\n"
-    (r / f"boot/config-{K}").write_text("CONFIG_MODULES=y\n" + kp + ("CONFIG_MODULE_SIG_FORCE=y\n" if sig_force else ""))
+    kp = ("CONFIG_KPROBES=y\nCONFIG_KRETPROBES=y\n" if config == "y"
+          else "# CONFIG_KPROBES is not set\n")
+    sig = "CONFIG_MODULE_SIG_FORCE=y\n" if sig_force else ""
+    (r / f"boot/config-{K}").write_text("CONFIG_MODULES=y\n" + kp + sig)
     if headers:
         (r / f"lib/modules/{K}/build").mkdir(parents=True)
     if vmlinux:
@@ -107,7 +110,8 @@ def test_stap_verdicts_with_the_stand_in(monkeypatch, tmp_path):
     status, out, err = run_cli("--check", "--json", "-r", "9.9-fake")
     f = {c["check"]: c for c in json.loads(out)["checks"]}
     assert status == 1 and f["probe check"]["ok"] is False
-    assert "debug information is missing" in f["probe check"]["detail"] and "-dbg" in f["probe check"]["fix"]["debian"]
+    assert "debug information is missing" in f["probe check"]["detail"]
+    assert "-dbg" in f["probe check"]["fix"]["debian"]
 
 
 @pytest.mark.parametrize("argv, token", [

@@ -76,13 +76,15 @@ def test_missing_debuginfo_names_the_package(tmp_path):
 
 
 def test_counters_whose_probe_is_missing_are_unavailable_not_zero(tmp_path):
-    p = tcpipstat(["--json", "index=lport"], tmp_path, FAKE_STAP_MISSING="tcp_delack_timer_handler,ip_defrag")
+    p = tcpipstat(["--json", "index=lport"], tmp_path,
+                  FAKE_STAP_MISSING="tcp_delack_timer_handler,ip_defrag")
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
     obj = json.loads(out.splitlines()[0])
     assert obj["counters"]["DelayedACKs"] is None and obj["counters"]["ReasmReqds"] is None
     assert "DelayedACKs" in err and "Unavailable" in err
-    p = tcpipstat(["nozeros=0", "index=lport"], tmp_path, FAKE_STAP_MISSING="tcp_delack_timer_handler")
+    p = tcpipstat(["nozeros=0", "index=lport"], tmp_path,
+                  FAKE_STAP_MISSING="tcp_delack_timer_handler")
     out, _ = p.communicate(timeout=60)
     assert "DelayedACKs n/a" in out
 
@@ -143,22 +145,25 @@ def test_stap_t_timing_report_passes_through(tmp_path, mode):
     records on stdout (its lock contention lines may come first); it goes to stderr and
     into saved records as comments, and is not taken for unreadable records."""
     saved = tmp_path / "saved.records"
-    p = tcpipstat(["--json", "index=lport", "--stap-arg=-t", "--save-records", str(saved)], tmp_path,
-                  FAKE_STAPRUN_MODE=mode, FAKE_TIMING=str(FIXTURES / "bookworm-stap-t-report.txt"))
+    p = tcpipstat(["--json", "index=lport", "--stap-arg=-t", "--save-records", str(saved)],
+                  tmp_path, FAKE_STAPRUN_MODE=mode,
+                  FAKE_TIMING=str(FIXTURES / "bookworm-stap-t-report.txt"))
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
     rows = {o["lport"]: o for o in map(json.loads, out.splitlines())}
     assert rows[7001]["counters"]["PassiveOpens"] == 3
     assert "----- probe hit report" in err and "lock contention occurred" in err
     assert "# ----- probe hit report" in saved.read_text()
-    p = subprocess.run([sys.executable, "-m", "tcpipstat", "--from-records", str(saved), "--json", "index=lport"],
+    p = subprocess.run([sys.executable, "-m", "tcpipstat", "--from-records", str(saved),
+                        "--json", "index=lport"],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0 and p.stdout == out, p.stderr
 
 
 def _passes(log):
     """[(event, pass, time)] from the fake stap's log."""
-    return [(e, p, float(t)) for e, p, t in (l.split() for l in log.read_text().splitlines())]
+    return [(e, p, float(t))
+            for e, p, t in (line.split() for line in log.read_text().splitlines())]
 
 
 def test_a_cold_start_compiles_while_the_probe_check_runs(tmp_path):
@@ -190,7 +195,7 @@ def test_a_kernel_without_a_point_cancels_the_guess(tmp_path):
     assert [p for e, p, _ in ev if e == "start"].count("p4") == 2
     mods = list((tmp_path / "cache" / "modules").iterdir())
     assert len(mods) == 1 and "tcp_delack_timer_handler" not in mods[0].read_text()
-    assert json.loads(out.splitlines()[0])["counters"]["DelayedACKs"] is None      # unavailable, not 0
+    assert json.loads(out.splitlines()[0])["counters"]["DelayedACKs"] is None   # unavailable, not 0
 
 
 # ---- the end of a run: the module finishes (everything out, then the trailer) and only
@@ -261,7 +266,8 @@ def test_ctrl_c_asks_the_module_to_finish_first_then_signals(tmp_path):
 
 def test_ctrl_c_without_a_control_file_signals_at_once(tmp_path):
     from tcpipstat.stap import Collector
-    c = Collector(_toolchain("unknown"), tmp_path / "tcpipstat_x.ko", [], None, procfs_root=tmp_path)
+    c = Collector(_toolchain("unknown"), tmp_path / "tcpipstat_x.ko", [], None,
+                  procfs_root=tmp_path)
     c._proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         c.interrupt()

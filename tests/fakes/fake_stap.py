@@ -43,7 +43,8 @@ if "-p2" in args:
     sys.exit(0)
 if "-p4" in args:
     if mode == "fail-p4":
-        print("semantic error: type mismatch (long vs. string): identifier 'x' at t.stp:1:1", file=sys.stderr)
+        print("semantic error: type mismatch (long vs. string): identifier 'x' at t.stp:1:1",
+              file=sys.stderr)
         print("Pass 4: compilation failed.", file=sys.stderr)
         sys.exit(1)
     name = args[args.index("-m") + 1]

@@ -17,22 +17,24 @@ import sys
 import time
 
 mode = os.environ.get("FAKE_STAPRUN_MODE", "end")
-lines = [l for l in open(os.environ["FAKE_RECORDS"]) if not l.startswith("#")]
-trailer = [l for l in lines if l.startswith("T\t")]
+lines = [line for line in open(os.environ["FAKE_RECORDS"]) if not line.startswith("#")]
+trailer = [line for line in lines if line.startswith("T\t")]
 garbled = False
 report = open(os.environ["FAKE_TIMING"]).readlines() if mode.startswith("timing") else []
-early = [l for l in report if "lock contention occurred" in l] if mode == "timing-early" else []
+early = ([line for line in report if "lock contention occurred" in line]
+         if mode == "timing-early" else [])
 sys.stdout.write("".join(early))
-for l in lines:
-    if l.startswith("T\t"):
+for line in lines:
+    if line.startswith("T\t"):
         continue
-    if mode == "garble" and l.startswith("R\t") and not garbled:
-        l = l.rstrip("\n")[:60]      # cut mid-record: the next record follows on the same line
+    if mode == "garble" and line.startswith("R\t") and not garbled:
+        line = line.rstrip("\n")[:60]   # cut mid-record: the next record follows on the same line
         garbled = True
-    sys.stdout.write(l)
+    sys.stdout.write(line)
 sys.stdout.flush()
 if mode == "die":
-    print("ERROR: probe overhead (555608199 cycles) exceeded threshold (500000000 cycles)", file=sys.stderr)
+    print("ERROR: probe overhead (555608199 cycles) exceeded threshold (500000000 cycles)",
+          file=sys.stderr)
     sys.exit(1)
 if mode == "wait-int":
     got = []
@@ -42,5 +44,5 @@ if mode == "wait-int":
         time.sleep(0.05)
     print("WARNING: Number of errors: 0, skipped probes: 3", file=sys.stderr)
 sys.stdout.write("".join(trailer))
-sys.stdout.write("".join(l for l in report if l not in early))
+sys.stdout.write("".join(line for line in report if line not in early))
 sys.exit(0)
