@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import gc
-import re
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ class _Source:
     estats: bool = False                      # --rfc4898 was on
     backend: Backend | None = None            # None: a saved run
     outcome: RunOutcome = field(default_factory=RunOutcome)
+    first_lineno: int = 1                     # (a saved file's header comment is line 1)
 
 
 def _log(plan: Plan, errc: Console):
@@ -54,9 +54,9 @@ def _live(plan: Plan, errc: Console, err: IO[str]) -> _Source:
     """Prepare the collector: probe check and build, before anything runs."""
     backend = choose_backend(plan, lambda line: print(line, file=err))
     prepared = backend.prepare(_log(plan, errc))
-    return _Source(backend.lines(), "staprun" if backend.name == "stap" else backend.name,
-                   prepared.available, prepared.unavailable, plan.tree, prepared.cong,
-                   plan.dist, plan.estats, backend, backend.outcome)
+    return _Source(backend.lines(), backend.outcome.program, prepared.available,
+                   prepared.unavailable, plan.tree, prepared.cong, plan.dist, plan.estats,
+                   backend, backend.outcome)
 
 
 def _saved(plan: Plan) -> _Source:
@@ -72,17 +72,8 @@ def _saved(plan: Plan) -> _Source:
     head = SaveHeader.read(first)       # None: no header line, the first is a record
     if head is None:
         return _Source([first, *lines], path)
-    return _Source(_numbered_from_2(lines), path, unavailable=head.unavailable, tree=head.tree,
-                   cong=head.cong, dist=head.dist, estats=head.rfc4898)
-
-
-class _numbered_from_2(list):
-    """The lines after a saved file's header comment (line numbers start at 2)."""
-    first_lineno = 2
-
-
-# stap -t (STP_TIMING) at module exit: "'__global_NAME' lock contention occurred N times"
-_LOCK_CONTENTION = re.compile(r"'[^']+' lock contention occurred \d+ times$")
+    return _Source(lines, path, unavailable=head.unavailable, tree=head.tree, cong=head.cong,
+                   dist=head.dist, estats=head.rfc4898, first_lineno=2)
 
 
 def _select(plan: Plan, collection: Collection, tree: bool) -> None:
@@ -104,20 +95,11 @@ def _hooks(plan: Plan, collection: Collection, sink) -> None:
         collection.on_interval = show
 
 
-def _feed_live(src: _Source, collection: Collection, ctx: ReportContext, err: IO[str],
-               saved: IO[str] | None) -> None:
+def _feed_live(src: _Source, collection: Collection, saved: IO[str] | None) -> None:
     """The collector's lines into the model. One unreadable line must not cost the whole
     run: it is counted, skipped and told (after the report, with a non-zero exit)."""
-    parser, outcome, timing = Parser(src.name), src.outcome, False
+    parser, outcome = Parser(src.name), src.outcome
     for lineno, line in enumerate(src.lines, 1):
-        # --stap-arg=-t: stap's per-probe timing report follows the records on stdout;
-        # its lock contention lines can arrive before them (another CPU's buffer)
-        timing = timing or line.startswith("----- probe hit report")
-        if timing or _LOCK_CONTENTION.match(line):
-            err.write(line)
-            if saved:
-                saved.write("# " + line)
-            continue
         if saved:
             saved.write(line)
         try:
@@ -133,7 +115,7 @@ def _feed_live(src: _Source, collection: Collection, ctx: ReportContext, err: IO
 def _feed_saved(src: _Source, collection: Collection, ctx: ReportContext) -> None:
     """A saved file's lines into the model: an unreadable line is an error."""
     parser = Parser(src.name)
-    for lineno, line in enumerate(src.lines, getattr(src.lines, "first_lineno", 1)):
+    for lineno, line in enumerate(src.lines, src.first_lineno):
         rec = parser.parse_line(line, lineno)
         if rec is not None:
             collection.add(rec)
@@ -145,7 +127,7 @@ def _feed_saved(src: _Source, collection: Collection, ctx: ReportContext) -> Non
 
 
 def _collect_into(plan: Plan, src: _Source, collection: Collection, ctx: ReportContext,
-                  err: IO[str], log) -> None:
+                  log) -> None:
     if src.backend is None:
         _feed_saved(src, collection, ctx)
         return
@@ -159,7 +141,7 @@ def _collect_into(plan: Plan, src: _Source, collection: Collection, ctx: ReportC
         what = f"running {plan.command!r}" if plan.command else (
             f"for {plan.timeout_s:g} s" if plan.timeout_s else "until Ctrl-C")
         log(f"collecting {what}...")
-        _feed_live(src, collection, ctx, err, saved)
+        _feed_live(src, collection, saved)
     finally:
         signal.signal(signal.SIGINT, previous)
         if saved:
@@ -232,7 +214,7 @@ def collect(plan: Plan, out: IO[str], err: IO[str]) -> int:
     collection = Collection()
     _select(plan, collection, src.tree)
     _hooks(plan, collection, sink)
-    _collect_into(plan, src, collection, ctx, err, _log(plan, errc))
+    _collect_into(plan, src, collection, ctx, _log(plan, errc))
     collection.finish()
     outcome = _outcome(plan, src, collection)
     if plan.series or plan.plot:

@@ -419,6 +419,10 @@ def prepare(plan, tc: Toolchain, log: Log) -> tuple[str, list[str], list[str], s
             list(sel.available), list(sel.unavailable), sel.cong)
 
 
+# stap -t (STP_TIMING) at module exit: "'__global_NAME' lock contention occurred N times"
+_LOCK_CONTENTION = re.compile(r"'[^']+' lock contention occurred \d+ times$")
+
+
 class StapBackend:
     """The SystemTap collector: probe check (stap -p2), module (stap -p4, cached),
     staprun streaming the records."""
@@ -489,8 +493,18 @@ class StapBackend:
         return findings, available, unavailable
 
     def lines(self) -> Iterator[str]:
+        """The module's records. --stap-arg=-t: stap's per-probe timing report follows them
+        on stdout, and its lock contention lines can come before them (another CPU's
+        buffer): those go to stderr, and on as comments (saved records keep them)."""
         assert self._collector is not None, "prepare() first"
-        return self._collector.lines()
+        timing = False
+        for line in self._collector.lines():
+            timing = timing or line.startswith("----- probe hit report")
+            if timing or _LOCK_CONTENTION.match(line):
+                self._echo(line.rstrip("\n"))
+                yield "# " + line
+                continue
+            yield line
 
     def interrupt(self) -> None:
         if self._collector is not None:
