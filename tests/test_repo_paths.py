@@ -8,7 +8,8 @@ import subprocess
 from .conftest import ROOT
 
 # a path inside the repository: one of its top folders, then a file or folder name
-_PATH = re.compile(r"(?<![\w./-])((?:tcpipstat|tests|bench|lab|man|\.ci)/[A-Za-z0-9_./-]*[A-Za-z0-9_])")
+_PATH = re.compile(r"(?<![\w./-])((?:tcpipstat|tests|bench|lab|man|\.ci)/"
+                   r"[A-Za-z0-9_./-]*[A-Za-z0-9_])")
 _SOURCES = ("*.py", "*.j2", "*.md", "*.sh", "*.c", "*.cfg", "*.toml", "run-tests", "lab/*")
 
 

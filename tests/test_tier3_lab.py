@@ -36,7 +36,7 @@ class LabRun:
         self.outcome = json.loads(outcome.read_text()) if outcome.exists() else {}
 
     def json(self) -> list[dict]:
-        return [json.loads(l) for l in self.stdout.splitlines() if l.startswith("{")]
+        return [json.loads(line) for line in self.stdout.splitlines() if line.startswith("{")]
 
     def snmp_delta(self) -> dict[str, int]:
         out = {}
@@ -106,7 +106,8 @@ def test_known_workload_exact_and_against_snmp(suite, tmp_path):
         assert all(c["SendBytes"] == up and c["RecvBytes"] == down for c in client), why
     # the match-everything filter against the kernel's own counters
     d = r.snmp_delta()
-    tot = {k: sum(o["counters"][k] for o in objs) for k in objs[0]["counters"] if objs[0]["counters"][k] is not None}
+    tot = {k: sum(o["counters"][k] for o in objs)
+           for k in objs[0]["counters"] if objs[0]["counters"][k] is not None}
     assert d["Tcp.ActiveOpens"] == 5 and d["Tcp.PassiveOpens"] >= 5, why
     assert 5 - slack <= tot["ActiveOpens"] <= 5, why
     assert d["Tcp.PassiveOpens"] - slack <= tot["PassiveOpens"] <= d["Tcp.PassiveOpens"], why
@@ -118,19 +119,22 @@ def test_known_workload_exact_and_against_snmp(suite, tmp_path):
     for index in INDEXES:
         status, out, err = run_cli("--from-records", str(rec), f"index={index}", "--json")
         assert status == 0, err
-        rows = [json.loads(l) for l in out.splitlines()]
+        rows = [json.loads(line) for line in out.splitlines()]
         for k in ("InSegs", "OutSegs", "SendBytes", "RecvBytes", "ActiveOpens", "PassiveOpens"):
             assert sum(o["counters"][k] for o in rows) == tot[k], (index, k)
         if index == "lport":
             lp = {o["lport"]: o for o in rows}
-            assert lp[7001]["sockets"] == 3 and near(lp[7001]["counters"]["RecvBytes"], 3000, 5000 * slack)
-            assert lp[7002]["sockets"] == 2 and near(lp[7002]["counters"]["RecvBytes"], 10000, 5000 * slack)
+            assert (lp[7001]["sockets"] == 3
+                    and near(lp[7001]["counters"]["RecvBytes"], 3000, 5000 * slack))
+            assert (lp[7002]["sockets"] == 2
+                    and near(lp[7002]["counters"]["RecvBytes"], 10000, 5000 * slack))
         if index == "raddr":
             assert [o["raddr"] for o in rows] == ["127.0.0.1"]
 
 
 def test_filters_really_filter(suite, tmp_path):
-    r = LabRun(suite, tmp_path, "--json", "*.*.*.*:7001-*:*", "*:*-127.0.0.1:7001", "-c", W.TCPWORK_V4)
+    r = LabRun(suite, tmp_path, "--json", "*.*.*.*:7001-*:*", "*:*-127.0.0.1:7001",
+               "-c", W.TCPWORK_V4)
     assert r.rc == 0, r.stderr
     objs = r.json()
     assert objs, r.stderr
@@ -142,10 +146,12 @@ def test_filters_really_filter(suite, tmp_path):
     assert 3 - r.skipped() <= passive <= r.snmp_delta()["Tcp.PassiveOpens"] - 2, r.explain()
     assert 3 - r.skipped() <= sum(o["counters"]["ActiveOpens"] for o in objs) <= 3, r.explain()
     # prefixes and port ranges select the same sockets
-    r2 = LabRun(suite, tmp_path, "--json", "127.0.0.0/8:7000..7001-*:*", "*:*-127.0.0.0/8:6990..7001",
-                "-c", W.TCPWORK_V4)
+    r2 = LabRun(suite, tmp_path, "--json", "127.0.0.0/8:7000..7001-*:*",
+                "*:*-127.0.0.0/8:6990..7001", "-c", W.TCPWORK_V4)
     assert r2.rc == 0, r2.stderr
-    ports = lambda objs: sorted(7001 if 7001 in (o["lport"], o["rport"]) else (o["lport"], o["rport"]) for o in objs)
+    def ports(objs):
+        return sorted(7001 if 7001 in (o["lport"], o["rport"]) else (o["lport"], o["rport"])
+                      for o in objs)
     assert ports(r2.json()) == ports(objs) == [7001] * len(objs), (r.explain(), r2.explain())
     # and a filter that matches nothing counts nothing
     r = LabRun(suite, tmp_path, "--json", "*:9-*:*", "-c", W.TCPWORK_V4)
@@ -162,19 +168,22 @@ def test_ipv6_loopback(suite, tmp_path):
     assert len(server) == len(client) == 2
     why = r.explain()
     sk = r.skipped() + r.faults()
-    assert all(c["PassiveOpens"] >= 1 and near(c["RecvBytes"], 10, 10 * sk) and near(c["SendBytes"], 7, 7 * sk)
-               for c in server), why
-    assert all(near(c["ActiveOpens"], 1, sk) and near(c["SendBytes"], 10, 10 * sk) and near(c["RecvBytes"], 7, 7 * sk)
-               for c in client), why
+    assert all(c["PassiveOpens"] >= 1 and near(c["RecvBytes"], 10, 10 * sk)
+               and near(c["SendBytes"], 7, 7 * sk) for c in server), why
+    assert all(near(c["ActiveOpens"], 1, sk) and near(c["SendBytes"], 10, 10 * sk)
+               and near(c["RecvBytes"], 7, 7 * sk) for c in client), why
     d = r.snmp_delta()
     slack = r.skipped() + r.faults()
-    assert d["Tcp.PassiveOpens"] - slack <= sum(c["PassiveOpens"] for c in server) <= d["Tcp.PassiveOpens"], why
+    assert (d["Tcp.PassiveOpens"] - slack <= sum(c["PassiveOpens"] for c in server)
+            <= d["Tcp.PassiveOpens"]), why
     # The workload is all IPv6: the IP-layer counters have IPv6 probes of their own
     # (ip6_rcv_core, ip6_xmit) and are checked against /proc/net/snmp6, the segments
     # (tcp_v6_rcv, __tcp_transmit_skb, tcp_v6_send_response) against /proc/net/snmp.
-    tot = lambda k: sum(o["counters"][k] for o in objs)
+    def tot(k):
+        return sum(o["counters"][k] for o in objs)
     for ours, theirs in (("InSegs", "Tcp.InSegs"), ("OutSegs", "Tcp.OutSegs"),
-                         ("InReceives", "Ip6.Ip6InReceives"), ("OutRequests", "Ip6.Ip6OutRequests")):
+                         ("InReceives", "Ip6.Ip6InReceives"),
+                         ("OutRequests", "Ip6.Ip6OutRequests")):
         assert d[theirs] - slack <= tot(ours) <= d[theirs], (ours, tot(ours), d[theirs], slack, why)
     if not slack:
         # on the right tuples: here every datagram carries one segment (retransmissions
@@ -189,27 +198,34 @@ def test_ipv6_reset_without_socket(suite, tmp_path):
     tcp_v6_send_response()) counts for the refused tuple, like the IPv4 ones."""
     port, n = W.TCPWORK_V6_REFUSED_PORT, W.TCPWORK_V6_REFUSED_N
     # the answering tuple belongs to no process: --all-processes keeps it in the report
-    r = LabRun(suite, tmp_path, "--json", "--all-processes", "[::1]:*-*:*", "-c", W.TCPWORK_V6_REFUSED)
+    r = LabRun(suite, tmp_path, "--json", "--all-processes", "[::1]:*-*:*",
+               "-c", W.TCPWORK_V6_REFUSED)
     assert r.rc == 0, r.stderr
     objs, why, d = r.json(), r.explain(), r.snmp_delta()
     slack = r.skipped() + r.faults()
     assert d["Tcp.OutRsts"] == n and d["Tcp.AttemptFails"] == n, why
     refused = [o["counters"] for o in objs if o["lport"] == port]
     clients = [o["counters"] for o in objs if o["rport"] == port]
-    tot = lambda k: sum(o["counters"][k] for o in objs)
+    def tot(k):
+        return sum(o["counters"][k] for o in objs)
     assert d["Tcp.OutRsts"] - slack <= sum(c["OutRsts"] for c in refused) <= d["Tcp.OutRsts"], why
-    assert tot("OutRsts") == sum(c["OutRsts"] for c in refused), why   # none charged to the clients
+    # none charged to the clients
+    assert tot("OutRsts") == sum(c["OutRsts"] for c in refused), why
     for ours, theirs in (("OutSegs", "Tcp.OutSegs"), ("InSegs", "Tcp.InSegs"),
-                         ("InReceives", "Ip6.Ip6InReceives"), ("OutRequests", "Ip6.Ip6OutRequests")):
+                         ("InReceives", "Ip6.Ip6InReceives"),
+                         ("OutRequests", "Ip6.Ip6OutRequests")):
         assert d[theirs] - slack <= tot(ours) <= d[theirs], (ours, tot(ours), d[theirs], slack, why)
     if not slack:
         assert len(refused) == len(clients) == n, why
-        assert all(c["OutRsts"] == c["OutSegs"] == c["OutRequests"] == c["InSegs"] == 1 for c in refused), why
-        assert all(c["ActiveOpens"] == c["AttemptFails"] == 1 and c["OutRsts"] == 0 for c in clients), why
+        assert all(c["OutRsts"] == c["OutSegs"] == c["OutRequests"] == c["InSegs"] == 1
+                   for c in refused), why
+        assert all(c["ActiveOpens"] == c["AttemptFails"] == 1 and c["OutRsts"] == 0
+                   for c in clients), why
 
 
 def test_onclose_reports_each_socket_once(suite, tmp_path):
-    r = LabRun(suite, tmp_path, "--json", "onclose=1", "*:7001-*:*", "*:*-*:7001", "-c", W.TCPWORK_V4)
+    r = LabRun(suite, tmp_path, "--json", "onclose=1", "*:7001-*:*", "*:*-*:7001",
+               "-c", W.TCPWORK_V4)
     assert r.rc == 0, r.stderr
     objs = r.json()
     keys = [(o["lport"], o["rport"]) for o in objs]
@@ -232,7 +248,8 @@ def test_many_sockets_one_run(suite, tmp_path):
     assert r.rc == 0, why
     objs = r.json()
     slack = r.skipped()
-    tot = lambda k: sum(o["counters"][k] for o in objs)
+    def tot(k):
+        return sum(o["counters"][k] for o in objs)
     d = r.snmp_delta()
     assert len(objs) > 128, why             # more sockets than the tables hold: they were reused
     assert d["Tcp.ActiveOpens"] == 150 and d["Tcp.PassiveOpens"] >= 150, why
@@ -241,7 +258,8 @@ def test_many_sockets_one_run(suite, tmp_path):
     assert 16500 - 100 * slack <= tot("SendBytes") <= 16500, why     # 150 x (100 up + 10 down)
     assert d["Tcp.InSegs"] - slack <= tot("InSegs") <= d["Tcp.InSegs"], why
     assert slack <= 10, r.stderr   # the lab's lock wait keeps skipped hits rare
-    trailer = [l.split("\t") for l in rec.read_text().splitlines() if l.startswith("T\t")]
+    trailer = [line.split("\t") for line in rec.read_text().splitlines()
+               if line.startswith("T\t")]
     assert len(trailer) == 1 and trailer[0][4] == "0", why                      # no event lost
     # the -c command's shell told the module to finish: the 128 rows were written before
     # stapio was asked to stop (on stap < 5.1 what the end probe writes can be lost)
@@ -254,7 +272,8 @@ def test_full_tables_are_counted_and_told(suite, tmp_path):
     guest does not make deterministic; either way nothing may go missing unsaid: lost
     events are counted, told (exit 1) and account for the whole shortfall, or there are
     none and the sums are exact."""
-    r = LabRun(suite, tmp_path, "--json", "--max-sockets", "64", "--all-processes", "-c", W.TABLE_TOO_SMALL)
+    r = LabRun(suite, tmp_path, "--json", "--max-sockets", "64", "--all-processes",
+               "-c", W.TABLE_TOO_SMALL)
     why = r.explain()
     drops, slack = r.outcome["dropped"], r.skipped()
     objs = r.json()
@@ -286,8 +305,8 @@ def _congestion_run(suite, tmp_path, *extra):
     (TcpExt TCPSackRecovery + TCPRenoRecovery, which tcp_enter_recovery() counts).
     Returns how the states were seen."""
     rec = tmp_path / "records"
-    r = LabRun(suite, tmp_path, "--json", "--cong", "--dist", "--all-processes", "--save-records", str(rec),
-               *extra, "*:5201-*:*", "*:*-*:5201", "-c", W.CONG_IPERF3)
+    r = LabRun(suite, tmp_path, "--json", "--cong", "--dist", "--all-processes",
+               "--save-records", str(rec), *extra, "*:5201-*:*", "*:*-*:5201", "-c", W.CONG_IPERF3)
     why = r.explain()
     assert r.rc == 0, why
     how = re.match(r"(tracepoint|kprobes)", r.outcome["cong"])
@@ -295,13 +314,15 @@ def _congestion_run(suite, tmp_path, *extra):
     objs = r.json()
     d = r.snmp_delta()
     assert d.get("Tcp.RetransSegs", 0) > 0, why        # netem's loss really happened
-    times = lambda o: sum(o["counters"][f"Ca{s}Us"] for s in ("Open", "Disorder", "Cwr", "Recovery", "Loss"))
+    def times(o):
+        return sum(o["counters"][f"Ca{s}Us"]
+                   for s in ("Open", "Disorder", "Cwr", "Recovery", "Loss"))
     sender = max(objs, key=lambda o: o["counters"]["SendBytes"])
     assert sender["counters"]["CaChanges"] >= 2, why    # left Open and came back at least once
     # iperf3 -t 2: the data connection lives 2 s and more, and no longer than the run
     lines = rec.read_text().splitlines()
-    start = int(next(l for l in lines if l.startswith("H\t")).split("\t")[4])
-    end = int(next(l for l in lines if l.startswith("T\t")).split("\t")[1])
+    start = int(next(line for line in lines if line.startswith("H\t")).split("\t")[4])
+    end = int(next(line for line in lines if line.startswith("T\t")).split("\t")[1])
     assert 2_000_000 <= times(sender) <= (end - start) * 1000, why
     recoveries = d.get("TcpExt.TCPSackRecovery", 0) + d.get("TcpExt.TCPRenoRecovery", 0)
     stays = sum(sum(o.get("dist_us", {}).get("Recovery", {}).values()) for o in objs)
@@ -342,7 +363,8 @@ def test_rfc4898_at_close_against_ss_and_the_workload(suite, tmp_path):
                "*:7012-*:*", "*:*-*:7012", "-c", W.RFC4898_HOLD)
     why = r.explain()
     assert r.rc == 0, why
-    ss_line = next((l for l in r.meta.splitlines() if l.startswith("@@SS ") and "bytes_acked:" in l), None)
+    ss_line = next((line for line in r.meta.splitlines()
+                    if line.startswith("@@SS ") and "bytes_acked:" in line), None)
     assert ss_line, why
     ss = _ss_fields(ss_line)
     objs = r.json()
@@ -359,7 +381,8 @@ def test_rfc4898_at_close_against_ss_and_the_workload(suite, tmp_path):
     retrans_octets = int(ss.get("bytes_retrans", 0))
     # the client's data: nothing is sent after the snapshot but its FIN
     assert e["DataOctetsOut"] == int(ss["bytes_sent"]) == 300000 + retrans_octets, (ss, e)
-    assert e["OctetsRetrans"] == retrans_octets and e["DataSegsOut"] == int(ss["data_segs_out"]), (ss, e)
+    assert (e["OctetsRetrans"] == retrans_octets
+            and e["DataSegsOut"] == int(ss["data_segs_out"])), (ss, e)
     # (a lost FIN is retransmitted after the snapshot: segments, not octets)
     assert e["SegsRetrans"] >= int(ss.get("retrans", "0/0").split("/")[1]), (ss, e)
     assert e["ThruOctetsAcked"] == int(ss["bytes_acked"]) + 1 == 300002, (ss, e)      # + its FIN
@@ -367,7 +390,8 @@ def test_rfc4898_at_close_against_ss_and_the_workload(suite, tmp_path):
     # mss_cache is bounded by half the largest window the peer offered (tcp_bound_to_half_wnd):
     # when the server's window grows after the snapshot (it reads, then replies), the FIN's
     # tcp_current_mss() raises it (seen in CI: ss 32741, at close 32768 = 65536 / 2)
-    assert e["CurMSS"] == int(ss["mss"]) or int(ss["mss"]) < e["CurMSS"] == e["MaxRwinRcvd"] // 2, (ss, e)
+    assert (e["CurMSS"] == int(ss["mss"])
+            or int(ss["mss"]) < e["CurMSS"] == e["MaxRwinRcvd"] // 2), (ss, e)
     assert e["MinRTT"] <= round(float(ss["minrtt"]) * 1000) + 1, (ss, e)
     # what the server sent: 1000 bytes and a FIN, received in sequence
     assert e["ThruOctetsReceived"] == 1001 and es["DataOctetsOut"] >= 1000, (e, es)
@@ -389,26 +413,31 @@ def test_samples_after_every_ack_against_ss(suite, tmp_path):
     """--sample 0 on the held connection: the sample of the ACK that acknowledged the
     last of the 300000 bytes is what `ss -tin` shows of the idle connection afterwards."""
     series, picture = tmp_path / "s.csv", tmp_path / "s.png"
-    r = LabRun(suite, tmp_path, "--json", "--sample", "0", "--series", str(series), "--plot", str(picture),
-               "--groups", "tcp", "--all-processes", "*:7012-*:*", "*:*-*:7012", "-c", W.RFC4898_HOLD)
+    r = LabRun(suite, tmp_path, "--json", "--sample", "0", "--series", str(series),
+               "--plot", str(picture), "--groups", "tcp", "--all-processes",
+               "*:7012-*:*", "*:*-*:7012", "-c", W.RFC4898_HOLD)
     why = r.explain()
     assert r.rc == 0, why
-    ss_line = next((l for l in r.meta.splitlines() if l.startswith("@@SS ") and "bytes_acked:" in l), None)
+    ss_line = next((line for line in r.meta.splitlines()
+                    if line.startswith("@@SS ") and "bytes_acked:" in line), None)
     assert ss_line, why
     ss = _ss_fields(ss_line)
     rows = _csv_samples(series)
     client = [x for x in rows if x["rport"] == "7012"]
-    assert client and client[-1]["event"] == "end" and [x["event"] for x in client].count("end") == 1, rows
+    assert (client and client[-1]["event"] == "end"
+            and [x["event"] for x in client].count("end") == 1), rows
     first = int(client[0]["snd_una"])
-    done = [x for x in client if x["event"] == "ack" and (int(x["snd_una"]) - first) % (1 << 32) == 300000]
+    done = [x for x in client
+            if x["event"] == "ack" and (int(x["snd_una"]) - first) % (1 << 32) == 300000]
     if not done and r.skipped():
         # that ACK's tcp_ack return may be one of the hits stap skipped (and said so)
         pytest.skip(f"no sample of the last ACK; stap skipped {r.skipped()} probe hits")
-    assert done, client                                   # the workload's 300000 bytes, acknowledged
+    assert done, client                     # the workload's 300000 bytes, acknowledged
     s = done[-1]
     rtt, rttvar = (float(v) for v in ss["rtt"].split("/"))
     assert int(s["cwnd"]) == int(ss["cwnd"]) and int(s["mss"]) == int(ss["mss"]), (ss, s)
-    assert abs(int(s["srtt_us"]) / 1000 - rtt) <= 0.001 and abs(int(s["rttvar_us"]) / 1000 - rttvar) <= 0.001, (ss, s)
+    assert (abs(int(s["srtt_us"]) / 1000 - rtt) <= 0.001
+            and abs(int(s["rttvar_us"]) / 1000 - rttvar) <= 0.001), (ss, s)
     assert int(s["snd_wnd"]) == int(ss["snd_wnd"]) and int(s["rto_ms"]) == int(ss["rto"]), (ss, s)
     assert int(s["total_retrans"]) == int(ss.get("retrans", "0/0").split("/")[1]), (ss, s)
     assert s["ssthresh"] == ss.get("ssthresh", ""), (ss, s)        # both empty while infinite
@@ -424,11 +453,12 @@ def test_sampling_modes(suite, tmp_path, mode):
     with --on-cwnd-change too, each differs from the previous one in cwnd."""
     series = tmp_path / "s.ndjson"
     extra = ["--on-cwnd-change"] if mode == "cwnd" else []
-    r = LabRun(suite, tmp_path, "--json", "--sample", "50", *extra, "--series", str(series), "--groups", "tcp",
-               "--all-processes", "*:5201-*:*", "*:*-*:5201", "-c", W.CONG_IPERF3)
+    r = LabRun(suite, tmp_path, "--json", "--sample", "50", *extra, "--series", str(series),
+               "--groups", "tcp", "--all-processes", "*:5201-*:*", "*:*-*:5201",
+               "-c", W.CONG_IPERF3)
     why = r.explain()
     assert r.rc == 0, why
-    samples = [json.loads(l) for l in series.read_text().splitlines()]
+    samples = [json.loads(line) for line in series.read_text().splitlines()]
     by_conn = {}
     for x in samples:
         by_conn.setdefault((x["lport"], x["rport"]), []).append(x)
@@ -441,8 +471,10 @@ def test_sampling_modes(suite, tmp_path, mode):
     # the end marker comes last (connections still open when collection stops have none)
     assert all(x["event"] != "end" for c in by_conn.values() for x in c[:-1]), why
     assert sender[-1]["event"] == "end", why      # the data connection closed (iperf3 resets it)
-    row = next(o for o in r.json() if (o["lport"], o["rport"]) == (sender[0]["lport"], sender[0]["rport"]))
-    assert row["series"]["samples"] == len(acks) and row["series"]["cwnd"]["last"] == acks[-1]["cwnd"], row
+    row = next(o for o in r.json()
+               if (o["lport"], o["rport"]) == (sender[0]["lport"], sender[0]["rport"]))
+    assert (row["series"]["samples"] == len(acks)
+            and row["series"]["cwnd"]["last"] == acks[-1]["cwnd"]), row
 
 
 def test_timeout_ends_the_run_on_time(suite, tmp_path):
@@ -486,7 +518,7 @@ def test_interval_snapshots_add_up_to_the_run(suite, tmp_path):
     assert r.rc == 0, r.stderr
     why = r.explain()
     objs = r.json()
-    marks = [l for l in rec.read_text().splitlines() if l.startswith("I\t")]
+    marks = [line for line in rec.read_text().splitlines() if line.startswith("I\t")]
     assert len(marks) >= 3, why             # ~4.5 s of workload, 1 s intervals
     assert [int(m.split("\t")[1]) for m in marks] == list(range(1, len(marks) + 1)), why
     full = sorted({o["interval"] for o in objs if not o["final"]})
@@ -497,14 +529,16 @@ def test_interval_snapshots_add_up_to_the_run(suite, tmp_path):
     times = [o["time"] for o in objs if not o["final"]]
     assert times == sorted(times)
     # the deltas add up: to the workload's known totals and to the whole-run report
-    tot = lambda rows, k: sum(o["counters"][k] for o in rows)
+    def tot(rows, k):
+        return sum(o["counters"][k] for o in rows)
     slack = r.skipped() + r.faults()
     assert 20 - slack <= tot(objs, "ActiveOpens") <= 20, why
     assert 20 * 330 - slack * 300 <= tot(objs, "SendBytes") <= 20 * 330, why
     status, out, err = run_cli("--from-records", str(rec), "--json")
     assert status == 0, err
-    whole = [json.loads(l) for l in out.splitlines()]
-    for k in ("SendBytes", "RecvBytes", "InSegs", "OutSegs", "ActiveOpens", "PassiveOpens", "OutRequests"):
+    whole = [json.loads(line) for line in out.splitlines()]
+    for k in ("SendBytes", "RecvBytes", "InSegs", "OutSegs", "ActiveOpens", "PassiveOpens",
+              "OutRequests"):
         assert tot(objs, k) == tot(whole, k), (k, why)
     d = r.snmp_delta()
     assert d["Tcp.InSegs"] - slack <= tot(objs, "InSegs") <= d["Tcp.InSegs"], why
@@ -536,7 +570,8 @@ def test_index_comm_separates_programs(suite, tmp_path):
     ip = rows["iperf3"]["counters"]
     assert ip["SendBytes"] > 100_000 and ip["ActiveOpens"] >= 2, why   # control + data connection
     # index=pid splits the same run by process: the two tcpwork processes
-    r2 = LabRun(suite, tmp_path, "--json", "index=pid", "*:7008-*:*", "*:*-*:7008", "-c", W.TCPWORK_V4.replace("7001", "7008"))
+    r2 = LabRun(suite, tmp_path, "--json", "index=pid", "*:7008-*:*", "*:*-*:7008",
+                "-c", W.TCPWORK_V4.replace("7001", "7008"))
     assert r2.rc == 0, r2.stderr
     pids = [o for o in r2.json() if o.get("pid")]
     assert len(pids) == 2 and {p["processes"][0]["comm"] for p in pids} == {"tcpwork"}, r2.explain()
@@ -556,14 +591,17 @@ def test_command_tree_is_the_default_selection(suite, tmp_path):
     # the clients' four sockets and the :7011 server the command started (re-parented
     # to init, still its own); not the :7009 server that was running before it
     servers = (7009, 7011)
-    keys = sorted((o["lport"] if o["lport"] in servers else o["rport"], o["lport"] in servers) for o in objs)
+    keys = sorted((o["lport"] if o["lport"] in servers else o["rport"], o["lport"] in servers)
+                  for o in objs)
     assert keys == [(7009, False)] * 2 + [(7011, False)] * 2 + [(7011, True)] * 2, r.explain()
     sk = r.skipped() + r.faults()
-    assert all(near(o["counters"]["SendBytes"], 100, 100 * sk) for o in objs if o["rport"] in (7009, 7011)), r.explain()
+    assert all(near(o["counters"]["SendBytes"], 100, 100 * sk)
+               for o in objs if o["rport"] in (7009, 7011)), r.explain()
     assert "not used by the command's processes" in r.stderr, r.stderr
     r = LabRun(suite, tmp_path, "--json", "--all-processes", *flt, "-c", W.TREE_CLIENT, env=env)
     assert r.rc == 0, r.stderr
     objs = r.json()
-    assert sorted(o["lport"] for o in objs if o["lport"] in (7009, 7011)) == [7009, 7009, 7011, 7011], r.explain()
+    assert (sorted(o["lport"] for o in objs if o["lport"] in (7009, 7011))
+            == [7009, 7009, 7011, 7011]), r.explain()
     assert near(sum(o["counters"]["RecvBytes"] for o in objs if o["lport"] == 7009), 200,
                 100 * (r.skipped() + r.faults())), r.explain()
