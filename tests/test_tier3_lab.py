@@ -371,8 +371,8 @@ def test_rfc4898_at_close_against_ss_and_the_workload(suite, tmp_path):
     assert all(o["rport"] for o in objs if "rfc4898" in o), why   # no listener rows
     client = next(o for o in objs if o["rport"] == 7012)
     server = next(o for o in objs if o["lport"] == 7012)
-    # under loss a socket may still wait in LAST-ACK when collection stops (the workload
-    # leaves 2 s for resends): then it has no variables, and the report says so
+    # the workload waits (at most 30 s) until both sockets have left every state but
+    # TIME-WAIT; one still closing after that has no variables, and the report says so
     for o in (client, server):
         if "rfc4898" not in o:
             assert "still open at the end: RFC 4898 variables" in " ".join(r.stderr.split()), why
