@@ -150,28 +150,28 @@ def _collect_into(plan: Plan, src: _Source, collection: Collection, ctx: ReportC
         fill_processes(collection.sockets.values())
 
 
-def _write_series(plan: Plan, collection: Collection) -> list[str]:
-    """--series / --plot: every sample of the connections the report keeps; what was
-    written, for the notes."""
+def _write_series(plan: Plan, collection: Collection, outcome: Outcome) -> None:
+    """--series / --plot: every sample of the connections the report keeps. What was
+    written, and what could not be (told after the report), go into the outcome."""
     from .series import plot, write_series
-    series, written = collection.kept_series(), []
+    series = collection.kept_series()
     if plan.series:
         fmt = "ndjson" if plan.series.lower().endswith((".ndjson", ".json")) else "csv"
         try:
             n = write_series(plan.series, series, fmt)
+            outcome.written.append(f"{n:,} samples of {len(series)} connections written to "
+                                   f"{plan.series} ({fmt})")
         except OSError as e:
-            raise TcpipstatError(f"cannot write --series '{plan.series}': {e.strerror}") from None
-        written.append(f"{n:,} samples of {len(series)} connections written to {plan.series} "
-                       f"({fmt})")
+            outcome.unwritten.append(f"cannot write --series '{plan.series}': {e.strerror}")
     if plan.plot:
         try:
             drawn = plot(plan.plot, series)
-        except OSError as e:
-            raise TcpipstatError(f"cannot write --plot '{plan.plot}': {e.strerror}") from None
-        written.append(f"cwnd and srtt of {drawn} connections drawn in {plan.plot}"
-                       + (f" (the {drawn} with most samples of {len(series)})"
-                          if len(series) > drawn else ""))
-    return written
+            outcome.written.append(f"cwnd and srtt of {drawn} connections drawn in {plan.plot}"
+                                   + (f" (the {drawn} with most samples of {len(series)})"
+                                      if len(series) > drawn else ""))
+        except (OSError, TcpipstatError) as e:
+            why = e.message if isinstance(e, TcpipstatError) else e.strerror
+            outcome.unwritten.append(f"cannot write --plot '{plan.plot}': {why}")
 
 
 def _outcome(plan: Plan, src: _Source, collection: Collection) -> Outcome:
@@ -218,19 +218,29 @@ def collect(plan: Plan, out: IO[str], err: IO[str]) -> int:
     collection.finish()
     outcome = _outcome(plan, src, collection)
     if plan.series or plan.plot:
-        outcome.written = _write_series(plan, collection)
+        _write_series(plan, collection, outcome)
     rows = _report_rows(plan, collection, outcome)
     ctx.notes = run_notes(outcome)
     dur = collection.duration_s
     sink.on_end(rows, f"tcpipstat: {len(rows or ())} rows, index={plan.index}"
                 + (f", {dur:.1f} s" if dur is not None else ""))
-    if plan.outcome_json:
-        outcome.write(plan.outcome_json)
+    _write_outcome(plan, outcome)
     return _exit_status(src.outcome, outcome)
+
+
+def _write_outcome(plan: Plan, outcome: Outcome) -> None:
+    if plan.outcome_json:
+        try:
+            outcome.write(plan.outcome_json)
+        except OSError as e:
+            raise TcpipstatError(f"cannot write --outcome-json '{plan.outcome_json}': "
+                                 f"{e.strerror} (the report above is complete)") from None
 
 
 def _exit_status(ro: RunOutcome, o: Outcome) -> int:
     """After the report: what went wrong, as an error (exit 1), or the run's status."""
+    if o.unwritten:
+        raise TcpipstatError(f"{o.unwritten[0]} (the report above is complete)")
     if ro.returncode not in (0, None) and not ro.interrupted:
         problem = ro.problem
         msg = problem[0] if problem else (ro.error_lines[0] if ro.error_lines
@@ -269,8 +279,7 @@ def report_capture(plan: Plan, out: IO[str], err: IO[str]) -> int:
              f"{cap.read.frames:,} packets, {cap.decoded.tcp:,} TCP"
              + (f", {dur:.1f} s" if dur is not None else ""))
     make_sink(plan.output, ctx, out, console, errc).on_end(rows, title)
-    if plan.outcome_json:
-        outcome.write(plan.outcome_json)
+    _write_outcome(plan, outcome)
     if cap.interrupted:
         return ExitStatus.INTERRUPTED
     if cap.read.stopped:

@@ -38,6 +38,7 @@ class Outcome:
     ended_by: str = _f("", "what ended the run: timeout, count, request (Ctrl-C or the end of "
                        "the -c command), stap; empty when not told")
     written: list[str] = _f(list, "--series and --plot: what was written where")
+    unwritten: list[str] = _f(list, "--series and --plot: what could not be written, and why")
     no_rfc4898: int = _f(0, "--rfc4898: sockets still open at the end (no variables)")
     still_open: int = _f(0, "onclose=1: sockets still open at the end (not reported)")
     hidden: int = _f(0, "--top: rows left out")
@@ -76,7 +77,7 @@ def run_notes(o: Outcome) -> list[str]:
     if o.cong:
         notes.append(f"congestion states seen through the {o.cong}")
     notes += _collector_notes(o)
-    notes += o.written
+    notes += o.written + o.unwritten
     if o.no_rfc4898:
         notes.append(f"{o.no_rfc4898} sockets were still open at the end: RFC 4898 variables "
                      "are read as a socket closes, so they have none")

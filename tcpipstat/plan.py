@@ -1,6 +1,7 @@
 """Arguments -> a validated Plan. Everything is checked here, before any stap runs."""
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
@@ -252,6 +253,9 @@ def _check_output_files(ns) -> None:
     not to be lost to a typo in a file name."""
     if ns.plot and not ns.plot.lower().endswith(".png"):
         raise UsageError(f"bad --plot '{ns.plot}': expected a FILE.png")
+    if ns.plot and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install 'tcpipstat[plot]' (or apt-get "
+                         "install python3-matplotlib)")
     for what, path in (("--series", ns.series), ("--plot", ns.plot),
                        ("--save-records", ns.save_records), ("--outcome-json", ns.outcome_json)):
         if path is None:

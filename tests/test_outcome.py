@@ -59,3 +59,28 @@ def test_an_unwritable_outcome_file_is_refused_before_anything_runs(tmp_path):
 def test_every_field_is_documented():
     names = [n for n, _ in documented_fields()]
     assert names[:-1] == list(Outcome().as_dict())[:-1] and names[-1] == "notes"
+
+
+def test_a_series_that_cannot_be_written_costs_no_report(tmp_path, monkeypatch):
+    """The run has collected: its report comes first, then the error (exit 1)."""
+    import tcpipstat.series
+
+    def full(*_):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(tcpipstat.series, "write_series", full)
+    status, out, err, o = _run(tmp_path, "--from-records",
+                               str(FIXTURES / "bookworm-sample50.records"), "--json",
+                               "--series", str(tmp_path / "s.csv"))
+    assert status == 1 and len(out.splitlines()) == o["rows"] > 0, err
+    assert "cannot write --series" in err and "No space left on device" in err
+    assert o["unwritten"] and "No space left" in o["unwritten"][0]
+
+
+def test_plot_without_matplotlib_is_refused_before_anything_runs(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    status, out, err = run_cli("--from-records", str(FIXTURES / "bookworm-sample50.records"),
+                               "--plot", "x.png")
+    assert status == 2 and "needs matplotlib" in err and out == ""
