@@ -376,7 +376,11 @@ def test_rfc4898_at_close_against_ss_and_the_workload(suite, tmp_path):
     for o in (client, server):
         if "rfc4898" not in o:
             assert "still open at the end: RFC 4898 variables" in " ".join(r.stderr.split()), why
-            pytest.skip(f"{o['lport']}->{o['rport']} had not closed when collection stopped")
+            # the workload waited until it closed: its close was among the probe hits stap
+            # skipped, and none skipped means a real loss
+            assert r.skipped(), why
+            pytest.skip(f"{o['lport']}->{o['rport']}: its close was not seen (stap skipped "
+                        f"{r.skipped()} probe hits)")
     e, es = client["rfc4898"], server["rfc4898"]
     retrans_octets = int(ss.get("bytes_retrans", 0))
     # the client's data: nothing is sent after the snapshot but its FIN
@@ -424,8 +428,12 @@ def test_samples_after_every_ack_against_ss(suite, tmp_path):
     ss = _ss_fields(ss_line)
     rows = _csv_samples(series)
     client = [x for x in rows if x["rport"] == "7012"]
-    assert (client and client[-1]["event"] == "end"
-            and [x["event"] for x in client].count("end") == 1), rows
+    ends = [x["event"] for x in client].count("end")
+    if client and not ends and r.skipped():
+        # the workload waits until the socket has closed; a close the collector did not
+        # see is one of the probe hits stap skipped (and said so)
+        pytest.skip(f"no end sample; stap skipped {r.skipped()} probe hits")
+    assert client and client[-1]["event"] == "end" and ends == 1, (r.outcome, rows[-4:])
     first = int(client[0]["snd_una"])
     done = [x for x in client
             if x["event"] == "ack" and (int(x["snd_una"]) - first) % (1 << 32) == 300000]
