@@ -77,11 +77,16 @@ def _saved(plan: Plan) -> _Source:
 
 
 def _select(plan: Plan, collection: Collection, tree: bool) -> None:
-    """Which sockets are reported: -x PID's, or the -c command's process tree."""
+    """Which sockets are reported: -x PID's, or the -c command's process tree; and, when a
+    saved run is replayed, the filters given now (the collector applied its own)."""
     if plan.pid is not None:
         collection.keep, collection.selection = (lambda st, pid=plan.pid: st.pid == pid), "pid"
     elif tree:
         collection.keep, collection.selection = (lambda st: st.in_tree), "tree"
+    if plan.from_records and plan.filters:
+        by_process, filters = collection.keep, plan.filters
+        collection.keep = lambda st: (any(f.matches(*st.tuple) for f in filters)
+                                      and (by_process is None or by_process(st)))
 
 
 def _hooks(plan: Plan, collection: Collection, sink) -> None:
