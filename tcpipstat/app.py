@@ -13,7 +13,7 @@ from typing import IO, Iterable
 from rich.console import Console
 from rich.markup import escape
 
-from .backend import Backend, RunOutcome, choose as choose_backend
+from .backend import Backend, RunOutcome, choose as choose_backend, dump_script
 from .errors import ExitStatus, RecordParseError, TcpipstatError, UsageError, one_line
 from .model import Collection, sort_rows
 from .outcome import Outcome, ended_by, run_notes
@@ -22,7 +22,7 @@ from .procs import fill_processes
 from .records import Parser, SaveHeader
 from .report import ReportContext
 from .sinks import make_sink
-from .stap import dump_script, kernel_release
+from .stap import kernel_release
 
 PROG = "tcpipstat"
 

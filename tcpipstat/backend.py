@@ -8,6 +8,8 @@ control files are the stap backend's business.
 """
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
@@ -71,7 +73,43 @@ def backends() -> list[type]:
     return [StapBackend]
 
 
+def _stap_can_work() -> bool:
+    """stap and staprun installed, or replaced (TCPIPSTAT_STAP, TCPIPSTAT_STAPRUN)."""
+    return bool(os.environ.get("TCPIPSTAT_STAP") or os.environ.get("TCPIPSTAT_STAPRUN")
+                or (shutil.which("stap") and shutil.which("staprun")))
+
+
+def _chosen(plan) -> str:
+    """--backend, auto resolved: stap where it can work, else bpftrace."""
+    if plan.backend != "auto":
+        return plan.backend
+    if _stap_can_work():
+        return "stap"
+    if os.environ.get("TCPIPSTAT_BPFTRACE") or shutil.which("bpftrace"):
+        return "bpftrace"
+    from .bpftrace import INSTALL_HINT as BPF_HINT
+    from .errors import EnvironmentNotReady
+    from .stap import INSTALL_HINT as STAP_HINT
+    raise EnvironmentNotReady("stap not found on PATH (SystemTap), nor bpftrace",
+                              f"{STAP_HINT}; or {BPF_HINT}")
+
+
 def choose(plan, echo_stderr: Callable[[str], None]) -> Backend:
-    """The backend that collects for ``plan`` (only SystemTap, for now)."""
+    """The backend that collects for ``plan`` (--backend)."""
+    if _chosen(plan) == "bpftrace":
+        from .bpftrace import BpftraceBackend
+        return BpftraceBackend(plan, echo_stderr)
     from .stap import StapBackend
     return StapBackend(plan, echo_stderr)
+
+
+def dump_script(plan) -> str:
+    """--dump-script: the chosen backend's program (auto with neither installed: stap's)."""
+    name = plan.backend
+    if name == "auto":
+        name = "stap" if _stap_can_work() or not shutil.which("bpftrace") else "bpftrace"
+    if name == "bpftrace":
+        from .bpftrace import render_program
+        return render_program(plan)
+    from .stap import dump_script as stap_script
+    return stap_script(plan)

@@ -181,7 +181,11 @@ OPTION_GROUPS: tuple[tuple[str, tuple[Opt, ...]], ...] = (
             action="count", default=0),
     )),
     ("Diagnostics", (
-        Opt(("--dump-script",), "print the generated SystemTap script and exit (no root needed)",
+        Opt(("--backend",), "the collector: stap (SystemTap), bpftrace (tracepoints only, for "
+            "hosts that cannot load a module; fewer counters, the others shown n/a) or auto "
+            "(default: stap where stap and staprun are installed, else bpftrace)",
+            dest="backend", metavar="NAME", default="auto", live_only=True),
+        Opt(("--dump-script",), "print the generated collector script and exit (no root needed)",
             dest="dump_script", action="store_true", default=False, live_only=True,
             not_with_check=True),
         Opt(("--check",), "diagnose this host without collecting: stap, root, kernel headers and "

@@ -14,6 +14,7 @@ from .filters import Filter, parse_filters
 from .indexes import BY_NAME, NAMES, OFFLINE_NAMES
 from .model import SORT_SUMS
 
+BACKENDS = ("auto", "stap", "bpftrace")
 MAX_TIMEOUT_S = 10 * 365 * 24 * 3600
 PID_MAX_LIMIT = 4 * 1024 * 1024   # include/linux/threads.h: pids never exceed this
 _KVER = re.compile(r"[A-Za-z0-9._+~][A-Za-z0-9._+~-]{0,99}")     # (fullmatch; not an option)
@@ -63,6 +64,7 @@ class Plan:
     check: bool = False
     read: str | None = None          # --read: report from this capture file
     outcome_json: str | None = None  # --outcome-json FILE: how the run ended, as JSON
+    backend: str = "auto"            # --backend: auto, stap or bpftrace
 
     def compile_flags(self) -> list[str]:
         """stap options that change the module (so they are part of its cache key)."""
@@ -308,6 +310,8 @@ def build_plan(argv: list[str]) -> Plan:
     sample_ms = _sample_ms(ns)
     _check_output_files(ns)
     sort, top = _order(ns)
+    if ns.backend not in BACKENDS:
+        raise UsageError(f"bad --backend '{ns.backend}': expected {word_list(BACKENDS)}")
     return Plan(
         filters=tuple(parse_filters(ns.filters)),
         index=ns.index,
@@ -343,4 +347,5 @@ def build_plan(argv: list[str]) -> Plan:
         check=ns.check,
         read=ns.read,
         outcome_json=ns.outcome_json,
+        backend=ns.backend,
     )

@@ -1,0 +1,325 @@
+"""The bpftrace collector: tracepoints only, for hosts that cannot load a SystemTap module.
+
+The program is rendered from tcpipstat/bt_templates/tcpipstat.bt.j2. It counts what a
+tracepoint can count exactly (BPF_COUNTERS); every other counter of the chosen groups
+is reported unavailable. The filters and the timeout reach it as numbers (positional
+parameters, :func:`program_args`): nothing the user types is in the program.
+
+It writes the record stream of tcpipstat/records.py itself (header, each socket as it
+closes, trailer), except the records of the sockets still open at the end: bpftrace
+0.17 cannot loop over a map, so END prints its maps and :class:`EndDump` writes those
+records.
+
+``TCPIPSTAT_BPFTRACE`` replaces the ``bpftrace`` command (a command line, split like a
+shell would).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Iterator
+
+import jinja2
+
+from . import __version__
+from .backend import Log, Prepared, RunOutcome
+from .counters import counters_for_units, units_for_groups
+from .errors import EnvironmentNotReady, UsageError
+from .filters import Filter
+from .records import FORMAT_VERSION, HEADER, MAGIC, SOCKET, TRAILER
+
+INSTALL_HINT = "install bpftrace: 'apt-get install bpftrace' or 'dnf install bpftrace'"
+TRACEFS = Path("/sys/kernel/tracing")
+TRACEFS_FIX = "mount it: 'mount -t tracefs nodev /sys/kernel/tracing' (as root)"
+
+# The counters a tracepoint counts as the kernel's MIB does (the template says how)
+BPF_COUNTERS = frozenset({"SendBytes", "SendMsgs", "RecvBytes", "RecvMsgs", "ActiveOpens",
+                          "PassiveOpens", "AttemptFails", "EstabResets", "CurrEstab",
+                          "RetransSegs"})
+PER_FILTER = 21          # numbers per filter (the template's header comment)
+END_MARK = "tcpipstat-bpftrace-end"
+# per-socket maps (deleted as a socket closes) and the run's own
+_SOCKET_MAPS = ("ok", "tup", "n", "pid", "comm")
+_GLOBAL_MAPS = ("start", "records", "dropped", "ended")
+
+
+@lru_cache(maxsize=1)
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("tcpipstat", "bt_templates"),
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+
+
+def unsupported(plan) -> str:
+    """The first option this collector cannot do yet ("" if none)."""
+    for what, on in (("--cong/--dist", "cong" in plan.groups), ("--rfc4898", plan.estats),
+                     ("--sample/--series/--plot", plan.sample_ms is not None),
+                     ("--interval", plan.interval_s is not None),
+                     ("-r/--kernel-release", plan.kernel_release is not None),
+                     ("--stap-arg", bool(plan.stap_args))):
+        if on:
+            return what
+    return ""
+
+
+def counters(groups) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(available, unavailable) counters of ``groups``, in catalogue order."""
+    wanted = counters_for_units(units_for_groups(groups))
+    return (tuple(c for c in wanted if c in BPF_COUNTERS),
+            tuple(c for c in wanted if c not in BPF_COUNTERS))
+
+
+def _bt_string(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\t", "\\t").replace(
+        "\n", "\\n")
+
+
+def render_program(plan) -> str:
+    """The bpftrace program for ``plan``: its groups, whether -c runs a command and how
+    many filters there are shape it; their values are positional parameters."""
+    available, _ = counters(plan.groups)
+    head = HEADER.printf(MAGIC=MAGIC, FORMAT=FORMAT_VERSION, VERSION=__version__,
+                         MAX_SOCKETS=plan.max_sockets, COUNTERS=",".join(available))
+    socket_maps = [*_SOCKET_MAPS, *(["intree"] if plan.command else []),
+                   *(f"c_{c}" for c in available)]
+    return _env().get_template("tcpipstat.bt.j2").render(
+        version=__version__, counters=available, command=bool(plan.command),
+        nfilters=len(plan.filters), per_filter=PER_FILTER, end_mark=END_MARK,
+        fmt={"H": _bt_string(head), "R": _bt_string(SOCKET.printf()),
+             "T": _bt_string(TRAILER.printf())},
+        maps=socket_maps, dumped=[m for m in socket_maps if m not in ("ok", "n")],
+        globals=[*_GLOBAL_MAPS, *(["tree"] if plan.command else [])])
+
+
+def _words(value: int, mask: int) -> list[int]:
+    """A 128-bit value and mask as 4 + 4 32-bit words, most significant first."""
+    return ([(value >> s) & 0xFFFFFFFF for s in (96, 64, 32, 0)]
+            + [(mask >> s) & 0xFFFFFFFF for s in (96, 64, 32, 0)])
+
+
+def filter_numbers(f: Filter) -> list[int]:
+    """One filter's PER_FILTER positional parameters (an IPv4 address in the last word)."""
+    return [f.family, *_words(f.local.value, f.local.mask), f.lport.low, f.lport.high,
+            *_words(f.remote.value, f.remote.mask), f.rport.low, f.rport.high]
+
+
+def program_args(filters, timeout_s: float | None) -> list[str]:
+    """The positional parameters: numbers only, whatever the user typed."""
+    args = [len(filters), int(round(timeout_s * 1000)) if timeout_s else 0]
+    for f in filters:
+        args += filter_numbers(f)
+    return [str(a) for a in args]
+
+
+def _signed(text: str) -> int:
+    """A map value as the signed 64-bit number it holds (CurrEstab goes below 0)."""
+    v = int(text) & (1 << 64) - 1
+    return v - (1 << 64) if v >> 63 else v
+
+
+_MAP_LINE = re.compile(r"@(\w+)\[(-?\d+)\]: (.*)\Z")
+
+
+class EndDump:
+    """Reads what END prints (``print(@map)`` of every per-socket map, then the trailer)
+    and writes the records of the sockets still open."""
+
+    def __init__(self, available: tuple[str, ...]):
+        self.available = available
+        self.maps: dict[str, dict[str, str]] = {}
+
+    def add(self, line: str) -> None:
+        m = _MAP_LINE.match(line.rstrip("\n"))
+        if m:
+            self.maps.setdefault(m.group(1), {})[m.group(2)] = m.group(3)
+
+    def records(self) -> list[str]:
+        out = []
+        get = self.maps.get
+        for key, tup in get("tup", {}).items():
+            values = [_signed(get(f"c_{c}", {}).get(key, "0")) for c in self.available]
+            if not any(values) and key not in get("pid", {}):
+                continue                    # (resolved, nothing counted)
+            fam, lhi, llo, lport, rhi, rlo, rport = (int(x) & (1 << 64) - 1 for x in
+                                                     tup.strip("()").split(","))
+            fields = ["R", "end", str(fam), f"{lhi:x}", f"{llo:x}", str(lport), f"{rhi:x}",
+                      f"{rlo:x}", str(rport), get("pid", {}).get(key, "0"),
+                      get("comm", {}).get(key, ""), get("intree", {}).get(key, "0")]
+            out.append("\t".join(fields + [f"{c}={v}" for c, v in
+                                           zip(self.available, values)]) + "\n")
+        return out
+
+    def trailer(self, line: str, written: int) -> str:
+        """The trailer, its IDS counting the records written here too."""
+        f = line.rstrip("\n").split("\t")
+        f[TRAILER.at("IDS")] = str(int(f[TRAILER.at("IDS")]) + written)
+        return "\t".join(f) + "\n"
+
+
+def _command() -> list[str]:
+    val = os.environ.get("TCPIPSTAT_BPFTRACE")
+    if val:
+        return shlex.split(val)
+    path = shutil.which("bpftrace")
+    if not path:
+        raise EnvironmentNotReady("bpftrace not found on PATH", INSTALL_HINT)
+    return [path]
+
+
+def ensure_tracefs(root: Path = TRACEFS) -> None:
+    """Tracepoints attach through tracefs: mount it when it is not (root only)."""
+    if (root / "events").is_dir():
+        return
+    if os.geteuid() == 0:
+        res = subprocess.run(["mount", "-t", "tracefs", "nodev", str(root)],
+                             capture_output=True, text=True)
+        if res.returncode == 0 and (root / "events").is_dir():
+            return
+    raise EnvironmentNotReady(f"tracefs is not mounted on {root}", TRACEFS_FIX)
+
+
+class Runner:
+    """bpftrace PROGRAM ARGS, its stdout streamed as records."""
+
+    def __init__(self, cmd: list[str], available: tuple[str, ...], max_sockets: int,
+                 echo_stderr: Callable[[str], None]):
+        self.cmd = cmd
+        self.env = {**os.environ, "BPFTRACE_MAP_KEYS_MAX": str(max_sockets)}
+        self.outcome = RunOutcome(program="bpftrace")
+        self._dump = EndDump(available)
+        self._echo = echo_stderr
+        self._proc: subprocess.Popen | None = None
+        self._stderr_lines: list[str] = []
+
+    def _read_stderr(self, stream) -> None:
+        for line in stream:
+            line = line.rstrip("\n")
+            self._stderr_lines.append(line)
+            if "RLIMIT_MEMLOCK" in line:      # (bpftrace says it on every start)
+                continue
+            if re.match(r"(WARNING: )?Lost \d+ events", line):
+                self.outcome.warnings.append(line.removeprefix("WARNING: "))
+                continue
+            self._echo(line)
+
+    def lines(self) -> Iterator[str]:
+        try:
+            self._proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, errors="replace",
+                                          start_new_session=True, env=self.env)
+        except OSError as e:
+            raise EnvironmentNotReady(f"cannot run bpftrace: {e}", INSTALL_HINT) from None
+        t = threading.Thread(target=self._read_stderr, args=(self._proc.stderr,), daemon=True)
+        t.start()
+        assert self._proc.stdout is not None
+        yield from self._records(self._proc.stdout)
+        self._proc.wait()
+        t.join(timeout=5)
+        self.outcome.returncode = self._proc.returncode
+        self.outcome.stderr = "\n".join(self._stderr_lines)
+
+    def _records(self, stdout) -> Iterator[str]:
+        ending = False
+        for line in stdout:
+            if ending and line.startswith("T\t"):
+                end = self._dump.records()
+                yield from end
+                yield self._dump.trailer(line, len(end))
+                ending = False
+            elif ending:
+                self._dump.add(line)
+            elif line.rstrip("\n") == END_MARK:
+                ending = True
+            elif line.strip():                # (bpftrace ends with blank lines)
+                yield line
+
+    def interrupt(self) -> None:
+        """Ctrl-C: SIGINT makes bpftrace run END (the records); a second: SIGTERM."""
+        first = not self.outcome.interrupted
+        self.outcome.interrupted = True
+        if self._proc and self._proc.poll() is None:
+            try:
+                os.kill(self._proc.pid, signal.SIGINT if first else signal.SIGTERM)
+            except OSError:
+                pass
+
+
+class BpftraceBackend:
+    """The bpftrace collector (tcpipstat/backend.py's protocol)."""
+    name = "bpftrace"
+    same_host = True
+
+    def __init__(self, plan, echo_stderr: Callable[[str], None]):
+        self.plan = plan
+        self._echo = echo_stderr
+        self.outcome = RunOutcome(program="bpftrace")
+        self._runner: Runner | None = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    def prepare(self, log: Log) -> Prepared:
+        plan = self.plan
+        what = unsupported(plan)
+        if what:
+            raise UsageError(f"{what} is not supported by the bpftrace backend yet "
+                             "(use --backend stap)")
+        cmd = _command()
+        if os.geteuid() != 0:
+            raise EnvironmentNotReady("collecting needs root (bpftrace loads BPF programs)",
+                                      "run it with sudo, or use --dump-script to see the program")
+        ensure_tracefs()
+        available, unavailable = counters(plan.groups)
+        self._tmp = tempfile.TemporaryDirectory(prefix="tcpipstat-")
+        program = Path(self._tmp.name) / "tcpipstat.bt"
+        program.write_text(render_program(plan))
+        cmd += ["-q", str(program), *program_args(plan.filters, plan.timeout_s)]
+        if plan.command:
+            # bpftrace splits -c at spaces without quoting: the command goes in a file.
+            # Its output goes to stderr: bpftrace's stdout is the record stream.
+            script = Path(self._tmp.name) / "command.sh"
+            script.write_text("exec >&2\n" + plan.command + "\n")
+            cmd += ["-c", f"/bin/sh {script}"]
+        log(f"loading the bpftrace collector ({len(available)} counters; "
+            f"{len(unavailable)} are not countable with tracepoints)...")
+        self._runner = Runner(cmd, available, plan.max_sockets, self._echo)
+        self.outcome = self._runner.outcome
+        return Prepared(os.uname().release, available, unavailable, "")
+
+    def lines(self) -> Iterator[str]:
+        assert self._runner is not None, "prepare() first"
+        try:
+            yield from self._runner.lines()
+        finally:
+            if self._tmp is not None:
+                self._tmp.cleanup()
+
+    def interrupt(self) -> None:
+        if self._runner is not None:
+            self._runner.interrupt()
+
+    @staticmethod
+    def checks(kver: str, running: bool, groups: tuple[str, ...], host) -> tuple:
+        """bpftrace on PATH, root, tracefs and BTF (bpftrace reads struct sock through it)."""
+        from .check import Finding
+        available, unavailable = counters(groups)
+        found = shutil.which("bpftrace") or os.environ.get("TCPIPSTAT_BPFTRACE")
+        fix = "'apt-get install bpftrace'", "'dnf install bpftrace'"
+        findings = [
+            Finding("bpftrace", bool(found), found or "not found on PATH", *fix),
+            Finding("root", os.geteuid() == 0, "collecting loads BPF programs",
+                    "run tcpipstat with sudo", "run tcpipstat with sudo"),
+            Finding("tracefs", (TRACEFS / "events").is_dir() or None,
+                    f"{TRACEFS} (tcpipstat mounts it when it is not)"),
+            Finding("BTF", Path("/sys/kernel/btf/vmlinux").is_file() if running else None,
+                    "/sys/kernel/btf/vmlinux (CONFIG_DEBUG_INFO_BTF)",
+                    "a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+                    "a kernel built with CONFIG_DEBUG_INFO_BTF=y"),
+        ]
+        return findings, list(available), list(unavailable)
