@@ -252,6 +252,10 @@ class Runner:
                 pass
 
 
+# The footer's reason for the counters this collector leaves out
+WHY_UNAVAILABLE = "no tracepoint counts it exactly"
+
+
 class BpftraceBackend:
     """The bpftrace collector (tcpipstat/backend.py's protocol)."""
     name = "bpftrace"
@@ -290,7 +294,7 @@ class BpftraceBackend:
             f"{len(unavailable)} are not countable with tracepoints)...")
         self._runner = Runner(cmd, available, plan.max_sockets, self._echo)
         self.outcome = self._runner.outcome
-        return Prepared(os.uname().release, available, unavailable, "")
+        return Prepared(os.uname().release, available, unavailable, "", WHY_UNAVAILABLE)
 
     def lines(self) -> Iterator[str]:
         assert self._runner is not None, "prepare() first"
@@ -322,4 +326,9 @@ class BpftraceBackend:
                     "a kernel built with CONFIG_DEBUG_INFO_BTF=y",
                     "a kernel built with CONFIG_DEBUG_INFO_BTF=y"),
         ]
+        if not running:     # (-r is the stap collector's: bpftrace attaches to this kernel)
+            findings.append(Finding("kernel", False, f"{kver} is not the running kernel: "
+                                    "bpftrace collects on the running kernel only",
+                                    "run --check on the host that runs it",
+                                    "run --check on the host that runs it"))
         return findings, list(available), list(unavailable)

@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.markup import escape
+
 from .counters import points_for_groups, select
 from .errors import ExitStatus, TcpipstatError
 from .render import resolve_points
@@ -229,23 +231,38 @@ def stap_checks(kver: str, groups: tuple[str, ...]
 
 def run_checks(kver: str, running: bool, groups: tuple[str, ...],
                sysroot: str | Path = "/") -> dict:
-    """Every backend's checks on ``kver`` (tcpipstat/backend.py); ready when one can collect."""
+    """Every backend's checks on ``kver`` (tcpipstat/backend.py), in order of preference.
+    Ready when one can collect; the top-level checks and counters are the first ready
+    backend's (what --backend auto would use), else the first backend's."""
     from .backend import backends
-    (backend,) = backends()           # (one backend so far: its verdict is the answer)
-    findings, available, unavailable = backend.checks(kver, running, groups, Host(sysroot))
-    return {"kernel": kver, "running": running, "ready": all(x.ok is not False for x in findings),
-            "checks": findings, "available": available, "unavailable": unavailable}
+    host, per = Host(sysroot), []
+    for backend in backends():
+        findings, available, unavailable = backend.checks(kver, running, groups, host)
+        per.append({"backend": backend.name, "ready": all(f.ok is not False for f in findings),
+                    "checks": findings, "available": available, "unavailable": unavailable})
+    chosen = next((b for b in per if b["ready"]), None)
+    top = chosen or per[0]
+    return {"kernel": kver, "running": running, "ready": chosen is not None,
+            "backend": chosen["backend"] if chosen else None, "backends": per,
+            "checks": top["checks"], "available": top["available"],
+            "unavailable": top["unavailable"]}
 
 
 def report(kver: str, groups: tuple[str, ...], as_json: bool, out) -> int:
     """--check: print what this host can and cannot do; OK when collection can work."""
     result = run_checks(kver, kver == os.uname().release, groups)
     if as_json:
-        doc = {**result, "checks": [f.as_dict() for f in result["checks"]]}
-        out.write(json.dumps(doc, separators=(",", ":")) + "\n")
+        out.write(json.dumps(_as_json(result), separators=(",", ":")) + "\n")
     else:
         _draw(kver, result, out)
     return ExitStatus.OK if result["ready"] else ExitStatus.ERROR
+
+
+def _as_json(result: dict) -> dict:
+    def findings(fs):
+        return [f.as_dict() for f in fs]
+    return {**result, "checks": findings(result["checks"]),
+            "backends": [{**b, "checks": findings(b["checks"])} for b in result["backends"]]}
 
 
 _MARK = {True: "[green]ok[/]", False: "[red]PROBLEM[/]", None: "[yellow]unknown[/]"}
@@ -253,19 +270,33 @@ _MARK = {True: "[green]ok[/]", False: "[red]PROBLEM[/]", None: "[yellow]unknown[
 
 def _draw(kver: str, result: dict, out) -> None:
     from rich.console import Console
-    from rich.table import Table
+    from rich.text import Text
     console = Console(file=out, highlight=False, soft_wrap=False)
-    console.print(f"[bold]tcpipstat --check[/] for kernel {kver}"
+    console.print(f"[bold]tcpipstat --check[/] for kernel {escape(kver)}"
                   + ("" if result["running"] else " (not the running kernel)"))
+    for b in result["backends"]:
+        verdict = "[green]can collect[/]" if b["ready"] else "[red]cannot collect[/]"
+        console.print(f"\n[bold]{b['backend']}[/] collector: {verdict}")
+        console.print(_findings_table(b["checks"]))
+        if b["available"] or b["unavailable"]:
+            console.print(Text(f"counters here: {', '.join(b['available']) or 'none'}"
+                               + (f"; not here: {', '.join(b['unavailable'])}"
+                                  if b["unavailable"] else "")))
+    console.print(f"[green]collection can work here[/] (with {result['backend']})"
+                  if result["ready"] else
+                  "[red]collection cannot work here until the problems above are fixed[/]")
+
+
+def _findings_table(findings):
+    from rich.table import Table
+    from rich.text import Text
     t = Table(box=None, show_header=False, pad_edge=False)
     t.add_column(no_wrap=True)
     t.add_column(no_wrap=True)
     t.add_column()
-    for f in result["checks"]:
-        t.add_row(_MARK[f.ok], f.name, f.detail)
+    for f in findings:          # (details may quote a path or a tool's message: not markup)
+        t.add_row(_MARK[f.ok], Text(f.name), Text(f.detail))
         if f.ok is False:
-            t.add_row("", "", f"fix (Debian/Ubuntu): {f.fix_debian}")
-            t.add_row("", "", f"fix (Fedora/RHEL): {f.fix_fedora}")
-    console.print(t)
-    console.print("[green]collection can work here[/]" if result["ready"] else
-                  "[red]collection cannot work here until the problems above are fixed[/]")
+            t.add_row("", "", Text(f"fix (Debian/Ubuntu): {f.fix_debian}"))
+            t.add_row("", "", Text(f"fix (Fedora/RHEL): {f.fix_fedora}"))
+    return t

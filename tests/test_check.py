@@ -81,12 +81,17 @@ def test_this_host_for_real(monkeypatch):
     monkeypatch.delenv("TCPIPSTAT_STAPRUN", raising=False)
     status, out, err = run_cli("--check", "--json")
     doc = json.loads(out)
-    f = {c["check"]: c for c in doc["checks"]}
+    by_backend = {b["backend"]: b for b in doc["backends"]}
+    assert list(by_backend) == ["stap", "bpftrace"]
+    f = {c["check"]: c for c in by_backend["stap"]["checks"]}
     assert doc["kernel"] == os.uname().release and doc["running"] is True
     if not os.path.exists("/proc/modules"):
         assert f["modules"]["ok"] is False and "CONFIG_MODULES" in f["modules"]["detail"]
     assert f["root"]["ok"] is (os.geteuid() == 0)
-    assert doc["ready"] is all(c["ok"] is not False for c in doc["checks"])
+    for b in doc["backends"]:
+        assert b["ready"] is all(c["ok"] is not False for c in b["checks"])
+    assert doc["ready"] is any(b["ready"] for b in doc["backends"])
+    assert doc["backend"] == next((b["backend"] for b in doc["backends"] if b["ready"]), None)
     assert status == (0 if doc["ready"] else 1)
     status, out, err = run_cli("--check")
     assert ("collection can work here" if doc["ready"] else "collection cannot work here") in out
