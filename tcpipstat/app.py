@@ -41,6 +41,7 @@ class _Source:
     backend: Backend | None = None            # None: a saved run
     outcome: RunOutcome = field(default_factory=RunOutcome)
     first_lineno: int = 1                     # (a saved file's header comment is line 1)
+    why_unavailable: str = "probe did not resolve"   # the collector's reason, for the footer
 
 
 def _log(plan: Plan, errc: Console):
@@ -56,7 +57,7 @@ def _live(plan: Plan, errc: Console, err: IO[str]) -> _Source:
     prepared = backend.prepare(_log(plan, errc))
     return _Source(backend.lines(), backend.outcome.program, prepared.available,
                    prepared.unavailable, plan.tree, prepared.cong, plan.dist, plan.estats,
-                   backend, backend.outcome)
+                   backend, backend.outcome, why_unavailable=prepared.why_unavailable)
 
 
 def _saved(plan: Plan) -> _Source:
@@ -73,7 +74,8 @@ def _saved(plan: Plan) -> _Source:
     if head is None:
         return _Source([first, *lines], path)
     return _Source(lines, path, unavailable=head.unavailable, tree=head.tree, cong=head.cong,
-                   dist=head.dist, estats=head.rfc4898, first_lineno=2)
+                   dist=head.dist, estats=head.rfc4898, first_lineno=2,
+                   why_unavailable=head.why_unavailable or _Source.why_unavailable)
 
 
 def _select(plan: Plan, collection: Collection, tree: bool) -> None:
@@ -138,8 +140,9 @@ def _collect_into(plan: Plan, src: _Source, collection: Collection, ctx: ReportC
         return
     saved = open(plan.save_records, "w") if plan.save_records else None
     if saved:
+        why = "" if src.why_unavailable == _Source.why_unavailable else src.why_unavailable
         saved.write(SaveHeader(kernel_release(plan), src.unavailable, src.tree, src.cong,
-                               src.dist, src.estats).line())
+                               src.dist, src.estats, why).line())
     backend = src.backend
     previous = signal.signal(signal.SIGINT, lambda *_: backend.interrupt())
     try:
@@ -214,7 +217,7 @@ def collect(plan: Plan, out: IO[str], err: IO[str]) -> int:
     console, errc = _consoles(out, err)
     src = _saved(plan) if plan.from_records else _live(plan, errc, err)
     ctx = ReportContext(src.available, src.unavailable, plan.nozeros, us=plan.us,
-                        estats=src.estats, dist=src.dist)
+                        estats=src.estats, dist=src.dist, why_unavailable=src.why_unavailable)
     sink = make_sink(plan.output, ctx, out, console, errc)
     collection = Collection()
     _select(plan, collection, src.tree)

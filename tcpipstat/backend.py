@@ -21,6 +21,7 @@ class Prepared:
     available: tuple[str, ...]          # counters this kernel gives
     unavailable: tuple[str, ...]        # in the chosen groups, not on this kernel
     cong: str = ""                      # how congestion states are seen ("": no cong group)
+    why_unavailable: str = "probe did not resolve"   # what the footer says of the unavailable
 
 
 @dataclass
@@ -69,14 +70,27 @@ class Backend(Protocol):
 
 def backends() -> list[type]:
     """Every backend, in order of preference (what --check reports on)."""
+    from .bpftrace import BpftraceBackend
     from .stap import StapBackend
-    return [StapBackend]
+    return [StapBackend, BpftraceBackend]
 
 
 def _stap_can_work() -> bool:
-    """stap and staprun installed, or replaced (TCPIPSTAT_STAP, TCPIPSTAT_STAPRUN)."""
-    return bool(os.environ.get("TCPIPSTAT_STAP") or os.environ.get("TCPIPSTAT_STAPRUN")
-                or (shutil.which("stap") and shutil.which("staprun")))
+    """stap and staprun replaced (TCPIPSTAT_STAP, TCPIPSTAT_STAPRUN), or installed on a
+    kernel that loads modules (--check tells the rest: headers, debuginfo, lockdown)."""
+    if os.environ.get("TCPIPSTAT_STAP") or os.environ.get("TCPIPSTAT_STAPRUN"):
+        return True
+    return bool(shutil.which("stap") and shutil.which("staprun") and _loads_modules())
+
+
+def _loads_modules() -> bool:
+    """Can this kernel load a module at all (built with modules, loading not switched off)?"""
+    try:
+        with open("/proc/sys/kernel/modules_disabled") as f:
+            disabled = f.read().strip() != "0"
+    except OSError:
+        disabled = False
+    return os.path.exists("/proc/modules") and not disabled
 
 
 def _chosen(plan) -> str:

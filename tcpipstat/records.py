@@ -208,6 +208,7 @@ class SaveHeader:
     cong: str = ""                      # how congestion states were seen ("": no --cong)
     dist: bool = False                  # --dist: congestion-state histograms are reported
     rfc4898: bool = False
+    why_unavailable: str = ""           # the collector's reason for them ("": stap's)
 
     def line(self) -> str:
         items = [f"kernel={self.kernel}", f"unavailable={','.join(self.unavailable)}",
@@ -216,6 +217,8 @@ class SaveHeader:
             items += [f"cong={self.cong}", f"dist={int(self.dist)}"]
         if self.rfc4898:
             items.append("rfc4898=1")
+        if self.why_unavailable:
+            items.append(f"why_unavailable={self.why_unavailable}")
         return "; ".join(["# tcpipstat records", *items]) + "\n"
 
     @classmethod
@@ -229,7 +232,8 @@ class SaveHeader:
         # (recordings older than dist= show the histograms they hold)
         dist = items["dist"] == "1" if "dist" in items else bool(cong)
         return cls(items.get("kernel", ""), tuple(x for x in unavailable.split(",") if x),
-                   items.get("tree") == "1", cong, dist, items.get("rfc4898") == "1")
+                   items.get("tree") == "1", cong, dist, items.get("rfc4898") == "1",
+                   items.get("why_unavailable", ""))
 
 
 _tuple_new = tuple.__new__     # (a Tuple made without NamedTuple's Python-level __new__)

@@ -67,6 +67,7 @@ class ReportContext:
     us: bool = False                            # -u: congestion times in µs (default ms)
     estats: bool = False                        # --rfc4898: RFC 4898 columns in CSV
     dist: bool = False                          # --dist: congestion-state histograms
+    why_unavailable: str = "probe did not resolve"  # (the collector's reason, for the footer)
 
     @property
     def layout(self) -> tuple:
@@ -361,7 +362,7 @@ def render_tables(console: Console, rows: Iterable[Row], ctx: ReportContext, hea
 
 def render_footer(console: Console, ctx: ReportContext) -> None:
     if ctx.unavailable:
-        console.print("[yellow]Unavailable on this kernel[/] (probe did not resolve, not zero): "
+        console.print(f"[yellow]Unavailable on this kernel[/] ({ctx.why_unavailable}, not zero): "
                       + ", ".join(ctx.unavailable))
     for note in ctx.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")     # (a note may name a file)

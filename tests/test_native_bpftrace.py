@@ -103,6 +103,9 @@ def test_auto_prefers_stap_then_bpftrace(monkeypatch):
     have.add("bpftrace")
     assert backend.choose(plan, print).name == "bpftrace"
     have.update({"stap", "staprun"})
+    monkeypatch.setattr(backend, "_loads_modules", lambda: False)    # (this machine's kernel)
+    assert backend.choose(plan, print).name == "bpftrace"
+    monkeypatch.setattr(backend, "_loads_modules", lambda: True)
     assert backend.choose(plan, print).name == "stap"
     assert "tracepoint:sock:sock_send_length" in backend.dump_script(
         build_plan(["--backend", "bpftrace"]))
