@@ -48,7 +48,7 @@ class ReadStats:
     frames: int = 0
     cut: int = 0                                # frames shorter than on the wire (snapshot length)
     unknown_link: dict[int, int] = field(default_factory=dict)   # link type -> frames skipped
-    stopped: str = ""                           # why reading stopped before the end ("": it did not)
+    stopped: str = ""                           # why reading stopped early ("": it did not)
     format: str = ""                            # "pcap" or "pcapng"
     linktypes: set[int] = field(default_factory=set)
 
@@ -92,8 +92,8 @@ def frames(path: str, stats: ReadStats) -> Iterator[tuple[float, int, bytes]]:
 
 def _unsupported(path: str, linktype: int) -> UsageError:
     return UsageError(f"cannot read capture '{path}': link type {linktype} is not supported "
-                      "(tcpipstat reads Ethernet, Linux cooked SLL and SLL2, raw IP and BSD loopback "
-                      "captures); convert it, e.g. with editcap -T ether")
+                      "(tcpipstat reads Ethernet, Linux cooked SLL and SLL2, raw IP and BSD "
+                      "loopback captures); convert it, e.g. with editcap -T ether")
 
 
 def _pcap(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, int, bytes]]:
@@ -128,13 +128,13 @@ def _pcap(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, in
                 break
             sec, sub, caplen, wirelen = unpack(h)
             if caplen > MAX_RECORD:
-                stats.stopped = (f"packet {n + 1} has an impossible captured length ({caplen} bytes): "
-                                 "the file is corrupt from there on")
+                stats.stopped = (f"packet {n + 1} has an impossible captured length ({caplen} "
+                                 "bytes): the file is corrupt from there on")
                 break
             data = read(caplen)
             if len(data) < caplen:
-                stats.stopped = (f"the file ends inside packet {n + 1} ({len(data)} of its {caplen} "
-                                 "bytes; a truncated capture)")
+                stats.stopped = (f"the file ends inside packet {n + 1} ({len(data)} of its "
+                                 f"{caplen} bytes; a truncated capture)")
                 break
             n += 1
             if caplen < wirelen:
@@ -263,7 +263,8 @@ def _idb(path: str, fmt: str, buf: bytes, stats: ReadStats) -> tuple[int, float,
     try:
         idb = cls(buf)
     except (dpkt.UnpackError, struct.error, ValueError) as e:
-        raise UsageError(f"cannot read capture '{path}': a corrupt interface description ({e})") from None
+        raise UsageError(f"cannot read capture '{path}': a corrupt interface description "
+                         f"({e})") from None
     tps, off = 1e6, 0
     for opt in getattr(idb, "opts", ()):
         if opt.code == dpcapng.PCAPNG_OPT_IF_TSRESOL and opt.data:
