@@ -54,7 +54,8 @@ def _packet(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, 
             payload: int, ipid: int, win: int = 502) -> tuple[bytes, int]:
     tlen = 20 + 32 + payload
     ip = _IP.pack(0x45, 0, tlen, ipid & 0xFFFF, 0x4000, 64, 6, 0, src, dst)
-    tcp = _TCP.pack(sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, 8 << 4, flags, win, 0, 0) + _TS_OPT
+    tcp = _TCP.pack(sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, 8 << 4, flags, win, 0,
+                    0) + _TS_OPT
     frame = _ETH + ip + tcp
     return frame[:SNAPLEN], len(frame) + payload
 
@@ -121,7 +122,8 @@ def connection(rng: random.Random, cid: int, t0: float, segments: int):
     yield s2c(t, end + 1, cseq + 1, ACK)
 
 
-def generate(path: Path, packets: int, concurrent: int, shape: str, seed: int = 1) -> tuple[int, int]:
+def generate(path: Path, packets: int, concurrent: int, shape: str,
+             seed: int = 1) -> tuple[int, int]:
     """Writes the capture; returns (packets, connections)."""
     rng = random.Random(seed)
     out = open(path, "wb", buffering=1 << 20)
@@ -217,7 +219,8 @@ def decode_scapy(path: Path, limit: int) -> tuple[int, float] | None:
 
 def decode_struct(path: Path, limit: int) -> tuple[int, float]:
     n = 0
-    rec, ipt, tcpt = struct.Struct("<IIII"), struct.Struct(">BBH4x4x4s4s"), struct.Struct(">HHIIBBH")
+    rec, ipt = struct.Struct("<IIII"), struct.Struct(">BBH4x4x4s4s")
+    tcpt = struct.Struct(">HHIIBBH")
     t0 = time.perf_counter()
     with open(path, "rb", buffering=1 << 20) as f:
         f.read(24)
@@ -245,10 +248,11 @@ def main() -> int:
     t0 = time.perf_counter()
     n, conns = generate(path, args.packets, args.concurrent, args.shape)
     size = path.stat().st_size
-    print(f"capture: {n:,} packets, {conns:,} connections, {size / 2**20:.0f} MiB, shape={args.shape} "
-          f"(generated in {time.perf_counter() - t0:.1f} s)")
+    print(f"capture: {n:,} packets, {conns:,} connections, {size / 2**20:.0f} MiB, "
+          f"shape={args.shape} (generated in {time.perf_counter() - t0:.1f} s)")
     dt, rss = run_tcpipstat(path)
-    print(f"tcpipstat --read --json : {dt:6.1f} s  {n / dt:>10,.0f} packets/s  peak memory {rss / 1024:.0f} MiB")
+    print(f"tcpipstat --read --json : {dt:6.1f} s  {n / dt:>10,.0f} packets/s  "
+          f"peak memory {rss / 1024:.0f} MiB")
     tt = run_tcptrace(path)
     if tt is not None:
         print(f"tcptrace -l -r --csv    : {tt:6.1f} s  {n / tt:>10,.0f} packets/s")
@@ -264,7 +268,8 @@ def main() -> int:
         k, d = sc
         print(f"  scapy  {k:>9,} packets {d:6.1f} s  {k / d:>10,.0f} packets/s")
     k, d = decode_struct(path, n)
-    print(f"  struct {k:>9,} packets {d:6.1f} s  {k / d:>10,.0f} packets/s  (no library: for scale)")
+    print(f"  struct {k:>9,} packets {d:6.1f} s  {k / d:>10,.0f} packets/s  "
+          "(no library: for scale)")
     return 0
 
 

@@ -42,7 +42,7 @@ HS_TOL_MS = 0.102
 
 def tcptrace_rows(text: str) -> list[dict[str, str]]:
     """``tcptrace -l -r -n --csv`` output -> one dict per connection."""
-    lines = [l for l in text.splitlines() if l.strip() and not l.startswith("#")]
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     head = [h.strip() for h in lines[0].split(",")]
     rows = []
     for line in lines[1:]:
@@ -54,7 +54,7 @@ def tcptrace_rows(text: str) -> list[dict[str, str]]:
 def ours(path: Path | str, *extra: str) -> list[dict]:
     status, out, err = run_cli("--read", str(path), "--json", *extra)
     assert status == 0, err
-    return [json.loads(l) for l in out.splitlines()]
+    return [json.loads(ln) for ln in out.splitlines()]
 
 
 def _num(v: str) -> float:
@@ -108,12 +108,16 @@ def compare(o: dict, t: dict, a_is_local: bool) -> list[str]:
         syns, fins = (int(x) for x in t[f"SYN/FIN_pkts_sent_{d}"].split("/"))
         extra = int(t[f"rexmt_data_bytes_{d}"]) - c[f"{p}RetransBytes"]
         if not 0 <= extra <= max(0, syns - 1) + max(0, fins - 1):
-            bad.append(f"{conn} {p}RetransBytes={c[f'{p}RetransBytes']} tcptrace rexmt_data_bytes_{d}="
-                       f"{t[f'rexmt_data_bytes_{d}']} (SYN/FIN {syns}/{fins})")
+            bad.append(f"{conn} {p}RetransBytes={c[f'{p}RetransBytes']} "
+                       f"tcptrace rexmt_data_bytes_{d}={t[f'rexmt_data_bytes_{d}']} "
+                       f"(SYN/FIN {syns}/{fins})")
         if c[f"{p}RttSamples"]:
-            for ours_name, tt in (("RttMin", "RTT_min"), ("RttAvg", "RTT_avg"), ("RttMax", "RTT_max")):
+            for ours_name, tt in (("RttMin", "RTT_min"), ("RttAvg", "RTT_avg"),
+                                  ("RttMax", "RTT_max")):
                 v, w = c[p + ours_name], _num(t[f"{tt}_{d}"])
-                tol = RTT_TOL_MS + (v * 0.0001 / c[f"{p}RttSamples"] if ours_name == "RttAvg" else 0)
+                tol = RTT_TOL_MS
+                if ours_name == "RttAvg":
+                    tol += v * 0.0001 / c[f"{p}RttSamples"]
                 if abs(v - w) > tol:
                     bad.append(f"{conn} {p}{ours_name}={v} tcptrace {tt}_{d}={w}")
         # tcptrace's "duplicate acks a2b" are the ACKs of a's data, sent by b
@@ -146,8 +150,8 @@ def to_pcapng(src: Path, dst: Path, tsresol_ns: bool = True, extra_iface: int | 
         return block(1, struct.pack("<HHI", linktype, 0, snaplen) + opts)
 
     def epb(iface: int, ts_ticks: int, data: bytes, wirelen: int) -> bytes:
-        return block(6, struct.pack("<IIIII", iface, ts_ticks >> 32, ts_ticks & 0xFFFFFFFF, len(data),
-                                    wirelen) + data)
+        return block(6, struct.pack("<IIIII", iface, ts_ticks >> 32, ts_ticks & 0xFFFFFFFF,
+                                    len(data), wirelen) + data)
 
     n = 0
     with open(src, "rb") as f:
@@ -205,7 +209,8 @@ def check_workload(rows: list[dict], manifest: dict) -> None:
             # The sender may also resend a segment the capture did see (a tail-loss probe
             # resends the last one sent when its ACK is late; seen once in CI: 1 of 137):
             # at most one per hole, never more than the holes filled.
-            assert total["OutOfOrder"] > 0 and total["RetransSegs"] <= total["OutOfOrder"], (p, total)
+            assert total["OutOfOrder"] > 0, (p, total)
+            assert total["RetransSegs"] <= total["OutOfOrder"], (p, total)
         else:
             assert total["RetransSegs"] == total["OutOfOrder"] == 0, (p, total)
         if m.get("think_ms"):                  # the server thinks before each response
@@ -221,22 +226,23 @@ def check_workload(rows: list[dict], manifest: dict) -> None:
         if m.get("refused"):
             (r,) = conns
             c = r["counters"]
-            assert (c["OutSegs"], c["InSegs"], c["InRsts"], c["AttemptFails"], c["PassiveOpens"]) == \
-                   (1, 1, 1, 1, 0), c
+            got = (c["OutSegs"], c["InSegs"], c["InRsts"], c["AttemptFails"], c["PassiveOpens"])
+            assert got == (1, 1, 1, 1, 0), c
             assert c["HandshakeRtt"] is None and c["FirstByte"] is None
 
 
 TCPTRACE_KEPT = ("conn_#", "host_a", "host_b", "port_a", "port_b", "first_packet", "last_packet",
                  "total_packets", "unique_bytes_sent", "rexmt_data_pkts", "rexmt_data_bytes",
-                 "outoforder_pkts", "zero_win_adv", "resets_sent", "RTT_samples", "RTT_min", "RTT_max",
-                 "RTT_avg", "RTT_from_3WHS", "SYN/FIN_pkts_sent", "duplicate_acks")
+                 "outoforder_pkts", "zero_win_adv", "resets_sent", "RTT_samples", "RTT_min",
+                 "RTT_max", "RTT_avg", "RTT_from_3WHS", "SYN/FIN_pkts_sent", "duplicate_acks")
 
 
 def trim_tcptrace_csv(text: str) -> str:
     """tcptrace's CSV with only the columns the comparison reads (fixtures stay small)."""
-    lines = [l for l in text.splitlines() if l.strip() and not l.startswith("#")]
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     head = [h.strip() for h in lines[0].split(",")]
-    keep = [i for i, h in enumerate(head) if h in TCPTRACE_KEPT or h.rsplit("_", 1)[0] in TCPTRACE_KEPT]
+    keep = [i for i, h in enumerate(head)
+            if h in TCPTRACE_KEPT or h.rsplit("_", 1)[0] in TCPTRACE_KEPT]
     out = []
     for line in lines:
         vals = line.split(",")
@@ -248,7 +254,8 @@ def synthetic_capture(path: Path, packets: int = 5000) -> int:
     """bench/capture_bench.py's generator (seeded: the same file every time)."""
     import importlib.util
     root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("capture_bench", root / "bench" / "capture_bench.py")
+    spec = importlib.util.spec_from_file_location("capture_bench",
+                                                  root / "bench" / "capture_bench.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.generate(path, packets, 20, "many")[0]

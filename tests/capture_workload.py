@@ -228,8 +228,10 @@ def run_workloads(scale: dict) -> dict:
     return {
         "7101": dict(family=4, conns=n, up=up, down=RESPONSE, loss="input"),
         "7102": dict(family=4, conns=n, up=up, down=RESPONSE, loss="before-capture"),
-        "7103": dict(family=4, conns=1, up=REQ * rounds, down=RESP * rounds, think_ms=THINK_S * 1000),
-        "7104": dict(family=6, conns=1, up=REQ * rounds, down=RESP * rounds, think_ms=THINK_S * 1000),
+        "7103": dict(family=4, conns=1, up=REQ * rounds, down=RESP * rounds,
+                     think_ms=THINK_S * 1000),
+        "7104": dict(family=6, conns=1, up=REQ * rounds, down=RESP * rounds,
+                     think_ms=THINK_S * 1000),
         "7105": dict(family=4, conns=1, up=scale["zero_window"], down=0, zero_window=True),
         "7106": dict(family=4, conns=1, up=1000, down=0, reset="remote"),
         "7199": dict(family=4, conns=1, up=0, down=0, refused=True),
@@ -240,8 +242,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("outdir")
     ap.add_argument("--scale", choices=SCALES, default="full")
-    ap.add_argument("--snaplen", type=int, default=256, help="tcpdump -s (headers are enough; 0: whole "
-                    "packets)")
+    ap.add_argument("--snaplen", type=int, default=256,
+                    help="tcpdump -s (headers are enough; 0: whole packets)")
     args = ap.parse_args()
     for tool in ("tcpdump", "nft", "ip"):
         if not shutil.which(tool):
@@ -273,5 +275,6 @@ def main() -> int:
 
 if __name__ == "__main__":
     if os.geteuid() != 0:
-        raise SystemExit("run it as root, in a private network namespace: unshare --net python3 " + sys.argv[0])
+        raise SystemExit("run it as root, in a private network namespace: "
+                         "unshare --net python3 " + sys.argv[0])
     sys.exit(main())

@@ -96,7 +96,8 @@ def test_raw_ip_link_type_gives_the_same_report(tmp_path, linktype):
     struct.pack_into("<I", out, 20, linktype)
     for off, n in _records(raw):
         sec, usec, caplen, wirelen = struct.unpack_from("<IIII", raw, off)
-        out += struct.pack("<IIII", sec, usec, caplen - 14, wirelen - 14) + raw[off + 16 + 14:off + n]
+        out += struct.pack("<IIII", sec, usec, caplen - 14, wirelen - 14)
+        out += raw[off + 16 + 14:off + n]
     f = tmp_path / "raw.pcap"
     f.write_bytes(bytes(out))
     base = {(r["lport"], r["rport"]): {n: r["counters"][n] for n in COUNTS} for r in ours(LO)}
@@ -117,10 +118,11 @@ def test_table_layout_header_and_sections():
     status, out, err = run_cli("--read", str(LO), "index=rport")
     assert status == 0, err
     lines = out.splitlines()
-    assert lines[0].startswith(f"tcpipstat: 7 rows, index=rport, {LO}: {analyse(str(LO)).read.frames} packets")
+    frames = analyse(str(LO)).read.frames
+    assert lines[0].startswith(f"tcpipstat: 7 rows, index=rport, {LO}: {frames} packets")
     assert "Remote port: 7101  (2 connections)" in out
     assert "Remote port: 7199  (1 connection)" in out
-    heads = [l.split() for l in lines if l.strip().startswith("Out ")]
+    heads = [ln.split() for ln in lines if ln.strip().startswith("Out ")]
     assert heads and all(h == ["Out", "In", "Tcp", "Timing"] for h in heads)
     assert " ms" in out and "HandshakeRtt" in out
 
@@ -130,13 +132,14 @@ def test_absent_measurements_are_na_null_and_empty_not_zero():
     round trip (the reset acknowledges it, as tcptrace counts it)."""
     refused = "127.0.0.1:*-*:7199"
     _, table, _ = run_cli("--read", str(LO), "--zeros", refused)
-    words = [l.split() for l in table.splitlines()]
+    words = [ln.split() for ln in table.splitlines()]
     cells = {" ".join(w[i:i + 2]) for w in words for i in range(len(w) - 1)}
     for name in ("HandshakeRtt", "FirstByte", "TransferTime", "InRttMin", "InRttAvg", "InRttMax"):
         assert f"{name} n/a" in cells, name
     assert "AttemptFails 1" in cells and "RttSamples 1" in cells
     _, table_nz, _ = run_cli("--read", str(LO), refused)
-    assert "InRttMin" not in table_nz and "HandshakeRtt" not in table_nz and "AttemptFails 1" in table_nz
+    assert "InRttMin" not in table_nz and "HandshakeRtt" not in table_nz
+    assert "AttemptFails 1" in table_nz
     (row,) = ours(LO, refused)
     c = row["counters"]
     assert c["InRttMin"] is None and c["HandshakeRtt"] is None and c["InRttSamples"] == 0
@@ -154,10 +157,12 @@ def test_every_index_adds_up_to_the_same_totals(index):
     rows = ours(LO)
     grouped = ours(LO, f"index={index}")
     for name in COUNTS:
-        assert sum(r["counters"][name] for r in grouped) == sum(r["counters"][name] for r in rows), name
+        total = sum(r["counters"][name] for r in rows)
+        assert sum(r["counters"][name] for r in grouped) == total, name
     assert sum(r["sockets"] for r in grouped) == len(rows)
     every_min = min(r["counters"]["RttMin"] for r in rows if r["counters"]["RttMin"] is not None)
-    assert min(r["counters"]["RttMin"] for r in grouped if r["counters"]["RttMin"] is not None) == every_min
+    mins = [r["counters"]["RttMin"] for r in grouped if r["counters"]["RttMin"] is not None]
+    assert min(mins) == every_min
     # RttAvg of a group: the mean over all of its samples
     n = sum(r["counters"]["RttSamples"] for r in rows)
     mean = sum((r["counters"]["RttAvg"] or 0) * r["counters"]["RttSamples"] for r in rows) / n
@@ -174,10 +179,13 @@ def test_process_indexes_are_a_clear_error(index):
 
 @pytest.mark.parametrize("argv,what", [
     (["-c", "true"], "-c"), (["timeout=5"], "timeout"), (["--interval", "1"], "--interval"),
-    (["onclose=1"], "onclose"), (["-x", "1"], "-x/--pid"), (["--from-records", "x"], "--from-records"),
+    (["onclose=1"], "onclose"), (["-x", "1"], "-x/--pid"),
+    (["--from-records", "x"], "--from-records"),
     (["--groups", "tcp"], "-g/--groups"), (["--save-records", "x"], "--save-records"),
-    (["--cong"], "--cong"), (["--dist"], "--dist"), (["--rfc4898"], "--rfc4898"), (["--sample", "10"], "--sample"),
-    (["--on-cwnd-change"], "--on-cwnd-change"), (["--series", "s.csv"], "--series"), (["--plot", "p.png"], "--plot"),
+    (["--cong"], "--cong"), (["--dist"], "--dist"), (["--rfc4898"], "--rfc4898"),
+    (["--sample", "10"], "--sample"),
+    (["--on-cwnd-change"], "--on-cwnd-change"), (["--series", "s.csv"], "--series"),
+    (["--plot", "p.png"], "--plot"),
     (["--kprobes-only"], "--kprobes-only"),
 ])
 def test_live_only_options_are_refused(argv, what):
@@ -253,7 +261,7 @@ def test_truncated_pcap_reports_what_was_read_then_fails(tmp_path, where):
     assert status == ExitStatus.ERROR
     assert str(bad) in err and "truncated" in err and "Traceback" not in err
     assert f"{len(recs) - 20:,} packets read before" in err
-    rows = [json.loads(l) for l in out.splitlines()]
+    rows = [json.loads(ln) for ln in out.splitlines()]
     assert sum(r["counters"]["OutSegs"] + r["counters"]["InSegs"] for r in rows) == len(recs) - 20
 
 
@@ -281,7 +289,8 @@ def test_pcapng_interface_of_an_unknown_link_type_is_skipped_with_a_count(tmp_pa
     to_pcapng(LO, mixed, extra_iface=147)
     status, out, err = run_cli("--read", str(mixed), "index=rport")
     assert status == 0
-    assert "packets of unsupported link types were skipped: 1 of link type 147" in " ".join(out.split())
+    skipped = "packets of unsupported link types were skipped: 1 of link type 147"
+    assert skipped in " ".join(out.split())
     counts = [[r["counters"][n] for n in COUNTS] for r in ours(mixed, "index=rport")]
     assert counts == [[r["counters"][n] for n in COUNTS] for r in ours(LO, "index=rport")]
 
@@ -321,7 +330,8 @@ def test_packets_cut_inside_their_headers_are_counted_and_skipped(tmp_path):
 
 @pytest.mark.parametrize("content,why", [
     (b"", "the file is empty"),
-    (b"# tcpipstat records\nH\ttcpipstat\t2\n", "not a pcap or pcapng file (it starts with 23 20 74 63 70 69 70 73)"),
+    (b"# tcpipstat records\nH\ttcpipstat\t2\n",
+     "not a pcap or pcapng file (it starts with 23 20 74 63 70 69 70 73)"),
     (b"x\n", "not a pcap or pcapng file (it starts with 78 0a)"),
     (gzip.compress(b"\xd4\xc3\xb2\xa1" + b"\0" * 40), "gunzip it first"),
     (b"\xd4\xc3\xb2\xa1\x02\x00", "ends inside the pcap file header"),
@@ -352,7 +362,8 @@ def test_corrupt_record_length_stops_with_an_error(tmp_path):
     assert "3 packets read before" in err
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_damaged_captures_never_raise(tmp_path_factory, data):
     """Any damage (bytes changed, cut anywhere): an exit status and a message, never a
@@ -374,7 +385,8 @@ def test_damaged_captures_never_raise(tmp_path_factory, data):
 # -- streaming: memory does not grow with the capture's length -----------------------------
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("capture_bench", ROOT / "bench" / "capture_bench.py")
+    spec = importlib.util.spec_from_file_location("capture_bench",
+                                                  ROOT / "bench" / "capture_bench.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -409,8 +421,8 @@ def test_per_direction_state_is_bounded():
     assert len(h.pending) <= MAX_PENDING and len(h.seen) == 1
     assert h.new_bytes == 3 * MAX_PENDING * 1000
     for i in range(3 * MAX_HOLES):               # every other segment missing: a hole each
-        t.add(1.0 + i * 1e-5, (2, src, 1000, dst, 80, (101 + (3 * MAX_PENDING + 2 * i) * 1000) & 0xFFFFFFFF,
-                               1, 0x10, 500, 1000))
+        seq = (101 + (3 * MAX_PENDING + 2 * i) * 1000) & 0xFFFFFFFF
+        t.add(1.0 + i * 1e-5, (2, src, 1000, dst, 80, seq, 1, 0x10, 500, 1000))
     assert len(h.seen) <= MAX_HOLES
 
 
@@ -423,7 +435,8 @@ def test_sequence_numbers_wrap_around():
     seq = isn + 1
     for i in range(10):
         t.add(0.002 + i * 1e-3, (2, src, 1000, dst, 80, seq & 0xFFFFFFFF, 8, 0x10, 500, 1000))
-        t.add(0.0025 + i * 1e-3, (2, dst, 80, src, 1000, 8, (seq + 1000) & 0xFFFFFFFF, 0x10, 500, 0))
+        ack = (seq + 1000) & 0xFFFFFFFF
+        t.add(0.0025 + i * 1e-3, (2, dst, 80, src, 1000, 8, ack, 0x10, 500, 0))
         seq += 1000
     # one resend, after the wrap
     t.add(0.5, (2, src, 1000, dst, 80, (seq - 1000) & 0xFFFFFFFF, 8, 0x10, 500, 1000))

@@ -31,13 +31,14 @@ def recorded(tmp_path_factory):
                     "nftables`, then set TCPIPSTAT_CAPTURE=1 (./run-tests does both)")
     missing = [t for t in TOOLS if not shutil.which(t)]
     if missing:
-        pytest.fail(f"TCPIPSTAT_CAPTURE=1 but {', '.join(missing)} missing: apt-get install tcpdump "
-                    "tcptrace nftables iproute2 util-linux")
+        pytest.fail(f"TCPIPSTAT_CAPTURE=1 but {', '.join(missing)} missing: "
+                    "apt-get install tcpdump tcptrace nftables iproute2 util-linux")
     if os.geteuid() != 0:
         pytest.fail("TCPIPSTAT_CAPTURE=1 but not root: recording needs a private network namespace")
     out = tmp_path_factory.mktemp("capture")
-    res = subprocess.run(["unshare", "--net", sys.executable, str(ROOT / "tests" / "capture_workload.py"),
-                          str(out), "--scale", "full"], capture_output=True, text=True, timeout=300)
+    workload = ROOT / "tests" / "capture_workload.py"
+    res = subprocess.run(["unshare", "--net", sys.executable, str(workload), str(out),
+                          "--scale", "full"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     return out
 

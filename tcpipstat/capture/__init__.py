@@ -51,16 +51,19 @@ class Capture:
         """Warnings, with counts, about what could not be used."""
         r, d, notes = self.read, self.decoded, []
         if r.cut:
-            notes.append(f"{r.cut:,} of {r.frames:,} packets were cut by the snapshot length: their payload "
-                         "is counted from the IP header's length")
+            notes.append(f"{r.cut:,} of {r.frames:,} packets were cut by the snapshot length: "
+                         "their payload is counted from the IP header's length")
         if d.cut_headers:
-            notes.append(f"{d.cut_headers:,} packets were cut inside their IP or TCP header and could not "
-                         "be used (record with a snapshot length of at least 96 bytes: tcpdump -s 96)")
+            notes.append(f"{d.cut_headers:,} packets were cut inside their IP or TCP header and "
+                         "could not be used (record with a snapshot length of at least 96 bytes: "
+                         "tcpdump -s 96)")
         if r.unknown_link:
-            kinds = ", ".join(f"{n:,} of link type {lt}" for lt, n in sorted(r.unknown_link.items()))
+            kinds = ", ".join(f"{n:,} of link type {lt}"
+                              for lt, n in sorted(r.unknown_link.items()))
             notes.append(f"packets of unsupported link types were skipped: {kinds}")
         if d.fragments:
-            notes.append(f"{d.fragments:,} IPv4 fragments after the first were skipped (no TCP header)")
+            notes.append(f"{d.fragments:,} IPv4 fragments after the first were skipped "
+                         "(no TCP header)")
         if self.malformed:
             notes.append(f"{self.malformed:,} packets could not be decoded and were skipped")
         if r.frames == 0 and not r.stopped:

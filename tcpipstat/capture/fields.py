@@ -36,47 +36,50 @@ def _dir(out_name: str, in_name: str, what: str, **kw) -> tuple[Field, Field]:
 
 
 _PAIRS = (
-    _dir("OutSegs", "InSegs", "segments {who} sent, retransmissions and pure ACKs included (unlike the "
-         "live OutSegs, which leaves out retransmissions: on the wire they are segments like any other)"),
-    _dir("SendBytes", "RecvBytes", "payload bytes {who} sent for the first time: the bytes of the stream "
-         "(tcptrace: unique bytes sent)"),
-    _dir("RetransSegs", "InRetransSegs", "segments {who} sent again: they carry sequence space (data, "
-         "SYN or FIN) the capture had already seen {who} send or {other} acknowledge"),
+    _dir("OutSegs", "InSegs", "segments {who} sent, retransmissions and pure ACKs included "
+         "(unlike the live OutSegs, which leaves out retransmissions: on the wire they are "
+         "segments like any other)"),
+    _dir("SendBytes", "RecvBytes", "payload bytes {who} sent for the first time: the bytes of "
+         "the stream (tcptrace: unique bytes sent)"),
+    _dir("RetransSegs", "InRetransSegs", "segments {who} sent again: they carry sequence space "
+         "(data, SYN or FIN) the capture had already seen {who} send or {other} acknowledge"),
     _dir("RetransBytes", "InRetransBytes", "payload bytes {who} sent again (SYN and FIN, which "
          "tcptrace counts as one byte each, are not payload)"),
     _dir("OutOfOrder", "InOutOfOrder", "segments of {who} that carried only new data but arrived "
          "below the highest sequence already seen: a hole filled late at the capture point (a "
          "segment lost before it, or reordered)"),
-    _dir("DupAcks", "InDupAcks", "duplicate ACKs {who} sent (RFC 5681: no data, no SYN/FIN/RST, the "
-         "same acknowledgment number and window as its previous ACK, while {other} had data "
+    _dir("DupAcks", "InDupAcks", "duplicate ACKs {who} sent (RFC 5681: no data, no SYN/FIN/RST, "
+         "the same acknowledgment number and window as its previous ACK, while {other} had data "
          "outstanding)"),
-    _dir("ZeroWindows", "InZeroWindows", "ACKs in which {who} advertised a zero receive window (resets "
-         "left out)"),
+    _dir("ZeroWindows", "InZeroWindows", "ACKs in which {who} advertised a zero receive window "
+         "(resets left out)"),
     _dir("OutRsts", "InRsts", "resets {who} sent"),
-    _dir("RttSamples", "InRttSamples", "round-trip samples for {who}'s segments: the time from a "
-         "segment to the first ACK from {other} that acknowledges exactly its end, for segments sent "
-         "once and with no earlier segment sent after them (Karn's rule, as tcptrace)"),
+    _dir("RttSamples", "InRttSamples", "round-trip samples for {who}'s segments: the time from "
+         "a segment to the first ACK from {other} that acknowledges exactly its end, for segments "
+         "sent once and with no earlier segment sent after them (Karn's rule, as tcptrace)"),
     _dir("RttMin", "InRttMin", "the smallest of those samples", unit="ms", agg="min"),
-    _dir("RttAvg", "InRttAvg", "the mean of those samples", unit="ms", agg="mean", weight="RttSamples"),
+    _dir("RttAvg", "InRttAvg", "the mean of those samples", unit="ms", agg="mean",
+         weight="RttSamples"),
     _dir("RttMax", "InRttMax", "the largest of those samples", unit="ms", agg="max"),
 )
 
 FIELDS: tuple[Field, ...] = (
     *(p[0] for p in _PAIRS),
     *(p[1] for p in _PAIRS),
-    Field("ActiveOpens", "Tcp", "the local side's SYN is in the capture (it opened the connection: "
-          "connect())"),
+    Field("ActiveOpens", "Tcp", "the local side's SYN is in the capture (it opened the "
+          "connection: connect())"),
     Field("PassiveOpens", "Tcp", "the remote side's SYN-ACK is in the capture (it accepted the "
           "connection); counted for the connection, not for local"),
-    Field("AttemptFails", "Tcp", "a SYN that never got a SYN-ACK: refused with a reset, or unanswered "
-          "until the capture ended"),
+    Field("AttemptFails", "Tcp", "a SYN that never got a SYN-ACK: refused with a reset, or "
+          "unanswered until the capture ended"),
     Field("HandshakeRtt", "Timing", "from the SYN to the ACK of the SYN-ACK: the path's round trip "
           "wherever the capture was taken (absent when the SYN or the SYN-ACK was retransmitted, "
           "which makes it ambiguous)", unit="ms", agg="mean"),
-    Field("FirstByte", "Timing", "from the first payload byte local sent to the first payload byte "
-          "remote sent after it: a request's time to first response byte", unit="ms", agg="mean"),
-    Field("TransferTime", "Timing", "from the first to the last segment that carried payload, either "
-          "way", unit="ms", agg="mean"),
+    Field("FirstByte", "Timing", "from the first payload byte local sent to the first payload "
+          "byte remote sent after it: a request's time to first response byte", unit="ms",
+          agg="mean"),
+    Field("TransferTime", "Timing", "from the first to the last segment that carried payload, "
+          "either way", unit="ms", agg="mean"),
     Field("Duration", "Timing", "from the connection's first to its last packet in the capture "
           "(tcptrace: elapsed time)", unit="ms", agg="mean"),
 )

@@ -40,10 +40,10 @@ def _unwrap(ref: int, seq: int) -> int:
 
 class Half:
     """One direction of a connection: what its sender sent and what was acknowledged."""
-    __slots__ = ("segs", "new_bytes", "retrans_segs", "retrans_bytes", "ooo", "dupacks", "zero_wins",
-                 "rsts", "syns", "fins", "isn", "high", "floor", "seen", "pending", "acked_ts",
-                 "last_ack", "last_win", "rtt_n", "rtt_sum", "rtt_min", "rtt_max", "first_data",
-                 "last_data", "syn_ts")
+    __slots__ = ("segs", "new_bytes", "retrans_segs", "retrans_bytes", "ooo", "dupacks",
+                 "zero_wins", "rsts", "syns", "fins", "isn", "high", "floor", "seen", "pending",
+                 "acked_ts", "last_ack", "last_win", "rtt_n", "rtt_sum", "rtt_min", "rtt_max",
+                 "first_data", "last_data", "syn_ts")
 
     def __init__(self) -> None:
         self.segs = self.new_bytes = self.retrans_segs = self.retrans_bytes = 0
@@ -68,9 +68,11 @@ class Conn:
     __slots__ = ("family", "laddr", "lport", "raddr", "rport", "halves", "first_ts", "last_ts",
                  "opened", "closed", "synack_n", "synack_ts", "hs_ack_ts", "packets")
 
-    def __init__(self, family: int, laddr: bytes, lport: int, raddr: bytes, rport: int, ts: float):
-        self.family, self.laddr, self.lport, self.raddr, self.rport = family, laddr, lport, raddr, rport
-        self.halves = (Half(), Half())       # [0]: local (initiator) -> remote, [1]: remote -> local
+    def __init__(self, family: int, laddr: bytes, lport: int, raddr: bytes, rport: int,
+                 ts: float):
+        self.family, self.laddr, self.lport = family, laddr, lport
+        self.raddr, self.rport = raddr, rport
+        self.halves = (Half(), Half())       # [0]: local (initiator) -> remote, [1]: the reverse
         self.first_ts = self.last_ts = ts
         self.opened = False                  # the initiator's SYN is in the capture
         self.closed = False                  # both FINs, or a reset
@@ -99,7 +101,8 @@ class Conn:
             c["PassiveOpens"] = 1
         if self.opened and not self.synack_n and inn.segs == inn.rsts:
             c["AttemptFails"] = 1
-        if out.syns == 1 and self.synack_n == 1 and self.hs_ack_ts is not None and out.syn_ts is not None:
+        if (out.syns == 1 and self.synack_n == 1 and self.hs_ack_ts is not None
+                and out.syn_ts is not None):
             c["HandshakeRtt"] = _ms(self.hs_ack_ts - out.syn_ts)
         if out.first_data is not None and inn.first_data is not None:
             # the first response byte after the first request byte
@@ -191,6 +194,112 @@ def _mark_retransmitted(h: Half, s: int, e: int, ts: float) -> None:
         i += 1
 
 
+def _count_syn(conn: Conn, x: Half, d: int, seq: int, flags: int, ts: float) -> None:
+    """A SYN (or SYN-ACK) sent by ``x``, direction ``d`` of ``conn``."""
+    x.syns += 1
+    if x.isn is None:
+        x.isn = seq
+    if not flags & ACK:
+        if d == 0:
+            conn.opened = True
+            x.syn_ts = ts
+    else:
+        conn.synack_n += 1
+        if conn.synack_ts is None:
+            conn.synack_ts = ts
+
+
+def _sent(x: Half, y: Half, seq: int, syn: int, fin: int, plen: int, ts: float) -> None:
+    """Sequence space (``plen`` bytes of payload, a SYN, a FIN) that ``x`` sent: new,
+    retransmitted, out of order or a window probe; ``y`` is the other direction."""
+    if plen:
+        if x.first_data is None:
+            x.first_data = ts
+        x.last_data = ts
+    high = x.high
+    if high is None:
+        s = seq
+        x.high = high = s
+        if syn:
+            x.floor = s
+    else:
+        s = _unwrap(high, seq)
+    e = s + plen + syn + fin
+    if fin:
+        x.fins += 1
+    if y.last_win == 0 and y.segs and not syn:
+        pass                                  # a window probe (as tcptrace): neither new nor resent
+    elif s >= high and s >= x.floor:          # the usual case: at or past everything seen
+        seen = x.seen
+        if seen and seen[-1][1] == s:
+            seen[-1][1] = e
+        else:
+            seen.append([s, e])
+            if len(seen) > MAX_HOLES:
+                seen[0:2] = [[seen[0][0], seen[1][1]]]
+        x.new_bytes += plen
+        pend = x.pending
+        pend.append([s, e, ts, False])
+        if len(pend) > MAX_PENDING:
+            del pend[:MAX_PENDING // 2]
+    else:
+        _resent_or_filled(x, s, e, syn, plen, ts)
+    if e > high:
+        x.high = e
+
+
+def _resent_or_filled(x: Half, s: int, e: int, syn: int, plen: int, ts: float) -> None:
+    """[s, e) starts below what ``x`` sent before: a retransmission when the capture
+    saw any of it already, else an out-of-order segment that fills a hole."""
+    resent = _seen_bytes(x, s + syn, s + syn + plen) if plen else 0
+    overlap, pieces = _insert(x, s, e)
+    if overlap:
+        x.retrans_segs += 1
+        x.retrans_bytes += resent
+        x.new_bytes += plen - resent
+        _mark_retransmitted(x, s, e, ts)
+    else:
+        x.new_bytes += plen
+        x.ooo += 1
+    for a, b in pieces:
+        insort(x.pending, [a, b, ts, False])
+
+
+def _acknowledged(y: Half, a: int, ts: float) -> None:
+    """The other side acknowledged ``y`` up to ``a`` (64-bit), above the floor: RTT samples
+    (Karn's rule) from the segments it acknowledges, then the floor rises to ``a``. Every
+    pending segment starts at or above the floor, so an ACK at or below it acknowledges none."""
+    pend = y.pending
+    if pend and pend[0][0] < a:
+        acked_ts = y.acked_ts
+        i = 0
+        n = len(pend)
+        while i < n:
+            ent = pend[i]
+            if ent[0] >= a:
+                break
+            t0 = ent[2]
+            if ent[1] == a and not ent[3] and acked_ts <= t0:
+                rtt = ts - t0
+                if y.rtt_n == 0 or rtt < y.rtt_min:
+                    y.rtt_min = rtt
+                if rtt > y.rtt_max:
+                    y.rtt_max = rtt
+                y.rtt_sum += rtt
+                y.rtt_n += 1
+            if t0 > acked_ts:
+                acked_ts = t0
+            i += 1
+        del pend[:i]
+        y.acked_ts = acked_ts
+    y.floor = a
+    seen = y.seen
+    while seen and seen[0][1] <= a:
+        del seen[0]
+    if seen and seen[0][0] < a:
+        seen[0][0] = a
+
+
 class FlowTable:
     """Feed segments in capture order with :meth:`add`; :meth:`connections` gives
     every connection seen. ``accept(conn)`` decides, once per connection, whether
@@ -202,7 +311,7 @@ class FlowTable:
         self.done: list[Conn] = []           # connections replaced by a new one on the same tuple
         self.rejected = 0
 
-    def _new(self, family, src, sport, dst, dport, seq, flags, ts):
+    def _new(self, family, src, sport, dst, dport, flags, ts):
         if flags & SYN and flags & ACK:      # the SYN was missed: the receiver opened it
             conn = Conn(family, dst, dport, src, sport, ts)
             d = 1
@@ -216,22 +325,26 @@ class FlowTable:
         self.table[(dst, dport, src, sport)] = (conn, 1 - d)
         return conn, d
 
+    def _opening(self, ent, seg: tuple, ts: float):
+        """The connection and direction of a segment on a new tuple, or of a SYN on a known
+        one: a new connection unless it repeats the SYN."""
+        family, src, sport, dst, dport, seq, _, flags = seg[:8]
+        if ent is not None:
+            conn, d = ent
+            if conn is not None:
+                x = conn.halves[d]
+                if not conn.closed and (x.isn is None or x.isn == seq):
+                    return ent
+                self.done.append(conn)
+        return self._new(family, src, sport, dst, dport, flags, ts)
+
     def add(self, ts: float, seg: tuple) -> None:
         family, src, sport, dst, dport, seq, ack, flags, win, plen = seg
         ent = self.table.get((src, sport, dst, dport))
-        if ent is None:
-            conn, d = self._new(family, src, sport, dst, dport, seq, flags, ts)
+        if ent is None or (flags & SYN and not flags & ACK):
+            conn, d = self._opening(ent, seg, ts)
         else:
             conn, d = ent
-            if flags & SYN and not flags & ACK:
-                # a SYN on a known tuple: a new connection unless it repeats the SYN
-                if conn is None:
-                    conn, d = self._new(family, src, sport, dst, dport, seq, flags, ts)
-                else:
-                    x = conn.halves[d]
-                    if conn.closed or (x.isn is not None and x.isn != seq):
-                        self.done.append(conn)
-                        conn, d = self._new(family, src, sport, dst, dport, seq, flags, ts)
         if conn is None:
             return
         conn.last_ts = ts
@@ -242,114 +355,32 @@ class FlowTable:
         if rst:                               # (its ACK still acknowledges, as tcptrace has it;
             x.rsts += 1                       # it advertises no window and is no duplicate ACK)
             conn.closed = True
-        if flags & SYN:
-            x.syns += 1
-            if x.isn is None:
-                x.isn = seq
-            if not flags & ACK:
-                if d == 0:
-                    conn.opened = True
-                    x.syn_ts = ts
-            else:
-                conn.synack_n += 1
-                if conn.synack_ts is None:
-                    conn.synack_ts = ts
         syn = flags & SYN and 1
-        length = plen + syn + (flags & FIN and 1)
-        if length:
-            if plen:
-                if x.first_data is None:
-                    x.first_data = ts
-                x.last_data = ts
-            high = x.high
-            if high is None:
-                s = seq
-                x.high = high = s
-                if syn:
-                    x.floor = s
-            else:
-                s = _unwrap(high, seq)
-            e = s + length
-            if flags & FIN:
-                x.fins += 1
-            if y.last_win == 0 and y.segs and not syn:
-                pass                          # a window probe (as tcptrace): neither new nor resent
-            elif s >= high and s >= x.floor:  # the usual case: at or past everything seen
-                seen = x.seen
-                if seen and seen[-1][1] == s:
-                    seen[-1][1] = e
-                else:
-                    seen.append([s, e])
-                    if len(seen) > MAX_HOLES:
-                        seen[0:2] = [[seen[0][0], seen[1][1]]]
-                x.new_bytes += plen
-                pend = x.pending
-                pend.append([s, e, ts, False])
-                if len(pend) > MAX_PENDING:
-                    del pend[:MAX_PENDING // 2]
-            else:
-                resent = _seen_bytes(x, s + syn, s + syn + plen) if plen else 0
-                overlap, pieces = _insert(x, s, e)
-                if overlap:
-                    x.retrans_segs += 1
-                    x.retrans_bytes += resent
-                    x.new_bytes += plen - resent
-                    _mark_retransmitted(x, s, e, ts)
-                else:
-                    x.new_bytes += plen
-                    x.ooo += 1
-                for a, b in pieces:
-                    insort(x.pending, [a, b, ts, False])
-            if e > high:
-                x.high = e
+        if syn:
+            _count_syn(conn, x, d, seq, flags, ts)
+        fin = flags & FIN and 1
+        if plen or syn or fin:
+            _sent(x, y, seq, syn, fin, plen, ts)
         if flags & ACK:
             if y.high is None:
                 y.high = ack
             a = _unwrap(y.high, ack)
-            pend = y.pending
-            if pend and pend[0][0] < a:
-                acked_ts = y.acked_ts
-                i = 0
-                n = len(pend)
-                while i < n:
-                    ent = pend[i]
-                    if ent[0] >= a:
-                        break
-                    t0 = ent[2]
-                    if ent[1] == a and not ent[3] and acked_ts <= t0:
-                        rtt = ts - t0
-                        if y.rtt_n == 0 or rtt < y.rtt_min:
-                            y.rtt_min = rtt
-                        if rtt > y.rtt_max:
-                            y.rtt_max = rtt
-                        y.rtt_sum += rtt
-                        y.rtt_n += 1
-                    if t0 > acked_ts:
-                        acked_ts = t0
-                    i += 1
-                del pend[:i]
-                y.acked_ts = acked_ts
             if a > y.floor:
-                y.floor = a
-                seen = y.seen
-                while seen and seen[0][1] <= a:
-                    del seen[0]
-                if seen and seen[0][0] < a:
-                    seen[0][0] = a
+                _acknowledged(y, a, ts)
             if not rst:
                 if win == 0:
                     x.zero_wins += 1
-                if (not plen and not flags & (SYN | FIN) and ack == x.last_ack and win == x.last_win
+                if (not plen and not syn and not fin and ack == x.last_ack and win == x.last_win
                         and y.high > a):
                     x.dupacks += 1
                 x.last_ack = ack
                 x.last_win = win
-            if d == 0 and conn.hs_ack_ts is None and conn.synack_ts is not None and not syn and not rst \
-                    and y.isn is not None and ack == (y.isn + 1) & MASK:
+            if d == 0 and conn.hs_ack_ts is None and conn.synack_ts is not None and not syn \
+                    and not rst and y.isn is not None and ack == (y.isn + 1) & MASK:
                 conn.hs_ack_ts = ts
         elif not rst:
             x.last_win = win if syn else 0    # (tcptrace's "effective window" of such a segment)
-        if flags & FIN and y.fins:
+        if fin and y.fins:
             conn.closed = True
 
     def connections(self) -> Iterator[Conn]:

@@ -50,8 +50,8 @@ def _from_ip(pkt, stats: DecodeStats):
         if pkt.len == 0:                 # segmentation offload: the length field is left 0
             seglen = len(seg)
         stats.tcp += 1
-        return (AF_INET, pkt.src, seg.sport, pkt.dst, seg.dport, seg.seq, seg.ack, seg.flags, seg.win,
-                max(0, seglen - seg.off * 4))
+        return (AF_INET, pkt.src, seg.sport, pkt.dst, seg.dport, seg.seq, seg.ack, seg.flags,
+                seg.win, max(0, seglen - seg.off * 4))
     if type(pkt) is _IP6:
         seg = pkt.data
         if type(seg) is not _TCP:
@@ -65,8 +65,8 @@ def _from_ip(pkt, stats: DecodeStats):
         if pkt.plen == 0:                # a jumbogram: the length is in a hop-by-hop option
             seglen = len(seg)
         stats.tcp += 1
-        return (AF_INET6, pkt.src, seg.sport, pkt.dst, seg.dport, seg.seq, seg.ack, seg.flags, seg.win,
-                max(0, seglen - seg.off * 4))
+        return (AF_INET6, pkt.src, seg.sport, pkt.dst, seg.dport, seg.seq, seg.ack, seg.flags,
+                seg.win, max(0, seglen - seg.off * 4))
     if isinstance(pkt, bytes) and pkt and ((pkt[0] >> 4 == 4 and len(pkt) < 40)
                                            or (pkt[0] >> 4 == 6 and len(pkt) < 60)):
         stats.cut_headers += 1          # an IP header (or the TCP header after it) cut short
@@ -104,7 +104,8 @@ _LINK: dict[int, Callable] = {
     101: _raw, 12: _raw, 14: _raw,
     228: lambda b: _IP(b),
     229: lambda b: _IP6(b),
-    0: _null("little"),      # DLT_NULL: the address family in the writer's byte order (little, nearly always)
+    0: _null("little"),      # DLT_NULL: the address family in the writer's byte order (little,
+                             # nearly always)
     108: _null("big"),       # DLT_LOOP: in network order
 }
 assert set(_LINK) == set(LINKTYPES)

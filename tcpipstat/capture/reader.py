@@ -48,7 +48,7 @@ class ReadStats:
     frames: int = 0
     cut: int = 0                                # frames shorter than on the wire (snapshot length)
     unknown_link: dict[int, int] = field(default_factory=dict)   # link type -> frames skipped
-    stopped: str = ""                           # why reading stopped before the end ("": it did not)
+    stopped: str = ""                           # why reading stopped early ("": it did not)
     format: str = ""                            # "pcap" or "pcapng"
     linktypes: set[int] = field(default_factory=set)
 
@@ -92,8 +92,8 @@ def frames(path: str, stats: ReadStats) -> Iterator[tuple[float, int, bytes]]:
 
 def _unsupported(path: str, linktype: int) -> UsageError:
     return UsageError(f"cannot read capture '{path}': link type {linktype} is not supported "
-                      "(tcpipstat reads Ethernet, Linux cooked SLL and SLL2, raw IP and BSD loopback "
-                      "captures); convert it, e.g. with editcap -T ether")
+                      "(tcpipstat reads Ethernet, Linux cooked SLL and SLL2, raw IP and BSD "
+                      "loopback captures); convert it, e.g. with editcap -T ether")
 
 
 def _pcap(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, int, bytes]]:
@@ -128,13 +128,13 @@ def _pcap(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, in
                 break
             sec, sub, caplen, wirelen = unpack(h)
             if caplen > MAX_RECORD:
-                stats.stopped = (f"packet {n + 1} has an impossible captured length ({caplen} bytes): "
-                                 "the file is corrupt from there on")
+                stats.stopped = (f"packet {n + 1} has an impossible captured length ({caplen} "
+                                 "bytes): the file is corrupt from there on")
                 break
             data = read(caplen)
             if len(data) < caplen:
-                stats.stopped = (f"the file ends inside packet {n + 1} ({len(data)} of its {caplen} "
-                                 "bytes; a truncated capture)")
+                stats.stopped = (f"the file ends inside packet {n + 1} ({len(data)} of its "
+                                 f"{caplen} bytes; a truncated capture)")
                 break
             n += 1
             if caplen < wirelen:
@@ -152,9 +152,7 @@ def _pcapng(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, 
     read = f.read
     fmt = "<"
     ifaces: list[tuple[int, float, int]] = []      # (link type, ticks per second, offset seconds)
-    n = 0
-    cut = 0
-    section = 0
+    n = cut = section = 0
     try:
         while True:
             h = read(8)
@@ -164,28 +162,8 @@ def _pcapng(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, 
                 break
             btype = struct.unpack_from(fmt + "I", h)[0]
             if btype == dpcapng.PCAPNG_BT_SHB:      # a (new) section: byte order, interfaces anew
-                bom = read(4)
-                if len(bom) < 4:
-                    stats.stopped = "the file ends inside a section header (a truncated capture)"
-                    break
-                if bom == b"\x4d\x3c\x2b\x1a":
-                    fmt = "<"
-                elif bom == b"\x1a\x2b\x3c\x4d":
-                    fmt = ">"
-                else:
-                    if section == 0:
-                        raise _not_capture(path, h + bom)
-                    stats.stopped = "a section header with an unknown byte order: the file is corrupt"
-                    break
-                blen = struct.unpack_from(fmt + "I", h, 4)[0]
-                if blen < _SHB_LEN or blen % 4 or blen > MAX_RECORD:
-                    if section == 0:
-                        raise UsageError(f"cannot read capture '{path}': a corrupt pcapng section header")
-                    stats.stopped = "a corrupt section header"
-                    break
-                body = read(blen - 12)
-                if len(body) < blen - 12:
-                    stats.stopped = "the file ends inside a section header (a truncated capture)"
+                fmt = _section_header(path, read, h, section == 0, stats)
+                if not fmt:
                     break
                 ifaces = []
                 section += 1
@@ -193,14 +171,9 @@ def _pcapng(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, 
             if section == 0:
                 raise _not_capture(path, h)
             blen = struct.unpack_from(fmt + "I", h, 4)[0]
-            if blen < 12 or blen % 4 or blen > MAX_RECORD:
-                stats.stopped = (f"block after packet {n} has an impossible length ({blen} bytes): "
-                                 "the file is corrupt from there on")
-                break
-            body = read(blen - 8)
-            if len(body) < blen - 8:
-                stats.stopped = (f"the file ends inside the block after packet {n} ({len(body) + 8} of "
-                                 f"its {blen} bytes; a truncated capture)")
+            body = read(blen - 8) if 12 <= blen <= MAX_RECORD and not blen % 4 else None
+            if body is None or len(body) < blen - 8:
+                stats.stopped = _bad_block(n, blen, body)
                 break
             if btype == dpcapng.PCAPNG_BT_EPB:
                 if len(body) < 24:
@@ -208,37 +181,81 @@ def _pcapng(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, 
                     break
                 iid, hi, lo, caplen, wirelen = struct.unpack_from(fmt + "IIIII", body)
                 if iid >= len(ifaces) or caplen > len(body) - 24:
-                    stats.stopped = (f"packet {n + 1} names interface {iid} or a length that does not "
-                                     "exist: the file is corrupt from there on")
+                    stats.stopped = (f"packet {n + 1} names interface {iid} or a length that does "
+                                     "not exist: the file is corrupt from there on")
                     break
                 linktype, tps, off = ifaces[iid]
-                n += 1
-                if linktype not in LINKTYPES:
-                    stats.unknown_link[linktype] = stats.unknown_link.get(linktype, 0) + 1
-                    continue
-                if caplen < wirelen:
-                    cut += 1
-                yield off + ((hi << 32) | lo) / tps, linktype, body[20:20 + caplen]
-            elif btype == dpcapng.PCAPNG_BT_IDB:
-                ifaces.append(_idb(path, fmt, h + body, stats))
-            elif btype == dpcapng.PCAPNG_BT_SPB:     # simple packet: interface 0, no time stamp
-                if not ifaces or len(body) < 4:
-                    stats.stopped = f"a corrupt simple packet block after packet {n}"
+                ts = off + ((hi << 32) | lo) / tps
+                data = body[20:20 + caplen]
+            elif btype == dpcapng.PCAPNG_BT_SPB:
+                spb = _simple_packet(fmt, body, ifaces, n, stats)
+                if spb is None:
                     break
-                wirelen = struct.unpack_from(fmt + "I", body)[0]
-                linktype = ifaces[0][0]
-                data = body[4:4 + min(wirelen, len(body) - 4)]
-                n += 1
-                if linktype not in LINKTYPES:
-                    stats.unknown_link[linktype] = stats.unknown_link.get(linktype, 0) + 1
-                    continue
-                if len(data) < wirelen:
-                    cut += 1
-                yield 0.0, linktype, data
-            # other blocks (name resolution, statistics, ...) say nothing about packets
+                ts, linktype, data, wirelen = spb
+            else:
+                if btype == dpcapng.PCAPNG_BT_IDB:
+                    ifaces.append(_idb(path, fmt, h + body, stats))
+                continue        # other blocks (name resolution, statistics, ...): no packets
+            n += 1
+            if linktype not in LINKTYPES:
+                stats.unknown_link[linktype] = stats.unknown_link.get(linktype, 0) + 1
+                continue
+            if len(data) < wirelen:
+                cut += 1
+            yield ts, linktype, data
     finally:
         stats.frames += n
         stats.cut += cut
+
+
+def _bad_block(n: int, blen: int, body: bytes | None) -> str:
+    """Why reading stops at the block after packet ``n``, of length ``blen``: ``body`` is
+    None when that length is impossible, else the part of the block the file holds."""
+    if body is None:
+        return (f"block after packet {n} has an impossible length ({blen} bytes): "
+                "the file is corrupt from there on")
+    return (f"the file ends inside the block after packet {n} ({len(body) + 8} of its {blen} "
+            "bytes; a truncated capture)")
+
+
+def _simple_packet(fmt: str, body: bytes, ifaces: list, n: int, stats: ReadStats):
+    """A simple packet block's (time stamp, link type, frame, original length): interface
+    0's, no time stamp; None when it is corrupt (``stats.stopped`` says so)."""
+    if not ifaces or len(body) < 4:
+        stats.stopped = f"a corrupt simple packet block after packet {n}"
+        return None
+    wirelen = struct.unpack_from(fmt + "I", body)[0]
+    return 0.0, ifaces[0][0], body[4:4 + min(wirelen, len(body) - 4)], wirelen
+
+
+def _section_header(path: str, read, h: bytes, first: bool, stats: ReadStats) -> str:
+    """The rest of a section header block whose first 8 bytes are ``h``: the section's
+    byte order as a struct prefix, or "" when the file stops there (``stats.stopped`` says
+    why). A bad first section is no pcapng file at all: UsageError."""
+    bom = read(4)
+    if len(bom) < 4:
+        stats.stopped = "the file ends inside a section header (a truncated capture)"
+        return ""
+    if bom == b"\x4d\x3c\x2b\x1a":
+        fmt = "<"
+    elif bom == b"\x1a\x2b\x3c\x4d":
+        fmt = ">"
+    else:
+        if first:
+            raise _not_capture(path, h + bom)
+        stats.stopped = "a section header with an unknown byte order: the file is corrupt"
+        return ""
+    blen = struct.unpack_from(fmt + "I", h, 4)[0]
+    if blen < _SHB_LEN or blen % 4 or blen > MAX_RECORD:
+        if first:
+            raise UsageError(f"cannot read capture '{path}': a corrupt pcapng section header")
+        stats.stopped = "a corrupt section header"
+        return ""
+    body = read(blen - 12)
+    if len(body) < blen - 12:
+        stats.stopped = "the file ends inside a section header (a truncated capture)"
+        return ""
+    return fmt
 
 
 def _idb(path: str, fmt: str, buf: bytes, stats: ReadStats) -> tuple[int, float, int]:
@@ -246,7 +263,8 @@ def _idb(path: str, fmt: str, buf: bytes, stats: ReadStats) -> tuple[int, float,
     try:
         idb = cls(buf)
     except (dpkt.UnpackError, struct.error, ValueError) as e:
-        raise UsageError(f"cannot read capture '{path}': a corrupt interface description ({e})") from None
+        raise UsageError(f"cannot read capture '{path}': a corrupt interface description "
+                         f"({e})") from None
     tps, off = 1e6, 0
     for opt in getattr(idb, "opts", ()):
         if opt.code == dpcapng.PCAPNG_OPT_IF_TSRESOL and opt.data:
