@@ -7,6 +7,8 @@ from __future__ import annotations
 import gc
 import signal
 import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Iterable
 
@@ -271,12 +273,30 @@ def _consoles(out: IO[str], err: IO[str]) -> tuple[Console, Console]:
     return console, errc
 
 
+@contextmanager
+def _capture_progress(errc: Console):
+    """On a terminal, a long read shows the packets read and their rate (cleared at the
+    end); elsewhere nothing is drawn."""
+    if not errc.is_terminal:
+        yield None
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    start = time.monotonic()
+    with Progress(SpinnerColumn(), TextColumn("reading: {task.completed:,} packets, "
+                                              "{task.fields[rate]:,.0f} packets/s"),
+                  TimeElapsedColumn(), console=errc, transient=True) as bar:
+        task = bar.add_task("read", total=None, rate=0.0)
+        yield lambda packets: bar.update(
+            task, completed=packets, rate=packets / max(time.monotonic() - start, 1e-3))
+
+
 def report_capture(plan: Plan, out: IO[str], err: IO[str]) -> int:
     """--read: the report of a capture file (tcpipstat/capture), through the same sinks."""
     from .capture import analyse
     from .capture.fields import CATALOGUE, NAMES
     console, errc = _consoles(out, err)
-    cap = analyse(plan.read, plan.filters)
+    with _capture_progress(errc) as progress:
+        cap = analyse(plan.read, plan.filters, progress)
     rows, hidden = sort_rows(cap.rows(plan.index), plan.sort, plan.top)
     dur = cap.duration_s
     outcome = Outcome(capture=cap.notes(), hidden=hidden, top=plan.top, sort=plan.sort,

@@ -444,3 +444,66 @@ def test_sequence_numbers_wrap_around():
     c = conn.counters()
     assert c["SendBytes"] == 10_000 and c["RetransSegs"] == 1 and c["RetransBytes"] == 1000
     assert c["RttSamples"] == 11 and abs(c["RttMax"] - 1.0) < 1e-6   # the SYN's, and each segment's
+
+
+def _blocks(data: bytes) -> list[bytes]:
+    """A little-endian pcapng file's blocks, as they are."""
+    out, i = [], 0
+    while i < len(data):
+        blen = int.from_bytes(data[i + 4:i + 8], "little")
+        out.append(data[i:i + blen])
+        i += blen
+    return out
+
+
+def test_a_corrupt_interface_block_keeps_what_was_read(tmp_path):
+    """An interface description block too short to hold one, after three packets: the three
+    are reported and the run says where the file went bad (exit 1), as after a corrupt
+    packet block; no exit 2 and no dpkt wording."""
+    blocks = _blocks((FIXTURES / "capture" / "any-sll2.pcapng").read_bytes())
+    packets = [i for i, b in enumerate(blocks) if b[:4] == b"\x06\x00\x00\x00"]
+    bad_idb = (1).to_bytes(4, "little") + (16).to_bytes(4, "little") + bytes(4) + \
+        (16).to_bytes(4, "little")
+    at = packets[2] + 1
+    path = tmp_path / "bad-idb.pcapng"
+    path.write_bytes(b"".join(blocks[:at]) + bad_idb + b"".join(blocks[at:]))
+    status, out, err = run_cli("--read", str(path), "--json")
+    assert status == ExitStatus.ERROR and "corrupt interface description block after packet 3" in err
+    assert "3 packets read before" in err and "needed at least" not in err
+
+
+def test_a_fifo_says_it_waits_for_a_writer(tmp_path):
+    import os
+    import subprocess
+    import sys
+    fifo = tmp_path / "cap.fifo"
+    os.mkfifo(fifo)
+    p = subprocess.Popen([sys.executable, "-m", "tcpipstat", "--read", str(fifo), "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the writer comes once the reader has said it waits (whatever the machine's speed)
+    first = p.stderr.readline()
+    assert "is a FIFO: waiting for a writer" in first
+    fifo.write_bytes((FIXTURES / "capture" / "lo.pcap").read_bytes())
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and out.count("\n") > 0, err
+
+
+def test_ctrl_c_while_reading_reports_what_was_read(monkeypatch):
+    """The report of the packets read before Ctrl-C, a note saying so, and exit 130; with
+    progress called as reading goes."""
+    import tcpipstat.capture as capture
+    real = capture.frames
+
+    def interrupted(path, stats):
+        for i, frame in enumerate(real(path, stats)):
+            if i == 100:
+                raise KeyboardInterrupt
+            yield frame
+    monkeypatch.setattr(capture, "frames", interrupted)
+    monkeypatch.setattr(capture, "PROGRESS_EVERY", 10)
+    calls = []
+    cap = capture.analyse(str(FIXTURES / "capture" / "lo.pcap"), progress=calls.append)
+    assert cap.interrupted and calls == list(range(10, 101, 10))
+    assert any("interrupted (Ctrl-C) after 100 packets" in n for n in cap.notes())
+    status, out, err = run_cli("--read", str(FIXTURES / "capture" / "lo.pcap"))
+    assert status == ExitStatus.INTERRUPTED and "after 100 packets" in " ".join(out.split())

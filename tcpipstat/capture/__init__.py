@@ -32,6 +32,7 @@ class Capture:
     flows: FlowTable = field(default_factory=FlowTable)
     malformed: int = 0
     interrupted: bool = False      # Ctrl-C while reading: the report holds what was read
+    interrupted_at: int = 0        # packets read by then
     first_ts: float | None = None
     last_ts: float | None = None
 
@@ -66,7 +67,10 @@ class Capture:
                          "(no TCP header)")
         if self.malformed:
             notes.append(f"{self.malformed:,} packets could not be decoded and were skipped")
-        if r.frames == 0 and not r.stopped:
+        if self.interrupted:
+            notes.append(f"interrupted (Ctrl-C) after {self.interrupted_at:,} packets: the "
+                         "report holds what was read")
+        if r.frames == 0 and not r.stopped and not self.interrupted:
             notes.append(f"the capture '{self.path}' holds no packets")
         return notes
 
@@ -82,16 +86,23 @@ def accept_filters(filters: tuple[Filter, ...] | list[Filter]):
     return accept
 
 
-def analyse(path: str, filters=()) -> Capture:
+PROGRESS_EVERY = 1 << 16        # packets between two calls of analyse()'s progress
+
+
+def analyse(path: str, filters=(), progress=None) -> Capture:
     """Read and analyse one capture file. Raises UsageError when it cannot be read at
-    all; a file that ends early is analysed up to there (``read.stopped`` says why)."""
+    all; a file that ends early is analysed up to there (``read.stopped`` says why).
+    ``progress(packets)``, if given, is called every PROGRESS_EVERY packets."""
     cap = Capture(path, flows=FlowTable(accept_filters(filters)))
     decoders: dict[int, object] = {}
     add = cap.flows.add
     first = last = None
-    malformed = 0
+    malformed = seen = 0
     try:
         for ts, linktype, data in frames(path, cap.read):
+            seen += 1
+            if progress is not None and not seen % PROGRESS_EVERY:
+                progress(seen)
             dec = decoders.get(linktype)
             if dec is None:
                 dec = decoders[linktype] = decoder(linktype, cap.decoded)
@@ -106,7 +117,7 @@ def analyse(path: str, filters=()) -> Capture:
             if seg is not None:
                 add(ts, seg)
     except KeyboardInterrupt:
-        cap.interrupted = True
+        cap.interrupted, cap.interrupted_at = True, seen
     cap.first_ts, cap.last_ts, cap.malformed = first, last, malformed
     r = cap.read
     if r.frames and sum(r.unknown_link.values()) == r.frames:

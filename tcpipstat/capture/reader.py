@@ -15,6 +15,9 @@ that ends inside a record or holds a corrupt one -> reading stops there and
 """
 from __future__ import annotations
 
+import os
+import stat
+import sys
 import struct
 from dataclasses import dataclass, field
 from typing import IO, Iterator
@@ -65,6 +68,9 @@ def _not_capture(path: str, head: bytes) -> UsageError:
 
 def open_capture(path: str) -> IO[bytes]:
     try:
+        if stat.S_ISFIFO(os.stat(path).st_mode):    # (open() waits for a writer: say so)
+            print(f"tcpipstat: '{path}' is a FIFO: waiting for a writer (Ctrl-C to stop)",
+                  file=sys.stderr, flush=True)
         return open(path, "rb", buffering=1 << 20)
     except OSError as e:
         raise UsageError(f"cannot read capture '{path}': {e.strerror}") from None
@@ -74,12 +80,11 @@ def frames(path: str, stats: ReadStats) -> Iterator[tuple[float, int, bytes]]:
     """(timestamp in seconds, link type, frame bytes) of every packet record."""
     f = open_capture(path)
     with f:
-        try:
-            head = f.read(4)
+        try:        # (peeked, not read and rewound: a FIFO cannot seek)
+            head = f.peek(4)[:4]
         except OSError as e:
             raise UsageError(f"cannot read capture '{path}': {e.strerror}") from None
         magic_be = int.from_bytes(head, "big") if len(head) == 4 else None
-        f.seek(0)
         if magic_be == PCAPNG_MAGIC:
             stats.format = "pcapng"
             yield from _pcapng(path, f, stats)
@@ -87,7 +92,7 @@ def frames(path: str, stats: ReadStats) -> Iterator[tuple[float, int, bytes]]:
             stats.format = "pcap"
             yield from _pcap(path, f, stats)
         else:
-            raise _not_capture(path, f.read(8))     # (rewound: the first bytes, once)
+            raise _not_capture(path, f.read(8))     # (the first bytes, once)
 
 
 def _unsupported(path: str, linktype: int) -> UsageError:
@@ -194,7 +199,12 @@ def _pcapng(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, 
                 ts, linktype, data, wirelen = spb
             else:
                 if btype == dpcapng.PCAPNG_BT_IDB:
-                    ifaces.append(_idb(path, fmt, h + body, stats))
+                    iface = _idb(fmt, h + body, stats)
+                    if iface is None:
+                        stats.stopped = (f"a corrupt interface description block after packet "
+                                         f"{n}: the file is corrupt from there on")
+                        break
+                    ifaces.append(iface)
                 continue        # other blocks (name resolution, statistics, ...): no packets
             n += 1
             if linktype not in LINKTYPES:
@@ -258,13 +268,14 @@ def _section_header(path: str, read, h: bytes, first: bool, stats: ReadStats) ->
     return fmt
 
 
-def _idb(path: str, fmt: str, buf: bytes, stats: ReadStats) -> tuple[int, float, int]:
+def _idb(fmt: str, buf: bytes, stats: ReadStats) -> tuple[int, float, int] | None:
+    """An interface's (link type, ticks per second, offset); None when the block is
+    corrupt (what was read before it is kept, like after a corrupt packet)."""
     cls = dpcapng.InterfaceDescriptionBlockLE if fmt == "<" else dpcapng.InterfaceDescriptionBlock
     try:
         idb = cls(buf)
-    except (dpkt.UnpackError, struct.error, ValueError) as e:
-        raise UsageError(f"cannot read capture '{path}': a corrupt interface description "
-                         f"({e})") from None
+    except (dpkt.UnpackError, struct.error, ValueError):
+        return None
     tps, off = 1e6, 0
     for opt in getattr(idb, "opts", ()):
         if opt.code == dpcapng.PCAPNG_OPT_IF_TSRESOL and opt.data:
