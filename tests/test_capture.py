@@ -468,7 +468,8 @@ def test_a_corrupt_interface_block_keeps_what_was_read(tmp_path):
     path = tmp_path / "bad-idb.pcapng"
     path.write_bytes(b"".join(blocks[:at]) + bad_idb + b"".join(blocks[at:]))
     status, out, err = run_cli("--read", str(path), "--json")
-    assert status == ExitStatus.ERROR and "corrupt interface description block after packet 3" in err
+    assert status == ExitStatus.ERROR
+    assert "corrupt interface description block after packet 3" in err
     assert "3 packets read before" in err and "needed at least" not in err
 
 
