@@ -31,6 +31,8 @@ def _env() -> jinja2.Environment:
         loader=jinja2.PackageLoader("tcpipstat", "stp_templates"),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
+        trim_blocks=True,           # a line holding only a {% tag %} leaves nothing
+        lstrip_blocks=True,
         autoescape=False,
     )
 
@@ -57,21 +59,24 @@ def resolve_points(tc, points: Iterable[Probe], kver: str) -> frozenset[Probe]:
 
 
 # ---- the stap expressions of the fields read from a struct tcp_sock (t_t) ----
-T = '@cast(t_t, "tcp_sock", "kernel")'
-ICSK = '@cast(t_t, "inet_connection_sock", "kernel")'
+# (@tp and @icsk: the template's macros for t_t cast to a tcp_sock / inet_connection_sock)
+T = "@tp"
+ICSK = "@icsk"
 _MSS = f"{T}->mss_cache"
-# The option bits of tp->rx_opt (struct tcp_options_received) are bitfields in the u16
-# right after rcv_tsecr: saw_tstamp:1, tstamp_ok:1, dsack:1, wscale_ok:1, sack_ok:3,
-# smc_ok:1, snd_wscale:4, rcv_wscale:4 (the same in Linux 6.1 and 6.12). They are read
-# as that word: stap 4.8 read every one of them as 0 from Debian 6.1's debuginfo (seen
-# in the lab, where 5.1 with 6.12 reads them right); tier 3 checks both.
+# Quirk (stap 4.8): the option bits of tp->rx_opt (struct tcp_options_received) are
+# bitfields in the u16 right after rcv_tsecr: saw_tstamp:1, tstamp_ok:1, dsack:1,
+# wscale_ok:1, sack_ok:3, smc_ok:1, snd_wscale:4, rcv_wscale:4 (the same in Linux 6.1 and
+# 6.12). They are read as that word: stap 4.8 read every one of them as 0 from Debian
+# 6.1's debuginfo (seen in the lab, where 5.1 with 6.12 reads them right); tier 3 checks
+# both.
 _RXW = f"(kernel_short(&{T}->rx_opt->rcv_tsecr + 4) & 0xffff)"
 _FLIGHT = f"({T}->packets_out - ({T}->sacked_out + {T}->lost_out) + {T}->retrans_out)"
 _RTO_MS = f"({ICSK}->icsk_rto * 1000 / HZ())"
 
 
 def _opt(field: str) -> str:
-    """A tcp_sock field some kernels lack: -1 where it does not exist (no version checks)."""
+    """Quirk (kernel: tcp_sock fields that only some versions have, e.g. total_rto since
+    Linux 6.7): -1 where the field does not exist (per field, no version checks)."""
     return f"(@defined({T}->{field}) ? {T}->{field} : -1)"
 
 

@@ -15,7 +15,8 @@ from tcpipstat.records import Parser, hist_key
 
 from .conftest import FIXTURES, run_cli
 
-RUNS = {"bookworm": FIXTURES / "bookworm-cong-dist.records", "trixie": FIXTURES / "trixie-cong-dist.records"}
+RUNS = {"bookworm": FIXTURES / "bookworm-cong-dist.records",
+        "trixie": FIXTURES / "trixie-cong-dist.records"}
 HOW = {"bookworm": "tracepoint tcp:tcp_cong_state_set", "trixie": "kprobes: tcp_ack"}
 
 
@@ -31,7 +32,8 @@ def test_stays_add_up_to_the_time_in_each_state(suite):
     sender = max(c.sockets.values(), key=lambda s: s.counters.get("SendBytes", 0))
     assert sender.counters["RetransSegs"] > 0 and sender.counters["CaChanges"] >= 2
     for i, state in enumerate(CA_STATES):
-        stays = {hist_key(k)[1]: v for k, v in sender.counters.items() if hist_key(k) and hist_key(k)[0] == i}
+        stays = {hist_key(k)[1]: v for k, v in sender.counters.items()
+                 if hist_key(k) and hist_key(k)[0] == i}
         us = sender.counters.get(f"Ca{state}Us", 0)
         # a stay in bucket b lasted 2^b .. 2^(b+1)-1 us: their sum brackets the state's time
         # (bucket 0 holds stays of 0 and 1 us)
@@ -44,12 +46,13 @@ def test_stays_add_up_to_the_time_in_each_state(suite):
 
 @pytest.mark.parametrize("suite", RUNS)
 def test_tables_say_how_states_were_seen_and_show_ms_or_us(suite):
-    status, out, err = run_cli("--from-records", str(RUNS[suite]), "--sort", "SendBytes", "--top", "1")
+    top = ("--sort", "SendBytes", "--top", "1")
+    status, out, err = run_cli("--from-records", str(RUNS[suite]), *top)
     assert status == 0, err
     assert f"congestion states seen through the {HOW[suite]}" in out
     assert "Congestion" in out and re.search(r"CaOpen [0-9,]+\.[0-9]{3} ms", out)
     assert re.search(r"Recovery: how long each stay lasted \(\d+ stays?\)", out)
-    status, out_us, _ = run_cli("--from-records", str(RUNS[suite]), "--us", "--sort", "SendBytes", "--top", "1")
+    status, out_us, _ = run_cli("--from-records", str(RUNS[suite]), "--us", *top)
     c = load(RUNS[suite])
     sender = max(c.sockets.values(), key=lambda s: s.counters.get("SendBytes", 0))
     assert f"CaOpen {sender.counters['CaOpenUs']:,} us" in out_us
@@ -59,9 +62,10 @@ def test_tables_say_how_states_were_seen_and_show_ms_or_us(suite):
 def test_json_and_csv_carry_microseconds(suite):
     c = load(RUNS[suite])
     status, out, _ = run_cli("--from-records", str(RUNS[suite]), "--json")
-    rows = [json.loads(l) for l in out.splitlines()]
+    rows = [json.loads(line) for line in out.splitlines()]
     for row in rows:
-        st = next(s for s in c.sockets.values() if s.tuple.lport == row["lport"] and s.tuple.rport == row["rport"])
+        st = next(s for s in c.sockets.values()
+                  if (s.tuple.lport, s.tuple.rport) == (row["lport"], row["rport"]))
         assert row["counters"]["CaRecoveryUs"] == st.counters.get("CaRecoveryUs", 0)
         want = {}
         for k, v in st.counters.items():
@@ -83,7 +87,7 @@ def test_no_congestion_column_without_the_group():
 @pytest.mark.parametrize("field", ["h.5.0=1", "h.0.64=1", "h.x.1=1", "h.1=2"])
 def test_bad_histogram_fields_are_named(field):
     text = RUNS["bookworm"].read_text().splitlines()
-    r = next(i for i, l in enumerate(text) if l.startswith("R\t"))
+    r = next(i for i, line in enumerate(text) if line.startswith("R\t"))
     text[r] += "\t" + field
     with pytest.raises(RecordParseError) as e:
         list(Parser("x.records").parse(text))

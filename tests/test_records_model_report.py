@@ -62,12 +62,13 @@ def test_ipv6_addresses_are_real():
     assert rows and all(r.key.family == 10 for r in rows)
     out = io.StringIO()
     write_json(out, rows, ReportContext(c.counter_names))
-    objs = [json.loads(l) for l in out.getvalue().splitlines()]
+    objs = [json.loads(line) for line in out.getvalue().splitlines()]
     assert {o["laddr"] for o in objs} == {"::1"}
     assert sum(o["counters"]["PassiveOpens"] for o in objs) == 2
     assert all(o["counters"]["InNoRoutes"] is None for o in objs)   # IPv4-only: n/a, not 0
     assert all(o["counters"]["InSegs"] > 0 for o in objs)
-    # InReceives and OutRequests have IPv6 probes (ip6_rcv_core, ip6_xmit): one segment a datagram here
+    # InReceives and OutRequests have IPv6 probes (ip6_rcv_core, ip6_xmit): one segment a
+    # datagram here
     assert all(o["counters"]["InReceives"] == o["counters"]["InSegs"] for o in objs)
     assert all(o["counters"]["OutRequests"] == o["counters"]["OutSegs"] > 0 for o in objs)
 
@@ -89,7 +90,7 @@ def test_json_and_csv_mark_unavailable_counters_not_zero():
 def test_from_records_cli_round_trip():
     status, out, err = run_cli("--from-records", str(V4), "index=lport", "--json")
     assert status == 0, err
-    objs = [json.loads(l) for l in out.splitlines()]
+    objs = [json.loads(line) for line in out.splitlines()]
     assert {o["lport"] for o in objs} >= {7001, 7002}
     status, out, _ = run_cli("--from-records", str(V4), "index=raddr")
     assert status == 0 and "Remote address: 127.0.0.1" in out and "PassiveOpens 5" in out
@@ -105,14 +106,15 @@ def test_nozeros_hides_zero_counters():
 def test_onclose_reports_each_closed_socket_once():
     status, out, err = run_cli("--from-records", str(V4), "onclose=1", "--json")
     assert status == 0, err
-    objs = [json.loads(l) for l in out.splitlines()]
+    objs = [json.loads(line) for line in out.splitlines()]
     tuples = [(o["lport"], o["rport"]) for o in objs]
     assert len(tuples) == len(set(tuples)) == 10  # 5 connections, both ends
     assert all(o["closed"] == 1 for o in objs)
 
 
 
-ODD_COMMS = "R\tclose\t10\t0\t1\t8000\t20010db8\t5\t443\t7\tq\\\"x\\tz\\r\\303\\251\t0\tSendBytes=1234567\tInSegs=3"
+ODD_COMMS = ("R\tclose\t10\t0\t1\t8000\t20010db8\t5\t443\t7\tq\\\"x\\tz\\r\\303\\251\t0"
+             "\tSendBytes=1234567\tInSegs=3")
 
 
 @pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.records")), ids=lambda p: p.name)
@@ -121,18 +123,21 @@ def test_ndjson_lines_are_json_dumps_of_row_dict(path):
     json.dumps writes for the row's dict, whatever the index, the rows and the sockets."""
     from tcpipstat.report import row_dict
     text = path.read_text()
-    if path.name == "bookworm-tcpwork-v4.records":   # a command name to escape, an IPv6 row, two processes
+    # a command name to escape, an IPv6 row, two processes
+    if path.name == "bookworm-tcpwork-v4.records":
         lines = text.splitlines()
         lines.insert(-1, ODD_COMMS)
         lines.insert(-1, ODD_COMMS.replace("\t443\t7\t", "\t444\t9\t").replace("\tq", "\tother"))
         text = "\n".join(lines)
     c = Collection().extend(Parser(path.name).parse(text.splitlines()))
-    for ctx in (ReportContext(c.counter_names), ReportContext(c.counter_names[1:], c.counter_names[:1])):
+    names = c.counter_names
+    for ctx in (ReportContext(names), ReportContext(names[1:], names[:1])):
         for index in INDEXES:
             rows = c.rows(index)
             out = io.StringIO()
             write_json(out, rows, ctx)
-            expected = "".join(json.dumps(row_dict(r, ctx), separators=(",", ":")) + "\n" for r in rows)
+            expected = "".join(json.dumps(row_dict(r, ctx), separators=(",", ":")) + "\n"
+                               for r in rows)
             assert out.getvalue() == expected, index
 
 
@@ -158,7 +163,8 @@ def test_table_text():
     render_tables(Console(file=out, width=100), c.rows(), ReportContext(c.counter_names), "hdr")
     assert out.getvalue() == (
         'hdr\n'
-        '127.0.0.1:80 <-> 127.0.0.2:4242  web[7]  (open before collection started: partial totals)\n'
+        '127.0.0.1:80 <-> 127.0.0.2:4242  web[7]  '
+        '(open before collection started: partial totals)\n'
         '                                                      \n'
         ' Socket                Ip   Tcp                TcpExt \n'
         ' ──────────────────────────────────────────────────── \n'
@@ -208,9 +214,9 @@ def test_comm_escapes():
 
 
 @pytest.mark.parametrize("fields, want", [
-    ("1700000000000\t12\t0\t0\t0", Trailer(1700000000000, 12, 0, 0, 0)),              # format 2, first
-    ("1700000000000\t12\t1\t2\t3\t4", Trailer(1700000000000, 12, 1, 2, 3, 4)),        # + pfull
-    ("1700000000000\t12\t1\t2\t3\t4\t3", Trailer(1700000000000, 12, 1, 2, 3, 4, 3)),  # + what ended it
+    ("1700000000000\t12\t0\t0\t0", Trailer(1700000000000, 12, 0, 0, 0)),    # format 2, first
+    ("1700000000000\t12\t1\t2\t3\t4", Trailer(1700000000000, 12, 1, 2, 3, 4)),       # + pfull
+    ("1700000000000\t12\t1\t2\t3\t4\t3", Trailer(1700000000000, 12, 1, 2, 3, 4, 3)),  # + ended
 ])
 def test_trailers_of_every_age_are_read(fields, want):
     p = Parser("t")
@@ -241,8 +247,8 @@ def test_real_recordings_say_what_ended_them():
         ended[name] = ENDED_BY[p.trailer.ended]
     assert ended == {"bookworm-tcpwork-v4.ended": "request", "trixie-timeout.ended": "timeout"}
     # everything the workload did is in the -c run's records: its exact bytes per server port
-    status, out, err = run_cli("--from-records", str(FIXTURES / "bookworm-tcpwork-v4.ended.records"),
-                               "--json", "index=lport")
+    ended_c = FIXTURES / "bookworm-tcpwork-v4.ended.records"
+    status, out, err = run_cli("--from-records", str(ended_c), "--json", "index=lport")
     assert status == 0, err
     rows = {o["lport"]: o["counters"] for o in map(json.loads, out.splitlines())}
     for port, (n, up, down) in TCPWORK_V4_PORTS.items():
@@ -269,8 +275,10 @@ def test_the_trailer_and_header_hold_their_specs_fields_in_order():
 def test_record_formats_come_from_the_specs():
     from tcpipstat.records import HEADER, SOCKET, SOCKET_FORMAT1, TRAILER
     assert SOCKET.printf() == "R\t%s\t%d\t%x\t%x\t%d\t%x\t%x\t%d\t%d\t%s\t%d"
-    assert (SOCKET.width, SOCKET_FORMAT1.width, SOCKET.at("PID"), SOCKET.at("FLAGS")) == (12, 11, 9, 11)
-    assert TRAILER.printf() == "T" + "\t%d" * 7 + "\n" and (TRAILER.min_width, TRAILER.width) == (6, 8)
+    assert (SOCKET.width, SOCKET_FORMAT1.width) == (12, 11)
+    assert (SOCKET.at("PID"), SOCKET.at("FLAGS")) == (9, 11)
+    assert TRAILER.printf() == "T" + "\t%d" * 7 + "\n"
+    assert (TRAILER.min_width, TRAILER.width) == (6, 8)
     assert HEADER.printf(MAGIC="tcpipstat", FORMAT=2, VERSION="v", MAX_SOCKETS=8, COUNTERS="A,B") \
         == "H\ttcpipstat\t2\tv\t%d\t%d\t8\tA,B\n"
     with pytest.raises(KeyError):

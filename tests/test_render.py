@@ -1,5 +1,6 @@
 import itertools
 import re
+from pathlib import Path
 
 from hypothesis import given, settings, strategies as st
 
@@ -8,7 +9,7 @@ from tcpipstat.counters import (CA_TIME_COUNTERS, DEFAULT_GROUPS, GROUPS, UNITS,
 from tcpipstat.plan import build_plan
 from tcpipstat.render import _env, module_args, render_probe_check, render_script, stap_point
 
-TEMPLATE_DIR = __import__("pathlib").Path(__file__).resolve().parent.parent / "tcpipstat" / "stp_templates"
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "tcpipstat" / "stp_templates"
 CONG_TP = tracepoint("tcp:tcp_cong_state_set")
 
 
@@ -24,13 +25,14 @@ def unit_names(sel):
 def test_every_unit_renders_its_points():
     for u in UNITS:
         # a secondary unit runs only with a primary unit of its counter
-        names = {u.name} | ({n.name for n in UNITS if n.primary and n.counters[:1] == u.counters[:1]}
+        names = {u.name} | ({n.name for n in UNITS
+                             if n.primary and n.counters[:1] == u.counters[:1]}
                             if not u.primary else set())
         sel = named(*names)
         assert u.name in unit_names(sel)
         text = render_script(sel, 1024)
         for p in map(stap_point, u.points):
-            assert f"probe {p}" in text or f", {p}" in text, (u.name, p)
+            assert re.search(r"(^probe|,)\s+" + re.escape(p) + r"[ ,]", text, re.M), (u.name, p)
 
 
 def test_templates_name_no_probe_point_of_their_own():
@@ -40,9 +42,10 @@ def test_templates_name_no_probe_point_of_their_own():
         src = path.read_text()
         assert not re.search(r'kernel\.(function|trace)\("', src), path.name
         heads = re.findall(r"^probe (\S+)", src, re.M)
-        assert all(h.startswith("{{") or h in ("begin", "end", "timer.ms(10)", 'procfs("finish").write')
-                   for h in heads), (path.name, heads)
-        assert not re.search(r'"\w+" in units', src), path.name     # units are asked their attributes
+        own = ("begin", "end", "timer.ms(10)", 'procfs("finish").write')
+        assert all(h.startswith("{{") or h in own for h in heads), (path.name, heads)
+        # units are asked their attributes, not tested by name
+        assert not re.search(r'"\w+" in units', src), path.name
 
 
 def test_each_unit_has_a_block_taking_its_points():
@@ -57,7 +60,8 @@ def test_group_combinations_render_distinct_consistent_scripts():
         for combo in itertools.combinations(GROUPS, r):
             sel = select(combo)
             text = render_script(sel, 8192)
-            header = re.search(r'printf\("H\\ttcpipstat.*?\\t8192\\t([A-Za-z,]*)\\n"', text).group(1)
+            header = re.search(r'printf\("H\\ttcpipstat.*?\\t8192\\t([A-Za-z,]*)\\n"',
+                               text).group(1)
             assert header.split(",") == list(sel.available) == counters_for_units(sel.units)
             for c in sel.available:
                 assert f"global tis_c_{c}[8192]" in text
@@ -99,7 +103,8 @@ def test_the_congestion_time_follows_the_state_order():
 
 
 def test_dist_adds_histograms_and_room_for_them():
-    plain, dist = render_script(named("CongState"), 1024), render_script(named("CongState"), 1024, dist=True)
+    plain = render_script(named("CongState"), 1024)
+    dist = render_script(named("CongState"), 1024, dist=True)
     assert "tis_cd" not in plain and "tis_cd[" in dist and 'sprintf("\\th.%d.%d=%d"' in dist
     plan = build_plan(["--dist"])
     assert "cong" in plan.groups and "-DMAXSTRINGLEN=4096" in plan.compile_flags()
@@ -141,7 +146,8 @@ def test_probe_check_lists_every_point_optionally():
 _word = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30)
 _filter = st.one_of(
     st.builds(lambda a, b, c, d: f"{a}:{b}-{c}:{d}",
-              st.sampled_from(["*", "*.*.*.*", "10.0.0.0/8", "127.0.0.1", "[::1]", "[2001:db8::/32]", "1.*.3.*"]),
+              st.sampled_from(["*", "*.*.*.*", "10.0.0.0/8", "127.0.0.1", "[::1]",
+                               "[2001:db8::/32]", "1.*.3.*"]),
               st.sampled_from(["*", "80", "0", "65535", "1..1024"]),
               st.sampled_from(["*", "192.168.1.103", "9.*.*.*", "[fe80::/10]"]),
               st.sampled_from(["*", "5201", "22"])),
@@ -150,7 +156,8 @@ _filter = st.one_of(
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(_filter, max_size=5), st.sampled_from(["tuple", "laddr", "raddr", "lport", "rport", "x"]),
+@given(st.lists(_filter, max_size=5),
+       st.sampled_from(["tuple", "laddr", "raddr", "lport", "rport", "x"]),
        st.one_of(st.none(), st.sampled_from(["1", "2.5", "0", "abc", "1e9"]), _word))
 def test_no_input_changes_the_script_text(filters, index, timeout):
     argv = [f"index={index}"] + ([f"timeout={timeout}"] if timeout is not None else []) + filters
@@ -197,10 +204,12 @@ def test_kprobes_only_takes_the_fallback_where_the_tracepoint_resolves():
     tc = _AskedToolchain()
     script, _, unavailable, how = prepare(build_plan(["-r", "6.1", "--cong"]), tc, lambda m: None)
     assert 'kernel.trace("tcp:tcp_cong_state_set")' in tc.asked and how.startswith("tracepoint")
-    script, _, unavailable, how = prepare(build_plan(["-r", "6.1", "--cong", "--kprobes-only"]), tc, lambda m: None)
+    plan = build_plan(["-r", "6.1", "--cong", "--kprobes-only"])
+    script, _, unavailable, how = prepare(plan, tc, lambda m: None)
     # not even asked (resolving a tracepoint costs stap a helper module), and not used
     assert not any(p.startswith("kernel.trace(") for p in tc.asked), tc.asked
-    assert how.startswith("kprobes") and "kernel.trace" not in script and 'function("tcp_ack").return' in script
+    assert how.startswith("kprobes") and "kernel.trace" not in script
+    assert 'function("tcp_ack").return' in script
     assert not unavailable                      # same counters either way
     dumped = dump_script(build_plan(["--cong", "--kprobes-only"]))
     assert "kernel.trace" not in dumped and 'function("tcp_ack").return' in dumped
@@ -249,12 +258,14 @@ def test_every_way_a_run_ends_goes_through_one_finish_that_writes_the_trailer_la
         timer = _probe_body(text, "probe timer.ms(10)")
         assert "tis_deadline && now >= tis_deadline) tis_finish(1)" in timer
         assert "tis_nmarks >= tis_count) tis_finish(2)" in timer
-        assert text.count("exit()") == 1 and "if (gettimeofday_ms() >= tis_done + tis_drain_ms) exit()" in timer
+        assert text.count("exit()") == 1
+        assert "if (gettimeofday_ms() >= tis_done + tis_drain_ms) exit()" in timer
         assert timer.index("if (tis_done)") < timer.index("tis_ticks++")   # nothing else once done
         # records written outside the timer keep quiet after the trailer
         for f in ("function tis_estats(", "function tis_sample("):
             if f in text:
-                assert _probe_body(text, f).split("\n")[1].strip().startswith("if (tis_done) return;")
+                body = _probe_body(text, f).split("{\n", 1)[1]
+                assert body.strip().startswith("if (tis_done) return;")
 
 
 def test_the_drain_wait_reaches_the_module_as_a_number():
@@ -292,3 +303,15 @@ def test_every_record_is_written_with_its_specs_format_and_as_many_values():
         fmt = args[0][1:-1]
         assert len(args) - 1 == len(re.findall(r"%[dxs]", fmt)), (spec.kind, args)
         assert fmt.count("\\t") == len(spec.fields) and fmt.endswith("\\n") != spec.pairs
+
+
+def test_every_quirk_is_in_the_labs_index():
+    """lab/NOTES.md indexes the kernel and stap quirks the collector handles, each under
+    a `Quirk (...)` comment in the templates or render.py."""
+    root = TEMPLATE_DIR.parent.parent
+    notes = (root / "lab" / "NOTES.md").read_text()
+    index = notes[notes.index("## Kernel and stap quirks"):]
+    rows = [line for line in index.splitlines() if line.startswith("| ") and "---" not in line]
+    sources = [*TEMPLATE_DIR.glob("*.j2"), root / "tcpipstat" / "render.py"]
+    marks = sum(p.read_text().count("Quirk (") for p in sources)
+    assert marks == len(rows) - 1      # (the header row)

@@ -14,7 +14,8 @@ from tcpipstat.records import EstatsRecord, Parser
 
 from .conftest import FIXTURES, run_cli
 
-RUNS = {"bookworm": FIXTURES / "bookworm-rfc4898.records", "trixie": FIXTURES / "trixie-rfc4898.records"}
+RUNS = {"bookworm": FIXTURES / "bookworm-rfc4898.records",
+        "trixie": FIXTURES / "trixie-rfc4898.records"}
 
 
 def records(suite):
@@ -47,7 +48,8 @@ def test_reports_show_them_in_every_output(suite):
     table = list(csv.DictReader(io.StringIO(out)))
     row = next(r for r in table if r["rport"] == "7012")
     assert row["rfc4898.ThruOctetsAcked"] == "300002"
-    assert row["rfc4898.Timeouts"] == ("" if suite == "bookworm" else str(client["rfc4898"]["Timeouts"]))
+    timeouts = "" if suite == "bookworm" else str(client["rfc4898"]["Timeouts"])
+    assert row["rfc4898.Timeouts"] == timeouts
 
 
 def test_rows_of_several_sockets_aggregate_each_variable_its_own_way():
@@ -66,7 +68,7 @@ def test_rows_of_several_sockets_aggregate_each_variable_its_own_way():
 @pytest.mark.parametrize("bad", ["NoSuchVar=1", "SegsOut", "SegsOut=x"])
 def test_bad_e_records_are_named(bad):
     lines = RUNS["bookworm"].read_text().splitlines()
-    i = next(i for i, l in enumerate(lines) if l.startswith("E\t"))
+    i = next(i for i, line in enumerate(lines) if line.startswith("E\t"))
     lines[i] += "\t" + bad
     with pytest.raises(RecordParseError) as e:
         list(Parser("run.records").parse(lines))
@@ -75,7 +77,7 @@ def test_bad_e_records_are_named(bad):
 
 def test_onclose_reports_carry_the_variables():
     status, out, _ = run_cli("--from-records", str(RUNS["trixie"]), "onclose=1", "--json")
-    rows = [json.loads(l) for l in out.splitlines()]
+    rows = [json.loads(line) for line in out.splitlines()]
     assert status == 0 and len(rows) == 2
     assert all(r["rfc4898"]["DataOctetsOut"] >= 1000 for r in rows)
     status, out, _ = run_cli("--from-records", str(RUNS["trixie"]), "onclose=1")

@@ -8,7 +8,7 @@ import pytest
 from tcpipstat.errors import RecordParseError
 from tcpipstat.model import Collection
 from tcpipstat.plan import build_plan
-from tcpipstat.records import Parser, SampleRecord
+from tcpipstat.records import Parser
 from tcpipstat.render import module_args
 from tcpipstat.series import FIELD_NAMES, sparkline
 
@@ -42,7 +42,7 @@ def test_series_files_hold_every_sample(tmp_path):
     rows = list(csv.DictReader((tmp_path / "s.csv").open()))
     assert len(rows) == n and list(rows[0])[7:] == list(FIELD_NAMES)
     status, _, _ = run_cli("--from-records", str(RUN), "--series", str(tmp_path / "s.ndjson"))
-    objs = [json.loads(l) for l in (tmp_path / "s.ndjson").read_text().splitlines()]
+    objs = [json.loads(line) for line in (tmp_path / "s.ndjson").read_text().splitlines()]
     assert len(objs) == n and [o["cwnd"] for o in objs] == [int(r["cwnd"]) for r in rows]
     assert all(o["ssthresh"] is None for o, r in zip(objs, rows) if r["ssthresh"] == "")
 
@@ -54,7 +54,8 @@ def test_report_shows_sparklines_and_json_a_summary():
     status, out, _ = run_cli("--from-records", str(RUN), "--json")
     c = load()
     for o in map(json.loads, out.splitlines()):
-        ss = [s for t, v in c.series.items() if (t.lport, t.rport) == (o["lport"], o["rport"]) for s in v]
+        ss = [s for t, v in c.series.items() if (t.lport, t.rport) == (o["lport"], o["rport"])
+              for s in v]
         acks = [s for s in ss if s.kind == "ack"]
         if acks:
             assert o["series"]["samples"] == len(acks)
@@ -63,7 +64,8 @@ def test_report_shows_sparklines_and_json_a_summary():
 
 
 def test_plot_is_drawn(tmp_path):
-    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (pip install 'tcpipstat[plot]')")
+    pytest.importorskip("matplotlib",
+                        reason="--plot needs matplotlib (pip install 'tcpipstat[plot]')")
     png = tmp_path / "cwnd.png"
     status, _, err = run_cli("--from-records", str(RUN), "--plot", str(png))
     assert status == 0, err
@@ -90,14 +92,14 @@ def test_bad_sampling_options_are_named(argv, msg):
 
 def test_sampling_mode_travels_as_module_parameters():
     plan = build_plan(["--sample", "20", "--on-cwnd-change"])
-    assert module_args([], None, sample_ms=plan.sample_ms, on_cwnd_change=plan.on_cwnd_change)[1:] == \
-        ["tis_sample_us=20000", "tis_sample_cwnd=1"]
-    assert build_plan(["--plot", "x.png"]).sample_ms == 100       # --plot implies the default period
+    args = module_args([], None, sample_ms=plan.sample_ms, on_cwnd_change=plan.on_cwnd_change)
+    assert args[1:] == ["tis_sample_us=20000", "tis_sample_cwnd=1"]
+    assert build_plan(["--plot", "x.png"]).sample_ms == 100   # --plot implies the default period
 
 
 def test_bad_sample_records_are_named():
     lines = RUN.read_text().splitlines()
-    i = next(i for i, l in enumerate(lines) if l.startswith("S\t"))
+    i = next(i for i, line in enumerate(lines) if line.startswith("S\t"))
     lines[i] = lines[i].replace("\tack\t", "\tsyn\t", 1)
     with pytest.raises(RecordParseError) as e:
         list(Parser("run.records").parse(lines))

@@ -25,18 +25,20 @@ def test_parse_resolved_on_recorded_pass2(suite):
 
 
 def test_parse_resolved_only_reads_the_probes_section():
-    text = '# globals\nkernel.function("tcp_v4_rcv") junk\n# probes\nkernel.function("ip_rcv@net/ipv4/ip_input.c:560")? /* pc=_stext+0x1 */\n# functions\n'
+    text = ('# globals\nkernel.function("tcp_v4_rcv") junk\n# probes\n'
+            'kernel.function("ip_rcv@net/ipv4/ip_input.c:560")? /* pc=_stext+0x1 */\n'
+            '# functions\n')
     assert parse_resolved(text, ['kernel.function("tcp_v4_rcv")', 'kernel.function("ip_rcv")']) == \
         frozenset({'kernel.function("ip_rcv")'})
 
 
 @pytest.mark.parametrize("stderr,what", [
-    ("semantic error: missing x86_64 kernel/module debuginfo [man warning::debuginfo] under '/lib/modules/6.1.0/build'",
-     "debug information"),
-    ('Checking "/lib/modules/6.1.0-50-cloud-amd64/build/.config" failed with error: No such file or directory',
-     "headers"),
-    ("ERROR: probe overhead (555608199 cycles) exceeded threshold (500000000 cycles), rate (1111) exceeded threshold",
-     "overhead guard"),
+    ("semantic error: missing x86_64 kernel/module debuginfo [man warning::debuginfo] under "
+     "'/lib/modules/6.1.0/build'", "debug information"),
+    ('Checking "/lib/modules/6.1.0-50-cloud-amd64/build/.config" failed with error: No such file '
+     'or directory', "headers"),
+    ("ERROR: probe overhead (555608199 cycles) exceeded threshold (500000000 cycles), rate (1111) "
+     "exceeded threshold", "overhead guard"),
     ("ERROR: Couldn't insert module '/tmp/x.ko': Operation not permitted", "refused to load"),
 ])
 def test_diagnose_gives_the_fix(stderr, what):
@@ -51,8 +53,10 @@ def test_unknown_stderr_is_not_diagnosed():
 def test_a_compiler_error_quoting_the_guard_is_not_the_guard():
     # gcc's complaint about a -DSTP_OVERLOAD_THRESHOLD without an LL suffix, as stap -p4
     # printed it in the lab: it quotes the runtime's message, with no numbers in it
-    stderr = ('/tmp/stappAtyPT/ttx_src.c:55277:76: error: format \u2018%lld\u2019 expects argument of type '
-              '\u2018long long int\u2019, but argument 3 has type \u2018int\u2019 [-Werror=format=]\n'
-              '55277 |           _stp_error ("probe overhead (%lld cycles) exceeded threshold (%lld cycles) '
-              'in last %lld cycles", (long long) c->cycles_sum, STP_OVERLOAD_THRESHOLD, STP_OVERLOAD_INTERVAL);\n')
+    stderr = ('/tmp/stappAtyPT/ttx_src.c:55277:76: error: format \u2018%lld\u2019 expects '
+              'argument of type \u2018long long int\u2019, but argument 3 has type \u2018int\u2019 '
+              '[-Werror=format=]\n'
+              '55277 |           _stp_error ("probe overhead (%lld cycles) exceeded threshold '
+              '(%lld cycles) in last %lld cycles", (long long) c->cycles_sum, '
+              'STP_OVERLOAD_THRESHOLD, STP_OVERLOAD_INTERVAL);\n')
     assert diagnose(stderr) is None

@@ -58,7 +58,8 @@ def test_unavailable_counters_are_exactly_the_expected(lab_toolchain, suite):
 
 def test_congestion_states_come_from_the_tracepoint_or_the_fallback(lab_toolchain, suite):
     tc, kver = lab_toolchain
-    script, available, unavailable, cong = prepare(build_plan(["-r", kver, "--dist"]), tc, lambda m: None)
+    plan = build_plan(["-r", kver, "--dist"])
+    script, available, unavailable, cong = prepare(plan, tc, lambda m: None)
     assert cong.startswith(EXPECTED_CONG[suite]) and not unavailable
     assert {"CaOpenUs", "CaLossUs", "CaChanges"} <= set(available)
     res = _stap(tc, ["-p2", "-r", kver], script)
@@ -89,15 +90,18 @@ def test_every_group_combination_elaborates(lab_toolchain, suite):
         for combo in itertools.combinations(GROUPS, r):
             scripts.append((combo, render_script(_resolved_units(combo, suite), 8192)))
     # --dist, and the kprobe fallback even where the tracepoint exists
-    scripts.append((("cong", "dist"), render_script(_resolved_units(("cong",), suite), 8192, dist=True)))
-    scripts.append((GROUPS + ("dist",), render_script(_resolved_units(GROUPS, suite), 8192, dist=True)))
-    scripts.append((("CongStateK", "dist"), render_script(select(("socket", "cong"), tracepoints=False),
-                                                          8192, dist=True)))
+    every = _resolved_units(GROUPS, suite)
+    fallback = select(("socket", "cong"), tracepoints=False)
+    cong = _resolved_units(("cong",), suite)
+    scripts.append((("cong", "dist"), render_script(cong, 8192, dist=True)))
+    scripts.append((GROUPS + ("dist",), render_script(every, 8192, dist=True)))
+    scripts.append((("CongStateK", "dist"), render_script(fallback, 8192, dist=True)))
     # --rfc4898: every tcp_sock field it reads (one -1 where the kernel lacks it)
-    scripts.append((("tcp", "rfc4898"), render_script(_resolved_units(("tcp",), suite), 8192, estats=True)))
+    tcp = _resolved_units(("tcp",), suite)
+    scripts.append((("tcp", "rfc4898"), render_script(tcp, 8192, estats=True)))
     # --sample with everything else that reads struct tcp_sock
     scripts.append((GROUPS + ("dist", "rfc4898", "sample"),
-                    render_script(_resolved_units(GROUPS, suite), 8192, dist=True, estats=True, sample=True)))
+                    render_script(every, 8192, dist=True, estats=True, sample=True)))
     for combo, script in scripts:
         res = _stap(tc, ["-p2", "-r", kver], script)
         if res.returncode != 0:
@@ -117,7 +121,8 @@ def test_hostile_input_still_parses(lab_toolchain):
 @pytest.mark.parametrize("groups", [GROUPS] + [(g,) for g in GROUPS], ids=lambda g: "+".join(g))
 def test_compiles(lab_toolchain, suite, groups):
     tc, kver = lab_toolchain
-    ko = tc.compile(render_script(_resolved_units(groups, suite), 8192, dist="cong" in groups), kver,
+    script = render_script(_resolved_units(groups, suite), 8192, dist="cong" in groups)
+    ko = tc.compile(script, kver,
                     ["-DMAXSKIPPED=1000000000", "-DSTP_NO_OVERLOAD", "-DMAXSTRINGLEN=4096"])
     assert ko.is_file() and ko.stat().st_size > 10000
 
