@@ -181,31 +181,17 @@ def _pcapng(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, 
                 stats.stopped = _bad_block(n, blen, body)
                 break
             if btype == dpcapng.PCAPNG_BT_EPB:
-                if len(body) < 24:
-                    stats.stopped = f"a corrupt packet block after packet {n}"
-                    break
-                iid, hi, lo, caplen, wirelen = struct.unpack_from(fmt + "IIIII", body)
-                if iid >= len(ifaces) or caplen > len(body) - 24:
-                    stats.stopped = (f"packet {n + 1} names interface {iid} or a length that does "
-                                     "not exist: the file is corrupt from there on")
-                    break
-                linktype, tps, off = ifaces[iid]
-                ts = off + ((hi << 32) | lo) / tps
-                data = body[20:20 + caplen]
+                pkt = _enhanced_packet(fmt, body, ifaces, n, stats)
             elif btype == dpcapng.PCAPNG_BT_SPB:
-                spb = _simple_packet(fmt, body, ifaces, n, stats)
-                if spb is None:
-                    break
-                ts, linktype, data, wirelen = spb
+                pkt = _simple_packet(fmt, body, ifaces, n, stats)
             else:
-                if btype == dpcapng.PCAPNG_BT_IDB:
-                    iface = _idb(fmt, h + body, stats)
-                    if iface is None:
-                        stats.stopped = (f"a corrupt interface description block after packet "
-                                         f"{n}: the file is corrupt from there on")
-                        break
-                    ifaces.append(iface)
+                if btype == dpcapng.PCAPNG_BT_IDB and not _add_interface(fmt, h + body, ifaces,
+                                                                          n, stats):
+                    break
                 continue        # other blocks (name resolution, statistics, ...): no packets
+            if pkt is None:
+                break
+            ts, linktype, data, wirelen = pkt
             n += 1
             if linktype not in LINKTYPES:
                 stats.unknown_link[linktype] = stats.unknown_link.get(linktype, 0) + 1
@@ -216,6 +202,33 @@ def _pcapng(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, 
     finally:
         stats.frames += n
         stats.cut += cut
+
+
+def _enhanced_packet(fmt: str, body: bytes, ifaces: list, n: int, stats: ReadStats):
+    """(time stamp, link type, data, length on the wire) of an enhanced packet block; None
+    when it is corrupt (``stats.stopped`` says so)."""
+    if len(body) < 24:
+        stats.stopped = f"a corrupt packet block after packet {n}"
+        return None
+    iid, hi, lo, caplen, wirelen = struct.unpack_from(fmt + "IIIII", body)
+    if iid >= len(ifaces) or caplen > len(body) - 24:
+        stats.stopped = (f"packet {n + 1} names interface {iid} or a length that does "
+                         "not exist: the file is corrupt from there on")
+        return None
+    linktype, tps, off = ifaces[iid]
+    return off + ((hi << 32) | lo) / tps, linktype, body[20:20 + caplen], wirelen
+
+
+def _add_interface(fmt: str, block: bytes, ifaces: list, n: int, stats: ReadStats) -> bool:
+    """Add an interface description block's interface; False when it is corrupt (what was
+    read before it is kept, like before a corrupt packet)."""
+    iface = _idb(fmt, block, stats)
+    if iface is None:
+        stats.stopped = (f"a corrupt interface description block after packet {n}: the file "
+                         "is corrupt from there on")
+        return False
+    ifaces.append(iface)
+    return True
 
 
 def _bad_block(n: int, blen: int, body: bytes | None) -> str:
