@@ -478,7 +478,11 @@ def test_sampling_modes(suite, tmp_path, mode):
         assert all(a["cwnd"] != b["cwnd"] for a, b in zip(acks, acks[1:])), acks
     # the end marker comes last (connections still open when collection stops have none)
     assert all(x["event"] != "end" for c in by_conn.values() for x in c[:-1]), why
-    assert sender[-1]["event"] == "end", why      # the data connection closed (iperf3 resets it)
+    # the data connection closed (iperf3 resets it): its end sample, unless its close was
+    # among the probe hits stap skipped (and said so)
+    if sender[-1]["event"] != "end" and r.skipped():
+        pytest.skip(f"no end sample; stap skipped {r.skipped()} probe hits")
+    assert sender[-1]["event"] == "end", why
     row = next(o for o in r.json()
                if (o["lport"], o["rport"]) == (sender[0]["lport"], sender[0]["rport"]))
     assert (row["series"]["samples"] == len(acks)
