@@ -249,8 +249,9 @@ def _sent(x: Half, y: Half, seq: int, syn: int, fin: int, plen: int, ts: float) 
 
 
 def _resent_or_filled(x: Half, s: int, e: int, syn: int, plen: int, ts: float) -> None:
-    """[s, e) starts below what ``x`` sent before: a retransmission when the capture
-    saw any of it already, else an out-of-order segment that fills a hole."""
+    """[s, e) starts below the highest sequence ``x`` sent, or below its floor: a
+    retransmission when the capture saw any of it already, else an out-of-order segment
+    that fills a hole."""
     resent = _seen_bytes(x, s + syn, s + syn + plen) if plen else 0
     overlap, pieces = _insert(x, s, e)
     if overlap:
@@ -327,7 +328,8 @@ class FlowTable:
 
     def _opening(self, ent, seg: tuple, ts: float):
         """The connection and direction of a segment on a new tuple, or of a SYN on a known
-        one: a new connection unless it repeats the SYN."""
+        one: a new connection, unless the tuple's is still open and this SYN repeats its
+        sender's (or is the first seen from it)."""
         family, src, sport, dst, dport, seq, _, flags = seg[:8]
         if ent is not None:
             conn, d = ent
@@ -341,7 +343,7 @@ class FlowTable:
     def add(self, ts: float, seg: tuple) -> None:
         family, src, sport, dst, dport, seq, ack, flags, win, plen = seg
         ent = self.table.get((src, sport, dst, dport))
-        if ent is None or (flags & SYN and not flags & ACK):
+        if ent is None or (flags & SYN and not flags & ACK):   # perhaps a new connection
             conn, d = self._opening(ent, seg, ts)
         else:
             conn, d = ent
