@@ -180,18 +180,28 @@ def _pcapng(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, 
             if body is None or len(body) < blen - 8:
                 stats.stopped = _bad_block(n, blen, body)
                 break
-            if btype == dpcapng.PCAPNG_BT_EPB:
-                pkt = _enhanced_packet(fmt, body, ifaces, n, stats)
+            if btype == dpcapng.PCAPNG_BT_EPB:     # (nearly every block: inline)
+                if len(body) < 24:
+                    stats.stopped = f"a corrupt packet block after packet {n}"
+                    break
+                iid, hi, lo, caplen, wirelen = struct.unpack_from(fmt + "IIIII", body)
+                if iid >= len(ifaces) or caplen > len(body) - 24:
+                    stats.stopped = (f"packet {n + 1} names interface {iid} or a length that does "
+                                     "not exist: the file is corrupt from there on")
+                    break
+                linktype, tps, off = ifaces[iid]
+                ts = off + ((hi << 32) | lo) / tps
+                data = body[20:20 + caplen]
             elif btype == dpcapng.PCAPNG_BT_SPB:
-                pkt = _simple_packet(fmt, body, ifaces, n, stats)
+                spb = _simple_packet(fmt, body, ifaces, n, stats)
+                if spb is None:
+                    break
+                ts, linktype, data, wirelen = spb
             else:
                 if btype == dpcapng.PCAPNG_BT_IDB and not _add_interface(fmt, h + body, ifaces,
                                                                           n, stats):
                     break
                 continue        # other blocks (name resolution, statistics, ...): no packets
-            if pkt is None:
-                break
-            ts, linktype, data, wirelen = pkt
             n += 1
             if linktype not in LINKTYPES:
                 stats.unknown_link[linktype] = stats.unknown_link.get(linktype, 0) + 1
@@ -202,21 +212,6 @@ def _pcapng(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, 
     finally:
         stats.frames += n
         stats.cut += cut
-
-
-def _enhanced_packet(fmt: str, body: bytes, ifaces: list, n: int, stats: ReadStats):
-    """(time stamp, link type, data, length on the wire) of an enhanced packet block; None
-    when it is corrupt (``stats.stopped`` says so)."""
-    if len(body) < 24:
-        stats.stopped = f"a corrupt packet block after packet {n}"
-        return None
-    iid, hi, lo, caplen, wirelen = struct.unpack_from(fmt + "IIIII", body)
-    if iid >= len(ifaces) or caplen > len(body) - 24:
-        stats.stopped = (f"packet {n + 1} names interface {iid} or a length that does "
-                         "not exist: the file is corrupt from there on")
-        return None
-    linktype, tps, off = ifaces[iid]
-    return off + ((hi << 32) | lo) / tps, linktype, body[20:20 + caplen], wirelen
 
 
 def _add_interface(fmt: str, block: bytes, ifaces: list, n: int, stats: ReadStats) -> bool:
