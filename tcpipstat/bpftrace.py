@@ -40,10 +40,16 @@ INSTALL_HINT = "install bpftrace: 'apt-get install bpftrace' or 'dnf install bpf
 TRACEFS = Path("/sys/kernel/tracing")
 TRACEFS_FIX = "mount it: 'mount -t tracefs nodev /sys/kernel/tracing' (as root)"
 
-# The counters a tracepoint counts as the kernel's MIB does (the template says how)
-BPF_COUNTERS = frozenset({"SendBytes", "SendMsgs", "RecvBytes", "RecvMsgs", "ActiveOpens",
-                          "PassiveOpens", "AttemptFails", "EstabResets", "CurrEstab",
-                          "RetransSegs"})
+# The counters a tracepoint counts as the kernel's MIB does, and where (the template says
+# how; the man page's FIELDS lists these beside the stap points)
+BPF_POINTS = {
+    "SendBytes": "tracepoint:sock:sock_send_length", "SendMsgs": "tracepoint:sock:sock_send_length",
+    "RecvBytes": "tracepoint:sock:sock_recv_length", "RecvMsgs": "tracepoint:sock:sock_recv_length",
+    **dict.fromkeys(("ActiveOpens", "PassiveOpens", "AttemptFails", "EstabResets", "CurrEstab"),
+                    "tracepoint:sock:inet_sock_set_state"),
+    "RetransSegs": "tracepoint:tcp:tcp_retransmit_skb",
+}
+BPF_COUNTERS = frozenset(BPF_POINTS)
 PER_FILTER = 21          # numbers per filter (the template's header comment)
 END_MARK = "tcpipstat-bpftrace-end"
 # per-socket maps (deleted as a socket closes) and the run's own

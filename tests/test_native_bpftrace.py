@@ -226,3 +226,10 @@ def test_open_socket_at_timeout_is_reported():
     assert server["PassiveOpens"] == 1 and server["CurrEstab"] == 1
     (client,) = [r for r in rows if r["rport"] == port]
     assert client["counters"]["SendBytes"] == 777 and client["counters"]["ActiveOpens"] == 1
+
+
+def test_every_point_the_man_page_names_is_in_the_program():
+    """FIELDS names, per counter, the bpftrace point (BPF_POINTS): each is probed."""
+    program = backend.dump_script(build_plan(["--backend", "bpftrace"]))
+    for name, point in bpftrace.BPF_POINTS.items():
+        assert point + " " in program or point + "\n" in program, (name, point)
