@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
@@ -42,6 +44,59 @@ class RunOutcome:
 
 
 Log = Callable[[str], None]
+
+
+class CollectorProcess:
+    """A collector's process: its stdout streamed line by line (:meth:`stream`), its
+    stderr read on a thread, each line offered to :meth:`classify` (which files what it
+    recognises in the outcome) and echoed otherwise. Subclasses say how to start it."""
+    program = "the collector"          # how messages name it
+    install_hint = ""                  # the fix when it cannot be started
+
+    def __init__(self, cmd: list[str], echo_stderr: Callable[[str], None],
+                 env: dict | None = None):
+        self.cmd, self.env, self._echo = cmd, env, echo_stderr
+        self.outcome = RunOutcome(program=self.program)
+        self._proc: subprocess.Popen | None = None
+        self._stderr_lines: list[str] = []
+
+    def classify(self, line: str) -> bool:
+        """Take a stderr line into the outcome (True) or leave it to be echoed (False)."""
+        return False
+
+    def _read_stderr(self, stream) -> None:
+        for line in stream:
+            line = line.rstrip("\n")
+            self._stderr_lines.append(line)
+            if not self.classify(line):
+                self._echo(line)
+
+    def stream(self) -> Iterator[str]:
+        """The process's stdout, then its exit status and stderr in the outcome."""
+        from .errors import EnvironmentNotReady
+        try:
+            self._proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, errors="replace",
+                                          start_new_session=True, env=self.env)
+        except OSError as e:
+            raise EnvironmentNotReady(f"cannot run {self.program}: {e}",
+                                      self.install_hint) from None
+        t = threading.Thread(target=self._read_stderr, args=(self._proc.stderr,), daemon=True)
+        t.start()
+        assert self._proc.stdout is not None
+        yield from self._proc.stdout
+        self._proc.wait()
+        t.join(timeout=5)
+        self.outcome.returncode = self._proc.returncode
+        self.outcome.stderr = "\n".join(self._stderr_lines)
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the process if it still runs."""
+        if self._proc and self._proc.poll() is None:
+            try:
+                os.kill(self._proc.pid, signum)
+            except OSError:
+                pass
 
 
 class Backend(Protocol):

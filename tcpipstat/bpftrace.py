@@ -22,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator
@@ -30,7 +29,7 @@ from typing import Callable, Iterator
 import jinja2
 
 from . import __version__
-from .backend import Log, Prepared, RunOutcome
+from .backend import CollectorProcess, Log, Prepared, RunOutcome
 from .counters import counters_for_units, units_for_groups
 from .errors import EnvironmentNotReady, UsageError
 from .filters import Filter
@@ -192,45 +191,28 @@ def ensure_tracefs(root: Path = TRACEFS) -> None:
     raise EnvironmentNotReady(f"tracefs is not mounted on {root}", TRACEFS_FIX)
 
 
-class Runner:
+class Runner(CollectorProcess):
     """bpftrace PROGRAM ARGS, its stdout streamed as records."""
+    program = "bpftrace"
+    install_hint = INSTALL_HINT
 
     def __init__(self, cmd: list[str], available: tuple[str, ...], max_sockets: int,
                  echo_stderr: Callable[[str], None]):
-        self.cmd = cmd
-        self.env = {**os.environ, "BPFTRACE_MAP_KEYS_MAX": str(max_sockets)}
-        self.outcome = RunOutcome(program="bpftrace")
+        super().__init__(cmd, echo_stderr,
+                         {**os.environ, "BPFTRACE_MAP_KEYS_MAX": str(max_sockets)})
         self._dump = EndDump(available)
-        self._echo = echo_stderr
-        self._proc: subprocess.Popen | None = None
-        self._stderr_lines: list[str] = []
 
-    def _read_stderr(self, stream) -> None:
-        for line in stream:
-            line = line.rstrip("\n")
-            self._stderr_lines.append(line)
-            if "RLIMIT_MEMLOCK" in line:      # (bpftrace says it on every start)
-                continue
-            if re.match(r"(WARNING: )?Lost \d+ events", line):
-                self.outcome.warnings.append(line.removeprefix("WARNING: "))
-                continue
-            self._echo(line)
+    def classify(self, line: str) -> bool:
+        """bpftrace's memlock warning (said on every start: dropped) and lost events."""
+        if "RLIMIT_MEMLOCK" in line:
+            return True
+        if re.match(r"(WARNING: )?Lost \d+ events", line):
+            self.outcome.warnings.append(line.removeprefix("WARNING: "))
+            return True
+        return False
 
     def lines(self) -> Iterator[str]:
-        try:
-            self._proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True, errors="replace",
-                                          start_new_session=True, env=self.env)
-        except OSError as e:
-            raise EnvironmentNotReady(f"cannot run bpftrace: {e}", INSTALL_HINT) from None
-        t = threading.Thread(target=self._read_stderr, args=(self._proc.stderr,), daemon=True)
-        t.start()
-        assert self._proc.stdout is not None
-        yield from self._records(self._proc.stdout)
-        self._proc.wait()
-        t.join(timeout=5)
-        self.outcome.returncode = self._proc.returncode
-        self.outcome.stderr = "\n".join(self._stderr_lines)
+        yield from self._records(self.stream())
 
     def _records(self, stdout) -> Iterator[str]:
         ending = False
@@ -251,11 +233,7 @@ class Runner:
         """Ctrl-C: SIGINT makes bpftrace run END (the records); a second: SIGTERM."""
         first = not self.outcome.interrupted
         self.outcome.interrupted = True
-        if self._proc and self._proc.poll() is None:
-            try:
-                os.kill(self._proc.pid, signal.SIGINT if first else signal.SIGTERM)
-            except OSError:
-                pass
+        self.signal(signal.SIGINT if first else signal.SIGTERM)
 
 
 # The footer's reason for the counters this collector leaves out

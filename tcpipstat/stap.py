@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .backend import Log, Prepared, RunOutcome
+from .backend import CollectorProcess, Log, Prepared, RunOutcome
 from .counters import points_for_groups, select
 from .errors import EnvironmentNotReady, StapFailed
 from .render import module_args, render_probe_check, render_script, resolve_points
@@ -326,37 +326,33 @@ def command_wrapper(command: str, finish: Path, drain_ms: int) -> str:
     return "/bin/sh -c " + shlex.quote(script)
 
 
-class Collector:
+class Collector(CollectorProcess):
     """staprun MODULE ARGS, its stdout streamed line by line."""
+    program = "staprun"
+    install_hint = INSTALL_HINT
 
     def __init__(self, tc: Toolchain, ko: Path, module_args: list[str], command: str | None,
                  echo_stderr: Callable[[str], None] | None = None, drain_ms: int = 0,
                  procfs_root: Path = PROCFS_ROOT):
-        self.cmd = [*tc.staprun]
         self.finish = finish_path(ko, procfs_root)
+        cmd = [*tc.staprun]
         if command:
-            self.cmd += ["-c", command_wrapper(command, self.finish, drain_ms)]
-        self.cmd += [str(ko), *module_args]
-        self.outcome = RunOutcome(program="staprun")
-        self._echo = echo_stderr or (lambda line: print(line, file=sys.stderr))
-        self._proc: subprocess.Popen | None = None
-        self._stderr_lines: list[str] = []
+            cmd += ["-c", command_wrapper(command, self.finish, drain_ms)]
+        super().__init__(cmd + [str(ko), *module_args],
+                         echo_stderr or (lambda line: print(line, file=sys.stderr)))
 
-    def _read_stderr(self, stream) -> None:
-        for line in stream:
-            line = line.rstrip("\n")
-            self._stderr_lines.append(line)
-            m = _SKIPPED.search(line)
-            if m:
-                self.outcome.errors, self.outcome.skipped = int(m.group(1)), int(m.group(2))
-                continue
-            if line.startswith("WARNING:"):
-                self.outcome.warnings.append(line[len("WARNING:"):].strip())
-                continue
-            if line.startswith("ERROR:"):
-                self.outcome.error_lines.append(line[len("ERROR:"):].strip())
-                continue
-            self._echo(line)
+    def classify(self, line: str) -> bool:
+        """stapio's skipped-probe count, WARNING: and ERROR: lines."""
+        m = _SKIPPED.search(line)
+        if m:
+            self.outcome.errors, self.outcome.skipped = int(m.group(1)), int(m.group(2))
+        elif line.startswith("WARNING:"):
+            self.outcome.warnings.append(line[len("WARNING:"):].strip())
+        elif line.startswith("ERROR:"):
+            self.outcome.error_lines.append(line[len("ERROR:"):].strip())
+        else:
+            return False
+        return True
 
     def interrupt(self) -> None:
         """Ctrl-C: the first asks the module to finish (it writes everything out, then
@@ -371,27 +367,10 @@ class Collector:
                 return
             except OSError:
                 pass
-        if self._proc and self._proc.poll() is None:
-            try:
-                os.kill(self._proc.pid, signal.SIGINT)
-            except OSError:
-                pass
+        self.signal(signal.SIGINT)
 
     def lines(self) -> Iterator[str]:
-        try:
-            self._proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          text=True, errors="replace", start_new_session=True)
-        except OSError as e:
-            raise EnvironmentNotReady(f"cannot run staprun: {e}", INSTALL_HINT) from None
-        t = threading.Thread(target=self._read_stderr, args=(self._proc.stderr,), daemon=True)
-        t.start()
-        assert self._proc.stdout is not None
-        for line in self._proc.stdout:
-            yield line
-        self._proc.wait()
-        t.join(timeout=5)
-        self.outcome.returncode = self._proc.returncode
-        self.outcome.stderr = "\n".join(self._stderr_lines)
+        yield from self.stream()
         self.outcome.problem = diagnose(self.outcome.stderr)
 
 
