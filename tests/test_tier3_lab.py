@@ -81,7 +81,11 @@ def _by_ports(objs):
 
 def test_known_workload_exact_and_against_snmp(suite, tmp_path):
     rec = tmp_path / "records"
-    r = LabRun(suite, tmp_path, "--json", "*:*-*:*", "-c", W.TCPWORK_V4, "--save-records", str(rec))
+    # --all-processes: the guest runs nothing but the workload, and the rows are checked
+    # against the kernel's own counters; with the -c tree a fork hit stap skipped (CI saw
+    # one on trixie) leaves that process's sockets out (told, and tested elsewhere)
+    r = LabRun(suite, tmp_path, "--json", "*:*-*:*", "--all-processes", "-c", W.TCPWORK_V4,
+               "--save-records", str(rec))
     assert r.rc == 0, r.stderr
     objs = r.json()
     # probe hits stap reports it skipped, and events a probe could not read (both
