@@ -43,7 +43,7 @@ class _Source:
     backend: Backend | None = None            # None: a saved run
     outcome: RunOutcome = field(default_factory=RunOutcome)
     first_lineno: int = 1                     # (a saved file's header comment is line 1)
-    why_unavailable: str = "probe did not resolve"   # the collector's reason, for the footer
+    why_unavailable: str = ""                 # the collector's reason ("": stap's)
 
 
 def _log(plan: Plan, errc: Console):
@@ -77,7 +77,7 @@ def _saved(plan: Plan) -> _Source:
         return _Source([first, *lines], path)
     return _Source(lines, path, unavailable=head.unavailable, tree=head.tree, cong=head.cong,
                    dist=head.dist, estats=head.rfc4898, first_lineno=2,
-                   why_unavailable=head.why_unavailable or _Source.why_unavailable)
+                   why_unavailable=head.why_unavailable)
 
 
 def _select(plan: Plan, collection: Collection, tree: bool) -> None:
@@ -142,9 +142,8 @@ def _collect_into(plan: Plan, src: _Source, collection: Collection, ctx: ReportC
         return
     saved = open(plan.save_records, "w") if plan.save_records else None
     if saved:
-        why = "" if src.why_unavailable == _Source.why_unavailable else src.why_unavailable
         saved.write(SaveHeader(kernel_release(plan), src.unavailable, src.tree, src.cong,
-                               src.dist, src.estats, why).line())
+                               src.dist, src.estats, src.why_unavailable).line())
     backend = src.backend
     previous = signal.signal(signal.SIGINT, lambda *_: backend.interrupt())
     try:

@@ -23,7 +23,7 @@ class Prepared:
     available: tuple[str, ...]          # counters this kernel gives
     unavailable: tuple[str, ...]        # in the chosen groups, not on this kernel
     cong: str = ""                      # how congestion states are seen ("": no cong group)
-    why_unavailable: str = "probe did not resolve"   # what the footer says of the unavailable
+    why_unavailable: str = ""           # why they are ("": a probe point did not resolve)
 
 
 @dataclass

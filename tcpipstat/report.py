@@ -67,7 +67,7 @@ class ReportContext:
     us: bool = False                            # -u: congestion times in µs (default ms)
     estats: bool = False                        # --rfc4898: RFC 4898 columns in CSV
     dist: bool = False                          # --dist: congestion-state histograms
-    why_unavailable: str = "probe did not resolve"  # (the collector's reason, for the footer)
+    why_unavailable: str = ""                   # the collector's reason ("": stap's, below)
 
     @property
     def layout(self) -> tuple:
@@ -362,7 +362,8 @@ def render_tables(console: Console, rows: Iterable[Row], ctx: ReportContext, hea
 
 def render_footer(console: Console, ctx: ReportContext) -> None:
     if ctx.unavailable:
-        console.print(f"[yellow]Unavailable on this kernel[/] ({ctx.why_unavailable}, not zero): "
+        why = ctx.why_unavailable or "probe did not resolve"
+        console.print(f"[yellow]Unavailable on this kernel[/] ({why}, not zero): "
                       + ", ".join(ctx.unavailable))
     for note in ctx.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")     # (a note may name a file)

@@ -307,3 +307,18 @@ def test_save_header_fields():
                     "cong=kprobes: tcp_ack, x; dist=0; rfc4898=1\n")
     assert SaveHeader.read(line) == head
     assert SaveHeader.read("# tcpipstat records; kernel=k; unavailable=\n") == SaveHeader("k")
+
+
+def test_the_footer_gives_the_collectors_reason_for_unavailable_counters(tmp_path):
+    """A saved run keeps its collector's reason (bpftrace's) and reports it; a stap run's
+    header has none, and the footer says a probe did not resolve."""
+    from tcpipstat.records import SaveHeader
+    lines = (FIXTURES / "bookworm-tcpwork-v4.records").read_text().splitlines(keepends=True)
+    for why, shown in (("", "probe did not resolve"),
+                       ("no tracepoint counts it exactly", "no tracepoint counts it exactly")):
+        head = SaveHeader("6.18", ("InSegs",), why_unavailable=why)
+        assert SaveHeader.read(head.line()) == head
+        saved = tmp_path / "r.records"
+        saved.write_text(head.line() + "".join(lines[1:]))
+        status, out, err = run_cli("--from-records", str(saved), "nozeros=0")
+        assert status == 0 and f"({shown}, not zero): InSegs" in " ".join(out.split()), out
