@@ -9,6 +9,7 @@ control files are the stap backend's business.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import threading
@@ -44,6 +45,19 @@ class RunOutcome:
 
 
 Log = Callable[[str], None]
+
+
+def command_from_env(var: str, default: str, install_hint: str) -> list[str]:
+    """A collector's command: ``$var`` (a command line, split like a shell would), else
+    ``default`` found on PATH, else an error with the fix."""
+    val = os.environ.get(var)
+    if val:
+        return shlex.split(val)
+    path = shutil.which(default)
+    if not path:
+        from .errors import EnvironmentNotReady
+        raise EnvironmentNotReady(f"{default} not found on PATH", install_hint)
+    return [path]
 
 
 class CollectorProcess:
@@ -148,24 +162,28 @@ def _loads_modules() -> bool:
     return os.path.exists("/proc/modules") and not disabled
 
 
-def _chosen(plan) -> str:
-    """--backend, auto resolved: stap where it can work, else bpftrace."""
+def _chosen(plan) -> str | None:
+    """--backend, auto resolved: stap where it can work, else bpftrace; None when auto
+    finds neither."""
     if plan.backend != "auto":
         return plan.backend
     if _stap_can_work():
         return "stap"
     if os.environ.get("TCPIPSTAT_BPFTRACE") or shutil.which("bpftrace"):
         return "bpftrace"
-    from .bpftrace import INSTALL_HINT as BPF_HINT
-    from .errors import EnvironmentNotReady
-    from .stap import INSTALL_HINT as STAP_HINT
-    raise EnvironmentNotReady("stap not found on PATH (SystemTap), nor bpftrace",
-                              f"{STAP_HINT}; or {BPF_HINT}")
+    return None
 
 
 def choose(plan, echo_stderr: Callable[[str], None]) -> Backend:
     """The backend that collects for ``plan`` (--backend)."""
-    if _chosen(plan) == "bpftrace":
+    name = _chosen(plan)
+    if name is None:
+        from .bpftrace import INSTALL_HINT as BPF_HINT
+        from .errors import EnvironmentNotReady
+        from .stap import INSTALL_HINT as STAP_HINT
+        raise EnvironmentNotReady("stap not found on PATH (SystemTap), nor bpftrace",
+                                  f"{STAP_HINT}; or {BPF_HINT}")
+    if name == "bpftrace":
         from .bpftrace import BpftraceBackend
         return BpftraceBackend(plan, echo_stderr)
     from .stap import StapBackend
@@ -174,10 +192,7 @@ def choose(plan, echo_stderr: Callable[[str], None]) -> Backend:
 
 def dump_script(plan) -> str:
     """--dump-script: the chosen backend's program (auto with neither installed: stap's)."""
-    name = plan.backend
-    if name == "auto":
-        name = "stap" if _stap_can_work() or not shutil.which("bpftrace") else "bpftrace"
-    if name == "bpftrace":
+    if _chosen(plan) == "bpftrace":
         from .bpftrace import render_program
         return render_program(plan)
     from .stap import dump_script as stap_script

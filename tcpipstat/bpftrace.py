@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -29,7 +28,7 @@ from typing import Callable, Iterator
 import jinja2
 
 from . import __version__
-from .backend import CollectorProcess, Log, Prepared, RunOutcome
+from .backend import CollectorProcess, Log, Prepared, RunOutcome, command_from_env
 from .counters import counters_for_units, units_for_groups
 from .errors import EnvironmentNotReady, UsageError
 from .filters import Filter
@@ -169,16 +168,6 @@ class EndDump:
         return "\t".join(f) + "\n"
 
 
-def _command() -> list[str]:
-    val = os.environ.get("TCPIPSTAT_BPFTRACE")
-    if val:
-        return shlex.split(val)
-    path = shutil.which("bpftrace")
-    if not path:
-        raise EnvironmentNotReady("bpftrace not found on PATH", INSTALL_HINT)
-    return [path]
-
-
 def ensure_tracefs(root: Path = TRACEFS) -> None:
     """Tracepoints attach through tracefs: mount it when it is not (root only)."""
     if (root / "events").is_dir():
@@ -258,7 +247,7 @@ class BpftraceBackend:
         if what:
             raise UsageError(f"{what} is not supported by the bpftrace backend yet "
                              "(use --backend stap)")
-        cmd = _command()
+        cmd = command_from_env("TCPIPSTAT_BPFTRACE", "bpftrace", INSTALL_HINT)
         if os.geteuid() != 0:
             raise EnvironmentNotReady("collecting needs root (bpftrace loads BPF programs)",
                                       "run it with sudo, or use --dump-script to see the program")

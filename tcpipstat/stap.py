@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .backend import CollectorProcess, Log, Prepared, RunOutcome
+from .backend import CollectorProcess, Log, Prepared, RunOutcome, command_from_env
 from .counters import points_for_groups, select
 from .errors import EnvironmentNotReady, StapFailed
 from .render import module_args, render_probe_check, render_script, resolve_points
@@ -35,16 +35,6 @@ def cache_dir() -> Path:
     base = os.environ.get("TCPIPSTAT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tcpipstat")
     return Path(base)
-
-
-def _cmd_from_env(var: str, default: str) -> list[str]:
-    val = os.environ.get(var)
-    if val:
-        return shlex.split(val)
-    path = shutil.which(default)
-    if not path:
-        raise EnvironmentNotReady(f"{default} not found on PATH", INSTALL_HINT)
-    return [path]
 
 
 # ---- stap's messages -> one clear line with the fix ----
@@ -105,8 +95,8 @@ class Toolchain:
     @classmethod
     def find(cls) -> "Toolchain":
         over = bool(os.environ.get("TCPIPSTAT_STAP") or os.environ.get("TCPIPSTAT_STAPRUN"))
-        return cls(_cmd_from_env("TCPIPSTAT_STAP", "stap"),
-                   _cmd_from_env("TCPIPSTAT_STAPRUN", "staprun"), over)
+        return cls(command_from_env("TCPIPSTAT_STAP", "stap", INSTALL_HINT),
+                   command_from_env("TCPIPSTAT_STAPRUN", "staprun", INSTALL_HINT), over)
 
     def version(self) -> str:
         """`stap -V`'s first line, asked once per toolchain (every cache key has it)."""
