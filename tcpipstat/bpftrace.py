@@ -129,6 +129,7 @@ def _signed(text: str) -> int:
     return v - (1 << 64) if v >> 63 else v
 
 
+_SOCKET_END = SOCKET.printf()       # (the R record's fields, as the program writes them)
 _MAP_LINE = re.compile(r"@(\w+)\[(-?\d+)\]: (.*)\Z")
 
 
@@ -152,13 +153,12 @@ class EndDump:
             values = [_signed(get(f"c_{c}", {}).get(key, "0")) for c in self.available]
             if not any(values) and key not in get("pid", {}):
                 continue                    # (resolved, nothing counted)
-            fam, lhi, llo, lport, rhi, rlo, rport = (int(x) & (1 << 64) - 1 for x in
-                                                     tup.strip("()").split(","))
-            fields = ["R", "end", str(fam), f"{lhi:x}", f"{llo:x}", str(lport), f"{rhi:x}",
-                      f"{rlo:x}", str(rport), get("pid", {}).get(key, "0"),
-                      get("comm", {}).get(key, ""), get("intree", {}).get(key, "0")]
-            out.append("\t".join(fields + [f"{c}={v}" for c, v in
-                                           zip(self.available, values)]) + "\n")
+            tuple_ = (int(x) & (1 << 64) - 1 for x in tup.strip("()").split(","))
+            head = _SOCKET_END % ("end", *tuple_, int(get("pid", {}).get(key, "0")),
+                                  get("comm", {}).get(key, ""),
+                                  int(get("intree", {}).get(key, "0")))
+            out.append("\t".join([head, *(f"{c}={v}" for c, v in
+                                          zip(self.available, values))]) + "\n")
         return out
 
     def trailer(self, line: str, written: int) -> str:
