@@ -75,11 +75,13 @@ class CsvSink(Sink):
         self._header = True       # (snapshots and closed sockets share one header)
 
     def on_close(self, st: SocketTotals, samples) -> None:
-        write_csv(self.out, [closed_socket_row(st, samples)], self.ctx, header=self._header)
-        self._header = False
-        self.out.flush()
+        self._lines([closed_socket_row(st, samples)])
 
     def on_window(self, win: Window, rows: list[Row], hidden: int, timestamp: bool) -> None:
+        self._lines(rows, win)
+
+    def _lines(self, rows: list[Row], win: Window | None = None) -> None:
+        """Lines written as they come, under the one header."""
         write_csv(self.out, rows, self.ctx, win, header=self._header)
         self._header = False
         self.out.flush()
