@@ -92,6 +92,10 @@ OPTION_GROUPS: tuple[tuple[str, tuple[Opt, ...]], ...] = (
             metavar="N"),
     )),
     ("Collection", (
+        Opt(("--backend",), "the collector: stap (SystemTap), bpftrace (tracepoints only, for "
+            "hosts that cannot load a module; fewer counters, the others shown n/a) or auto "
+            "(default: stap where stap and staprun are installed and the kernel loads modules, "
+            "else bpftrace)", dest="backend", metavar="NAME", default="auto", live_only=True),
         Opt(("-t", "--timeout"), "stop collecting after SECONDS and report", dest="timeout",
             metavar="SECONDS", classic="timeout", live_only=True, label="timeout"),
         Opt(("--interval",), "print a snapshot every SECONDS: the counts since the previous one "
@@ -181,10 +185,6 @@ OPTION_GROUPS: tuple[tuple[str, tuple[Opt, ...]], ...] = (
             action="count", default=0),
     )),
     ("Diagnostics", (
-        Opt(("--backend",), "the collector: stap (SystemTap), bpftrace (tracepoints only, for "
-            "hosts that cannot load a module; fewer counters, the others shown n/a) or auto "
-            "(default: stap where stap and staprun are installed, else bpftrace)",
-            dest="backend", metavar="NAME", default="auto", live_only=True),
         Opt(("--dump-script",), "print the generated collector script and exit (no root needed)",
             dest="dump_script", action="store_true", default=False, live_only=True,
             not_with_check=True),

@@ -204,3 +204,19 @@ def test_conflicts_and_unsupported_forms_are_refused(argv, word):
 
 def test_an_option_and_its_classic_word_may_agree():
     assert build_plan(["index=lport", "--index", "lport"]).index == "lport"
+
+
+def test_a_bad_backend_is_refused_by_name():
+    status, out, err = run_cli("--backend", "dtrace", "--dump-script")
+    assert status == ExitStatus.USAGE and "bad --backend 'dtrace'" in err and out == ""
+
+
+@pytest.mark.parametrize("word", ["--cong", "--rfc4898", "--sample=10", "--interval=1",
+                                  "-r=6.1"])
+def test_what_bpftrace_cannot_do_yet_is_refused_before_it_runs(word, monkeypatch):
+    """The bpftrace collector refuses, with exit 2, the options it cannot serve yet, before
+    it looks for bpftrace or starts anything (TCPIPSTAT_BPFTRACE names a command that
+    does not exist: reaching it would be another error)."""
+    monkeypatch.setenv("TCPIPSTAT_BPFTRACE", "/nonexistent/bpftrace")
+    status, out, err = run_cli("--backend", "bpftrace", word)
+    assert status == ExitStatus.USAGE and "not supported by the bpftrace backend" in err, err
