@@ -247,9 +247,8 @@ def _write_outcome(plan: Plan, outcome: Outcome) -> None:
 
 
 def _exit_status(ro: RunOutcome, o: Outcome) -> int:
-    """After the report: what went wrong, as an error (exit 1), or the run's status."""
-    if o.unwritten:
-        raise TcpipstatError(f"{o.unwritten[0]} (the report above is complete)")
+    """After the report: what went wrong, as an error (exit 1), or the run's status. The
+    collector's own failure comes first: a file not written is the lesser news."""
     if ro.returncode not in (0, None) and not ro.interrupted:
         problem = ro.problem
         msg = problem[0] if problem else (ro.error_lines[0] if ro.error_lines
@@ -263,6 +262,8 @@ def _exit_status(ro: RunOutcome, o: Outcome) -> int:
         raise TcpipstatError(f"{o.unreadable} unreadable lines from the collector (the report "
                              "above holds everything else)",
                              "please report it, with --save-records output")
+    if o.unwritten:
+        raise TcpipstatError(f"{o.unwritten[0]} (the report above is complete)")
     return ExitStatus.INTERRUPTED if ro.interrupted else ExitStatus.OK
 
 

@@ -84,3 +84,18 @@ def test_plot_without_matplotlib_is_refused_before_anything_runs(monkeypatch):
     status, out, err = run_cli("--from-records", str(FIXTURES / "bookworm-sample50.records"),
                                "--plot", "x.png")
     assert status == 2 and "needs matplotlib" in err and out == ""
+
+
+def test_lost_events_are_told_before_a_series_that_cannot_be_written(tmp_path, monkeypatch):
+    """Both went wrong: the collector's loss is the error named; the series is a note."""
+    import tcpipstat.series
+
+    def full(*_):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(tcpipstat.series, "write_series", full)
+    status, out, err, o = _run(tmp_path, "--from-records",
+                               str(FIXTURES / "bookworm-table-too-small.records"), "--json",
+                               "--series", str(tmp_path / "s.csv"))
+    last = err.strip().splitlines()
+    assert status == 1 and o["dropped"] and o["unwritten"]
+    assert "events were lost to full tables" in " ".join(last[-2:]), err
