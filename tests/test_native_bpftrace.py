@@ -198,27 +198,37 @@ def test_refused_connect_is_an_attempt_fail():
 
 
 @pytest.mark.native
-def test_open_socket_at_timeout_is_reported():
-    """A connection still open when timeout= ends it: its record comes from END's dump."""
+def test_open_socket_at_the_end_is_reported(tmp_path):
+    """A connection still open when the run ends: its record comes from END's dump. The
+    -c command starts once bpftrace has attached (bpftrace runs it then) and says so; the
+    test's connection is made after that, and the command ends once it is made: nothing
+    here waits a guessed time."""
     _native()
-    port, done = 7424, threading.Event()
+    port, ready, made = 7424, tmp_path / "ready", tmp_path / "made"
+    command = (f"touch {ready}; i=0; while [ ! -e {made} ] && [ $i -lt 600 ]; do sleep 0.1; "
+               "i=$((i + 1)); done")
+    run_over = threading.Event()
 
     def hold() -> None:
-        time.sleep(6)          # bpftrace compiles and attaches in about 3 s
+        for _ in range(1200):            # (at most 120 s for bpftrace to start the command)
+            if ready.exists():
+                break
+            time.sleep(0.1)
         with socket.create_server(("127.0.0.1", port)) as srv, \
                 socket.create_connection(("127.0.0.1", port)) as c:
             a, _ = srv.accept()
             c.sendall(b"x" * 777)
             assert len(a.recv(1000)) == 777
-            done.wait(30)
+            made.touch()
+            run_over.wait(120)           # (held open until tcpipstat has reported)
             a.close()
 
     t = threading.Thread(target=hold)
     t.start()
     try:
-        rows = _run(["timeout=9", f"*:*-*:{port}", f"*:{port}-*:*"])
+        rows = _run(["--all-processes", f"*:*-*:{port}", f"*:{port}-*:*", "-c", command])
     finally:
-        done.set()
+        run_over.set()
         t.join()
     by_port = {r["lport"]: r for r in rows}
     server = by_port[port]["counters"]
@@ -226,6 +236,16 @@ def test_open_socket_at_timeout_is_reported():
     assert server["PassiveOpens"] == 1 and server["CurrEstab"] == 1
     (client,) = [r for r in rows if r["rport"] == port]
     assert client["counters"]["SendBytes"] == 777 and client["counters"]["ActiveOpens"] == 1
+
+
+@pytest.mark.native
+def test_timeout_ends_the_run(tmp_path):
+    """timeout=1: the program's own timer ends the run, and the trailer says so."""
+    _native()
+    outcome = tmp_path / "outcome.json"
+    _run(["timeout=1", "--outcome-json", str(outcome)])
+    o = json.loads(outcome.read_text())
+    assert o["ended_by"] == "timeout" and o["finished"] and o["duration_s"] >= 1.0, o
 
 
 def test_every_point_the_man_page_names_is_in_the_program():
