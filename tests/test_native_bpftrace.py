@@ -137,6 +137,14 @@ def _workload(host: str, port: int, conns: int, send: int, reply: int) -> str:
     return f"{sys.executable} {WORKLOAD} {host} {port} {conns} {send} {reply}"
 
 
+def _free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now: fixed ports collide when two suites run at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def _ipv6() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as s:
@@ -147,11 +155,12 @@ def _ipv6() -> bool:
 
 
 @pytest.mark.native
-@pytest.mark.parametrize("host, port", [("127.0.0.1", 7421), ("::1", 7422)])
-def test_workload_counts_exact(host, port):
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_workload_counts_exact(host):
     _native()
     if ":" in host and not _ipv6():
         pytest.skip("no IPv6 loopback here")
+    port = _free_port(host)
     conns, send, reply = 4, 3000, 300
     before = _snmp()
     rows = _run([f"*:*-*:{port}", f"*:{port}-*:*", "-c",
@@ -179,19 +188,16 @@ def test_workload_counts_exact(host, port):
 
 
 @pytest.mark.native
-def test_refused_connect_is_an_attempt_fail():
+def test_refused_connect_is_an_attempt_fail(tmp_path):
     _native()
-    port = 7423        # nothing listens there: the SYN is answered by a reset
+    port = _free_port()        # nothing listens there: the SYN is answered by a reset
     code = (f"import socket\ntry: socket.create_connection(('127.0.0.1', {port}))\n"
             "except ConnectionRefusedError: pass")
-    script = ROOT / "tests" / ".bpf_refused.py"
+    script = tmp_path / "refused.py"
     script.write_text(code + "\n")
-    try:
-        before = _snmp()
-        rows = _run([f"*:*-*:{port}", "-c", f"{sys.executable} {script}"])
-        delta = {k: v - before[k] for k, v in _snmp().items()}
-    finally:
-        script.unlink()
+    before = _snmp()
+    rows = _run([f"*:*-*:{port}", "-c", f"{sys.executable} {script}"])
+    delta = {k: v - before[k] for k, v in _snmp().items()}
     (row,) = rows
     assert row["counters"]["ActiveOpens"] == 1 and row["counters"]["AttemptFails"] == 1
     assert delta["AttemptFails"] >= 1
@@ -204,7 +210,7 @@ def test_open_socket_at_the_end_is_reported(tmp_path):
     test's connection is made after that, and the command ends once it is made: nothing
     here waits a guessed time."""
     _native()
-    port, ready, made = 7424, tmp_path / "ready", tmp_path / "made"
+    port, ready, made = _free_port(), tmp_path / "ready", tmp_path / "made"
     command = (f"touch {ready}; i=0; while [ ! -e {made} ] && [ $i -lt 600 ]; do sleep 0.1; "
                "i=$((i + 1)); done")
     run_over = threading.Event()
