@@ -1,0 +1,58 @@
+"""Tier 3n: the bytes of every send and receive path the bpftrace collector sees, per
+socket, exact against the workload and the kernel's own tcp_info (tests/bpf_paths_workload.py).
+
+sock:sock_send_length fires in sock_sendmsg(): since Linux 6.5 (commit 2dc334f1a63a,
+"splice, net: Use sendmsg(MSG_SPLICE_PAGES) rather than ->sendpage()") sendfile() and
+splice() into a socket go through it too. sock:sock_recv_length fires in sock_recvmsg():
+splice() out of a socket (tcp_splice_read) does not, and the man page says so.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .test_native_bpftrace import ROOT, _free_port, _native
+
+WORKLOAD = Path(__file__).resolve().parent / "bpf_paths_workload.py"
+SIZE = 300_001            # (not a multiple of any buffer or page size)
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    release = os.uname().release.split(".")
+    return (int(release[0]), int(release[1].split("-")[0])) >= (major, minor)
+
+
+def _paths_run(send_path: str, recv_path: str) -> tuple[list[dict], dict]:
+    port = _free_port()
+    cmd = f"{sys.executable} {WORKLOAD} {send_path} {recv_path} {SIZE} {port}"
+    res = subprocess.run([sys.executable, "-m", "tcpipstat", "--backend", "bpftrace", "--json",
+                          f"*:*-*:{port}", f"*:{port}-*:*", "-c", cmd],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    said = [x for x in res.stderr.splitlines() if x.startswith("{")]
+    assert len(said) == 1, res.stderr
+    return [json.loads(x) for x in res.stdout.splitlines() if x.strip()], json.loads(said[0])
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("send_path, recv_path", [
+    ("sendall", "recv"), ("sendfile", "recv_into"), ("splice", "recvmsg_into"),
+    ("sendmsg", "recv")])
+def test_path_bytes_exact_against_tcp_info(send_path, recv_path):
+    _native()
+    if send_path in ("sendfile", "splice") and not _kernel_at_least(6, 5):
+        pytest.skip("before Linux 6.5 sendfile/splice bypass sock_sendmsg (tcp_sendpage)")
+    rows, said = _paths_run(send_path, recv_path)
+    (client,) = [r for r in rows if r["lport"] == said["client_port"]]
+    (server,) = [r for r in rows if r["rport"] == said["client_port"]]
+    c, s = client["counters"], server["counters"]
+    # bytes_acked counts the SYN too; bytes_received counts data only
+    assert c["SendBytes"] == SIZE == said["client"]["bytes_acked"] - 1
+    assert s["RecvBytes"] == SIZE == said["server"]["bytes_received"]
+    assert (c["RecvBytes"], s["SendBytes"], s["SendMsgs"], c["RecvMsgs"]) == (1, 1, 1, 1)
+    assert c["SendMsgs"] >= 1 and s["RecvMsgs"] >= 1
