@@ -247,12 +247,19 @@ def test_the_command_wrapper_without_a_module_does_not_wait_or_fail(tmp_path):
     assert took < 5 and not finish.exists()
 
 
+def _sleeper() -> subprocess.Popen:
+    """A stand-in for staprun that SIGINT ends. Its SIGINT is reset to the default: a shell
+    that starts the suite in the background (CI scripts do) makes its children ignore it."""
+    return subprocess.Popen(["sleep", "30"],
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 def test_ctrl_c_asks_the_module_to_finish_first_then_signals(tmp_path):
     from tcpipstat.stap import Collector
     ko = tmp_path / "tcpipstat_abc.ko"
     (tmp_path / "proc" / "tcpipstat_abc").mkdir(parents=True)
     c = Collector(_toolchain("unknown"), ko, [], None, procfs_root=tmp_path / "proc")
-    c._proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    c._proc = _sleeper()
     try:
         c.interrupt()                                  # first: the control file, no signal
         assert (tmp_path / "proc" / "tcpipstat_abc" / "finish").read_text() == "1\n"
@@ -268,7 +275,7 @@ def test_ctrl_c_without_a_control_file_signals_at_once(tmp_path):
     from tcpipstat.stap import Collector
     c = Collector(_toolchain("unknown"), tmp_path / "tcpipstat_x.ko", [], None,
                   procfs_root=tmp_path)
-    c._proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    c._proc = _sleeper()
     try:
         c.interrupt()
         assert c._proc.wait(timeout=10) == -signal.SIGINT

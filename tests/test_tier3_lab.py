@@ -598,10 +598,23 @@ def test_index_comm_separates_programs(suite, tmp_path):
         assert got == [300, 3000], r2.explain()
 
 
+def clean_run(suite: str, tmp: Path, *args: str, env: dict | None = None,
+              tries: int = 3) -> LabRun:
+    """A run in which stap skipped no probe hit, in at most ``tries``; else the last one.
+    What a skipped hit loses is not only counts: a skipped fork leaves a process out of
+    the -c tree (told in the notes). Skips come from lock waits on a guest whose CPUs the
+    host takes away: a loaded host makes them, and the run says so when it happens."""
+    for _ in range(tries):
+        r = LabRun(suite, tmp, *args, env=env)
+        if r.rc != 0 or r.skipped() + r.faults() == 0:
+            break
+    return r
+
+
 def test_command_tree_is_the_default_selection(suite, tmp_path):
     env = {"LAB_BACKGROUND": W.OUTSIDE_SERVER}
     flt = ["*:7009-*:*", "*:*-*:7009", "*:7011-*:*", "*:*-*:7011"]
-    r = LabRun(suite, tmp_path, "--json", *flt, "-c", W.TREE_CLIENT, env=env)
+    r = clean_run(suite, tmp_path, "--json", *flt, "-c", W.TREE_CLIENT, env=env)
     assert r.rc == 0, r.stderr
     objs = r.json()
     # the clients' four sockets and the :7011 server the command started (re-parented
@@ -609,7 +622,11 @@ def test_command_tree_is_the_default_selection(suite, tmp_path):
     servers = (7009, 7011)
     keys = sorted((o["lport"] if o["lport"] in servers else o["rport"], o["lport"] in servers)
                   for o in objs)
-    assert keys == [(7009, False)] * 2 + [(7011, False)] * 2 + [(7011, True)] * 2, r.explain()
+    want = [(7009, False)] * 2 + [(7011, False)] * 2 + [(7011, True)] * 2
+    if r.skipped() + r.faults():      # (three runs with skips: fewer rows, never others)
+        assert set(keys) <= set(want) and "skipped" in r.stderr, r.explain()
+    else:
+        assert keys == want, r.explain()
     sk = r.skipped() + r.faults()
     assert all(near(o["counters"]["SendBytes"], 100, 100 * sk)
                for o in objs if o["rport"] in (7009, 7011)), r.explain()
