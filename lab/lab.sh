@@ -9,6 +9,8 @@
 #   lab.sh kver                                   # the lab kernel's release
 #   lab.sh stap ARGS...      # stand-in for `stap` (TCPIPSTAT_STAP): runs in the root, .ko back in cwd
 #   lab.sh staprun [-c CMD] MODULE.ko [modargs]   # stand-in for `staprun` (TCPIPSTAT_STAPRUN): in the guest
+#   lab.sh bpftrace [-q] PROGRAM.bt [args] [-c CMD]  # stand-in for `bpftrace` (TCPIPSTAT_BPFTRACE):
+#                            # in the guest (the kernel's BTF; kprobes, unlike this host's kernel)
 #
 # run: module output -> stdout; /proc/net/snmp, netstat, snmp6 snapshots before/after,
 # staprun/workload messages -> stderr; exit = staprun rc, else workload rc,
@@ -46,7 +48,7 @@ setup() {
   fi
   in_root apt-get -q update
   # headers + -dbg (vmlinux with DWARF) + image of the suite's current cloud kernel
-  in_root env DEBIAN_FRONTEND=noninteractive "${APT[@]}" install systemtap iperf3 iproute2 busybox-static libc6-dev gcc \
+  in_root env DEBIAN_FRONTEND=noninteractive "${APT[@]}" install systemtap bpftrace iperf3 iproute2 busybox-static libc6-dev gcc \
     qemu-system-x86 linux-headers-cloud-amd64 linux-image-cloud-amd64 linux-image-cloud-amd64-dbg
   local v; v=$(ls "$ROOT"/usr/lib/debug/boot/ | sed -n 's/^vmlinux-//p' | sort -V | tail -1)
   [ -d "$ROOT/usr/src/linux-headers-$v" ] && [ -f "$ROOT/boot/vmlinuz-$v" ] || { echo "no headers/image for $v" >&2; exit 1; }
@@ -61,6 +63,7 @@ setup() {
       sed -i '/resolve uprobe_unregister!/{s/_stp_error(.*);/;/;n;s/goto err0;/;/}' "$st/runtime/transport/transport.c" ;;
   esac
   rm -rf "$ROOT/root/.systemtap/cache"  # don't reuse modules built before the fixes
+  rm -rf "$LAB/bt-list-$SUITE"          # (bpftrace -l answers of the kernel set up before)
   # the lab's own workload with known counts (lab/workload/tcpwork.c), static for the guest
   mkdir -p "$ROOT/usr/local/src" && cp "$HERE/workload/tcpwork.c" "$ROOT/usr/local/src/"
   in_root gcc -O2 -Wall -static -o /usr/local/bin/tcpwork /usr/local/src/tcpwork.c
@@ -81,7 +84,8 @@ open(sys.argv[2], "wb").write(lzma.decompress(d) if sys.argv[1].endswith(".xz") 
 export PATH=/bin:/usr/bin:/usr/sbin:/usr/local/bin TERM=dumb
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 for m in inet_diag tcp_diag sch_netem; do insmod /lib/lab-modules/$m.ko || echo "lab: insmod $m failed"; done
-mount -t debugfs debugfs /sys/kernel/debug; mount -t tmpfs tmp /tmp
+mount -t debugfs debugfs /sys/kernel/debug; mount -t tracefs nodev /sys/kernel/tracing
+mount -t tmpfs tmp /tmp
 ip link set lo up
 stty -F /dev/ttyS1 raw -echo; stty -F /dev/ttyS2 raw -echo
 sh /run.sh >/dev/ttyS2 2>&1
@@ -89,7 +93,15 @@ poweroff -f
 EOF
   chmod +x "$g/init"
   (cd "$g" && find . | cpio -o -H newc --quiet | gzip -1) > "$LAB/guest-$SUITE.cpio.gz"
-  echo "setup done: suite=$SUITE kernel=$(kver) stap=$(in_root dpkg-query -W -f='${Version}' systemtap)"
+  # bpftrace and its libraries (LLVM: ~200 MB) in an archive of their own, added to the guest's
+  # initramfs for bpftrace runs only: module runs stay as small and quick to boot as they were
+  local b="$LAB/guest-bt-$SUITE"; rm -rf "$b"
+  for f in /usr/bin/bpftrace $(in_root ldd /usr/bin/bpftrace 2>/dev/null | grep -o '/[^ ]*\.so[^ ]*' | sort -u); do
+    [ -e "$g$f" ] && continue; mkdir -p "$b$(dirname "$f")"; cp -L "$ROOT$f" "$b$f"
+  done
+  (cd "$b" && find . | cpio -o -H newc --quiet | gzip -1) > "$LAB/guest-bt-$SUITE.cpio.gz"
+  echo "setup done: suite=$SUITE kernel=$(kver) stap=$(in_root dpkg-query -W -f='${Version}' systemtap)" \
+    "bpftrace=$(in_root dpkg-query -W -f='${Version}' bpftrace)"
 }
 
 compile() {
@@ -117,6 +129,7 @@ run() {
   if [ -n "$workload" ]; then
     printf '#!/bin/sh\nexec >/dev/ttyS2 2>&1\n( %s )\necho "@@WORKLOAD_RC=$?"\n' "$workload" > "$r/ov/workload.sh"
     chmod +x "$r/ov/workload.sh"; cflag="-c /workload.sh"
+    [[ $ko != *.bt ]] || cflag="-c '/bin/sh /workload.sh'"    # (bpftrace runs ELF files only)
   fi
   cat > "$r/ov/run.sh" <<EOF
 # /proc/net/snmp6 has one "Name value" a line: its Ip6 lines become a header/values pair like snmp's
@@ -124,14 +137,21 @@ snap() { echo "@@SNMP_\$1"; grep -E '^(Ip|Tcp):' /proc/net/snmp; grep '^TcpExt:'
   [ ! -r /proc/net/snmp6 ] || awk '/^Ip6/ {h=h" "\$1; v=v" "\$2} END {print "Ip6:" h; print "Ip6:" v}' /proc/net/snmp6; }
 snap BEFORE
 $(if [ -n "${LAB_BACKGROUND:-}" ]; then printf '( %s ) >/dev/ttyS2 2>&1 &\n' "$LAB_BACKGROUND"; fi)
-$(if [ "$ko" = - ]; then echo "timeout -s INT ${LAB_GUEST_TIMEOUT:-300} /workload.sh >/dev/ttyS1  # untraced"
+$(if [ -n "${LAB_BT_LIST:-}" ]; then echo "bpftrace $LAB_BT_LIST >/dev/ttyS1"
+  elif [ "$ko" = - ]; then echo "timeout -s INT ${LAB_GUEST_TIMEOUT:-300} /workload.sh >/dev/ttyS1  # untraced"
+  elif [[ $ko == *.bt ]]; then
+    echo "export BPFTRACE_MAP_KEYS_MAX=${BPFTRACE_MAP_KEYS_MAX:-4096} BPFTRACE_MAX_MAP_KEYS=${BPFTRACE_MAX_MAP_KEYS:-4096}"
+    echo "timeout -s INT ${LAB_GUEST_TIMEOUT:-300} bpftrace ${LAB_BT_FLAGS:-} /$(basename "$ko") ${args[*]+$(printf '%q ' "${args[@]}")} $cflag >/dev/ttyS1"
   else echo "timeout -s INT ${LAB_GUEST_TIMEOUT:-300} staprun $cflag /$(basename "$ko") ${args[*]+$(printf '%q ' "${args[@]}")} >/dev/ttyS1"; fi)
 echo "@@STAPRUN_RC=\$?"
 # what the module allocated, as its init logged it ("systemtap: V, base: .., memory: ..")
 dmesg | grep -m1 -o 'systemtap: .*memory: .*' | sed 's/^/@@STAP_MEM /'
 snap AFTER
 EOF
-  (cd "$r/ov" && find . | cpio -o -H newc --quiet | gzip -1) | cat "$LAB/guest-$SUITE.cpio.gz" - > "$r/initrd"
+  local base=("$LAB/guest-$SUITE.cpio.gz")
+  [[ $ko != *.bt ]] && [ -z "${LAB_BT_LIST:-}" ] || base+=("$LAB/guest-bt-$SUITE.cpio.gz")
+  for a in ${LAB_EXTRA_FILES:-}; do cp "$a" "$r/ov/"; done     # (files the workload reads)
+  (cd "$r/ov" && find . | cpio -o -H newc --quiet | gzip -1) | cat "${base[@]}" - > "$r/initrd"
   local try
   for try in 1 2 3; do  # retry only guests that died before /init ran (TCG early-boot flakes)
     in_root timeout $(( ${LAB_GUEST_TIMEOUT:-300} + 120 )) qemu-system-x86_64 -accel tcg \
@@ -180,6 +200,44 @@ staprun_cmd() {
   if [ -n "$workload" ]; then run "$ko" -- "$@" --workload "$workload"; else run "$ko" -- "$@"; fi
 }
 
+# stand-in for `bpftrace [-q] PROGRAM.bt [args] [-c CMD]` as tcpipstat calls it: the program
+# runs in the guest. CMD "/bin/sh FILE" (how tcpipstat passes -c) runs FILE, copied in.
+bpftrace_cmd() {
+  case ${1:-} in -l|-lv) bpftrace_list "$@"; return ;; esac
+  local prog="" workload="" args=() flags=()
+  while [ $# -gt 0 ]; do
+    case $1 in
+      -c) workload=$2; shift 2 ;;
+      -q) flags+=(-q); shift ;;
+      -*) echo "lab.sh bpftrace: unsupported option $1" >&2; exit 2 ;;
+      *) if [ -z "$prog" ]; then prog=$1; else args+=("$1"); fi; shift ;;
+    esac
+  done
+  [ -n "$prog" ] || { echo "usage: $0 bpftrace [-q] PROGRAM.bt [args] [-c CMD]" >&2; exit 2; }
+  local t rc=0; t=$(mktemp -d)     # (removed below: run's EXIT trap would replace one here)
+  cp "$prog" "$t/tcpipstat.bt"
+  if [[ $workload == "/bin/sh "* ]] && [ -f "${workload#/bin/sh }" ]; then
+    cp "${workload#/bin/sh }" "$t/command.sh"; export LAB_EXTRA_FILES="$t/command.sh"
+    workload="sh /command.sh"
+  fi
+  export LAB_STAPRUN_RC_ONLY=1 LAB_BT_FLAGS="${flags[*]-}"   # like bpftrace: its own status
+  if [ -n "$workload" ]; then run "$t/tcpipstat.bt" -- "${args[@]}" --workload "$workload" || rc=$?
+  else run "$t/tcpipstat.bt" -- "${args[@]}" || rc=$?; fi
+  rm -rf "$t"; return "$rc"
+}
+
+# `bpftrace -l[v] PATTERN` in the guest. Its answer depends on the guest's kernel only: kept
+# per suite until the next setup (a guest boot per listing costs ~10 s).
+bpftrace_list() {
+  [ $# -eq 2 ] && [[ $2 =~ ^[A-Za-z0-9_:*]+$ ]] || { echo "usage: $0 bpftrace -l[v] PATTERN" >&2; exit 2; }
+  local c="$LAB/bt-list-$SUITE/$1-${2//[:*]/_}"
+  if [ ! -s "$c" ]; then
+    mkdir -p "$(dirname "$c")"
+    LAB_BT_LIST="$1 '$2'" LAB_STAPRUN_RC_ONLY=1 LAB_META_OUT=/dev/null run - > "$c.tmp" && mv "$c.tmp" "$c"
+  fi
+  cat "$c"
+}
+
 cmd=${1:-}; shift || true
 case $cmd in
   setup) setup ;;
@@ -188,5 +246,6 @@ case $cmd in
   kver) kver ;;
   stap) stap_cmd "$@" ;;
   staprun) staprun_cmd "$@" ;;
+  bpftrace) bpftrace_cmd "$@" ;;
   *) sed -n '2,17p' "$0"; exit 2 ;;
 esac
