@@ -29,6 +29,7 @@ import jinja2
 
 from . import __version__
 from .backend import CollectorProcess, Log, Prepared, RunOutcome, command_from_env
+from .bt_points import Choice, KernelPoints, choose, list_points
 from .counters import counters_for_units, units_for_groups
 from .errors import EnvironmentNotReady, UsageError
 from .filters import Filter
@@ -47,6 +48,9 @@ BPF_POINTS = {
                     "tracepoint:sock:inet_sock_set_state"),
     "RetransSegs": "tracepoint:tcp:tcp_retransmit_skb",
 }
+# where a kernel lacks the tracepoint (before Linux 6.3: bt_points.choose)
+BPF_FALLBACKS = {**dict.fromkeys(("SendBytes", "SendMsgs"), "kretfunc:tcp_sendmsg"),
+                 **dict.fromkeys(("RecvBytes", "RecvMsgs"), "kretfunc:tcp_recvmsg")}
 BPF_COUNTERS = frozenset(BPF_POINTS)
 PER_FILTER = 21          # numbers per filter (the template's header comment)
 END_MARK = "tcpipstat-bpftrace-end"
@@ -74,11 +78,14 @@ def unsupported(plan) -> str:
     return ""
 
 
-def counters(groups) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(available, unavailable) counters of ``groups``, in catalogue order."""
+def counters(groups, missing: frozenset[str] = frozenset()
+             ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(available, unavailable) counters of ``groups``, in catalogue order; ``missing``:
+    those the kernel gives no point for (bt_points.Choice.missing)."""
     wanted = counters_for_units(units_for_groups(groups))
-    return (tuple(c for c in wanted if c in BPF_COUNTERS),
-            tuple(c for c in wanted if c not in BPF_COUNTERS))
+    countable = BPF_COUNTERS - missing
+    return (tuple(c for c in wanted if c in countable),
+            tuple(c for c in wanted if c not in countable))
 
 
 def _bt_string(text: str) -> str:
@@ -86,16 +93,18 @@ def _bt_string(text: str) -> str:
         "\n", "\\n")
 
 
-def render_program(plan) -> str:
-    """The bpftrace program for ``plan``: its groups, whether -c runs a command and how
-    many filters there are shape it; their values are positional parameters."""
-    available, _ = counters(plan.groups)
+def render_program(plan, choice: Choice | None = None) -> str:
+    """The bpftrace program for ``plan`` on a kernel with ``choice``'s points (default: a
+    current kernel's): its groups, whether -c runs a command and how many filters there
+    are shape it; their values are positional parameters."""
+    choice = choice or choose(KernelPoints.newest())
+    available, _ = counters(plan.groups, choice.missing)
     head = HEADER.printf(MAGIC=MAGIC, FORMAT=FORMAT_VERSION, VERSION=__version__,
                          MAX_SOCKETS=plan.max_sockets, COUNTERS=",".join(available))
     socket_maps = [*_SOCKET_MAPS, *(["intree"] if plan.command else []),
                    *(f"c_{c}" for c in available)]
     return _env().get_template("tcpipstat.bt.j2").render(
-        version=__version__, counters=available, command=bool(plan.command),
+        version=__version__, counters=available, command=bool(plan.command), points=choice,
         nfilters=len(plan.filters), per_filter=PER_FILTER, end_mark=END_MARK,
         fmt={"H": _bt_string(head), "R": _bt_string(SOCKET.printf()),
              "T": _bt_string(TRAILER.printf())},
@@ -129,6 +138,9 @@ def _signed(text: str) -> int:
     return v - (1 << 64) if v >> 63 else v
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RUNTIME_WARNING = re.compile(r"\S+\.bt:[\d:-]+ WARNING: (.*)\Z")
+_DELETE_MISSING = "Can't delete map element because it does not exist"
 _SOCKET_END = SOCKET.printf()       # (the R record's fields, as the program writes them)
 _MAP_LINE = re.compile(r"@(\w+)\[(-?\d+)\]: (.*)\Z")
 
@@ -188,12 +200,15 @@ class Runner(CollectorProcess):
     def __init__(self, cmd: list[str], available: tuple[str, ...], max_sockets: int,
                  echo_stderr: Callable[[str], None]):
         super().__init__(cmd, echo_stderr,
-                         {**os.environ, "BPFTRACE_MAP_KEYS_MAX": str(max_sockets)})
+                         # (bpftrace 0.21 renamed the variable; the old name still works)
+                         {**os.environ, "BPFTRACE_MAP_KEYS_MAX": str(max_sockets),
+                          "BPFTRACE_MAX_MAP_KEYS": str(max_sockets)})
         self._dump = EndDump(available)
+        self._context = 0           # lines of a runtime warning's context still to come
 
     def classify(self, line: str) -> bool:
         """bpftrace's memlock warning (said on every start: dropped) and lost events."""
-        if "RLIMIT_MEMLOCK" in line:
+        if "RLIMIT_MEMLOCK" in line or "BPFTRACE_MAP_KEYS_MAX is deprecated" in line:
             return True
         if re.match(r"(WARNING: )?Lost \d+ events", line):
             self.outcome.warnings.append(line.removeprefix("WARNING: "))
@@ -206,6 +221,8 @@ class Runner(CollectorProcess):
     def _records(self, stdout) -> Iterator[str]:
         ending = False
         for line in stdout:
+            if self._runtime_warning(line):
+                continue
             if ending and line.startswith("T\t"):
                 end = self._dump.records()
                 yield from end
@@ -217,6 +234,25 @@ class Runner(CollectorProcess):
                 ending = True
             elif line.strip():                # (bpftrace ends with blank lines)
                 yield line
+
+    def _runtime_warning(self, line: str) -> bool:
+        """A warning bpftrace writes on stdout while the program runs (0.21 and later): its
+        first line, then up to three of context (helper, retcode; the program's line; a
+        ~~~ marker). One comes for each delete() of a key a map does not hold, which is
+        expected (most of a socket's maps hold nothing for it) and dropped; any other is
+        told, once."""
+        text = _ANSI.sub("", line).rstrip()
+        if self._context:
+            self._context = 0 if text.strip(" ~") == "" else self._context - 1
+            return True
+        m = _RUNTIME_WARNING.match(text)
+        if not m:
+            return False
+        self._context = 3
+        why = m.group(1)
+        if not why.startswith(_DELETE_MISSING) and why not in self.outcome.warnings:
+            self.outcome.warnings.append(why)
+        return True
 
     def interrupt(self) -> None:
         """Ctrl-C: SIGINT makes bpftrace run END (the records); a second: SIGTERM."""
@@ -252,10 +288,12 @@ class BpftraceBackend:
             raise EnvironmentNotReady("collecting needs root (bpftrace loads BPF programs)",
                                       "run it with sudo, or use --dump-script to see the program")
         ensure_tracefs()
-        available, unavailable = counters(plan.groups)
+        log("asking bpftrace which probe points this kernel has...")
+        choice = choose(list_points(cmd))
+        available, unavailable = counters(plan.groups, choice.missing)
         self._tmp = tempfile.TemporaryDirectory(prefix="tcpipstat-")
         program = Path(self._tmp.name) / "tcpipstat.bt"
-        program.write_text(render_program(plan))
+        program.write_text(render_program(plan, choice))
         cmd += ["-q", str(program), *program_args(plan.filters, plan.timeout_s)]
         if plan.command:
             # bpftrace splits -c at spaces without quoting: the command goes in a file.

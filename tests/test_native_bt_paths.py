@@ -56,3 +56,55 @@ def test_path_bytes_exact_against_tcp_info(send_path, recv_path):
     assert s["RecvBytes"] == SIZE == said["server"]["bytes_received"]
     assert (c["RecvBytes"], s["SendBytes"], s["SendMsgs"], c["RecvMsgs"]) == (1, 1, 1, 1)
     assert c["SendMsgs"] >= 1 and s["RecvMsgs"] >= 1
+
+
+HALF_CLOSE = """
+import socket, struct, sys, threading
+port, reply = int(sys.argv[1]), int(sys.argv[2])
+srv = socket.create_server(("127.0.0.1", port))
+def serve():
+    c, _ = srv.accept()
+    while c.recv(65536):
+        pass
+    c.sendall(b"r" * reply)
+    c.close()
+t = threading.Thread(target=serve)
+t.start()
+s = socket.create_connection(("127.0.0.1", port))
+s.sendall(b"s" * 1000)
+s.shutdown(socket.SHUT_WR)
+t.join()
+# the server's FIN ends this socket (FIN-WAIT-2 -> TIME-WAIT: state CLOSE) while the
+# reply still waits in its queue: wait for that, then read it
+for _ in range(100000):
+    if s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == 7:
+        break
+else:
+    sys.exit("the socket never reached CLOSE")
+got = 0
+while (b := s.recv(65536)):
+    got += len(b)
+assert got == reply, got
+s.close()
+"""
+
+
+@pytest.mark.native
+def test_bytes_read_after_the_socket_closed_count_on_it(tmp_path):
+    """A client that shuts down its side first: the server's FIN moves its socket to CLOSE
+    before it reads the reply. Those bytes are the socket's own, in its one record."""
+    _native()
+    port, script = _free_port(), tmp_path / "half_close.py"
+    script.write_text(HALF_CLOSE)
+    res = subprocess.run([sys.executable, "-m", "tcpipstat", "--backend", "bpftrace", "--json",
+                          f"*:*-*:{port}", f"*:{port}-*:*", "-c",
+                          f"{sys.executable} {script} {port} 321"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(x) for x in res.stdout.splitlines() if x.strip()]
+    (client,) = [r for r in rows if r["rport"] == port]
+    (server,) = [r for r in rows if r["lport"] == port]
+    assert len(rows) == 2, rows
+    assert (client["counters"]["SendBytes"], client["counters"]["RecvBytes"]) == (1000, 321)
+    assert (server["counters"]["RecvBytes"], server["counters"]["SendBytes"]) == (1000, 321)
+    assert client["closed"] == 1 and client["lport"] != 0
