@@ -1,7 +1,7 @@
 """Tier 1: the bpftrace collector's choice of probe points per kernel (tcpipstat/bt_points.py),
-on what bpftrace really listed (``bpftrace -lv``, tests/fixtures/bpftrace/listing-*.txt: the
-lab's 6.1 guest with bpftrace 0.17, its 6.12 guest with 0.23, this CI host's 6.18 with 0.17),
-and its runtime warnings as bpftrace 0.23 wrote them."""
+on what bpftrace really listed (``bpftrace -lv``, the listing files in tests/fixtures/bpftrace/:
+the lab's 6.1 guest with bpftrace 0.17, its 6.12 guest with 0.23, this CI host's 6.18 with
+0.17), and its runtime warnings as bpftrace 0.23 wrote them."""
 from __future__ import annotations
 
 import pytest
