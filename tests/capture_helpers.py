@@ -234,7 +234,8 @@ def check_workload(rows: list[dict], manifest: dict) -> None:
 TCPTRACE_KEPT = ("conn_#", "host_a", "host_b", "port_a", "port_b", "first_packet", "last_packet",
                  "total_packets", "unique_bytes_sent", "rexmt_data_pkts", "rexmt_data_bytes",
                  "outoforder_pkts", "zero_win_adv", "resets_sent", "RTT_samples", "RTT_min",
-                 "RTT_max", "RTT_avg", "RTT_from_3WHS", "SYN/FIN_pkts_sent", "duplicate_acks")
+                 "RTT_max", "RTT_avg", "RTT_from_3WHS", "SYN/FIN_pkts_sent", "duplicate_acks",
+                 "hardware_dups")
 
 
 def trim_tcptrace_csv(text: str) -> str:
@@ -259,3 +260,160 @@ def synthetic_capture(path: Path, packets: int = 5000) -> int:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.generate(path, packets, 20, "many")[0]
+
+
+# -- small scripted captures (tests/test_capture_accuracy.py), written with dpkt -------------
+
+FIN_, SYN_, RST_, PSH_, ACK_ = 0x01, 0x02, 0x04, 0x08, 0x10
+CLIENT, SERVER = b"\x0a\x00\x00\x01", b"\x0a\x00\x00\x02"
+
+
+class Dialogue:
+    """One TCP connection, scripted packet by packet: who sends it ("c" the client or "s" the
+    server), when it leaves its sender, and its sequence and acknowledgment numbers relative
+    to the sender's and the receiver's initial sequence numbers. Each side numbers its IP IDs
+    as Linux does (one more per packet), so that a packet sent twice is told apart from one
+    the network duplicated (``twice``: the same bytes seen again 10 us later)."""
+
+    def __init__(self, cport: int, sport: int, saddr: bytes = SERVER, isn=(1_000_000, 7_000_000)):
+        self.ends = {"c": (CLIENT, cport), "s": (saddr, sport)}
+        self.isn = {"c": isn[0], "s": isn[1]}
+        self.ipid = {"c": 100, "s": 900}
+        self.packets: list[tuple[float, str, bytes, bool]] = []
+
+    def send(self, t: float, side: str, seq: int, ack: int, flags: int, n: int = 0,
+             twice: bool = False) -> None:
+        other = "s" if side == "c" else "c"
+        (src, sport), (dst, dport) = self.ends[side], self.ends[other]
+        self.ipid[side] += 1
+        tcp = dpkt.tcp.TCP(sport=sport, dport=dport, seq=(self.isn[side] + seq) & 0xFFFFFFFF,
+                           ack=(self.isn[other] + ack) & 0xFFFFFFFF if flags & ACK_ else 0,
+                           flags=flags, win=502, data=b"\x00" * n)
+        ip = dpkt.ip.IP(src=src, dst=dst, p=6, ttl=64, df=1, id=self.ipid[side],
+                        data=tcp)
+        eth = dpkt.ethernet.Ethernet(src=b"\x02" * 6, dst=b"\x04" * 6, data=ip)
+        self.packets.append((t, side, bytes(eth), twice))
+
+    def handshake(self, t: float, delay: float) -> None:
+        """SYN at t, SYN-ACK when it arrives, the ACK when that arrives (times at each sender)."""
+        self.send(t, "c", 0, 0, SYN_)
+        self.send(t + delay, "s", 0, 1, SYN_ | ACK_)
+        self.send(t + 2 * delay, "c", 1, 1, ACK_)
+
+    def frames(self, at: str | None = None, delay: float = 0.0) -> list[tuple[float, bytes]]:
+        """The packets as a capture at end ``at`` sees them (what the other end sends arrives
+        ``delay`` later); with ``at`` None, at the times scripted."""
+        out = []
+        for t, side, frame, twice in self.packets:
+            seen = t + (delay if at is not None and side != at else 0.0)
+            out += [(seen, frame)] + ([(seen + 1e-5, frame)] if twice else [])
+        return sorted(out, key=lambda f: f[0])
+
+
+def write_pcap(path: Path, frames: list[tuple[float, bytes]]) -> Path:
+    """Ethernet frames (time, bytes) as a pcap, in the order given."""
+    with open(path, "wb") as f:
+        w = dpkt.pcap.Writer(f, snaplen=65535, linktype=dpkt.pcap.DLT_EN10MB)
+        for ts, frame in frames:
+            w.writepkt(frame, ts=ts)
+    return path
+
+
+T0 = 1_700_000_000.0
+
+
+def karn_dialogue() -> Dialogue:
+    """The client resends a request segment that was already acknowledged; the ACK of the
+    segment it had sent before that resend must give no RTT sample (Karn's rule)."""
+    d = Dialogue(40001, 80)
+    d.handshake(T0, 0.010)
+    d.send(T0 + 0.030, "c", 1, 1, PSH_ | ACK_, 1000)      # A
+    d.send(T0 + 0.050, "s", 1, 1001, ACK_)                # acknowledges A: 20 ms
+    d.send(T0 + 0.060, "c", 1001, 1, PSH_ | ACK_, 1000)   # B
+    d.send(T0 + 0.065, "c", 1, 1, PSH_ | ACK_, 1000)      # A again, already acknowledged
+    d.send(T0 + 0.090, "s", 1, 2001, ACK_)                # acknowledges B: no sample (30 ms)
+    d.send(T0 + 0.100, "c", 2001, 1, PSH_ | ACK_, 1000)   # C, sent after the resend
+    d.send(T0 + 0.120, "s", 1, 3001, ACK_)                # acknowledges C: 20 ms
+    _close(d, T0 + 0.130, 3001, 1, 0.010)
+    return d
+
+
+def netdup_dialogue() -> Dialogue:
+    """A data segment and a duplicate ACK that the network delivered twice (the same IP ID:
+    the same packet), beside a real retransmission and a real duplicate ACK."""
+    d = Dialogue(40002, 80)
+    d.handshake(T0, 0.010)
+    d.send(T0 + 0.030, "c", 1, 1, PSH_ | ACK_, 1000, twice=True)   # A, seen twice
+    d.send(T0 + 0.050, "s", 1, 1001, ACK_)                         # acknowledges A: 20 ms
+    d.send(T0 + 0.060, "c", 1001, 1, PSH_ | ACK_, 1000)            # B (lost after the capture)
+    d.send(T0 + 0.061, "c", 2001, 1, PSH_ | ACK_, 1000)            # C
+    d.send(T0 + 0.081, "s", 1, 1001, ACK_, twice=True)             # duplicate ACK, seen twice
+    d.send(T0 + 0.085, "c", 1001, 1, PSH_ | ACK_, 1000)            # B resent: a new IP ID
+    d.send(T0 + 0.105, "s", 1, 3001, ACK_)
+    _close(d, T0 + 0.110, 3001, 1, 0.010)
+    return d
+
+
+def dsack_dialogue() -> Dialogue:
+    """An upload in which the client resends its first segment spuriously while three more are
+    on their way (one-way delay 10 ms: capture it at either end with ``frames(at, 0.010)``).
+    The server answers the resent copy with a duplicate ACK: at the client's end the three
+    segments are outstanding when it arrives; at the server's end they are not in the capture
+    yet."""
+    d = Dialogue(40003, 5201)
+    d.handshake(T0, 0.010)
+    for i in range(3):
+        d.send(T0 + 0.030 + i * 1e-4, "c", 1 + i * 1000, 1, ACK_, 1000)
+    d.send(T0 + 0.035, "c", 1, 1, ACK_, 1000)                      # spurious resend
+    for i in range(3, 6):
+        d.send(T0 + 0.036 + (i - 3) * 1e-4, "c", 1 + i * 1000, 1, ACK_, 1000)
+    d.send(T0 + 0.0403, "s", 1, 3001, ACK_)                        # the first three arrived
+    d.send(T0 + 0.0451, "s", 1, 3001, ACK_)                        # the resend arrived
+    d.send(T0 + 0.0463, "s", 1, 6001, ACK_)                        # the last three arrived
+    _close(d, T0 + 0.050, 6001, 1, 0.010)
+    return d
+
+
+def _close(d: Dialogue, t: float, cseq: int, sseq: int, delay: float) -> None:
+    """The client closes at t; the server's FIN answers when it arrives; the last ACK."""
+    d.send(t, "c", cseq, sseq, FIN_ | ACK_)
+    d.send(t + delay, "s", sseq, cseq + 1, FIN_ | ACK_)
+    d.send(t + 2 * delay, "c", cseq + 1, sseq + 1, ACK_)
+
+
+def midstream_frames() -> list[tuple[float, bytes]]:
+    """A capture that starts in the middle of four connections (no SYN of any): to port 80
+    and to port 443 (the first packet seen from the server, then from the client), to port
+    8080 (from the server: both ports above 1023) and between ports 514 and 1023 (both below
+    1024), and one connection to port 80 whose handshake the capture has."""
+    out: list[tuple[float, bytes]] = []
+    for k, (cport, sport, first) in enumerate(((40010, 80, "s"), (40011, 443, "c"),
+                                               (40012, 8080, "s"), (1023, 514, "s"))):
+        d = Dialogue(cport, sport)
+        t = T0 + k * 0.001
+        if first == "s":
+            d.send(t, "s", 5001, 301, PSH_ | ACK_, 1000)
+            d.send(t + 0.0201, "c", 301, 6001, ACK_)
+        else:
+            d.send(t, "c", 301, 5001, PSH_ | ACK_, 300)
+            d.send(t + 0.020, "s", 5001, 601, PSH_ | ACK_, 1000)
+            d.send(t + 0.0401, "c", 601, 6001, ACK_)
+        out += d.frames()
+    d = Dialogue(40013, 80)
+    d.handshake(T0 + 0.005, 0.010)
+    d.send(T0 + 0.030, "c", 1, 1, PSH_ | ACK_, 300)
+    d.send(T0 + 0.050, "s", 1, 301, PSH_ | ACK_, 1000)
+    out += d.frames()
+    return sorted(out, key=lambda f: f[0])
+
+
+def accuracy_captures(where: Path) -> dict[str, Path]:
+    """The scripted captures of tests/test_capture_accuracy.py, written into ``where``."""
+    dsack = dsack_dialogue()
+    return {
+        "karn": write_pcap(where / "karn.pcap", karn_dialogue().frames()),
+        "netdup": write_pcap(where / "netdup.pcap", netdup_dialogue().frames()),
+        "dsack-sender": write_pcap(where / "dsack-sender.pcap", dsack.frames("c", 0.010)),
+        "dsack-receiver": write_pcap(where / "dsack-receiver.pcap", dsack.frames("s", 0.010)),
+        "midstream": write_pcap(where / "midstream.pcap", midstream_frames()),
+    }
