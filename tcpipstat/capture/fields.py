@@ -56,7 +56,8 @@ _PAIRS = (
     _dir("OutRsts", "InRsts", "resets {who} sent"),
     _dir("RttSamples", "InRttSamples", "round-trip samples for {who}'s segments: the time from "
          "a segment to the first ACK from {other} that acknowledges exactly its end, for segments "
-         "sent once and with no earlier segment sent after them (Karn's rule, as tcptrace)"),
+         "sent once and with nothing below them resent after them, acknowledged already or not "
+         "(Karn's rule, as tcptrace: such an ACK may answer the resend)"),
     _dir("RttMin", "InRttMin", "the smallest of those samples", unit="ms", agg="min"),
     _dir("RttAvg", "InRttAvg", "the mean of those samples", unit="ms", agg="mean",
          weight="RttSamples"),

@@ -12,8 +12,9 @@ the same captures):
 * a segment sent while the other side's last advertised window was 0 is a window
   probe: neither new nor retransmitted (as tcptrace);
 * an RTT sample is the time from a segment to the first ACK that acknowledges
-  exactly its end, when the segment was sent once and no segment before it was
-  (re)sent after it (Karn's rule, tcptrace's "RTT samples").
+  exactly its end, when the segment was sent once and nothing below it was
+  resent after it, acknowledged already or not (Karn's rule, tcptrace's "RTT
+  samples").
 
 Memory: a direction keeps only what is not yet acknowledged (the holes above the
 cumulative ACK and the segments waiting for an RTT sample, both capped), so it
@@ -253,6 +254,8 @@ def _resent_or_filled(x: Half, s: int, e: int, syn: int, plen: int, ts: float) -
     retransmission when the capture saw any of it already, else an out-of-order segment
     that fills a hole."""
     resent = _seen_bytes(x, s + syn, s + syn + plen) if plen else 0
+    if s < x.floor and ts > x.acked_ts:      # acknowledged data sent again: the segments sent
+        x.acked_ts = ts                      # before it give no RTT sample (Karn's rule)
     overlap, pieces = _insert(x, s, e)
     if overlap:
         x.retrans_segs += 1

