@@ -7,15 +7,22 @@ tolerance where the definitions differ:
 ==================  ==========================  =========================================
 tcpipstat           tcptrace (a2b: a = local)   tolerance
 ==================  ==========================  =========================================
-OutSegs/InSegs      total_packets               exact
+OutSegs/InSegs      total_packets               exact, with NetDups added: tcptrace counts
+                                                a network duplicate as a packet
+NetDups/InNetDups   hardware_dups               exact where the fixture has the column
+                                                (tcptrace matches IP ID and sequence only)
 SendBytes/Recv...   unique_bytes_sent           exact
-RetransSegs         rexmt_data_pkts             exact
+RetransSegs         rexmt_data_pkts             exact, or up to NetDups fewer: tcptrace
+                                                counts a duplicated segment as resent
 RetransBytes        rexmt_data_bytes            tcptrace counts a resent SYN or FIN as one
                                                 byte: up to (SYNs - 1) + (FINs - 1) more
+                                                (and, with NetDups, the duplicates' bytes)
 OutOfOrder          outoforder_pkts             exact
 ZeroWindows         zero_win_adv                exact
 OutRsts             resets_sent                 exact
-RttSamples          RTT_samples                 exact
+RttSamples          RTT_samples                 exact; with NetDups, at least tcptrace's
+                                                (for tcptrace a duplicated segment was
+                                                resent: no sample) and min/avg/max unchecked
 RttMin/Avg/Max      RTT_min/avg/max             0.051 ms: tcptrace prints 0.1 ms steps (0.05),
                                                 tcpipstat microseconds (0.0005); for the
                                                 mean also avg/n * 0.0001, as tcptrace's
@@ -98,28 +105,27 @@ def compare(o: dict, t: dict, a_is_local: bool) -> list[str]:
             bad.append(f"{conn} {ours_name}={c[ours_name]} tcptrace {tt}_{d}={t[f'{tt}_{d}']}")
 
     for d, p in ((out, ""), (inn, "In")):
-        exact(f"{p}Segs" if p else "OutSegs", "total_packets", d)
+        segs, dups = (f"{p}Segs" if p else "OutSegs"), c[f"{p}NetDups"]
+        if c[segs] + dups != int(t[f"total_packets_{d}"]):
+            bad.append(f"{conn} {segs}={c[segs]} + {p}NetDups={dups} "
+                       f"tcptrace total_packets_{d}={t[f'total_packets_{d}']}")
+        if f"hardware_dups_{d}" in t:
+            exact(f"{p}NetDups", "hardware_dups", d)
         exact("RecvBytes" if p else "SendBytes", "unique_bytes_sent", d)
-        exact(f"{p}RetransSegs", "rexmt_data_pkts", d)
+        rexmt = int(t[f"rexmt_data_pkts_{d}"])
+        if not c[f"{p}RetransSegs"] <= rexmt <= c[f"{p}RetransSegs"] + dups:
+            bad.append(f"{conn} {p}RetransSegs={c[f'{p}RetransSegs']} tcptrace "
+                       f"rexmt_data_pkts_{d}={rexmt} ({p}NetDups={dups})")
         exact(f"{p}OutOfOrder", "outoforder_pkts", d)
         exact(f"{p}ZeroWindows", "zero_win_adv", d)
         exact(f"{p}Rsts" if p else "OutRsts", "resets_sent", d)
-        exact(f"{p}RttSamples", "RTT_samples", d)
         syns, fins = (int(x) for x in t[f"SYN/FIN_pkts_sent_{d}"].split("/"))
         extra = int(t[f"rexmt_data_bytes_{d}"]) - c[f"{p}RetransBytes"]
-        if not 0 <= extra <= max(0, syns - 1) + max(0, fins - 1):
+        if extra < 0 or (not dups and extra > max(0, syns - 1) + max(0, fins - 1)):
             bad.append(f"{conn} {p}RetransBytes={c[f'{p}RetransBytes']} "
                        f"tcptrace rexmt_data_bytes_{d}={t[f'rexmt_data_bytes_{d}']} "
                        f"(SYN/FIN {syns}/{fins})")
-        if c[f"{p}RttSamples"]:
-            for ours_name, tt in (("RttMin", "RTT_min"), ("RttAvg", "RTT_avg"),
-                                  ("RttMax", "RTT_max")):
-                v, w = c[p + ours_name], _num(t[f"{tt}_{d}"])
-                tol = RTT_TOL_MS
-                if ours_name == "RttAvg":
-                    tol += v * 0.0001 / c[f"{p}RttSamples"]
-                if abs(v - w) > tol:
-                    bad.append(f"{conn} {p}{ours_name}={v} tcptrace {tt}_{d}={w}")
+        bad += _rtt_problems(c, t, p, d, dups, conn)
         # tcptrace's "duplicate acks a2b" are the ACKs of a's data, sent by b
         dup_tt = int(t[f"duplicate_acks_{inn if d == out else out}"])
         if c[f"{p}DupAcks"] > dup_tt:
@@ -131,6 +137,25 @@ def compare(o: dict, t: dict, a_is_local: bool) -> list[str]:
     dur = (_epoch(t["last_packet"]) - _epoch(t["first_packet"])) * 1000
     if abs(c["Duration"] - dur) > 0.002:
         bad.append(f"{conn} Duration={c['Duration']} tcptrace last-first={dur:.3f}")
+    return bad
+
+
+def _rtt_problems(c: dict, t: dict, p: str, d: str, dups: int, conn: str) -> list[str]:
+    """RTT samples and their min/avg/max against tcptrace's, for direction ``d`` (prefix
+    ``p``); with network duplicates, only that tcptrace has no more samples."""
+    n, tn = c[f"{p}RttSamples"], int(t[f"RTT_samples_{d}"])
+    if dups:
+        return [] if tn <= n else [f"{conn} {p}RttSamples={n} < tcptrace RTT_samples_{d}={tn}"]
+    if n != tn:
+        return [f"{conn} {p}RttSamples={n} tcptrace RTT_samples_{d}={tn}"]
+    bad = []
+    for ours_name, tt in (("RttMin", "RTT_min"), ("RttAvg", "RTT_avg"), ("RttMax", "RTT_max")):
+        if not n:
+            break
+        v, w = c[p + ours_name], _num(t[f"{tt}_{d}"])
+        tol = RTT_TOL_MS + (v * 0.0001 / n if ours_name == "RttAvg" else 0)
+        if abs(v - w) > tol:
+            bad.append(f"{conn} {p}{ours_name}={v} tcptrace {tt}_{d}={w}")
     return bad
 
 

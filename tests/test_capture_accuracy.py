@@ -12,9 +12,11 @@ import subprocess
 
 import pytest
 
-from .capture_helpers import (accuracy_captures, compare, ours, pair, tcptrace_rows,
+from tcpipstat.capture.flows import FlowTable
+
+from .capture_helpers import (ACK_, accuracy_captures, compare, ours, pair, tcptrace_rows,
                               trim_tcptrace_csv)
-from .conftest import FIXTURES
+from .conftest import FIXTURES, run_cli
 
 CAP = FIXTURES / "capture"
 
@@ -45,7 +47,40 @@ def test_no_rtt_sample_from_an_ack_after_acknowledged_data_was_resent(caps):
     assert (t["RTT_samples_a2b"], t["RTT_max_a2b"], t["RTT_avg_a2b"]) == ("4", "20.0", "15.0")
 
 
-@pytest.mark.parametrize("name", ["karn"])
+def test_network_duplicates_are_counted_apart(caps):
+    """A data segment and a duplicate ACK each seen twice (the same IP ID): one NetDups each
+    way; the real resend of B and the real duplicate ACK are counted once each; A, sent once,
+    keeps its 20 ms sample (with the SYN's and the FIN's: 3)."""
+    c = _one(caps["netdup"])
+    assert (c["NetDups"], c["InNetDups"]) == (1, 1)
+    assert (c["OutSegs"], c["InSegs"]) == (8, 5)
+    assert (c["RetransSegs"], c["RetransBytes"], c["SendBytes"]) == (1, 1000, 3000)
+    assert (c["InDupAcks"], c["DupAcks"]) == (1, 0)
+    assert (c["RttSamples"], c["RttMax"]) == (3, 20.0)
+    # tcptrace counts the duplicates as hardware duplicates and also as packets, resends
+    # (and then no RTT sample for A) and duplicate ACKs
+    t = _tcptrace("netdup")
+    assert (t["hardware_dups_a2b"], t["hardware_dups_b2a"]) == ("1", "1")
+    assert (t["total_packets_a2b"], t["rexmt_data_pkts_a2b"], t["RTT_samples_a2b"]) == \
+        ("9", "2", "2")
+    status, out, _ = run_cli("--read", str(caps["netdup"]))
+    assert status == 0 and "2 packets were seen twice" in " ".join(out.split())
+
+
+def test_ip_id_zero_tells_no_duplicate(tmp_path):
+    """Packets with IP ID 0 (or IPv6: no ID) are never network duplicates: the same segment
+    twice is a retransmission."""
+    t = FlowTable()
+    src, dst = b"\x0a\0\0\x01", b"\x0a\0\0\x02"
+    t.add(0.0, (2, src, 1000, dst, 80, 100, 0, 0x02, 500, 0, 0))
+    for ts in (0.1, 0.2):
+        t.add(ts, (2, src, 1000, dst, 80, 101, 1, ACK_, 500, 1000, 0))
+    (conn,) = t.connections()
+    c = conn.counters()
+    assert (c["OutSegs"], c["RetransSegs"], c.get("NetDups", 0)) == (3, 1, 0)
+
+
+@pytest.mark.parametrize("name", ["karn", "netdup"])
 def test_scripted_captures_agree_with_tcptrace(caps, name):
     """Every count and time within tests/capture_helpers.py's tolerances of tcptrace's
     recorded output, whichever side tcptrace took for a (it takes the first packet's

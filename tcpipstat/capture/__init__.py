@@ -67,6 +67,11 @@ class Capture:
                          "(no TCP header)")
         if self.malformed:
             notes.append(f"{self.malformed:,} packets could not be decoded and were skipped")
+        dups = sum(h.netdups for c in self.connections() for h in c.halves)
+        if dups:
+            notes.append(f"{dups:,} packets were seen twice (the same IPv4 packet, IP ID "
+                         "included: duplicated by the network or the capture setup): counted "
+                         "as NetDups only")
         if self.interrupted:
             notes.append(f"interrupted (Ctrl-C) after {self.interrupted_at:,} packets: the "
                          "report holds what was read")

@@ -31,14 +31,14 @@ class Field:
 
 
 def _dir(out_name: str, in_name: str, what: str, **kw) -> tuple[Field, Field]:
-    return (Field(out_name, "Out", what.format(who="local", other="remote"), **kw),
-            Field(in_name, "In", what.format(who="remote", other="local"), **kw))
+    return (Field(out_name, "Out", what.format(who="local", Who="Local", other="remote"), **kw),
+            Field(in_name, "In", what.format(who="remote", Who="Remote", other="local"), **kw))
 
 
 _PAIRS = (
     _dir("OutSegs", "InSegs", "segments {who} sent, retransmissions and pure ACKs included "
          "(unlike the live OutSegs, which leaves out retransmissions: on the wire they are "
-         "segments like any other)"),
+         "segments like any other), network duplicates left out"),
     _dir("SendBytes", "RecvBytes", "payload bytes {who} sent for the first time: the bytes of "
          "the stream (tcptrace: unique bytes sent)"),
     _dir("RetransSegs", "InRetransSegs", "segments {who} sent again: they carry sequence space "
@@ -50,7 +50,14 @@ _PAIRS = (
          "segment lost before it, or reordered)"),
     _dir("DupAcks", "InDupAcks", "duplicate ACKs {who} sent (RFC 5681: no data, no SYN/FIN/RST, "
          "the same acknowledgment number and window as its previous ACK, while {other} had data "
-         "outstanding)"),
+         "outstanding; network duplicates are not counted)"),
+    _dir("NetDups", "InNetDups", "packets of {who} the network (or the capture setup) "
+         "delivered twice: IPv4 packets with the same IP ID, sequence and acknowledgment "
+         "numbers, flags, window and length as one of the last 8 {who} sent (tcptrace: "
+         "hardware duplicates). {Who} sent them once, so they count as nothing else: not in "
+         "Segs, not as retransmissions (their segment keeps its RTT sample), not as duplicate "
+         "ACKs. IPv6 has no IP ID and an IP ID of 0 tells nothing (some stacks send it in many "
+         "packets): such packets are never counted here"),
     _dir("ZeroWindows", "InZeroWindows", "ACKs in which {who} advertised a zero receive window "
          "(resets left out)"),
     _dir("OutRsts", "InRsts", "resets {who} sent"),

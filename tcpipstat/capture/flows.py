@@ -14,7 +14,12 @@ the same captures):
 * an RTT sample is the time from a segment to the first ACK that acknowledges
   exactly its end, when the segment was sent once and nothing below it was
   resent after it, acknowledged already or not (Karn's rule, tcptrace's "RTT
-  samples").
+  samples");
+* a packet the network duplicated (IPv4: the same IP ID, sequence and
+  acknowledgment numbers, flags, window and length as one of the last
+  RECENT_PACKETS of its direction) is a network duplicate, counted apart
+  (tcptrace's "hardware duplicates"): it was sent once, so it is neither a
+  segment nor a retransmission nor a duplicate ACK.
 
 Memory: a direction keeps only what is not yet acknowledged (the holes above the
 cumulative ACK and the segments waiting for an RTT sample, both capped), so it
@@ -31,6 +36,7 @@ MASK = 0xFFFFFFFF
 NO_FLOOR = -(1 << 62)
 MAX_PENDING = 16384      # segments awaiting an RTT sample, per direction (oldest dropped beyond)
 MAX_HOLES = 1024         # separate seen ranges above the cumulative ACK, per direction
+RECENT_PACKETS = 8       # packets per direction a network duplicate may repeat (tcptrace's)
 
 
 def _unwrap(ref: int, seq: int) -> int:
@@ -42,13 +48,14 @@ def _unwrap(ref: int, seq: int) -> int:
 class Half:
     """One direction of a connection: what its sender sent and what was acknowledged."""
     __slots__ = ("segs", "new_bytes", "retrans_segs", "retrans_bytes", "ooo", "dupacks",
-                 "zero_wins", "rsts", "syns", "fins", "isn", "high", "floor", "seen", "pending",
-                 "acked_ts", "last_ack", "last_win", "rtt_n", "rtt_sum", "rtt_min", "rtt_max",
-                 "first_data", "last_data", "syn_ts")
+                 "netdups", "zero_wins", "rsts", "syns", "fins", "isn", "high", "floor", "seen",
+                 "pending", "acked_ts", "last_ack", "last_win", "recent", "rtt_n", "rtt_sum",
+                 "rtt_min", "rtt_max", "first_data", "last_data", "syn_ts")
 
     def __init__(self) -> None:
         self.segs = self.new_bytes = self.retrans_segs = self.retrans_bytes = 0
-        self.ooo = self.dupacks = self.zero_wins = self.rsts = self.syns = self.fins = 0
+        self.ooo = self.dupacks = self.netdups = 0
+        self.zero_wins = self.rsts = self.syns = self.fins = 0
         self.isn: int | None = None          # the SYN's sequence number, when seen
         self.high: int | None = None         # highest sequence end seen (64-bit)
         self.floor = NO_FLOOR                # everything below was acknowledged by the other side
@@ -57,6 +64,7 @@ class Half:
         self.acked_ts = 0.0                  # latest (re)transmission time of acknowledged segments
         self.last_ack: int | None = None     # this side's previous ACK (32-bit) and window
         self.last_win = -1
+        self.recent: list[int] = []          # its last RECENT_PACKETS IPv4 packets, packed
         self.rtt_n = 0
         self.rtt_sum = 0.0
         self.rtt_min = self.rtt_max = 0.0
@@ -119,10 +127,12 @@ class Conn:
 
 _OUT = (("OutSegs", "segs"), ("SendBytes", "new_bytes"), ("RetransSegs", "retrans_segs"),
         ("RetransBytes", "retrans_bytes"), ("OutOfOrder", "ooo"), ("DupAcks", "dupacks"),
-        ("ZeroWindows", "zero_wins"), ("OutRsts", "rsts"), ("RttSamples", "rtt_n"))
+        ("NetDups", "netdups"), ("ZeroWindows", "zero_wins"), ("OutRsts", "rsts"),
+        ("RttSamples", "rtt_n"))
 _IN = (("InSegs", "segs"), ("RecvBytes", "new_bytes"), ("InRetransSegs", "retrans_segs"),
        ("InRetransBytes", "retrans_bytes"), ("InOutOfOrder", "ooo"), ("InDupAcks", "dupacks"),
-       ("InZeroWindows", "zero_wins"), ("InRsts", "rsts"), ("InRttSamples", "rtt_n"))
+       ("InNetDups", "netdups"), ("InZeroWindows", "zero_wins"), ("InRsts", "rsts"),
+       ("InRttSamples", "rtt_n"))
 
 
 def _ms(seconds: float) -> float:
@@ -304,6 +314,18 @@ def _acknowledged(y: Half, a: int, ts: float) -> None:
         seen[0][0] = a
 
 
+def _network_duplicate(x: Half, key: int) -> bool:
+    """Is the packet ``key`` (IP ID, sequence and acknowledgment numbers, flags, window and
+    length, packed in one int) one of the last RECENT_PACKETS ``x`` sent? Else remember it."""
+    recent = x.recent
+    if key in recent:
+        return True
+    recent.append(key)
+    if len(recent) > RECENT_PACKETS:
+        del recent[0]
+    return False
+
+
 class FlowTable:
     """Feed segments in capture order with :meth:`add`; :meth:`connections` gives
     every connection seen. ``accept(conn)`` decides, once per connection, whether
@@ -344,7 +366,7 @@ class FlowTable:
         return self._new(family, src, sport, dst, dport, flags, ts)
 
     def add(self, ts: float, seg: tuple) -> None:
-        family, src, sport, dst, dport, seq, ack, flags, win, plen = seg
+        family, src, sport, dst, dport, seq, ack, flags, win, plen, ipid = seg
         ent = self.table.get((src, sport, dst, dport))
         if ent is None or (flags & SYN and not flags & ACK):   # perhaps a new connection
             conn, d = self._opening(ent, seg, ts)
@@ -355,6 +377,10 @@ class FlowTable:
         conn.last_ts = ts
         conn.packets += 1
         x, y = conn.halves[d], conn.halves[1 - d]
+        if ipid and _network_duplicate(x, ((((ipid << 32 | seq) << 32 | ack) << 16 | flags)
+                                           << 16 | win) << 32 | plen):
+            x.netdups += 1
+            return
         x.segs += 1
         rst = flags & RST
         if rst:                               # (its ACK still acknowledges, as tcptrace has it;
