@@ -14,8 +14,9 @@ import pytest
 
 from tcpipstat.capture.flows import FlowTable
 
-from .capture_helpers import (ACK_, accuracy_captures, compare, ours, pair, tcptrace_rows,
-                              trim_tcptrace_csv)
+from .capture_helpers import (ACK_, Dialogue, PSH_, accuracy_captures, compare, dupacks_problems,
+                              ours, pair, synthetic_capture, tcptrace_rows, trim_tcptrace_csv,
+                              write_pcap)
 from .conftest import FIXTURES, run_cli
 
 CAP = FIXTURES / "capture"
@@ -80,7 +81,48 @@ def test_ip_id_zero_tells_no_duplicate(tmp_path):
     assert (c["OutSegs"], c["RetransSegs"], c.get("NetDups", 0)) == (3, 1, 0)
 
 
-@pytest.mark.parametrize("name", ["karn", "netdup"])
+@pytest.mark.parametrize("end", ["sender", "receiver"])
+def test_duplicate_acks_count_alike_at_either_end(caps, end):
+    """The server answers a spurious resend with a duplicate ACK. At the client's end the
+    three later segments are outstanding when it arrives; at the server's end they have not
+    arrived yet, and the resend is what shows the client held data unacknowledged."""
+    path = caps[f"dsack-{end}"]
+    c = _one(path)
+    assert (c["InDupAcks"], c["DupAcks"], c["RetransSegs"], c["SendBytes"]) == (1, 0, 1, 6000)
+    assert not dupacks_problems(ours(path), path)
+    # tcptrace counts it at both ends too (its b2a count is the client's FIN, which it takes
+    # for a duplicate ACK)
+    t = _tcptrace(f"dsack-{end}")
+    assert t["duplicate_acks_a2b"] == "1"
+
+
+def test_a_keepalive_answer_is_no_duplicate_ack(tmp_path):
+    """A keep-alive that carries the last acknowledged byte again, and its answer repeating
+    the previous ACK: nothing was outstanding, so no duplicate ACK (the byte is resent)."""
+    d = Dialogue(40020, 22)
+    d.handshake(1.0, 0.010)
+    d.send(1.03, "c", 1, 1, PSH_ | ACK_, 100)
+    d.send(1.05, "s", 1, 101, ACK_)
+    d.send(9.05, "c", 100, 1, ACK_, 1)                 # the keep-alive
+    d.send(9.07, "s", 1, 101, ACK_)                    # its answer
+    path = write_pcap(tmp_path / "keepalive.pcap", d.frames())
+    c = _one(path)
+    assert (c["InDupAcks"], c["RetransSegs"], c["RetransBytes"]) == (0, 1, 1)
+    assert not dupacks_problems(ours(path), path)
+
+
+def test_dupacks_follow_the_documented_definition(tmp_path):
+    """DupAcks and InDupAcks of every connection of the recorded and the synthetic captures
+    are what the man page's definition gives, counted straight from the packets."""
+    syn = tmp_path / "synthetic.pcap"
+    synthetic_capture(syn)
+    for path in (CAP / "lo.pcap", syn):
+        rows = ours(path)
+        assert not dupacks_problems(rows, path), path
+    assert sum(r["counters"]["DupAcks"] for r in ours(syn)) == 10
+
+
+@pytest.mark.parametrize("name", ["karn", "netdup", "dsack-sender", "dsack-receiver"])
 def test_scripted_captures_agree_with_tcptrace(caps, name):
     """Every count and time within tests/capture_helpers.py's tolerances of tcptrace's
     recorded output, whichever side tcptrace took for a (it takes the first packet's

@@ -48,9 +48,12 @@ _PAIRS = (
     _dir("OutOfOrder", "InOutOfOrder", "segments of {who} that carried only new data but arrived "
          "below the highest sequence already seen: a hole filled late at the capture point (a "
          "segment lost before it, or reordered)"),
-    _dir("DupAcks", "InDupAcks", "duplicate ACKs {who} sent (RFC 5681: no data, no SYN/FIN/RST, "
-         "the same acknowledgment number and window as its previous ACK, while {other} had data "
-         "outstanding; network duplicates are not counted)"),
+    _dir("DupAcks", "InDupAcks", "duplicate ACKs {who} sent (RFC 5681): no data, no SYN, FIN or "
+         "RST, the same acknowledgment number and window as {who}'s previous ACK, while {other} "
+         "had data outstanding: the capture saw {other} send sequence space above that "
+         "acknowledgment number, or resend some (a keep-alive's one old byte aside) since "
+         "{who}'s previous ACK. Network duplicates are not counted. tcptrace's and tshark's "
+         "definitions differ: see Captures (--read)"),
     _dir("NetDups", "InNetDups", "packets of {who} the network (or the capture setup) "
          "delivered twice: IPv4 packets with the same IP ID, sequence and acknowledgment "
          "numbers, flags, window and length as one of the last 8 {who} sent (tcptrace: "

@@ -19,7 +19,12 @@ the same captures):
   acknowledgment numbers, flags, window and length as one of the last
   RECENT_PACKETS of its direction) is a network duplicate, counted apart
   (tcptrace's "hardware duplicates"): it was sent once, so it is neither a
-  segment nor a retransmission nor a duplicate ACK.
+  segment nor a retransmission nor a duplicate ACK;
+* a duplicate ACK repeats its sender's previous ACK (RFC 5681) while the other
+  side had data outstanding: sequence space seen above it, or a resend since
+  that previous ACK other than a keep-alive (the receiver answers a resend with
+  a D-SACK; in a capture taken at the receiver, the data still in flight is not
+  in the capture yet).
 
 Memory: a direction keeps only what is not yet acknowledged (the holes above the
 cumulative ACK and the segments waiting for an RTT sample, both capped), so it
@@ -49,8 +54,8 @@ class Half:
     """One direction of a connection: what its sender sent and what was acknowledged."""
     __slots__ = ("segs", "new_bytes", "retrans_segs", "retrans_bytes", "ooo", "dupacks",
                  "netdups", "zero_wins", "rsts", "syns", "fins", "isn", "high", "floor", "seen",
-                 "pending", "acked_ts", "last_ack", "last_win", "recent", "rtt_n", "rtt_sum",
-                 "rtt_min", "rtt_max", "first_data", "last_data", "syn_ts")
+                 "pending", "acked_ts", "last_ack", "last_win", "resent", "recent", "rtt_n",
+                 "rtt_sum", "rtt_min", "rtt_max", "first_data", "last_data", "syn_ts")
 
     def __init__(self) -> None:
         self.segs = self.new_bytes = self.retrans_segs = self.retrans_bytes = 0
@@ -64,6 +69,7 @@ class Half:
         self.acked_ts = 0.0                  # latest (re)transmission time of acknowledged segments
         self.last_ack: int | None = None     # this side's previous ACK (32-bit) and window
         self.last_win = -1
+        self.resent = False                  # resent sequence space since the other side's last ACK
         self.recent: list[int] = []          # its last RECENT_PACKETS IPv4 packets, packed
         self.rtt_n = 0
         self.rtt_sum = 0.0
@@ -272,6 +278,8 @@ def _resent_or_filled(x: Half, s: int, e: int, syn: int, plen: int, ts: float) -
         x.retrans_bytes += resent
         x.new_bytes += plen - resent
         _mark_retransmitted(x, s, e, ts)
+        if not (plen == 1 == e - s and e == x.high):     # (not a keep-alive's one old byte)
+            x.resent = True
     else:
         x.new_bytes += plen
         x.ooo += 1
@@ -324,6 +332,25 @@ def _network_duplicate(x: Half, key: int) -> bool:
     if len(recent) > RECENT_PACKETS:
         del recent[0]
     return False
+
+
+def _ack(x: Half, y: Half, ack: int, win: int, busy: int, rst: int, ts: float) -> None:
+    """``x`` acknowledged ``y`` up to ``ack`` (32-bit) with window ``win``; ``busy``: the
+    segment also carries data, SYN or FIN (then it is no duplicate ACK)."""
+    if y.high is None:
+        y.high = ack
+    a = _unwrap(y.high, ack)
+    if a > y.floor:
+        _acknowledged(y, a, ts)
+    if rst:
+        return
+    if win == 0:
+        x.zero_wins += 1
+    if not busy and ack == x.last_ack and win == x.last_win and (y.high > a or y.resent):
+        x.dupacks += 1
+    x.last_ack = ack
+    x.last_win = win
+    y.resent = False
 
 
 class FlowTable:
@@ -393,19 +420,7 @@ class FlowTable:
         if plen or syn or fin:
             _sent(x, y, seq, syn, fin, plen, ts)
         if flags & ACK:
-            if y.high is None:
-                y.high = ack
-            a = _unwrap(y.high, ack)
-            if a > y.floor:
-                _acknowledged(y, a, ts)
-            if not rst:
-                if win == 0:
-                    x.zero_wins += 1
-                if (not plen and not syn and not fin and ack == x.last_ack and win == x.last_win
-                        and y.high > a):
-                    x.dupacks += 1
-                x.last_ack = ack
-                x.last_win = win
+            _ack(x, y, ack, win, plen or syn or fin, rst, ts)
             if d == 0 and conn.hs_ack_ts is None and conn.synack_ts is not None and not syn \
                     and not rst and y.isn is not None and ack == (y.isn + 1) & MASK:
                 conn.hs_ack_ts = ts
