@@ -14,7 +14,7 @@ import pytest
 
 from tcpipstat.capture.flows import FlowTable
 
-from .capture_helpers import (ACK_, Dialogue, PSH_, accuracy_captures, compare, dupacks_problems,
+from .capture_helpers import (ACK_, PSH_, Dialogue, accuracy_captures, compare, dupacks_problems,
                               ours, pair, synthetic_capture, tcptrace_rows, trim_tcptrace_csv,
                               write_pcap)
 from .conftest import FIXTURES, run_cli
@@ -122,7 +122,35 @@ def test_dupacks_follow_the_documented_definition(tmp_path):
     assert sum(r["counters"]["DupAcks"] for r in ours(syn)) == 10
 
 
-@pytest.mark.parametrize("name", ["karn", "netdup", "dsack-sender", "dsack-receiver"])
+def test_a_capture_begun_mid_stream_orients_connections_by_port(caps):
+    """Four connections without their handshake: the lower port is the server's whichever
+    side sent first (80 and 8080 from the server, 443 from the client, 514 and 1023 both
+    below 1024); the fifth has its handshake."""
+    rows = ours(caps["midstream"])
+    got = sorted((r["lport"], r["rport"], r["opened_during_collection"]) for r in rows)
+    assert got == [(1023, 514, False), (40010, 80, False), (40011, 443, False),
+                   (40012, 8080, False), (40013, 80, True)]
+    assert sorted(r["lport"] for r in ours(caps["midstream"], "*:*-*:80")) == [40010, 40013]
+    status, out, _ = run_cli("--read", str(caps["midstream"]), "index=rport")
+    flat = " ".join(out.split())
+    assert status == 0 and "4 connections began before the capture (no SYN or SYN-ACK seen)" in flat
+    assert "the lower port taken as the server's (remote)" in flat
+    c = {r["lport"]: r["counters"] for r in rows}
+    # what the server sent is In whichever packet came first
+    assert c[40010]["RecvBytes"] == c[40012]["RecvBytes"] == c[40011]["RecvBytes"] == 1000
+    assert c[40011]["SendBytes"] == 300 and c[40010]["SendBytes"] == 0
+
+
+def test_equal_ports_keep_the_first_sender_as_local():
+    t = FlowTable()
+    a, b = b"\x0a\0\0\x01", b"\x0a\0\0\x02"
+    t.add(0.0, (2, b, 7000, a, 7000, 5, 9, ACK_, 500, 100, 7))
+    (conn,) = t.connections()
+    assert (conn.laddr, conn.raddr) == (b, a)
+
+
+@pytest.mark.parametrize("name", ["karn", "netdup", "dsack-sender", "dsack-receiver",
+                                  "midstream"])
 def test_scripted_captures_agree_with_tcptrace(caps, name):
     """Every count and time within tests/capture_helpers.py's tolerances of tcptrace's
     recorded output, whichever side tcptrace took for a (it takes the first packet's

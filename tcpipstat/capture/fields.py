@@ -4,8 +4,10 @@ tool's is tcpipstat/counters.py).
 One report row is one TCP connection (or, with ``index=``, a group of them). A
 capture sees both ends of a connection, so *local* is a convention: the side that
 opened it (sent the SYN); *remote* is the side that answered. When the capture
-begins after the handshake, local is the sender of the first packet seen (as
-tcptrace does) and the row is marked as opened before the capture.
+begins after the handshake, remote is the side with the lower port (the server's:
+a port below 1024, well known, always is the lower one; with equal ports, local is
+the sender of the first packet seen, as tcptrace takes it always) and the row is
+marked as opened before the capture.
 
 ``Out`` counts what local sent, ``In`` what remote sent. Counts add up across the
 connections of a row; measurements (``unit`` set) do not: see ``agg``.

@@ -365,12 +365,20 @@ class FlowTable:
         self.rejected = 0
 
     def _new(self, family, src, sport, dst, dport, flags, ts):
-        if flags & SYN and flags & ACK:      # the SYN was missed: the receiver opened it
-            conn = Conn(family, dst, dport, src, sport, ts)
-            d = 1
-        else:                                # a SYN, or the middle of a connection: the sender
+        """A connection, oriented: local is the client, the sender of a SYN or the receiver
+        of a SYN-ACK. Without either (the capture began after the handshake) the server is
+        the side with the lower port (a port below 1024, well known, always is); with equal
+        ports the client is the first packet's sender."""
+        if flags & SYN:
+            client_sent = not flags & ACK
+        else:
+            client_sent = dport <= sport
+        if client_sent:
             conn = Conn(family, src, sport, dst, dport, ts)
             d = 0
+        else:
+            conn = Conn(family, dst, dport, src, sport, ts)
+            d = 1
         if self.accept is not None and not self.accept(conn):
             self.rejected += 1
             conn = None
