@@ -425,16 +425,16 @@ def test_per_direction_state_is_bounded():
     for RTT samples; holes are capped at MAX_HOLES."""
     t = FlowTable()
     src, dst = b"\x0a\0\0\x01", b"\x0a\0\0\x02"
-    t.add(0.0, (2, src, 1000, dst, 80, 100, 0, 0x02, 500, 0))
+    t.add(0.0, (2, src, 1000, dst, 80, 100, 0, 0x02, 500, 0, 0))
     for i in range(3 * MAX_PENDING):
-        t.add(i * 1e-5, (2, src, 1000, dst, 80, 101 + i * 1000, 1, 0x10, 500, 1000))
+        t.add(i * 1e-5, (2, src, 1000, dst, 80, 101 + i * 1000, 1, 0x10, 500, 1000, 0))
     (conn,) = list(t.connections())
     h = conn.halves[0]
     assert len(h.pending) <= MAX_PENDING and len(h.seen) == 1
     assert h.new_bytes == 3 * MAX_PENDING * 1000
     for i in range(3 * MAX_HOLES):               # every other segment missing: a hole each
         seq = (101 + (3 * MAX_PENDING + 2 * i) * 1000) & 0xFFFFFFFF
-        t.add(1.0 + i * 1e-5, (2, src, 1000, dst, 80, seq, 1, 0x10, 500, 1000))
+        t.add(1.0 + i * 1e-5, (2, src, 1000, dst, 80, seq, 1, 0x10, 500, 1000, 0))
     assert len(h.seen) <= MAX_HOLES
 
 
@@ -442,16 +442,16 @@ def test_sequence_numbers_wrap_around():
     t = FlowTable()
     src, dst = b"\x0a\0\0\x01", b"\x0a\0\0\x02"
     isn = 0xFFFFFFFF - 5000
-    t.add(0.0, (2, src, 1000, dst, 80, isn, 0, 0x02, 500, 0))
-    t.add(0.001, (2, dst, 80, src, 1000, 7, (isn + 1) & 0xFFFFFFFF, 0x12, 500, 0))
+    t.add(0.0, (2, src, 1000, dst, 80, isn, 0, 0x02, 500, 0, 0))
+    t.add(0.001, (2, dst, 80, src, 1000, 7, (isn + 1) & 0xFFFFFFFF, 0x12, 500, 0, 0))
     seq = isn + 1
     for i in range(10):
-        t.add(0.002 + i * 1e-3, (2, src, 1000, dst, 80, seq & 0xFFFFFFFF, 8, 0x10, 500, 1000))
+        t.add(0.002 + i * 1e-3, (2, src, 1000, dst, 80, seq & 0xFFFFFFFF, 8, 0x10, 500, 1000, 0))
         ack = (seq + 1000) & 0xFFFFFFFF
-        t.add(0.0025 + i * 1e-3, (2, dst, 80, src, 1000, 8, ack, 0x10, 500, 0))
+        t.add(0.0025 + i * 1e-3, (2, dst, 80, src, 1000, 8, ack, 0x10, 500, 0, 0))
         seq += 1000
     # one resend, after the wrap
-    t.add(0.5, (2, src, 1000, dst, 80, (seq - 1000) & 0xFFFFFFFF, 8, 0x10, 500, 1000))
+    t.add(0.5, (2, src, 1000, dst, 80, (seq - 1000) & 0xFFFFFFFF, 8, 0x10, 500, 1000, 0))
     (conn,) = list(t.connections())
     c = conn.counters()
     assert c["SendBytes"] == 10_000 and c["RetransSegs"] == 1 and c["RetransBytes"] == 1000

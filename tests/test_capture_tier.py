@@ -17,7 +17,8 @@ import sys
 
 import pytest
 
-from .capture_helpers import check_workload, compare, ours, pair, tcptrace_rows, to_pcapng
+from .capture_helpers import (check_workload, compare, dupacks_problems, ours, pair,
+                              tcptrace_rows, to_pcapng)
 from .conftest import ROOT
 
 pytestmark = pytest.mark.capture
@@ -59,6 +60,7 @@ def test_agrees_with_tcptrace(recorded, name):
     rows = ours(recorded / name)
     pairs = pair(rows, tcptrace_rows(_tcptrace(recorded / name)))
     problems = [p for o, t, local in pairs for p in compare(o, t, local)]
+    problems += dupacks_problems(rows, recorded / name)
     assert not problems, "\n".join(problems)
     assert len(pairs) == 11
     assert sum(o["counters"]["RetransSegs"] for o, _, _ in pairs) > 0

@@ -67,6 +67,7 @@ class Capture:
                          "(no TCP header)")
         if self.malformed:
             notes.append(f"{self.malformed:,} packets could not be decoded and were skipped")
+        notes += self._flow_notes()
         if self.interrupted:
             notes.append(f"interrupted (Ctrl-C) after {self.interrupted_at:,} packets: the "
                          "report holds what was read")
@@ -74,9 +75,26 @@ class Capture:
             notes.append(f"the capture '{self.path}' holds no packets")
         return notes
 
+    def _flow_notes(self) -> list[str]:
+        """What the connections' orientation and counts rest on, where it is not the usual."""
+        conns = self.connections()
+        notes = []
+        unopened = sum(1 for c in conns if not c.opened and not c.synack_n)
+        if unopened:
+            notes.append(f"{unopened:,} connections began before the capture (no SYN or "
+                         "SYN-ACK seen): oriented by their ports, the lower port taken as the "
+                         "server's (remote)")
+        dups = sum(h.netdups for c in conns for h in c.halves)
+        if dups:
+            notes.append(f"{dups:,} packets were seen twice (the same IPv4 packet, IP ID "
+                         "included: duplicated by the network or the capture setup): counted "
+                         "as NetDups only")
+        return notes
+
 
 def accept_filters(filters: tuple[Filter, ...] | list[Filter]):
-    """The live tool's filters, applied to a connection (local = the side that opened it)."""
+    """The live tool's filters, applied to a connection (local = its client, the side that
+    opened it or, without its handshake, the side of the higher port: FlowTable._new)."""
     if not filters:
         return None
 

@@ -4,8 +4,10 @@ tool's is tcpipstat/counters.py).
 One report row is one TCP connection (or, with ``index=``, a group of them). A
 capture sees both ends of a connection, so *local* is a convention: the side that
 opened it (sent the SYN); *remote* is the side that answered. When the capture
-begins after the handshake, local is the sender of the first packet seen (as
-tcptrace does) and the row is marked as opened before the capture.
+begins after the handshake, remote is the side with the lower port (the server's:
+a port below 1024, well known, always is the lower one; with equal ports, local is
+the sender of the first packet seen, as tcptrace takes it always) and the row is
+marked as opened before the capture.
 
 ``Out`` counts what local sent, ``In`` what remote sent. Counts add up across the
 connections of a row; measurements (``unit`` set) do not: see ``agg``.
@@ -31,14 +33,14 @@ class Field:
 
 
 def _dir(out_name: str, in_name: str, what: str, **kw) -> tuple[Field, Field]:
-    return (Field(out_name, "Out", what.format(who="local", other="remote"), **kw),
-            Field(in_name, "In", what.format(who="remote", other="local"), **kw))
+    return (Field(out_name, "Out", what.format(who="local", Who="Local", other="remote"), **kw),
+            Field(in_name, "In", what.format(who="remote", Who="Remote", other="local"), **kw))
 
 
 _PAIRS = (
     _dir("OutSegs", "InSegs", "segments {who} sent, retransmissions and pure ACKs included "
          "(unlike the live OutSegs, which leaves out retransmissions: on the wire they are "
-         "segments like any other)"),
+         "segments like any other), network duplicates left out"),
     _dir("SendBytes", "RecvBytes", "payload bytes {who} sent for the first time: the bytes of "
          "the stream (tcptrace: unique bytes sent)"),
     _dir("RetransSegs", "InRetransSegs", "segments {who} sent again: they carry sequence space "
@@ -48,15 +50,26 @@ _PAIRS = (
     _dir("OutOfOrder", "InOutOfOrder", "segments of {who} that carried only new data but arrived "
          "below the highest sequence already seen: a hole filled late at the capture point (a "
          "segment lost before it, or reordered)"),
-    _dir("DupAcks", "InDupAcks", "duplicate ACKs {who} sent (RFC 5681: no data, no SYN/FIN/RST, "
-         "the same acknowledgment number and window as its previous ACK, while {other} had data "
-         "outstanding)"),
+    _dir("DupAcks", "InDupAcks", "duplicate ACKs {who} sent (RFC 5681): no data, no SYN, FIN or "
+         "RST, the same acknowledgment number and window as {who}'s previous ACK, while {other} "
+         "had data outstanding: the capture saw {other} send sequence space above that "
+         "acknowledgment number, or resend some (a keep-alive's one old byte aside) since "
+         "{who}'s previous ACK. Network duplicates are not counted. tcptrace's and tshark's "
+         "definitions differ: see Captures (--read)"),
+    _dir("NetDups", "InNetDups", "packets of {who} the network (or the capture setup) "
+         "delivered twice: IPv4 packets with the same IP ID, sequence and acknowledgment "
+         "numbers, flags, window and length as one of the last 8 {who} sent (tcptrace: "
+         "hardware duplicates). {Who} sent them once, so they count as nothing else: not in "
+         "Segs, not as retransmissions (their segment keeps its RTT sample), not as duplicate "
+         "ACKs. IPv6 has no IP ID and an IP ID of 0 tells nothing (some stacks send it in many "
+         "packets): such packets are never counted here"),
     _dir("ZeroWindows", "InZeroWindows", "ACKs in which {who} advertised a zero receive window "
          "(resets left out)"),
     _dir("OutRsts", "InRsts", "resets {who} sent"),
     _dir("RttSamples", "InRttSamples", "round-trip samples for {who}'s segments: the time from "
          "a segment to the first ACK from {other} that acknowledges exactly its end, for segments "
-         "sent once and with no earlier segment sent after them (Karn's rule, as tcptrace)"),
+         "sent once and with nothing below them resent after them, acknowledged already or not "
+         "(Karn's rule, as tcptrace: such an ACK may answer the resend)"),
     _dir("RttMin", "InRttMin", "the smallest of those samples", unit="ms", agg="min"),
     _dir("RttAvg", "InRttAvg", "the mean of those samples", unit="ms", agg="mean",
          weight="RttSamples"),

@@ -12,8 +12,19 @@ the same captures):
 * a segment sent while the other side's last advertised window was 0 is a window
   probe: neither new nor retransmitted (as tcptrace);
 * an RTT sample is the time from a segment to the first ACK that acknowledges
-  exactly its end, when the segment was sent once and no segment before it was
-  (re)sent after it (Karn's rule, tcptrace's "RTT samples").
+  exactly its end, when the segment was sent once and nothing below it was
+  resent after it, acknowledged already or not (Karn's rule, tcptrace's "RTT
+  samples");
+* a packet the network duplicated (IPv4: the same IP ID, sequence and
+  acknowledgment numbers, flags, window and length as one of the last
+  RECENT_PACKETS of its direction) is a network duplicate, counted apart
+  (tcptrace's "hardware duplicates"): it was sent once, so it is neither a
+  segment nor a retransmission nor a duplicate ACK;
+* a duplicate ACK repeats its sender's previous ACK (RFC 5681) while the other
+  side had data outstanding: sequence space seen above it, or a resend since
+  that previous ACK other than a keep-alive (the receiver answers a resend with
+  a D-SACK; in a capture taken at the receiver, the data still in flight is not
+  in the capture yet).
 
 Memory: a direction keeps only what is not yet acknowledged (the holes above the
 cumulative ACK and the segments waiting for an RTT sample, both capped), so it
@@ -30,6 +41,7 @@ MASK = 0xFFFFFFFF
 NO_FLOOR = -(1 << 62)
 MAX_PENDING = 16384      # segments awaiting an RTT sample, per direction (oldest dropped beyond)
 MAX_HOLES = 1024         # separate seen ranges above the cumulative ACK, per direction
+RECENT_PACKETS = 8       # packets per direction a network duplicate may repeat (tcptrace's)
 
 
 def _unwrap(ref: int, seq: int) -> int:
@@ -41,13 +53,14 @@ def _unwrap(ref: int, seq: int) -> int:
 class Half:
     """One direction of a connection: what its sender sent and what was acknowledged."""
     __slots__ = ("segs", "new_bytes", "retrans_segs", "retrans_bytes", "ooo", "dupacks",
-                 "zero_wins", "rsts", "syns", "fins", "isn", "high", "floor", "seen", "pending",
-                 "acked_ts", "last_ack", "last_win", "rtt_n", "rtt_sum", "rtt_min", "rtt_max",
-                 "first_data", "last_data", "syn_ts")
+                 "netdups", "zero_wins", "rsts", "syns", "fins", "isn", "high", "floor", "seen",
+                 "pending", "acked_ts", "last_ack", "last_win", "resent", "recent", "rtt_n",
+                 "rtt_sum", "rtt_min", "rtt_max", "first_data", "last_data", "syn_ts")
 
     def __init__(self) -> None:
         self.segs = self.new_bytes = self.retrans_segs = self.retrans_bytes = 0
-        self.ooo = self.dupacks = self.zero_wins = self.rsts = self.syns = self.fins = 0
+        self.ooo = self.dupacks = self.netdups = 0
+        self.zero_wins = self.rsts = self.syns = self.fins = 0
         self.isn: int | None = None          # the SYN's sequence number, when seen
         self.high: int | None = None         # highest sequence end seen (64-bit)
         self.floor = NO_FLOOR                # everything below was acknowledged by the other side
@@ -56,6 +69,8 @@ class Half:
         self.acked_ts = 0.0                  # latest (re)transmission time of acknowledged segments
         self.last_ack: int | None = None     # this side's previous ACK (32-bit) and window
         self.last_win = -1
+        self.resent = False                  # resent sequence space since the other side's last ACK
+        self.recent: list[int] = []          # its last RECENT_PACKETS IPv4 packets, packed
         self.rtt_n = 0
         self.rtt_sum = 0.0
         self.rtt_min = self.rtt_max = 0.0
@@ -118,10 +133,12 @@ class Conn:
 
 _OUT = (("OutSegs", "segs"), ("SendBytes", "new_bytes"), ("RetransSegs", "retrans_segs"),
         ("RetransBytes", "retrans_bytes"), ("OutOfOrder", "ooo"), ("DupAcks", "dupacks"),
-        ("ZeroWindows", "zero_wins"), ("OutRsts", "rsts"), ("RttSamples", "rtt_n"))
+        ("NetDups", "netdups"), ("ZeroWindows", "zero_wins"), ("OutRsts", "rsts"),
+        ("RttSamples", "rtt_n"))
 _IN = (("InSegs", "segs"), ("RecvBytes", "new_bytes"), ("InRetransSegs", "retrans_segs"),
        ("InRetransBytes", "retrans_bytes"), ("InOutOfOrder", "ooo"), ("InDupAcks", "dupacks"),
-       ("InZeroWindows", "zero_wins"), ("InRsts", "rsts"), ("InRttSamples", "rtt_n"))
+       ("InNetDups", "netdups"), ("InZeroWindows", "zero_wins"), ("InRsts", "rsts"),
+       ("InRttSamples", "rtt_n"))
 
 
 def _ms(seconds: float) -> float:
@@ -253,12 +270,16 @@ def _resent_or_filled(x: Half, s: int, e: int, syn: int, plen: int, ts: float) -
     retransmission when the capture saw any of it already, else an out-of-order segment
     that fills a hole."""
     resent = _seen_bytes(x, s + syn, s + syn + plen) if plen else 0
+    if s < x.floor and ts > x.acked_ts:      # acknowledged data sent again: the segments sent
+        x.acked_ts = ts                      # before it give no RTT sample (Karn's rule)
     overlap, pieces = _insert(x, s, e)
     if overlap:
         x.retrans_segs += 1
         x.retrans_bytes += resent
         x.new_bytes += plen - resent
         _mark_retransmitted(x, s, e, ts)
+        if not (plen == 1 == e - s and e == x.high):     # (not a keep-alive's one old byte)
+            x.resent = True
     else:
         x.new_bytes += plen
         x.ooo += 1
@@ -301,6 +322,37 @@ def _acknowledged(y: Half, a: int, ts: float) -> None:
         seen[0][0] = a
 
 
+def _network_duplicate(x: Half, key: int) -> bool:
+    """Is the packet ``key`` (IP ID, sequence and acknowledgment numbers, flags, window and
+    length, packed in one int) one of the last RECENT_PACKETS ``x`` sent? Else remember it."""
+    recent = x.recent
+    if key in recent:
+        return True
+    recent.append(key)
+    if len(recent) > RECENT_PACKETS:
+        del recent[0]
+    return False
+
+
+def _ack(x: Half, y: Half, ack: int, win: int, busy: int, rst: int, ts: float) -> None:
+    """``x`` acknowledged ``y`` up to ``ack`` (32-bit) with window ``win``; ``busy``: the
+    segment also carries data, SYN or FIN (then it is no duplicate ACK)."""
+    if y.high is None:
+        y.high = ack
+    a = _unwrap(y.high, ack)
+    if a > y.floor:
+        _acknowledged(y, a, ts)
+    if rst:
+        return
+    if win == 0:
+        x.zero_wins += 1
+    if not busy and ack == x.last_ack and win == x.last_win and (y.high > a or y.resent):
+        x.dupacks += 1
+    x.last_ack = ack
+    x.last_win = win
+    y.resent = False
+
+
 class FlowTable:
     """Feed segments in capture order with :meth:`add`; :meth:`connections` gives
     every connection seen. ``accept(conn)`` decides, once per connection, whether
@@ -313,12 +365,20 @@ class FlowTable:
         self.rejected = 0
 
     def _new(self, family, src, sport, dst, dport, flags, ts):
-        if flags & SYN and flags & ACK:      # the SYN was missed: the receiver opened it
-            conn = Conn(family, dst, dport, src, sport, ts)
-            d = 1
-        else:                                # a SYN, or the middle of a connection: the sender
+        """A connection, oriented: local is the client, the sender of a SYN or the receiver
+        of a SYN-ACK. Without either (the capture began after the handshake) the server is
+        the side with the lower port (a port below 1024, well known, always is); with equal
+        ports the client is the first packet's sender."""
+        if flags & SYN:
+            client_sent = not flags & ACK
+        else:
+            client_sent = dport <= sport
+        if client_sent:
             conn = Conn(family, src, sport, dst, dport, ts)
             d = 0
+        else:
+            conn = Conn(family, dst, dport, src, sport, ts)
+            d = 1
         if self.accept is not None and not self.accept(conn):
             self.rejected += 1
             conn = None
@@ -341,7 +401,7 @@ class FlowTable:
         return self._new(family, src, sport, dst, dport, flags, ts)
 
     def add(self, ts: float, seg: tuple) -> None:
-        family, src, sport, dst, dport, seq, ack, flags, win, plen = seg
+        family, src, sport, dst, dport, seq, ack, flags, win, plen, ipid = seg
         ent = self.table.get((src, sport, dst, dport))
         if ent is None or (flags & SYN and not flags & ACK):   # perhaps a new connection
             conn, d = self._opening(ent, seg, ts)
@@ -352,6 +412,10 @@ class FlowTable:
         conn.last_ts = ts
         conn.packets += 1
         x, y = conn.halves[d], conn.halves[1 - d]
+        if ipid and _network_duplicate(x, ((((ipid << 32 | seq) << 32 | ack) << 16 | flags)
+                                           << 16 | win) << 32 | plen):
+            x.netdups += 1
+            return
         x.segs += 1
         rst = flags & RST
         if rst:                               # (its ACK still acknowledges, as tcptrace has it;
@@ -364,19 +428,7 @@ class FlowTable:
         if plen or syn or fin:
             _sent(x, y, seq, syn, fin, plen, ts)
         if flags & ACK:
-            if y.high is None:
-                y.high = ack
-            a = _unwrap(y.high, ack)
-            if a > y.floor:
-                _acknowledged(y, a, ts)
-            if not rst:
-                if win == 0:
-                    x.zero_wins += 1
-                if (not plen and not syn and not fin and ack == x.last_ack and win == x.last_win
-                        and y.high > a):
-                    x.dupacks += 1
-                x.last_ack = ack
-                x.last_win = win
+            _ack(x, y, ack, win, plen or syn or fin, rst, ts)
             if d == 0 and conn.hs_ack_ts is None and conn.synack_ts is not None and not syn \
                     and not rst and y.isn is not None and ack == (y.isn + 1) & MASK:
                 conn.hs_ack_ts = ts

@@ -3,9 +3,10 @@ cooked SLL and SLL2, raw IP, BSD loopback; IPv4 and IPv6 with extension headers)
 
 A segment is a plain tuple (fast to build, fast to unpack in the flow loop):
 
-    (family, src, sport, dst, dport, seq, ack, flags, window, payload_len)
+    (family, src, sport, dst, dport, seq, ack, flags, window, payload_len, ip_id)
 
-``src``/``dst`` are the raw address bytes (4 or 16). ``payload_len`` comes from the
+``src``/``dst`` are the raw address bytes (4 or 16); ``ip_id`` is IPv4's identification
+field (0 for IPv6, which has none). ``payload_len`` comes from the
 IP header's length, not from what was captured, so a packet cut by the snapshot
 length (``tcpdump -s 96``) still counts its bytes; only a packet cut inside its IP
 or TCP header cannot be used (counted in :attr:`DecodeStats.cut_headers`).
@@ -51,7 +52,7 @@ def _from_ip(pkt, stats: DecodeStats):
             seglen = len(seg)
         stats.tcp += 1
         return (AF_INET, pkt.src, seg.sport, pkt.dst, seg.dport, seg.seq, seg.ack, seg.flags,
-                seg.win, max(0, seglen - seg.off * 4))
+                seg.win, max(0, seglen - seg.off * 4), pkt.id)
     if type(pkt) is _IP6:
         seg = pkt.data
         if type(seg) is not _TCP:
@@ -66,7 +67,7 @@ def _from_ip(pkt, stats: DecodeStats):
             seglen = len(seg)
         stats.tcp += 1
         return (AF_INET6, pkt.src, seg.sport, pkt.dst, seg.dport, seg.seq, seg.ack, seg.flags,
-                seg.win, max(0, seglen - seg.off * 4))
+                seg.win, max(0, seglen - seg.off * 4), 0)
     if isinstance(pkt, bytes) and pkt and ((pkt[0] >> 4 == 4 and len(pkt) < 40)
                                            or (pkt[0] >> 4 == 6 and len(pkt) < 60)):
         stats.cut_headers += 1          # an IP header (or the TCP header after it) cut short
