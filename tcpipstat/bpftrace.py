@@ -265,6 +265,23 @@ class Runner(CollectorProcess):
 WHY_UNAVAILABLE = "no tracepoint counts it exactly"
 
 
+def _kernel_choice() -> Choice | None:
+    """What this kernel offers, asked of bpftrace (None if it cannot tell)."""
+    try:
+        cmd = command_from_env("TCPIPSTAT_BPFTRACE", "bpftrace", INSTALL_HINT)
+        return choose(list_points(cmd, timeout=120))
+    except (EnvironmentNotReady, OSError, subprocess.SubprocessError):
+        return None
+
+
+def _choice_text(choice: Choice) -> str:
+    """Where this kernel's bytes are counted, for --check."""
+    def where(point: str) -> str:
+        return point or "nowhere (n/a)"
+    return (f"sends at {where(choice.send)}, receives at {where(choice.recv)}; records as "
+            + ("sockets are destroyed" if choice.destroy else "sockets close"))
+
+
 class BpftraceBackend:
     """The bpftrace collector (tcpipstat/backend.py's protocol)."""
     name = "bpftrace"
@@ -323,8 +340,9 @@ class BpftraceBackend:
     def checks(kver: str, running: bool, groups: tuple[str, ...], host) -> tuple:
         """bpftrace on PATH, root, tracefs and BTF (bpftrace reads struct sock through it)."""
         from .check import Finding
-        available, unavailable = counters(groups)
         found = shutil.which("bpftrace") or os.environ.get("TCPIPSTAT_BPFTRACE")
+        choice = _kernel_choice() if found and running and os.geteuid() == 0 else None
+        available, unavailable = counters(groups, choice.missing if choice else frozenset())
         fix = "'apt-get install bpftrace'", "'dnf install bpftrace'"
         findings = [
             Finding("bpftrace", bool(found), found or "not found on PATH", *fix),
@@ -337,6 +355,8 @@ class BpftraceBackend:
                     "a kernel built with CONFIG_DEBUG_INFO_BTF=y",
                     "a kernel built with CONFIG_DEBUG_INFO_BTF=y"),
         ]
+        if choice is not None:
+            findings.append(Finding("probe points", True, _choice_text(choice)))
         if not running:     # (-r is the stap collector's: bpftrace attaches to this kernel)
             findings.append(Finding("kernel", False, f"{kver} is not the running kernel: "
                                     "bpftrace collects on the running kernel only",

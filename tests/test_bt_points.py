@@ -72,3 +72,19 @@ def test_runtime_warnings_are_not_records():
     r = bpftrace.Runner(["true"], ("SendBytes",), 10, print)
     assert list(r._records(iter(other))) == ["H\tok\n", "@a[1]: 1\n"]
     assert r.outcome.warnings == ["map full"]
+
+
+def test_check_says_where_this_kernel_counts(tmp_path, monkeypatch):
+    """--check asks bpftrace (here a stand-in answering with the 6.1 guest's real listing)
+    and names the points it would use."""
+    fake = tmp_path / "bpftrace"
+    fake.write_text(f"#!/bin/sh\n[ \"$1\" = -lv ] && cat '{BT / 'listing-bookworm.txt'}'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("TCPIPSTAT_BPFTRACE", str(fake))
+    monkeypatch.setattr(bpftrace.os, "geteuid", lambda: 0)
+    findings, available, _ = bpftrace.BpftraceBackend.checks(
+        bpftrace.os.uname().release, True, ("socket", "tcp"), None)
+    (points,) = [f for f in findings if f.name == "probe points"]
+    assert "sends at kretfunc:tcp_sendmsg" in points.detail
+    assert "receives at kretfunc:tcp_recvmsg" in points.detail
+    assert "SendBytes" in available
