@@ -39,12 +39,14 @@ def start(args, tmp_path, records, addr="127.0.0.1", **env):
     """tcpipstat --serve on a port the kernel picks; (process, URL of /metrics)."""
     host = f"[{addr}]" if ":" in addr else addr
     p = tcpipstat(["--serve", f"{host}:0", *args], tmp_path, FAKE_RECORDS=str(records), **env)
-    line = p.stderr.readline()
-    m = re.match(rf"tcpipstat: serving (http://{re.escape(host)}:\d+/metrics)$", line.strip())
-    if m is None:
-        p.kill()
-        pytest.fail(f"no serving line: {line + p.communicate(timeout=30)[1]}")
-    return p, m.group(1)
+    seen = ""
+    for line in p.stderr:                   # (after the lines of preparing the collector)
+        seen += line
+        m = re.match(rf"tcpipstat: serving (http://{re.escape(host)}:\d+/metrics)$", line.strip())
+        if m:
+            return p, m.group(1)
+    p.kill()
+    pytest.fail(f"no serving line: {seen + p.communicate(timeout=30)[1]}")
 
 
 def scrape(url: str, openmetrics: bool = False) -> dict:
