@@ -329,6 +329,9 @@ def run(argv: list[str], out: IO[str] | None = None, err: IO[str] | None = None)
             return report(kernel_release(plan), plan.groups, plan.output == "json", out)
         if plan.read is not None:
             return report_capture(plan, out, err)
+        if plan.serve is not None:
+            from .exporter import serve
+            return serve(plan, out, err)
         return collect(plan, out, err)
     except TcpipstatError as e:
         print(f"{PROG}: {one_line(e.message)}", file=err)

@@ -152,6 +152,21 @@ OPTION_GROUPS: tuple[tuple[str, tuple[Opt, ...]], ...] = (
             "when it then fails; see OUTCOME)", dest="outcome_json", metavar="FILE",
             not_with_check=True),
     )),
+    ("Serving (Prometheus)", (
+        Opt(("--serve",), "run as a Prometheus exporter until SIGTERM or SIGINT: collect in "
+            "windows of --serve-interval seconds and serve each label set's cumulative counters "
+            "(labels: the index's fields) on http://ADDR:PORT/metrics, as Prometheus text or "
+            "OpenMetrics (see SERVING). ADDR is an IP address (IPv6 in brackets; default 0.0.0.0, "
+            "every IPv4 address); PORT 0 takes a free port, which is printed",
+            dest="serve", metavar="[ADDR:]PORT", live_only=True, not_with_check=True),
+        Opt(("--serve-interval",), "with --serve: hand the collector's counts over every SECONDS "
+            "(default 5); /metrics lags the kernel by at most that", dest="serve_interval",
+            metavar="SECONDS", live_only=True, not_with_check=True),
+        Opt(("--max-series",), "with --serve: label sets that get series of their own (default "
+            "1000); the others are folded into one series labelled other (see SERVING). Needed "
+            "for index=tuple", dest="max_series", metavar="N", live_only=True,
+            not_with_check=True),
+    )),
     ("Offline", (
         Opt(("--save-records",), "also write the collector's raw records to FILE (re-report them "
             "later with --from-records)", dest="save_records", metavar="FILE", live_only=True,
@@ -211,6 +226,8 @@ def synopsis(bold: Callable[[str], str] = str, italic: Callable[[str], str] = st
     return [
         f"{b(PROG)} [{i('options')}] {classic} [{i('FILTER')} ...]",
         f"{b(PROG + ' --check')} [{b('-r')} {i('KVER')}] [{b('--json')}]",
+        f"{b(PROG + ' --serve')} [{i('ADDR')}{b(':')}]{i('PORT')} [{b('index=')}{i('NAME')}] "
+        f"[{b('--max-series')} {i('N')}] [{i('FILTER')} ...]",
         f"{b(PROG + ' --read')} {i('FILE')} [{b('index=')}{i('|'.join(OFFLINE_NAMES))}] "
         f"[{b('--json')}|{b('--csv')}] [{b('--sort')} {i('COUNTER')}] [{i('FILTER')} ...]",
     ]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import math
 import os
 import re
@@ -17,6 +18,14 @@ from .model import SORT_SUMS
 BACKENDS = ("auto", "stap", "bpftrace")
 MAX_TIMEOUT_S = 10 * 365 * 24 * 3600
 PID_MAX_LIMIT = 4 * 1024 * 1024   # include/linux/threads.h: pids never exceed this
+# --serve: [ADDR:]PORT, an IPv6 ADDR in brackets (an unbracketed one has colons of its own)
+_SERVE = re.compile(r"(?:(?P<addr>\[[^\]]*\]|[^:\[\]]*):)?(?P<port>[0-9]{1,5})")
+SERVE_INTERVAL_S = 5.0
+MAX_SERIES = 1000
+# what --serve cannot do: a report of any kind, an end, or measurements that are not counters
+_NOT_WITH_SERVE = ("output", "sort", "top", "timestamp", "count", "interval", "onclose",
+                   "command", "timeout", "dist", "estats", "sample", "series", "plot",
+                   "on_cwnd_change", "from_records", "outcome_json", "dump_script")
 _KVER = re.compile(r"[A-Za-z0-9._+~][A-Za-z0-9._+~-]{0,99}")     # (fullmatch; not an option)
 # stap options a user may pass through: none of them adds code to the script.
 _STAP_ARG_OK = (
@@ -65,6 +74,8 @@ class Plan:
     read: str | None = None          # --read: report from this capture file
     outcome_json: str | None = None  # --outcome-json FILE: how the run ended, as JSON
     backend: str = "auto"            # --backend: auto, stap or bpftrace
+    serve: tuple[str, int] | None = None   # --serve: (address, port) of /metrics
+    max_series: int = MAX_SERIES     # --max-series: label sets with series of their own
 
     def compile_flags(self) -> list[str]:
         """stap options that change the module (so they are part of its cache key)."""
@@ -208,6 +219,50 @@ def _snapshots(ns) -> tuple[float | None, int | None]:
     return interval, count
 
 
+def _serve_address(text: str) -> tuple[str, int]:
+    """--serve's [ADDR:]PORT: an IP address (no name: nothing is looked up), a port."""
+    m = _SERVE.fullmatch(text) if text.isascii() else None
+    try:
+        if m is None or int(m["port"]) > 65535:
+            raise ValueError(text)
+        addr = m["addr"] or "0.0.0.0"
+        if addr.startswith("["):
+            addr = str(ipaddress.IPv6Address(addr[1:-1]))
+        else:
+            ipaddress.IPv4Address(addr)
+    except ValueError:
+        raise UsageError(f"bad --serve '{text}': expected [ADDR:]PORT, ADDR an IP address (IPv6 "
+                         "in brackets), PORT 0 to 65535") from None
+    return addr, int(m["port"])
+
+
+def _serving(ns) -> tuple[tuple[str, int] | None, float | None, int]:
+    """--serve, its windows (--serve-interval) and its budget (--max-series)."""
+    if ns.serve is None:
+        stray = [o.name for o in OPTIONS if o.dest in ("serve_interval", "max_series")
+                 and o.given(ns)]
+        if stray:
+            raise UsageError(f"{stray[0]} needs --serve")
+        return None, None, MAX_SERIES
+    # (--json and --csv share a dest: a switch is given when its own value is set)
+    refused = [o.name for o in OPTIONS if o.dest in _NOT_WITH_SERVE and o.given(ns)
+               and (o.const is None or getattr(ns, o.dest) == o.const)]
+    if refused:
+        raise UsageError("--serve runs until it is stopped and answers only on /metrics: it "
+                         f"cannot be combined with {refused[0]}")
+    where = _serve_address(ns.serve)
+    interval = _seconds(ns.serve_interval or SERVE_INTERVAL_S, "--serve-interval")
+    max_series = _count(ns.max_series, "--max-series", 1, 10 ** 6)
+    if ns.index == "tuple" and max_series is None:
+        others = ", ".join(n for n in NAMES if n != "tuple")
+        raise UsageError("index=tuple with --serve makes a series per socket: give --max-series N, "
+                         f"or choose another index ({others})")
+    if importlib.util.find_spec("prometheus_client") is None:
+        raise UsageError("--serve needs prometheus_client: pip install 'tcpipstat[serve]' (or "
+                         "apt-get install python3-prometheus-client)")
+    return where, interval, MAX_SERIES if max_series is None else max_series
+
+
 def _processes(ns, groups: tuple[str, ...]) -> tuple[int | None, bool]:
     """-x PID, and whether only the -c command's process tree is reported."""
     pid = _count(ns.pid, "pid", 1, PID_MAX_LIMIT)
@@ -307,6 +362,7 @@ def build_plan(argv: list[str]) -> Plan:
     pid, tree = _processes(ns, groups)
     if ns.check:
         _check_check(ns)
+    serve, serve_interval, max_series = _serving(ns)
     sample_ms = _sample_ms(ns)
     _check_output_files(ns)
     sort, top = _order(ns)
@@ -337,7 +393,7 @@ def build_plan(argv: list[str]) -> Plan:
         save_records=ns.save_records,
         from_records=ns.from_records,
         verbose=ns.verbose,
-        interval_s=interval,
+        interval_s=interval if serve is None else serve_interval,
         count=count,
         timestamp=ns.timestamp,
         sort=sort,
@@ -348,4 +404,6 @@ def build_plan(argv: list[str]) -> Plan:
         read=ns.read,
         outcome_json=ns.outcome_json,
         backend=ns.backend,
+        serve=serve,
+        max_series=max_series,
     )

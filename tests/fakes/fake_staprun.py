@@ -10,6 +10,8 @@ FAKE_RECORDS (a real lab recording) without its trailer, then, by FAKE_STAPRUN_M
                  stdout at exit (FAKE_TIMING: a report recorded in the lab)
   timing-early   as timing, but the report's lock contention lines come first, before
                  the records (seen on 6.12: another CPU's buffer reached stapio first)
+FAKE_STAPRUN_MARK_S: seconds to wait after each interval mark (I record), so that a reader
+sees the windows arrive one by one, as from a live collector.
 """
 import os
 import signal
@@ -20,6 +22,10 @@ mode = os.environ.get("FAKE_STAPRUN_MODE", "end")
 lines = [line for line in open(os.environ["FAKE_RECORDS"]) if not line.startswith("#")]
 trailer = [line for line in lines if line.startswith("T\t")]
 garbled = False
+pace = float(os.environ.get("FAKE_STAPRUN_MARK_S", "0"))
+got = []
+if mode == "wait-int":
+    signal.signal(signal.SIGINT, lambda *a: got.append(1))
 report = open(os.environ["FAKE_TIMING"]).readlines() if mode.startswith("timing") else []
 early = ([line for line in report if "lock contention occurred" in line]
          if mode == "timing-early" else [])
@@ -31,14 +37,15 @@ for line in lines:
         line = line.rstrip("\n")[:60]   # cut mid-record: the next record follows on the same line
         garbled = True
     sys.stdout.write(line)
+    if pace and line.startswith("I\t") and not got:
+        sys.stdout.flush()
+        time.sleep(pace)
 sys.stdout.flush()
 if mode == "die":
     print("ERROR: probe overhead (555608199 cycles) exceeded threshold (500000000 cycles)",
           file=sys.stderr)
     sys.exit(1)
 if mode == "wait-int":
-    got = []
-    signal.signal(signal.SIGINT, lambda *a: got.append(1))
     deadline = time.time() + 20
     while not got and time.time() < deadline:
         time.sleep(0.05)

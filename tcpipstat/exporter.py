@@ -1,0 +1,281 @@
+"""--serve: tcpipstat as a Prometheus exporter.
+
+The collector runs in interval mode (--serve-interval): each window's per-index-key deltas
+reach :class:`Exporter` (a Sink) through ``on_window``, which adds them to cumulative
+counters per label set; prometheus_client serves them on /metrics (Prometheus text or
+OpenMetrics, as the scraper asks) through :meth:`Exporter.collect`. Every socket record
+belongs to exactly one window, closing sockets' last counts included, so each count is
+added once; ``on_close`` (whole-life totals) is not used.
+
+A serving run makes no report at the end, so the exporter also lets the model forget what
+it keeps for one: closed sockets (their counts are in their label set's totals now) and
+old interval marks. Its own memory is bounded by the budget (--max-series) and the
+sockets still open.
+"""
+from __future__ import annotations
+
+import math
+import re
+import signal
+import socket
+import threading
+from socketserver import ThreadingMixIn
+from typing import IO, Iterator
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from .app import PROG, _collect_into, _consoles, _hooks, _live, _log, _select
+from .counters import COUNTERS
+from .errors import ExitStatus, UsageError, one_line
+from .indexes import AF_INET6, BY_NAME, FIELD_VALUE, GroupKey
+from .model import Collection, Row, Window, sort_value
+from .plan import Plan
+from .report import ReportContext
+from .sinks import Sink
+
+OTHER = "other"          # every label of the series that folded label sets go into
+# With process labels (index=pid, comm; -x), a closed socket's process is remembered this
+# long: segments after the close (TIME-WAIT lasts 60 s) arrive from softirq, without a
+# process, and must count for the socket's process as in a report.
+PROCESS_GRACE_S = 120
+_WORD = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z]{2,})")
+
+
+def metric_name(counter: str) -> str:
+    """A counter's metric name without its type suffix: RecvBytes -> tcpipstat_recv_bytes,
+    DelayedACKs -> tcpipstat_delayed_acks, TCPMemoryPressures -> tcpipstat_tcp_memory_pressures."""
+    return f"{PROG}_" + _WORD.sub("_", counter).lower()
+
+
+def _busiest_first(rows: list[Row]) -> list[Row]:
+    """Bytes sent and received in the window, then segments; ties in key order (the order
+    the model hands rows in, which a stable sort keeps)."""
+    return sorted(rows, key=lambda r: (-sort_value(r, "bytes"), -sort_value(r, "segs")))
+
+
+class Exporter(Sink):
+    """Cumulative counters per label set, under the --max-series budget, and the run's
+    health; a prometheus_client collector (:meth:`collect`) for the HTTP thread."""
+
+    def __init__(self, plan: Plan):     # (no Sink.__init__: nothing is printed)
+        self.index = BY_NAME[plan.index]
+        self.max_series = plan.max_series
+        attributed = self.index.needs_process or plan.pid is not None
+        self._grace = math.ceil(PROCESS_GRACE_S / plan.interval_s) if attributed else 0
+        self._lock = threading.Lock()     # scrapes read what windows write
+        self._series: dict[GroupKey, dict[str, int]] = {}
+        self._other: dict[str, int] | None = None
+        self._other_labels = [OTHER] * len(self.index.fields)
+        self._folded: set[GroupKey] = set()   # label sets in other that still have sockets
+        self.folded = 0
+        self.windows = 0
+        self._closed: dict = {}               # closed socket tuple -> window it was last seen
+        self.available: tuple[str, ...] = ()
+        self.up = False
+        self.failed = False
+        self._collection: Collection | None = None
+        self._outcome = None
+
+    def start(self, available: tuple[str, ...], collection: Collection, outcome) -> None:
+        """The collector runs: its counters, the model it feeds, how its run goes."""
+        with self._lock:
+            self.available, self._collection, self._outcome = available, collection, outcome
+            self.up = True
+
+    def ended(self, failed: bool) -> None:
+        with self._lock:
+            self.up, self.failed = False, failed
+
+    def labels(self, key: GroupKey) -> list[str]:
+        return [str(FIELD_VALUE[f](key)) for f in self.index.fields]
+
+    def on_window(self, win: Window, rows: list[Row], hidden: int, timestamp: bool) -> None:
+        with self._lock:
+            self._admit(rows)
+            for row in rows:
+                totals = self._series.get(row.key)
+                if totals is None:
+                    totals = self._other = {} if self._other is None else self._other
+                for k, v in row.counters.items():
+                    totals[k] = totals.get(k, 0) + v
+            self.windows += 1
+        self._forget(win.collection, win)
+
+    def _admit(self, rows: list[Row]) -> None:
+        """New label sets get series of their own while the budget lasts, busiest first;
+        the others fold into other, each counted once while it has sockets."""
+        for row in _busiest_first([r for r in rows if r.key not in self._series]):
+            # (a label set whose values are all "other", a command named other, is other's)
+            if len(self._series) < self.max_series and self.labels(row.key) != self._other_labels:
+                self._series[row.key] = {}
+            elif row.key not in self._folded:
+                self._folded.add(row.key)
+                self.folded += 1
+
+    def _forget(self, collection: Collection, win: Window) -> None:
+        """Let the model drop closed sockets (after the grace, with process labels) and old
+        marks; forget folded label sets none of whose sockets is left."""
+        sockets = collection.sockets
+        for t in win.sockets:
+            whole = sockets.get(t)
+            if whole is not None and whole.closed:
+                self._closed[t] = self.windows
+        for t in [t for t, seen in self._closed.items() if self.windows - seen >= self._grace]:
+            del self._closed[t]
+            sockets.pop(t, None)
+        del collection.marks[:-1]       # (only the last is read: where the next window starts)
+        if self._folded:
+            key_of = self.index.of_socket
+            self._folded &= {key_of(st) for st in sockets.values()}
+
+    def collect(self) -> Iterator:
+        """The metrics of one scrape (prometheus_client's Collector protocol)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        with self._lock:
+            series = [(self.labels(k), dict(c), k.family == AF_INET6)
+                      for k, c in self._series.items()]
+            if self._other is not None:
+                series.append((self._other_labels, dict(self._other), False))
+            health = self._health(GaugeMetricFamily, CounterMetricFamily)
+            available = set(self.available)
+        yield from health
+        for c in COUNTERS:
+            if c.name not in available:
+                continue
+            family = GaugeMetricFamily if c.gauge else CounterMetricFamily
+            metric = family(metric_name(c.name), f"{c.name}: {c.description}",
+                            labels=self.index.fields)
+            for labels, totals, v6 in series:
+                if not (v6 and c.ipv4_only):          # (n/a for IPv6 sockets: absent)
+                    metric.add_metric(labels, totals.get(c.name, 0))
+            yield metric
+
+    def _health(self, gauge, counter) -> list:
+        """The exporter's and the collector's state (called with the lock held)."""
+        ro, col = self._outcome, self._collection
+        trailer = col.trailer if col else None
+        return [kind(f"{PROG}_{name}", text, value=value) for kind, name, text, value in (
+                (gauge, "up", "1 while the collector runs", int(self.up)),
+                (gauge, "collector_failed", "1 once the collector has ended without being "
+                 "asked to (tcpipstat then exits 1 when stopped)", int(self.failed)),
+                (counter, "windows", "windows of --serve-interval added", self.windows),
+                (gauge, "label_sets", "label sets with series of their own", len(self._series)),
+                (gauge, "max_series", "--max-series: the label sets that may have series of "
+                 "their own", self.max_series),
+                (counter, "folded_label_sets", "label sets folded into the other series (one "
+                 "that returns after all its sockets closed counts again)", self.folded),
+                (counter, "skipped_probe_hits", "probe hits the collector skipped (told as it "
+                 "ends)", ro.skipped if ro else 0),
+                (counter, "lost_events", "events lost to full collector tables (told as it "
+                 "ends)", trailer.dropped if trailer else 0),
+                (counter, "unreadable_lines", "collector lines that were not records",
+                 ro.bad_lines if ro else 0))]
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True            # (a scrape in progress does not hold up the exit)
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, *args) -> None:     # (not a line on stderr per scrape)
+        pass
+
+
+def _listen(plan: Plan, registry) -> _Server:
+    """The HTTP server of /metrics (prometheus_client's WSGI application, which chooses
+    the format from the scraper's Accept header), listening before anything is collected."""
+    from prometheus_client import make_wsgi_app
+    addr, port = plan.serve
+    server = _Server6 if ":" in addr else _Server
+    try:
+        httpd = make_server(addr, port, make_wsgi_app(registry), server, handler_class=_Quiet)
+    except OSError as e:
+        where = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+        raise UsageError(f"cannot serve on '{where}': {e.strerror or e}") from None
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
+def _url(httpd) -> str:
+    host, port = httpd.server_address[:2]
+    if httpd.address_family == socket.AF_INET6:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/metrics"
+
+
+def _stop_on_signals() -> threading.Event:
+    """SIGTERM and SIGINT set the event (the collector has ended: nothing else to stop)."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _raise_interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def _why_ended(ro) -> tuple[str, str]:
+    """What the collector's end says of itself, and the fix when known."""
+    if ro.problem:
+        return ro.problem
+    if ro.error_lines:
+        return ro.error_lines[0], ""
+    return f"{ro.program} exited with status {ro.returncode}", ""
+
+
+def _collect(plan: Plan, exporter: Exporter, httpd, out: IO[str], err: IO[str]) -> int:
+    """Collect until stopped (exit 0) or until the collector ends by itself: then serve
+    tcpipstat_up 0 and the last totals until stopped, and exit 1."""
+    console, errc = _consoles(out, err)
+    log = _log(plan, errc)
+    src = _live(plan, errc, err)
+    # (once the collector is ready: a backend's refusal stays the one line of a refused run)
+    print(f"{PROG}: serving {_url(httpd)}", file=err, flush=True)   # (PORT 0: the one taken)
+    collection = Collection()
+    _select(plan, collection, src.tree)
+    _hooks(plan, collection, exporter)
+    exporter.start(src.available, collection, src.outcome)
+    backend = src.backend
+    signal.signal(signal.SIGTERM, lambda *_: backend.interrupt())   # (SIGINT: _collect_into)
+    _collect_into(plan, src, collection, ReportContext(src.available), log)
+    stop = _stop_on_signals()       # (from now on a signal only ends tcpipstat: none is lost)
+    collection.finish()
+    stopped = src.outcome.interrupted
+    exporter.ended(failed=not stopped)
+    if stopped:
+        return ExitStatus.OK
+    what, fix = _why_ended(src.outcome)
+    print(f"{PROG}: the collector ended while serving: {one_line(what)}; {_url(httpd)} serves "
+          f"{PROG}_up 0 and the last totals until {PROG} is stopped", file=err)
+    if fix:
+        print(f"{PROG}: fix: {one_line(fix)}", file=err)
+    err.flush()
+    while not stop.wait(1.0):
+        pass
+    return ExitStatus.ERROR
+
+
+def serve(plan: Plan, out: IO[str], err: IO[str]) -> int:
+    """--serve: listen first (a port in use is refused before anything runs), then collect.
+    SIGTERM or SIGINT ends a serving run cleanly: exit 0."""
+    from prometheus_client import CollectorRegistry, ProcessCollector
+    exporter = Exporter(plan)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(exporter)
+    ProcessCollector(registry=registry)    # (its own memory and CPU, for the scraper to watch)
+    httpd = _listen(plan, registry)
+    previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _collect(plan, exporter, httpd, out, err)
+    except KeyboardInterrupt:
+        print(f"{PROG}: stopped before collection started", file=err)
+        return ExitStatus.OK
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        httpd.shutdown()
+        httpd.server_close()
