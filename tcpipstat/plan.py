@@ -347,6 +347,9 @@ def _order(ns) -> tuple[str | None, int | None]:
 
 
 def build_plan(argv: list[str]) -> Plan:
+    for arg in argv:    # (no exec'd argv holds one; a caller's list can, and no path or
+        if "\0" in arg:  # command may: the OS would refuse it after collecting)
+            raise UsageError(f"bad argument '{arg}': it holds a NUL character")
     ns = parse_args(argv)
     if ns.index not in NAMES:
         raise UsageError(f"bad index '{ns.index}': expected one of {', '.join(NAMES)}")

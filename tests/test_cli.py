@@ -220,3 +220,12 @@ def test_what_bpftrace_cannot_do_yet_is_refused_before_it_runs(word, monkeypatch
     monkeypatch.setenv("TCPIPSTAT_BPFTRACE", "/nonexistent/bpftrace")
     status, out, err = run_cli("--backend", "bpftrace", word)
     assert status == ExitStatus.USAGE and "not supported by the bpftrace backend" in err, err
+
+
+@pytest.mark.parametrize("argv", [["-c", "\x00"], ["--from-records", "\x00"],
+                                  ["--read", "x\x00.pcap"], ["*:80\x00-*:*"]])
+def test_a_nul_character_is_refused_up_front(argv):
+    """(hypothesis found these: the NUL reached subprocess and open() as a ValueError)"""
+    status, out, err = run_cli(*argv)
+    assert status == 2 and out == "" and "\\x00" in err and "NUL" in err
+    assert err.count("\n") == 1
