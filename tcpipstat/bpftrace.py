@@ -2,8 +2,10 @@
 
 The program is rendered from tcpipstat/bt_templates/tcpipstat.bt.j2. It counts what a
 tracepoint can count exactly (BPF_COUNTERS); every other counter of the chosen groups
-is reported unavailable. The filters and the timeout reach it as numbers (positional
-parameters, :func:`program_args`): nothing the user types is in the program.
+is reported unavailable. With --sample it samples connections at tcp:tcp_probe
+(:func:`sample_context`, :class:`SampleOrder`). The filters, the timeout and the sampling
+period reach it as numbers (positional parameters, :func:`program_args`,
+:func:`sample_args`): nothing the user types is in the program.
 
 It writes the record stream of tcpipstat/records.py itself (header, each socket as it
 closes, trailer), except the records of the sockets still open at the end: bpftrace
@@ -15,6 +17,7 @@ shell would).
 """
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import shutil
@@ -33,7 +36,8 @@ from .bt_points import Choice, KernelPoints, choose, list_points
 from .counters import counters_for_units, units_for_groups
 from .errors import EnvironmentNotReady, UsageError
 from .filters import Filter
-from .records import FORMAT_VERSION, HEADER, MAGIC, SOCKET, TRAILER
+from .records import FORMAT_VERSION, HEADER, MAGIC, SAMPLE, SOCKET, TRAILER
+from .series import FIELD_NAMES as SAMPLE_FIELDS
 
 INSTALL_HINT = "install bpftrace: 'apt-get install bpftrace' or 'dnf install bpftrace'"
 TRACEFS = Path("/sys/kernel/tracing")
@@ -69,7 +73,6 @@ def _env() -> jinja2.Environment:
 def unsupported(plan) -> str:
     """The first option this collector cannot do yet ("" if none)."""
     for what, on in (("--cong/--dist", "cong" in plan.groups), ("--rfc4898", plan.estats),
-                     ("--sample/--series/--plot", plan.sample_ms is not None),
                      ("--interval", plan.interval_s is not None),
                      ("-r/--kernel-release", plan.kernel_release is not None),
                      ("--stap-arg", bool(plan.stap_args))):
@@ -109,7 +112,8 @@ def render_program(plan, choice: Choice | None = None) -> str:
         fmt={"H": _bt_string(head), "R": _bt_string(SOCKET.printf()),
              "T": _bt_string(TRAILER.printf())},
         maps=socket_maps, dumped=[m for m in socket_maps if m not in ("ok", "n")],
-        globals=[*_GLOBAL_MAPS, *(["tree"] if plan.command else [])])
+        globals=[*_GLOBAL_MAPS, *(["tree"] if plan.command else [])],
+        sample=sample_context(plan))
 
 
 def _words(value: int, mask: int) -> list[int]:
@@ -130,6 +134,134 @@ def program_args(filters, timeout_s: float | None) -> list[str]:
     for f in filters:
         args += filter_numbers(f)
     return [str(a) for a in args]
+
+
+# ---- --sample (tcpipstat/series.py) ----
+# The sampled fields read through BTF from the socket as a struct tcp_sock ($s_tp) and an
+# inet_connection_sock ($s_icsk): the stap collector's expressions (tcpipstat/render.py,
+# STAP_SFIELDS), each with its printf conversion. bpftrace 0.17 prints a 32-bit value
+# with %d as signed, whatever it is cast to: %u for the kernel's u32 fields. {hz}: the
+# kernel's HZ, a positional parameter (0: not known, rto_ms -1).
+BT_SFIELDS = {
+    "cwnd": ("%u", "$s_tp->snd_cwnd"),
+    "ssthresh": ("%d", "($s_tp->snd_ssthresh >= 0x7fffffff ? (int64)-1 : "
+                       "(int64)$s_tp->snd_ssthresh)"),
+    "snd_wnd": ("%u", "$s_tp->snd_wnd"),
+    "srtt_us": ("%u", "($s_tp->srtt_us >> 3)"),
+    "rttvar_us": ("%u", "($s_tp->mdev_us >> 2)"),
+    "rto_ms": ("%d", "({hz} > 0 ? (int64)((uint64)$s_icsk->icsk_rto * 1000 / (uint64){hz}) "
+                     ": (int64)-1)"),
+    "lost": ("%u", "$s_tp->lost_out"),
+    "retrans": ("%u", "$s_tp->retrans_out"),
+    "total_retrans": ("%u", "$s_tp->total_retrans"),
+    "inflight": ("%u", "(($s_tp->packets_out + $s_tp->retrans_out - $s_tp->sacked_out "
+                       "- $s_tp->lost_out) & 0xffffffff)"),
+    "rqueue": ("%u", "(($s_tp->rcv_nxt - $s_tp->copied_seq) & 0xffffffff)"),
+    "wqueue": ("%u", "(($s_tp->write_seq - $s_tp->snd_una) & 0xffffffff)"),
+    "snd_nxt": ("%u", "$s_tp->snd_nxt"),
+    "snd_una": ("%u", "$s_tp->snd_una"),
+    "mss": ("%u", "$s_tp->mss_cache"),
+}
+SAMPLE_PARAMS = 3       # after the filters: period (us), --on-cwnd-change (0/1), HZ
+# The program writes each sample as "Q NUMBER S-record": NUMBER counts the connection's
+# samples from 1 (SampleOrder).
+SEQUENCED = "Q"
+
+
+def sample_context(plan) -> dict | None:
+    """The template's --sample block: where its positional parameters are, the S
+    records' formats and the fields' expressions (None: no sampling)."""
+    if plan.sample_ms is None:
+        return None
+    at = 3 + len(plan.filters) * PER_FILTER
+    period, cwnd, hz = (f"${at + i}" for i in range(SAMPLE_PARAMS))
+    pairs = "".join(f"\\t{n}={BT_SFIELDS[n][0]}" for n in SAMPLE_FIELDS)
+    return {"period": period, "cwnd": cwnd,
+            "fmt": {e: f"{SEQUENCED}\\t%d\\t" + _bt_string(SAMPLE.printf(EVENT=e)) + pairs
+                    + "\\n" for e in ("ack", "end")},
+            "values": [BT_SFIELDS[n][1].format(hz=hz) for n in SAMPLE_FIELDS]}
+
+
+class SampleOrder:
+    """Puts each connection's samples back in the order they were taken. bpftrace 0.17
+    prints through one perf buffer per CPU and reads them in turn, so the samples of a
+    connection taken on two CPUs can come out swapped (stap's come in time order). Each
+    comes numbered (SEQUENCED); one that comes early waits for those before it, and an R
+    record of the connection that comes meanwhile waits behind them. A number that never
+    comes (bpftrace lost events) holds the rest until :meth:`rest`."""
+
+    def __init__(self) -> None:
+        self._next: dict[str, int] = {}             # tuple -> the number it waits for
+        self._held: dict[str, dict[int, str]] = {}  # tuple -> {number: S record}, early
+        self._behind: dict[str, list[str]] = {}     # tuple -> R records after those
+
+    def feed(self, line: str) -> list[str]:
+        """The records ``line`` lets out, in order."""
+        if line.startswith(SEQUENCED + "\t"):
+            _, number, record = line.split("\t", 2)
+            return self._sample(int(number), record)
+        if self._held and line.startswith("R\t"):
+            key = _tuple_key(line, SOCKET)
+            if key in self._held:
+                self._behind.setdefault(key, []).append(line)
+                return []
+        return [line]
+
+    def _sample(self, number: int, record: str) -> list[str]:
+        key = _tuple_key(record, SAMPLE)
+        if number != self._next.get(key, 1):
+            self._held.setdefault(key, {})[number] = record
+            return []
+        held = self._held.pop(key, {})
+        out = [record]
+        while number + 1 in held:
+            number += 1
+            out.append(held.pop(number))
+        if out[-1].split("\t", 2)[1] == "end":    # (a later socket of this tuple: from 1)
+            self._next.pop(key, None)
+        else:
+            self._next[key] = number + 1
+        if held:
+            self._held[key] = held
+            return out
+        return out + self._behind.pop(key, [])
+
+    def rest(self) -> list[str]:
+        """What is still held, each connection's in its order (the stream ends)."""
+        out = []
+        for key, held in self._held.items():
+            out += [held[n] for n in sorted(held)] + self._behind.pop(key, [])
+        self._held.clear()
+        return out
+
+
+def _tuple_key(line: str, spec) -> str:
+    """A record's FAMILY..RPORT fields, as written."""
+    f = line.split("\t", spec.at("FAMILY") + 7)
+    return "\t".join(f[spec.at("FAMILY"):spec.at("FAMILY") + 7])
+
+
+def kernel_hz(configs: tuple[Path, ...] = ()) -> int:
+    """The running kernel's CONFIG_HZ (icsk_rto counts jiffies), from its configuration
+    (``configs``: where to look); 0 when none is readable."""
+    configs = configs or (Path("/proc/config.gz"), Path(f"/boot/config-{os.uname().release}"))
+    for path in configs:
+        try:
+            raw = path.read_bytes()
+            text = gzip.decompress(raw) if path.suffix == ".gz" else raw
+        except OSError:
+            continue
+        m = re.search(rb"^CONFIG_HZ=(\d+)$", text, re.M)
+        if m:
+            return int(m.group(1))
+    return 0
+
+
+def sample_args(plan, hz: int) -> list[str]:
+    """--sample's positional parameters (after the filters'): numbers only."""
+    if plan.sample_ms is None:
+        return []
+    return [str(int(round(plan.sample_ms * 1000))), str(int(plan.on_cwnd_change)), str(int(hz))]
 
 
 def _signed(text: str) -> int:
@@ -205,6 +337,7 @@ class Runner(CollectorProcess):
                           "BPFTRACE_MAX_MAP_KEYS": str(max_sockets)})
         self._dump = EndDump(available)
         self._context = 0           # lines of a runtime warning's context still to come
+        self._order = SampleOrder()
 
     def classify(self, line: str) -> bool:
         """bpftrace's memlock warning (said on every start: dropped) and lost events."""
@@ -231,9 +364,11 @@ class Runner(CollectorProcess):
             elif ending:
                 self._dump.add(line)
             elif line.rstrip("\n") == END_MARK:
+                yield from self._order.rest()
                 ending = True
             elif line.strip():                # (bpftrace ends with blank lines)
-                yield line
+                yield from self._order.feed(line)
+        yield from self._order.rest()       # (bpftrace stopped before END: what waits)
 
     def _runtime_warning(self, line: str) -> bool:
         """A warning bpftrace writes on stdout while the program runs (0.21 and later): its
@@ -311,7 +446,12 @@ class BpftraceBackend:
         self._tmp = tempfile.TemporaryDirectory(prefix="tcpipstat-")
         program = Path(self._tmp.name) / "tcpipstat.bt"
         program.write_text(render_program(plan, choice))
-        cmd += ["-q", str(program), *program_args(plan.filters, plan.timeout_s)]
+        hz = kernel_hz() if plan.sample_ms is not None else 0
+        if plan.sample_ms is not None and not hz:
+            log("rto_ms will not be sampled: this kernel's CONFIG_HZ is not readable "
+                "(/proc/config.gz, /boot/config-RELEASE)")
+        cmd += ["-q", str(program), *program_args(plan.filters, plan.timeout_s),
+                *sample_args(plan, hz)]
         if plan.command:
             # bpftrace splits -c at spaces without quoting: the command goes in a file.
             # Its output goes to stderr: bpftrace's stdout is the record stream.
