@@ -194,6 +194,7 @@ def _outcome(plan: Plan, src: _Source, collection: Collection) -> Outcome:
         dropped=tr.dropped if tr else 0, pfull=tr.pfull if tr else 0,
         max_sockets=header.max_sockets if header else plan.max_sockets,
         warnings=list(ro.warnings), finished=tr is not None,
+        collector="bpftrace" if ro.program == "bpftrace" else "stap",
         ended_by=ended_by(tr.ended) if tr else "",
         no_rfc4898=sum(1 for s in active_kept if s.estats is None) if src.estats else 0,
         still_open=len(active_kept) if plan.onclose else 0,

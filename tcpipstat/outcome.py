@@ -34,6 +34,8 @@ class Outcome:
     pfull: int = _f(0, "times the process table was full (some sockets may lack a process)")
     max_sockets: int = _f(0, "the collector's table size (--max-sockets)")
     warnings: list[str] = _f(list, "the collector's own warnings")
+    collector: str = _f("stap", "the collector that ran (stap or bpftrace), as its warnings "
+                        "are named")
     finished: bool = _f(True, "false when the collector did not write its trailer (cut short)")
     ended_by: str = _f("", "what ended the run: timeout, count, request (Ctrl-C or the end of "
                        "the -c command), stap; empty when not told")
@@ -98,9 +100,9 @@ def _collector_notes(o: Outcome) -> list[str]:
     """What the collector could not count, and why."""
     notes = []
     if o.skipped:
-        notes.append(f"stap skipped {o.skipped} probe hits (probes that fired while another "
-                     "ran on the same CPU, missed returns or lock waits): counters may be low "
-                     "by up to that many events")
+        notes.append(f"{o.collector} skipped {o.skipped} probe hits (probes that fired while "
+                     "another ran on the same CPU, missed returns or lock waits): counters may "
+                     "be low by up to that many events")
     if o.unreadable:
         notes.append(f"{o.unreadable} lines from the collector were not records and were "
                      f"skipped (first: {o.first_unreadable}): counters may be low")
@@ -114,7 +116,7 @@ def _collector_notes(o: Outcome) -> list[str]:
     if o.pfull:
         notes.append(f"the process table (--max-sockets {size}) was full {o.pfull} "
                      "times: some sockets may show no process")
-    notes += [f"stap: {w}" for w in o.warnings]
+    notes += [f"{o.collector}: {w}" for w in o.warnings]
     if not o.finished:
         notes.append("the collector did not finish normally: the report holds what was "
                      "received")

@@ -99,3 +99,9 @@ def test_lost_events_are_told_before_a_series_that_cannot_be_written(tmp_path, m
     last = err.strip().splitlines()
     assert status == 1 and o["dropped"] and o["unwritten"]
     assert "events were lost to full tables" in " ".join(last[-2:]), err
+
+
+def test_warnings_are_named_after_the_collector_that_ran():
+    assert "bpftrace: Lost 3 events" in run_notes(Outcome(collector="bpftrace",
+                                                          warnings=["Lost 3 events"]))
+    assert "stap: WARNING: x" in run_notes(Outcome(warnings=["WARNING: x"]))
