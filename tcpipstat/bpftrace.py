@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator
@@ -86,6 +87,12 @@ def _bt_string(text: str) -> str:
         "\n", "\\n")
 
 
+def _bt_format(spec_format: str) -> str:
+    """A record spec's printf format for bpftrace, whose %d and %x print 32 bits only:
+    %ld and %lx print the 64 a byte count or an IPv6 half needs."""
+    return _bt_string(re.sub(r"%([dx])", r"%l\1", spec_format))
+
+
 def render_program(plan) -> str:
     """The bpftrace program for ``plan``: its groups, whether -c runs a command and how
     many filters there are shape it; their values are positional parameters."""
@@ -97,8 +104,8 @@ def render_program(plan) -> str:
     return _env().get_template("tcpipstat.bt.j2").render(
         version=__version__, counters=available, command=bool(plan.command),
         nfilters=len(plan.filters), per_filter=PER_FILTER, end_mark=END_MARK,
-        fmt={"H": _bt_string(head), "R": _bt_string(SOCKET.printf()),
-             "T": _bt_string(TRAILER.printf())},
+        fmt={"H": _bt_format(head), "R": _bt_format(SOCKET.printf()),
+             "T": _bt_format(TRAILER.printf())},
         maps=socket_maps, dumped=[m for m in socket_maps if m not in ("ok", "n")],
         globals=[*_GLOBAL_MAPS, *(["tree"] if plan.command else [])])
 
@@ -180,6 +187,23 @@ def ensure_tracefs(root: Path = TRACEFS) -> None:
     raise EnvironmentNotReady(f"tracefs is not mounted on {root}", TRACEFS_FIX)
 
 
+def boot_to_wall_ms() -> int:
+    """What turns bpftrace's ``nsecs / 1000000`` (CLOCK_BOOTTIME since bpftrace 0.12) into
+    the wall-clock milliseconds the records' times are (stap's gettimeofday_ms): -T and
+    the JSON and CSV snapshots print them as times of day."""
+    return time.time_ns() // 1_000_000 - time.clock_gettime_ns(time.CLOCK_BOOTTIME) // 1_000_000
+
+
+def shift_ms(line: str, at: int, offset: int) -> str:
+    """The record ``line`` with its field ``at`` (milliseconds) moved by ``offset`` (a line
+    without that number is left to the parser to name)."""
+    f = line.rstrip("\n").split("\t")
+    if len(f) <= at or not f[at].isdigit():
+        return line
+    f[at] = str(int(f[at]) + offset)
+    return "\t".join(f) + "\n"
+
+
 class Runner(CollectorProcess):
     """bpftrace PROGRAM ARGS, its stdout streamed as records."""
     program = "bpftrace"
@@ -190,6 +214,7 @@ class Runner(CollectorProcess):
         super().__init__(cmd, echo_stderr,
                          {**os.environ, "BPFTRACE_MAP_KEYS_MAX": str(max_sockets)})
         self._dump = EndDump(available)
+        self._wall = boot_to_wall_ms()
 
     def classify(self, line: str) -> bool:
         """bpftrace's memlock warning (said on every start: dropped) and lost events."""
@@ -209,12 +234,15 @@ class Runner(CollectorProcess):
             if ending and line.startswith("T\t"):
                 end = self._dump.records()
                 yield from end
-                yield self._dump.trailer(line, len(end))
+                yield shift_ms(self._dump.trailer(line, len(end)), TRAILER.at("END_MS"),
+                               self._wall)
                 ending = False
             elif ending:
                 self._dump.add(line)
             elif line.rstrip("\n") == END_MARK:
                 ending = True
+            elif line.startswith("H\t"):
+                yield shift_ms(line, HEADER.at("START_MS"), self._wall)
             elif line.strip():                # (bpftrace ends with blank lines)
                 yield line
 
