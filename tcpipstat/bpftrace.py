@@ -6,9 +6,10 @@ is reported unavailable. The filters and the timeout reach it as numbers (positi
 parameters, :func:`program_args`): nothing the user types is in the program.
 
 It writes the record stream of tcpipstat/records.py itself (header, each socket as it
-closes, trailer), except the records of the sockets still open at the end: bpftrace
-0.17 cannot loop over a map, so END prints its maps and :class:`EndDump` writes those
-records.
+closes, trailer), except the records of the sockets still open at the end and, with
+--interval, of each snapshot: bpftrace 0.17 cannot loop over a map, so the program prints
+its maps and :class:`EndDump` writes those records, :class:`Ledger` keeping each to what
+came since the socket's last record.
 
 ``TCPIPSTAT_BPFTRACE`` replaces the ``bpftrace`` command (a command line, split like a
 shell would).
@@ -33,7 +34,7 @@ from .backend import CollectorProcess, Log, Prepared, RunOutcome, command_from_e
 from .counters import counters_for_units, units_for_groups
 from .errors import EnvironmentNotReady, UsageError
 from .filters import Filter
-from .records import FORMAT_VERSION, HEADER, MAGIC, SOCKET, TRAILER
+from .records import FORMAT_VERSION, HEADER, INTERVAL, MAGIC, SOCKET, TRAILER
 
 INSTALL_HINT = "install bpftrace: 'apt-get install bpftrace' or 'dnf install bpftrace'"
 TRACEFS = Path("/sys/kernel/tracing")
@@ -50,10 +51,16 @@ BPF_POINTS = {
 }
 BPF_COUNTERS = frozenset(BPF_POINTS)
 PER_FILTER = 21          # numbers per filter (the template's header comment)
+# Lines the program writes around its map printouts (no record starts so): before END's;
+# with --interval, before a snapshot's (then its number and time), before its serials
+# printed again, after them; and the head of a close record (then the socket's serial)
 END_MARK = "tcpipstat-bpftrace-end"
+MARKS = {"begin": "tcpipstat-bpftrace-interval", "check": "tcpipstat-bpftrace-check",
+         "end": "tcpipstat-bpftrace-snapshot"}
+CLOSE_HEAD = "tcpipstat-bpftrace-close"
 # per-socket maps (deleted as a socket closes) and the run's own
 _SOCKET_MAPS = ("ok", "tup", "n", "pid", "comm")
-_GLOBAL_MAPS = ("start", "records", "dropped", "ended")
+_GLOBAL_MAPS = ("start", "records", "dropped", "ended", "closed")
 
 
 @lru_cache(maxsize=1)
@@ -67,7 +74,6 @@ def unsupported(plan) -> str:
     """The first option this collector cannot do yet ("" if none)."""
     for what, on in (("--cong/--dist", "cong" in plan.groups), ("--rfc4898", plan.estats),
                      ("--sample/--series/--plot", plan.sample_ms is not None),
-                     ("--interval", plan.interval_s is not None),
                      ("-r/--kernel-release", plan.kernel_release is not None),
                      ("--stap-arg", bool(plan.stap_args))):
         if on:
@@ -99,15 +105,22 @@ def render_program(plan) -> str:
     available, _ = counters(plan.groups)
     head = HEADER.printf(MAGIC=MAGIC, FORMAT=FORMAT_VERSION, VERSION=__version__,
                          MAX_SOCKETS=plan.max_sockets, COUNTERS=",".join(available))
+    interval = plan.interval_s is not None
     socket_maps = [*_SOCKET_MAPS, *(["intree"] if plan.command else []),
-                   *(f"c_{c}" for c in available)]
+                   *(f"c_{c}" for c in available), *(["sn"] if interval else [])]
+    # (the serials first: a snapshot prints them again last, tcpipstat compares the two)
+    dumped = [*(["sn"] if interval else []),
+              *(m for m in socket_maps if m not in ("ok", "n", "sn"))]
     return _env().get_template("tcpipstat.bt.j2").render(
         version=__version__, counters=available, command=bool(plan.command),
         nfilters=len(plan.filters), per_filter=PER_FILTER, end_mark=END_MARK,
         fmt={"H": _bt_format(head), "R": _bt_format(SOCKET.printf()),
              "T": _bt_format(TRAILER.printf())},
-        maps=socket_maps, dumped=[m for m in socket_maps if m not in ("ok", "n")],
-        globals=[*_GLOBAL_MAPS, *(["tree"] if plan.command else [])])
+        interval=interval, marks=MARKS,
+        close_head=_bt_format(f"{CLOSE_HEAD}\t%d\t") if interval else "",
+        maps=socket_maps, dumped=dumped,
+        globals=[*_GLOBAL_MAPS, *(["tree"] if plan.command else []),
+                 *(["marks"] if interval else [])])
 
 
 def _words(value: int, mask: int) -> list[int]:
@@ -130,6 +143,13 @@ def program_args(filters, timeout_s: float | None) -> list[str]:
     return [str(a) for a in args]
 
 
+def interval_args(plan) -> list[str]:
+    """--interval's positional parameters, after the filters': its ms and --count."""
+    if plan.interval_s is None:
+        return []
+    return [str(int(round(plan.interval_s * 1000))), str(plan.count or 0)]
+
+
 def _signed(text: str) -> int:
     """A map value as the signed 64-bit number it holds (CurrEstab goes below 0)."""
     v = int(text) & (1 << 64) - 1
@@ -140,35 +160,89 @@ _SOCKET_END = SOCKET.printf()       # (the R record's fields, as the program wri
 _MAP_LINE = re.compile(r"@(\w+)\[(-?\d+)\]: (.*)\Z")
 
 
+class Ledger:
+    """What the records written so far hold of each socket still open, by its identity
+    (--interval: its serial, @sn; else its key): a snapshot, the end and its close then
+    write only what came since. Without --interval nothing is written before the end,
+    and the end writes everything."""
+
+    def __init__(self):
+        self.written: dict[str, list[int]] = {}
+        self.closed: set[str] = set()     # serials closed since the last snapshot
+
+    def since(self, ident: str, values: list[int | None]) -> tuple[list[int], bool]:
+        """(what ``values`` add to the socket's records, whether it had none); a value
+        None (its map had no entry for it: deleted as the socket closed) adds nothing."""
+        prev = self.written.get(ident)
+        base = prev or [0] * len(values)
+        now = [b if v is None else v for b, v in zip(base, values)]
+        self.written[ident] = now
+        return [n - b for n, b in zip(now, base)], prev is None
+
+    def close_record(self, line: str) -> str:
+        """A close record the program wrote (after its head and the socket's serial), its
+        counts less what earlier records of the socket hold."""
+        _, serial, record = line.split("\t", 2)
+        self.closed.add(serial)
+        prev = self.written.pop(serial, None)
+        f = record.rstrip("\n").split("\t")
+        if prev is None or len(f) != SOCKET.width + len(prev):
+            return record                 # (nothing written before; or the parser's to name)
+        pairs = [p.partition("=") for p in f[SOCKET.width:]]
+        if not all(v.lstrip("-").isdigit() for _, _, v in pairs):
+            return record
+        f[SOCKET.width:] = [f"{n}={int(v) - b}" for (n, _, v), b in zip(pairs, prev)]
+        return "\t".join(f) + "\n"
+
+
 class EndDump:
-    """Reads what END prints (``print(@map)`` of every per-socket map, then the trailer)
-    and writes the records of the sockets still open."""
+    """Reads a printout of the per-socket maps (``print(@map)`` of each: END's, and with
+    --interval each snapshot's, whose serials come again after :meth:`recheck`) and
+    writes the records of the sockets in it."""
 
     def __init__(self, available: tuple[str, ...]):
         self.available = available
         self.maps: dict[str, dict[str, str]] = {}
+        self.check: dict[str, str] | None = None     # the serials printed again
 
     def add(self, line: str) -> None:
         m = _MAP_LINE.match(line.rstrip("\n"))
-        if m:
+        if m and self.check is not None:
+            self.check[m.group(2)] = m.group(3)
+        elif m:
             self.maps.setdefault(m.group(1), {})[m.group(2)] = m.group(3)
 
-    def records(self) -> list[str]:
+    def recheck(self) -> None:
+        self.check = {}
+
+    def records(self, reason: str = "end", ledger: Ledger | None = None) -> list[str]:
+        """The records of the sockets printed, ``reason`` theirs (``close`` for those that
+        closed after the run was finishing, @closed). In a snapshot, a socket whose serial
+        changed or went while it was printed (it closed) is left to its close record."""
         out = []
         get = self.maps.get
+        ledger = ledger or Ledger()
+        serials, closed, pids = get("sn", {}), get("closed", {}), get("pid", {})
         for key, tup in get("tup", {}).items():
-            values = [_signed(get(f"c_{c}", {}).get(key, "0")) for c in self.available]
-            if not any(values) and key not in get("pid", {}):
-                continue                    # (resolved, nothing counted)
+            ident = serials.get(key, key)
+            if ident in ledger.closed or (
+                    self.check is not None and self.check.get(key, "") != serials.get(key)):
+                continue
+            values = [get(f"c_{c}", {}).get(key) for c in self.available]
+            delta, new = ledger.since(ident, [None if v is None else _signed(v)
+                                              for v in values])
+            if not any(delta) and key not in closed and not (new and key in pids):
+                continue                    # (nothing counted since; or resolved, nothing)
             tuple_ = (int(x) & (1 << 64) - 1 for x in tup.strip("()").split(","))
-            head = _SOCKET_END % ("end", *tuple_, int(get("pid", {}).get(key, "0")),
-                                  get("comm", {}).get(key, ""),
+            head = _SOCKET_END % ("close" if key in closed else reason, *tuple_,
+                                  int(pids.get(key, "0")), get("comm", {}).get(key, ""),
                                   int(get("intree", {}).get(key, "0")))
             out.append("\t".join([head, *(f"{c}={v}" for c, v in
-                                          zip(self.available, values))]) + "\n")
+                                          zip(self.available, delta))]) + "\n")
         return out
 
-    def trailer(self, line: str, written: int) -> str:
+    @staticmethod
+    def trailer(line: str, written: int) -> str:
         """The trailer, its IDS counting the records written here too."""
         f = line.rstrip("\n").split("\t")
         f[TRAILER.at("IDS")] = str(int(f[TRAILER.at("IDS")]) + written)
@@ -213,7 +287,9 @@ class Runner(CollectorProcess):
                  echo_stderr: Callable[[str], None]):
         super().__init__(cmd, echo_stderr,
                          {**os.environ, "BPFTRACE_MAP_KEYS_MAX": str(max_sockets)})
-        self._dump = EndDump(available)
+        self._available = available
+        self._ledger = Ledger()
+        self._count = 0                 # records written here (the trailer's IDS adds them)
         self._wall = boot_to_wall_ms()
 
     def classify(self, line: str) -> bool:
@@ -229,22 +305,61 @@ class Runner(CollectorProcess):
         yield from self._records(self.stream())
 
     def _records(self, stdout) -> Iterator[str]:
-        ending = False
+        """The program's lines as records. A printout of the maps becomes the records of
+        its sockets; a close record read while one is printed waits for its end (the
+        printout's values were read around it); the trailer comes last, as close records
+        bpftrace had not read yet when END ran come after END's printout."""
+        dump: EndDump | None = None
+        mark: list[str] = []            # a snapshot's number and time
+        held: list[str] = []            # close records read during a printout
+        trailer = ""
         for line in stdout:
-            if ending and line.startswith("T\t"):
-                end = self._dump.records()
-                yield from end
-                yield shift_ms(self._dump.trailer(line, len(end)), TRAILER.at("END_MS"),
-                               self._wall)
-                ending = False
-            elif ending:
-                self._dump.add(line)
-            elif line.rstrip("\n") == END_MARK:
-                ending = True
+            text = line.rstrip("\n")
+            if text.startswith((CLOSE_HEAD, "R\t")) and dump is not None:
+                held.append(line)
+            elif text == MARKS["check"] and dump is not None:
+                dump.recheck()
+            elif text == MARKS["end"] and dump is not None:
+                yield from self._snapshot(dump, mark)
+                dump = None
+                yield from self._closes(held)
+            elif text.startswith("T\t") and dump is not None:
+                yield from self._written(dump.records("end", self._ledger))
+                trailer, dump = shift_ms(line, TRAILER.at("END_MS"), self._wall), None
+            elif dump is not None:
+                dump.add(line)
+            elif text.startswith(MARKS["begin"] + "\t"):
+                dump, mark = EndDump(self._available), text.split("\t")[1:]
+            elif text == END_MARK:
+                dump = EndDump(self._available)
+            else:
+                yield from self._closes([line])
+        yield from self._closes(held)
+        if trailer:
+            yield EndDump.trailer(trailer, self._count)
+
+    def _snapshot(self, dump: EndDump, mark: list[str]) -> Iterator[str]:
+        """An interval's records, then its mark (I) at the time the program took it."""
+        yield from self._written(dump.records("interval", self._ledger))
+        self._ledger.closed.clear()     # (a socket closed before it cannot be in the next)
+        seq, ms = (int(x) for x in mark)
+        yield INTERVAL.printf() % (seq, ms + self._wall)
+
+    def _written(self, records: list[str]) -> list[str]:
+        self._count += len(records)
+        return records
+
+    def _closes(self, lines: list[str]) -> Iterator[str]:
+        """Lines outside printouts: close records less what snapshots wrote of their
+        sockets, the header at the wall clock's time, anything else as it is."""
+        for line in lines:
+            if line.startswith(CLOSE_HEAD + "\t") and line.count("\t") >= 2:
+                yield self._ledger.close_record(line)
             elif line.startswith("H\t"):
                 yield shift_ms(line, HEADER.at("START_MS"), self._wall)
             elif line.strip():                # (bpftrace ends with blank lines)
                 yield line
+        lines.clear()
 
     def interrupt(self) -> None:
         """Ctrl-C: SIGINT makes bpftrace run END (the records); a second: SIGTERM."""
@@ -284,7 +399,8 @@ class BpftraceBackend:
         self._tmp = tempfile.TemporaryDirectory(prefix="tcpipstat-")
         program = Path(self._tmp.name) / "tcpipstat.bt"
         program.write_text(render_program(plan))
-        cmd += ["-q", str(program), *program_args(plan.filters, plan.timeout_s)]
+        cmd += ["-q", str(program), *program_args(plan.filters, plan.timeout_s),
+                *interval_args(plan)]
         if plan.command:
             # bpftrace splits -c at spaces without quoting: the command goes in a file.
             # Its output goes to stderr: bpftrace's stdout is the record stream.
