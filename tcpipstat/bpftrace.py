@@ -58,9 +58,8 @@ END_MARK = "tcpipstat-bpftrace-end"
 MARKS = {"begin": "tcpipstat-bpftrace-interval", "check": "tcpipstat-bpftrace-check",
          "end": "tcpipstat-bpftrace-snapshot"}
 CLOSE_HEAD = "tcpipstat-bpftrace-close"
-# per-socket maps (deleted as a socket closes) and the run's own
-_SOCKET_MAPS = ("ok", "tup", "n", "pid", "comm")
-_GLOBAL_MAPS = ("start", "records", "dropped", "ended", "closed")
+# the run's own maps (the per-socket ones: render_program)
+_GLOBAL_MAPS = ("start", "records", "ended", "closed", "untracked", "unmarked")
 
 
 @lru_cache(maxsize=1)
@@ -106,11 +105,13 @@ def render_program(plan) -> str:
     head = HEADER.printf(MAGIC=MAGIC, FORMAT=FORMAT_VERSION, VERSION=__version__,
                          MAX_SOCKETS=plan.max_sockets, COUNTERS=",".join(available))
     interval = plan.interval_s is not None
-    socket_maps = [*_SOCKET_MAPS, *(["intree"] if plan.command else []),
-                   *(f"c_{c}" for c in available), *(["sn"] if interval else [])]
+    intree, sn = ["intree"] if plan.command else [], ["sn"] if interval else []
+    counts = [f"c_{c}" for c in available]
+    # Per-socket maps, in the order a closing socket leaves them: comm and intree before
+    # pid, tup and sn before ok (the template's full tables: their keys stay among those)
+    socket_maps = [*counts, "n", *intree, "comm", "pid", "tup", *sn, "no", "miss", "ok"]
     # (the serials first: a snapshot prints them again last, tcpipstat compares the two)
-    dumped = [*(["sn"] if interval else []),
-              *(m for m in socket_maps if m not in ("ok", "n", "sn"))]
+    dumped = [*sn, "tup", "pid", "comm", *intree, *counts]
     return _env().get_template("tcpipstat.bt.j2").render(
         version=__version__, counters=available, command=bool(plan.command),
         nfilters=len(plan.filters), per_filter=PER_FILTER, end_mark=END_MARK,
@@ -158,6 +159,7 @@ def _signed(text: str) -> int:
 
 _SOCKET_END = SOCKET.printf()       # (the R record's fields, as the program writes them)
 _MAP_LINE = re.compile(r"@(\w+)\[(-?\d+)\]: (.*)\Z")
+_COUNT_LINE = re.compile(r"@(\w+): (\d+)\Z")
 
 
 class Ledger:
@@ -204,13 +206,17 @@ class EndDump:
         self.available = available
         self.maps: dict[str, dict[str, str]] = {}
         self.check: dict[str, str] | None = None     # the serials printed again
+        self.counts: dict[str, int] = {}              # END's counts (@untracked, @unmarked)
 
     def add(self, line: str) -> None:
-        m = _MAP_LINE.match(line.rstrip("\n"))
+        text = line.rstrip("\n")
+        m = _MAP_LINE.match(text)
         if m and self.check is not None:
             self.check[m.group(2)] = m.group(3)
         elif m:
             self.maps.setdefault(m.group(1), {})[m.group(2)] = m.group(3)
+        elif (c := _COUNT_LINE.match(text)):
+            self.counts[c.group(1)] = int(c.group(2))
 
     def recheck(self) -> None:
         self.check = {}
@@ -325,9 +331,13 @@ class Runner(CollectorProcess):
                 yield from self._closes(held)
             elif text.startswith("T\t") and dump is not None:
                 yield from self._written(dump.records("end", self._ledger))
+                self.outcome.untracked = dump.counts.get("untracked", 0)
+                self.outcome.untracked_events = dump.counts.get("unmarked", 0)
                 trailer, dump = shift_ms(line, TRAILER.at("END_MS"), self._wall), None
             elif dump is not None:
                 dump.add(line)
+            elif trailer and _COUNT_LINE.match(text):
+                continue                  # (bpftrace prints its count() maps again as it exits)
             elif text.startswith(MARKS["begin"] + "\t"):
                 dump, mark = EndDump(self._available), text.split("\t")[1:]
             elif text == END_MARK:

@@ -19,6 +19,7 @@ import pytest
 
 from tcpipstat import bpftrace
 from tcpipstat.model import Collection
+from tcpipstat.outcome import Outcome, run_notes
 from tcpipstat.plan import build_plan
 from tcpipstat.records import Header, IntervalMark, SocketRecord, Trailer, parse_text
 
@@ -145,6 +146,33 @@ def test_sockets_closed_as_the_run_finished_are_closed_in_the_end_records():
     assert closes == {(A, SERVER), (SERVER, A)}
 
 
+# bpftrace's own stdout for --max-sockets 64 around HOLD (below) with 50 connections,
+# recorded on this host's kernel: 64 sockets tracked (the listener and 63), 37 not
+FULL_OUT = FIXTURES / "full-table.out"
+
+
+def test_a_full_table_is_counted_from_ends_printout():
+    """END prints how many sockets the full tables left out; bpftrace prints its count()
+    maps again as it exits, after the trailer: those lines are not records."""
+    lines = FULL_OUT.read_text().splitlines(keepends=True)
+    head = lines[0].rstrip("\n").split("\t")
+    runner = bpftrace.Runner(["bpftrace"], tuple(head[-1].split(",")), 64, print)
+    out = list(runner._records(iter(lines)))
+    recs = parse_text("".join(out))
+    assert sum(isinstance(r, SocketRecord) for r in recs) == 63 and out[-1].startswith("T\t")
+    assert (runner.outcome.untracked, runner.outcome.untracked_events) == (37, 0)
+
+
+def test_full_tables_are_told():
+    notes = run_notes(Outcome(untracked=37, untracked_events=5, max_sockets=64))
+    assert notes == [
+        "37 sockets were not counted, or not wholly: bpftrace's tables (--max-sockets 64) "
+        "were full; they hold 64 sockets at once",
+        "5 more events were lost to bpftrace's full tables (--max-sockets 64): of more "
+        "sockets left out at once than they hold, or of a -c command's process they could "
+        "not follow"]
+
+
 # ---- tier 3n: real runs on this kernel ----
 @pytest.mark.native
 def test_ipv4_mapped_addresses_and_wall_clock_times(tmp_path):
@@ -259,3 +287,49 @@ def _whole_run(saved) -> dict[tuple[int, int], dict[str, int]]:
             for k, v in rec.counters.items():
                 t[k] = t.get(k, 0) + v
     return totals
+
+
+# M connections held open at once, each client sending SEND bytes its server reads, then
+# all closed: python3 - PORT M SEND
+HOLD = '''
+import socket, sys
+port, conns, send = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+srv = socket.create_server(("127.0.0.1", port), backlog=conns)
+pairs = []
+for _ in range(conns):
+    c = socket.create_connection(("127.0.0.1", port))
+    pairs.append((c, srv.accept()[0]))
+for c, s in pairs:
+    c.sendall(b"x" * send)
+    got = 0
+    while got < send:
+        got += len(s.recv(send - got))
+for c, s in pairs:
+    c.close(); s.close()
+srv.close()
+'''
+
+
+@pytest.mark.native
+def test_full_tables_count_the_sockets_left_out(tmp_path):
+    """--max-sockets 64 and 50 connections held at once: the listener and the first 63
+    sockets (31 connections and the 32nd's client) fill the table, so the other 37 are
+    counted as left out, once each; the run says so and exits 1; what was kept is exact."""
+    _native()
+    port, script, outcome = _free_port(), tmp_path / "hold.py", tmp_path / "outcome.json"
+    script.write_text(HOLD)
+    res = _tcpipstat(["--json", "--max-sockets", "64", "--outcome-json", str(outcome),
+                      f"*:{port}-*:*", f"*:*-*:{port}", "-c",
+                      f"{sys.executable} {script} {port} 50 1000"])
+    o = json.loads(outcome.read_text())
+    assert (o["untracked"], o["untracked_events"]) == (37, 0), o
+    assert res.returncode == 1 and "37 sockets and 0 more events were lost to full tables" \
+        in res.stderr and "raise --max-sockets (now 64)" in res.stderr, res.stderr
+    rows = [json.loads(x) for x in res.stdout.splitlines()]
+    clients = [r for r in rows if r["rport"] == port]
+    servers = [r for r in rows if r["lport"] == port]
+    assert (len(clients), len(servers), len(rows)) == (32, 31, 63)
+    assert all(r["counters"]["SendBytes"] == 1000 and r["counters"]["ActiveOpens"] == 1
+               for r in clients)
+    assert all(r["counters"]["RecvBytes"] == 1000 and r["counters"]["PassiveOpens"] == 1
+               for r in servers)
