@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -37,6 +38,13 @@ from .filters import Filter
 from .records import FORMAT_VERSION, HEADER, INTERVAL, MAGIC, SOCKET, TRAILER
 
 INSTALL_HINT = "install bpftrace: 'apt-get install bpftrace' or 'dnf install bpftrace'"
+# The oldest bpftrace the program runs on (its CHANGELOG): 0.12 brought -q (before it,
+# "Attaching N probes..." went to stdout, the record stream), clear() of a count() map
+# and nsecs on the boot clock (boot_to_wall_ms); 0.11 tuples and positional parameters in
+# probe names (interval:ms:$N). Kernel types come from BTF (0.9.3).
+MIN_VERSION = (0, 12, 0)
+_NEED = ".".join(map(str, MIN_VERSION))
+VERSION_FIX = f"install bpftrace {_NEED} or later"
 TRACEFS = Path("/sys/kernel/tracing")
 TRACEFS_FIX = "mount it: 'mount -t tracefs nodev /sys/kernel/tracing' (as root)"
 
@@ -267,6 +275,24 @@ def ensure_tracefs(root: Path = TRACEFS) -> None:
     raise EnvironmentNotReady(f"tracefs is not mounted on {root}", TRACEFS_FIX)
 
 
+def bpftrace_version(cmd: list[str]) -> tuple[str, str]:
+    """(the version ``cmd --version`` prints, or what it printed; why tcpipstat cannot use
+    that bpftrace, in one line: "" when it can)."""
+    try:
+        res = subprocess.run([*cmd, "--version"], capture_output=True, text=True,
+                             errors="replace", timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return "", f"cannot run '{' '.join(cmd)} --version': {e}"
+    said = (res.stdout.strip() or res.stderr.strip() or "nothing").splitlines()[0][:80]
+    m = re.search(r"\bv?(\d+)\.(\d+)(?:\.(\d+))?", said)
+    if m is None:
+        return said, (f"cannot tell the bpftrace version from '{said}' (tcpipstat needs "
+                      f"{_NEED} or later)")
+    if tuple(int(x or 0) for x in m.groups()) < MIN_VERSION:
+        return m.group(0), f"bpftrace {m.group(0)} is too old: tcpipstat needs {_NEED} or later"
+    return m.group(0), ""
+
+
 def boot_to_wall_ms() -> int:
     """What turns bpftrace's ``nsecs / 1000000`` (CLOCK_BOOTTIME since bpftrace 0.12) into
     the wall-clock milliseconds the records' times are (stap's gettimeofday_ms): -T and
@@ -401,6 +427,9 @@ class BpftraceBackend:
             raise UsageError(f"{what} is not supported by the bpftrace backend yet "
                              "(use --backend stap)")
         cmd = command_from_env("TCPIPSTAT_BPFTRACE", "bpftrace", INSTALL_HINT)
+        _, problem = bpftrace_version(cmd)
+        if problem:
+            raise EnvironmentNotReady(problem, VERSION_FIX)
         if os.geteuid() != 0:
             raise EnvironmentNotReady("collecting needs root (bpftrace loads BPF programs)",
                                       "run it with sudo, or use --dump-script to see the program")
@@ -437,13 +466,19 @@ class BpftraceBackend:
 
     @staticmethod
     def checks(kver: str, running: bool, groups: tuple[str, ...], host) -> tuple:
-        """bpftrace on PATH, root, tracefs and BTF (bpftrace reads struct sock through it)."""
+        """bpftrace (TCPIPSTAT_BPFTRACE, else on PATH) and its version, root, tracefs and BTF
+        (bpftrace reads struct sock through it)."""
         from .check import Finding
         available, unavailable = counters(groups)
-        found = shutil.which("bpftrace") or os.environ.get("TCPIPSTAT_BPFTRACE")
+        found = os.environ.get("TCPIPSTAT_BPFTRACE") or shutil.which("bpftrace")
         fix = "'apt-get install bpftrace'", "'dnf install bpftrace'"
-        findings = [
-            Finding("bpftrace", bool(found), found or "not found on PATH", *fix),
+        findings = [Finding("bpftrace", bool(found), found or "not found on PATH", *fix)]
+        if found:
+            version, problem = bpftrace_version(shlex.split(found))
+            findings.append(Finding("bpftrace version", not problem,
+                                    problem or f"{version} ({_NEED} or later needed)",
+                                    VERSION_FIX, VERSION_FIX))
+        findings += [
             Finding("root", os.geteuid() == 0, "collecting loads BPF programs",
                     "run tcpipstat with sudo", "run tcpipstat with sudo"),
             Finding("tracefs", (TRACEFS / "events").is_dir() or None,

@@ -23,6 +23,7 @@ from tcpipstat.outcome import Outcome, run_notes
 from tcpipstat.plan import build_plan
 from tcpipstat.records import Header, IntervalMark, SocketRecord, Trailer, parse_text
 
+from .conftest import run_cli
 from .test_native_bpftrace import ROOT, _free_port, _ipv6, _native, _run, _workload
 
 
@@ -171,6 +172,45 @@ def test_full_tables_are_told():
         "5 more events were lost to bpftrace's full tables (--max-sockets 64): of more "
         "sockets left out at once than they hold, or of a -c command's process they could "
         "not follow"]
+
+
+def _fake_bpftrace(tmp_path, monkeypatch, says: str) -> Path:
+    """TCPIPSTAT_BPFTRACE: a bpftrace whose --version says ``says``; every call's words
+    go to the file returned."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bpftrace"
+    fake.write_text(f'echo "$@" >> {calls}\necho "{says}"\n')
+    monkeypatch.setenv("TCPIPSTAT_BPFTRACE", f"/bin/sh {fake}")
+    return calls
+
+
+def test_an_old_bpftrace_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    calls = _fake_bpftrace(tmp_path, monkeypatch, "bpftrace v0.11.4")
+    status, out, err = run_cli("--backend", "bpftrace", "timeout=1")
+    assert (status, out) == (1, "")
+    assert err.splitlines() == [
+        "tcpipstat: bpftrace v0.11.4 is too old: tcpipstat needs 0.12.0 or later",
+        "tcpipstat: fix: install bpftrace 0.12.0 or later"]
+    assert calls.read_text() == "--version\n"          # the program was never started
+
+
+@pytest.mark.parametrize("says, ok, detail", [
+    ("bpftrace v0.11.4", False, "bpftrace v0.11.4 is too old: tcpipstat needs 0.12.0 or later"),
+    ("bpftrace v0.9.4", False, "bpftrace v0.9.4 is too old: tcpipstat needs 0.12.0 or later"),
+    ("bpftrace v0.12.0", True, "v0.12.0 (0.12.0 or later needed)"),
+    ("bpftrace v0.17.0", True, "v0.17.0 (0.12.0 or later needed)"),
+    ("bpftrace (devel)", False, "cannot tell the bpftrace version from 'bpftrace (devel)' "
+                                "(tcpipstat needs 0.12.0 or later)")])
+def test_check_names_the_bpftrace_version(tmp_path, monkeypatch, says, ok, detail):
+    _fake_bpftrace(tmp_path, monkeypatch, says)
+    status, out, err = run_cli("--check", "--json")
+    (bpf,) = [b for b in json.loads(out)["backends"] if b["backend"] == "bpftrace"]
+    (finding,) = [c for c in bpf["checks"] if c["check"] == "bpftrace version"]
+    assert (finding["ok"], finding["detail"]) == (ok, detail)
+    assert (finding["fix"] or {}).get("debian") == (None if ok else
+                                                    "install bpftrace 0.12.0 or later")
+    if not ok:
+        assert bpf["ready"] is False and status == (0 if json.loads(out)["ready"] else 1)
 
 
 # ---- tier 3n: real runs on this kernel ----
