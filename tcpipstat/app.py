@@ -192,6 +192,7 @@ def _outcome(plan: Plan, src: _Source, collection: Collection) -> Outcome:
         cong=src.cong, skipped=ro.skipped, unreadable=ro.bad_lines,
         first_unreadable=ro.first_bad, faults=tr.faults if tr else 0,
         dropped=tr.dropped if tr else 0, pfull=tr.pfull if tr else 0,
+        untracked=ro.untracked, untracked_events=ro.untracked_events,
         max_sockets=header.max_sockets if header else plan.max_sockets,
         warnings=list(ro.warnings), finished=tr is not None,
         collector="bpftrace" if ro.program == "bpftrace" else "stap",
@@ -259,6 +260,10 @@ def _exit_status(ro: RunOutcome, o: Outcome) -> int:
     if o.dropped and not ro.interrupted:
         raise TcpipstatError(f"{o.dropped} events were lost to full tables (the report above "
                              "holds everything else)", f"raise --max-sockets (now {o.max_sockets})")
+    if (o.untracked or o.untracked_events) and not ro.interrupted:
+        raise TcpipstatError(f"{o.untracked} sockets and {o.untracked_events} more events "
+                             "were lost to full tables (the report above holds everything "
+                             "else)", f"raise --max-sockets (now {o.max_sockets})")
     if o.unreadable and not ro.interrupted:
         raise TcpipstatError(f"{o.unreadable} unreadable lines from the collector (the report "
                              "above holds everything else)",

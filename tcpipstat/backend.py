@@ -35,6 +35,8 @@ class RunOutcome:
     interrupted: bool = False
     errors: int = 0
     skipped: int = 0                    # probe hits the collector could not run
+    untracked: int = 0                  # bpftrace: sockets its full tables left out
+    untracked_events: int = 0           # bpftrace: events lost to them beyond those sockets
     warnings: list[str] = field(default_factory=list)
     error_lines: list[str] = field(default_factory=list)
     stderr: str = ""

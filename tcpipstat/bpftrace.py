@@ -8,9 +8,10 @@ period reach it as numbers (positional parameters, :func:`program_args`,
 :func:`sample_args`): nothing the user types is in the program.
 
 It writes the record stream of tcpipstat/records.py itself (header, each socket as it
-closes, trailer), except the records of the sockets still open at the end: bpftrace
-0.17 cannot loop over a map, so END prints its maps and :class:`EndDump` writes those
-records.
+closes, trailer), except the records of the sockets still open at the end and, with
+--interval, of each snapshot: bpftrace 0.17 cannot loop over a map, so the program prints
+its maps and :class:`EndDump` writes those records, :class:`Ledger` keeping each to what
+came since the socket's last record.
 
 ``TCPIPSTAT_BPFTRACE`` replaces the ``bpftrace`` command (a command line, split like a
 shell would).
@@ -20,10 +21,12 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator
@@ -36,10 +39,17 @@ from .bt_points import Choice, KernelPoints, choose, list_points
 from .counters import counters_for_units, units_for_groups
 from .errors import EnvironmentNotReady, UsageError
 from .filters import Filter
-from .records import FORMAT_VERSION, HEADER, MAGIC, SAMPLE, SOCKET, TRAILER
+from .records import FORMAT_VERSION, HEADER, INTERVAL, MAGIC, SAMPLE, SOCKET, TRAILER
 from .series import FIELD_NAMES as SAMPLE_FIELDS
 
 INSTALL_HINT = "install bpftrace: 'apt-get install bpftrace' or 'dnf install bpftrace'"
+# The oldest bpftrace the program runs on (its CHANGELOG): 0.12 brought -q (before it,
+# "Attaching N probes..." went to stdout, the record stream), clear() of a count() map
+# and nsecs on the boot clock (boot_to_wall_ms); 0.11 tuples and positional parameters in
+# probe names (interval:ms:$N). Kernel types come from BTF (0.9.3).
+MIN_VERSION = (0, 12, 0)
+_NEED = ".".join(map(str, MIN_VERSION))
+VERSION_FIX = f"install bpftrace {_NEED} or later"
 TRACEFS = Path("/sys/kernel/tracing")
 TRACEFS_FIX = "mount it: 'mount -t tracefs nodev /sys/kernel/tracing' (as root)"
 
@@ -57,10 +67,15 @@ BPF_FALLBACKS = {**dict.fromkeys(("SendBytes", "SendMsgs"), "kretfunc:tcp_sendms
                  **dict.fromkeys(("RecvBytes", "RecvMsgs"), "kretfunc:tcp_recvmsg")}
 BPF_COUNTERS = frozenset(BPF_POINTS)
 PER_FILTER = 21          # numbers per filter (the template's header comment)
+# Lines the program writes around its map printouts (no record starts so): before END's;
+# with --interval, before a snapshot's (then its number and time), before its serials
+# printed again, after them; and the head of a close record (then the socket's serial)
 END_MARK = "tcpipstat-bpftrace-end"
-# per-socket maps (deleted as a socket closes) and the run's own
-_SOCKET_MAPS = ("ok", "tup", "n", "pid", "comm")
-_GLOBAL_MAPS = ("start", "records", "dropped", "ended")
+MARKS = {"begin": "tcpipstat-bpftrace-interval", "check": "tcpipstat-bpftrace-check",
+         "end": "tcpipstat-bpftrace-snapshot"}
+CLOSE_HEAD = "tcpipstat-bpftrace-close"
+# the run's own maps (the per-socket ones: render_program)
+_GLOBAL_MAPS = ("start", "records", "ended", "closed", "untracked", "unmarked")
 
 
 @lru_cache(maxsize=1)
@@ -73,7 +88,6 @@ def _env() -> jinja2.Environment:
 def unsupported(plan) -> str:
     """The first option this collector cannot do yet ("" if none)."""
     for what, on in (("--cong/--dist", "cong" in plan.groups), ("--rfc4898", plan.estats),
-                     ("--interval", plan.interval_s is not None),
                      ("-r/--kernel-release", plan.kernel_release is not None),
                      ("--stap-arg", bool(plan.stap_args))):
         if on:
@@ -96,6 +110,12 @@ def _bt_string(text: str) -> str:
         "\n", "\\n")
 
 
+def _bt_format(spec_format: str) -> str:
+    """A record spec's printf format for bpftrace, whose %d and %x print 32 bits only:
+    %ld and %lx print the 64 a byte count or an IPv6 half needs."""
+    return _bt_string(re.sub(r"%([dx])", r"%l\1", spec_format))
+
+
 def render_program(plan, choice: Choice | None = None) -> str:
     """The bpftrace program for ``plan`` on a kernel with ``choice``'s points (default: a
     current kernel's): its groups, whether -c runs a command and how many filters there
@@ -104,16 +124,28 @@ def render_program(plan, choice: Choice | None = None) -> str:
     available, _ = counters(plan.groups, choice.missing)
     head = HEADER.printf(MAGIC=MAGIC, FORMAT=FORMAT_VERSION, VERSION=__version__,
                          MAX_SOCKETS=plan.max_sockets, COUNTERS=",".join(available))
-    socket_maps = [*_SOCKET_MAPS, *(["intree"] if plan.command else []),
-                   *(f"c_{c}" for c in available)]
+    interval = plan.interval_s is not None
+    intree, sn = ["intree"] if plan.command else [], ["sn"] if interval else []
+    counts = [f"c_{c}" for c in available]
+    # Per-socket maps, in the order a closing socket leaves them: comm and intree before
+    # pid, tup and sn before ok (the template's full tables: their keys stay among those)
+    socket_maps = [*counts, "n", *intree, "comm", "pid", "tup", *sn, "no", "miss", "ok"]
+    # (the serials first: a snapshot prints them again last, tcpipstat compares the two)
+    dumped = [*sn, "tup", "pid", "comm", *intree, *counts]
     return _env().get_template("tcpipstat.bt.j2").render(
         version=__version__, counters=available, command=bool(plan.command), points=choice,
         nfilters=len(plan.filters), per_filter=PER_FILTER, end_mark=END_MARK,
-        fmt={"H": _bt_string(head), "R": _bt_string(SOCKET.printf()),
-             "T": _bt_string(TRAILER.printf())},
-        maps=socket_maps, dumped=[m for m in socket_maps if m not in ("ok", "n")],
-        globals=[*_GLOBAL_MAPS, *(["tree"] if plan.command else [])],
-        sample=sample_context(plan))
+        fmt={"H": _bt_format(head), "R": _bt_format(SOCKET.printf()),
+             "T": _bt_format(TRAILER.printf())},
+        interval=interval, marks=MARKS,
+        close_head=_bt_format(f"{CLOSE_HEAD}\t%d\t") if interval else "",
+        maps=socket_maps, dumped=dumped,
+        globals=[*_GLOBAL_MAPS, *(["tree"] if plan.command else []),
+                 *(["marks"] if interval else [])],
+        sample=sample_context(plan),
+        # --interval's parameters follow the filters' and --sample's
+        interval_at=3 + len(plan.filters) * PER_FILTER
+        + (SAMPLE_PARAMS if plan.sample_ms is not None else 0))
 
 
 def _words(value: int, mask: int) -> list[int]:
@@ -264,6 +296,13 @@ def sample_args(plan, hz: int) -> list[str]:
     return [str(int(round(plan.sample_ms * 1000))), str(int(plan.on_cwnd_change)), str(int(hz))]
 
 
+def interval_args(plan) -> list[str]:
+    """--interval's positional parameters, after the filters': its ms and --count."""
+    if plan.interval_s is None:
+        return []
+    return [str(int(round(plan.interval_s * 1000))), str(plan.count or 0)]
+
+
 def _signed(text: str) -> int:
     """A map value as the signed 64-bit number it holds (CurrEstab goes below 0)."""
     v = int(text) & (1 << 64) - 1
@@ -275,37 +314,96 @@ _RUNTIME_WARNING = re.compile(r"\S+\.bt:[\d:-]+ WARNING: (.*)\Z")
 _DELETE_MISSING = "Can't delete map element because it does not exist"
 _SOCKET_END = SOCKET.printf()       # (the R record's fields, as the program writes them)
 _MAP_LINE = re.compile(r"@(\w+)\[(-?\d+)\]: (.*)\Z")
+_COUNT_LINE = re.compile(r"@(\w+): (\d+)\Z")
+
+
+class Ledger:
+    """What the records written so far hold of each socket still open, by its identity
+    (--interval: its serial, @sn; else its key): a snapshot, the end and its close then
+    write only what came since. Without --interval nothing is written before the end,
+    and the end writes everything."""
+
+    def __init__(self):
+        self.written: dict[str, list[int]] = {}
+        self.closed: set[str] = set()     # serials closed since the last snapshot
+
+    def since(self, ident: str, values: list[int | None]) -> tuple[list[int], bool]:
+        """(what ``values`` add to the socket's records, whether it had none); a value
+        None (its map had no entry for it: deleted as the socket closed) adds nothing."""
+        prev = self.written.get(ident)
+        base = prev or [0] * len(values)
+        now = [b if v is None else v for b, v in zip(base, values)]
+        self.written[ident] = now
+        return [n - b for n, b in zip(now, base)], prev is None
+
+    def close_record(self, line: str) -> str:
+        """A close record the program wrote (after its head and the socket's serial), its
+        counts less what earlier records of the socket hold."""
+        _, serial, record = line.split("\t", 2)
+        self.closed.add(serial)
+        prev = self.written.pop(serial, None)
+        f = record.rstrip("\n").split("\t")
+        if prev is None or len(f) != SOCKET.width + len(prev):
+            return record                 # (nothing written before; or the parser's to name)
+        pairs = [p.partition("=") for p in f[SOCKET.width:]]
+        if not all(v.lstrip("-").isdigit() for _, _, v in pairs):
+            return record
+        f[SOCKET.width:] = [f"{n}={int(v) - b}" for (n, _, v), b in zip(pairs, prev)]
+        return "\t".join(f) + "\n"
 
 
 class EndDump:
-    """Reads what END prints (``print(@map)`` of every per-socket map, then the trailer)
-    and writes the records of the sockets still open."""
+    """Reads a printout of the per-socket maps (``print(@map)`` of each: END's, and with
+    --interval each snapshot's, whose serials come again after :meth:`recheck`) and
+    writes the records of the sockets in it."""
 
     def __init__(self, available: tuple[str, ...]):
         self.available = available
         self.maps: dict[str, dict[str, str]] = {}
+        self.check: dict[str, str] | None = None     # the serials printed again
+        self.counts: dict[str, int] = {}              # END's counts (@untracked, @unmarked)
 
     def add(self, line: str) -> None:
-        m = _MAP_LINE.match(line.rstrip("\n"))
-        if m:
+        text = line.rstrip("\n")
+        m = _MAP_LINE.match(text)
+        if m and self.check is not None:
+            self.check[m.group(2)] = m.group(3)
+        elif m:
             self.maps.setdefault(m.group(1), {})[m.group(2)] = m.group(3)
+        elif (c := _COUNT_LINE.match(text)):
+            self.counts[c.group(1)] = int(c.group(2))
 
-    def records(self) -> list[str]:
+    def recheck(self) -> None:
+        self.check = {}
+
+    def records(self, reason: str = "end", ledger: Ledger | None = None) -> list[str]:
+        """The records of the sockets printed, ``reason`` theirs (``close`` for those that
+        closed after the run was finishing, @closed). In a snapshot, a socket whose serial
+        changed or went while it was printed (it closed) is left to its close record."""
         out = []
         get = self.maps.get
+        ledger = ledger or Ledger()
+        serials, closed, pids = get("sn", {}), get("closed", {}), get("pid", {})
         for key, tup in get("tup", {}).items():
-            values = [_signed(get(f"c_{c}", {}).get(key, "0")) for c in self.available]
-            if not any(values) and key not in get("pid", {}):
-                continue                    # (resolved, nothing counted)
+            ident = serials.get(key, key)
+            if ident in ledger.closed or (
+                    self.check is not None and self.check.get(key, "") != serials.get(key)):
+                continue
+            values = [get(f"c_{c}", {}).get(key) for c in self.available]
+            delta, new = ledger.since(ident, [None if v is None else _signed(v)
+                                              for v in values])
+            if not any(delta) and key not in closed and not (new and key in pids):
+                continue                    # (nothing counted since; or resolved, nothing)
             tuple_ = (int(x) & (1 << 64) - 1 for x in tup.strip("()").split(","))
-            head = _SOCKET_END % ("end", *tuple_, int(get("pid", {}).get(key, "0")),
-                                  get("comm", {}).get(key, ""),
+            head = _SOCKET_END % ("close" if key in closed else reason, *tuple_,
+                                  int(pids.get(key, "0")), get("comm", {}).get(key, ""),
                                   int(get("intree", {}).get(key, "0")))
             out.append("\t".join([head, *(f"{c}={v}" for c, v in
-                                          zip(self.available, values))]) + "\n")
+                                          zip(self.available, delta))]) + "\n")
         return out
 
-    def trailer(self, line: str, written: int) -> str:
+    @staticmethod
+    def trailer(line: str, written: int) -> str:
         """The trailer, its IDS counting the records written here too."""
         f = line.rstrip("\n").split("\t")
         f[TRAILER.at("IDS")] = str(int(f[TRAILER.at("IDS")]) + written)
@@ -324,6 +422,41 @@ def ensure_tracefs(root: Path = TRACEFS) -> None:
     raise EnvironmentNotReady(f"tracefs is not mounted on {root}", TRACEFS_FIX)
 
 
+def bpftrace_version(cmd: list[str]) -> tuple[str, str]:
+    """(the version ``cmd --version`` prints, or what it printed; why tcpipstat cannot use
+    that bpftrace, in one line: "" when it can)."""
+    try:
+        res = subprocess.run([*cmd, "--version"], capture_output=True, text=True,
+                             errors="replace", timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return "", f"cannot run '{' '.join(cmd)} --version': {e}"
+    said = (res.stdout.strip() or res.stderr.strip() or "nothing").splitlines()[0][:80]
+    m = re.search(r"\bv?(\d+)\.(\d+)(?:\.(\d+))?", said)
+    if m is None:
+        return said, (f"cannot tell the bpftrace version from '{said}' (tcpipstat needs "
+                      f"{_NEED} or later)")
+    if tuple(int(x or 0) for x in m.groups()) < MIN_VERSION:
+        return m.group(0), f"bpftrace {m.group(0)} is too old: tcpipstat needs {_NEED} or later"
+    return m.group(0), ""
+
+
+def boot_to_wall_ms() -> int:
+    """What turns bpftrace's ``nsecs / 1000000`` (CLOCK_BOOTTIME since bpftrace 0.12) into
+    the wall-clock milliseconds the records' times are (stap's gettimeofday_ms): -T and
+    the JSON and CSV snapshots print them as times of day."""
+    return time.time_ns() // 1_000_000 - time.clock_gettime_ns(time.CLOCK_BOOTTIME) // 1_000_000
+
+
+def shift_ms(line: str, at: int, offset: int) -> str:
+    """The record ``line`` with its field ``at`` (milliseconds) moved by ``offset`` (a line
+    without that number is left to the parser to name)."""
+    f = line.rstrip("\n").split("\t")
+    if len(f) <= at or not f[at].isdigit():
+        return line
+    f[at] = str(int(f[at]) + offset)
+    return "\t".join(f) + "\n"
+
+
 class Runner(CollectorProcess):
     """bpftrace PROGRAM ARGS, its stdout streamed as records."""
     program = "bpftrace"
@@ -335,7 +468,10 @@ class Runner(CollectorProcess):
                          # (bpftrace 0.21 renamed the variable; the old name still works)
                          {**os.environ, "BPFTRACE_MAP_KEYS_MAX": str(max_sockets),
                           "BPFTRACE_MAX_MAP_KEYS": str(max_sockets)})
-        self._dump = EndDump(available)
+        self._available = available
+        self._ledger = Ledger()
+        self._count = 0                 # records written here (the trailer's IDS adds them)
+        self._wall = boot_to_wall_ms()
         self._context = 0           # lines of a runtime warning's context still to come
         self._order = SampleOrder()
 
@@ -352,21 +488,76 @@ class Runner(CollectorProcess):
         yield from self._records(self.stream())
 
     def _records(self, stdout) -> Iterator[str]:
-        ending = False
+        """The program's lines as records. A printout of the maps becomes the records of
+        its sockets; a close record read while one is printed waits for its end (the
+        printout's values were read around it); the trailer comes last, as close records
+        bpftrace had not read yet when END ran come after END's printout."""
+        dump: EndDump | None = None
+        mark: list[str] = []            # a snapshot's number and time
+        held: list[str] = []            # close records read during a printout
+        trailer = ""
+        for line in self._ordered(stdout):
+            text = line.rstrip("\n")
+            if text.startswith((CLOSE_HEAD, "R\t", "S\t")) and dump is not None:
+                held.append(line)
+            elif text == MARKS["check"] and dump is not None:
+                dump.recheck()
+            elif text == MARKS["end"] and dump is not None:
+                yield from self._snapshot(dump, mark)
+                dump = None
+                yield from self._closes(held)
+            elif text.startswith("T\t") and dump is not None:
+                yield from self._written(dump.records("end", self._ledger))
+                self.outcome.untracked = dump.counts.get("untracked", 0)
+                self.outcome.untracked_events = dump.counts.get("unmarked", 0)
+                trailer, dump = shift_ms(line, TRAILER.at("END_MS"), self._wall), None
+            elif dump is not None:
+                dump.add(line)
+            elif trailer and _COUNT_LINE.match(text):
+                continue                  # (bpftrace prints its count() maps again as it exits)
+            elif text.startswith(MARKS["begin"] + "\t"):
+                dump, mark = EndDump(self._available), text.split("\t")[1:]
+            elif text == END_MARK:
+                dump = EndDump(self._available)
+            else:
+                yield from self._closes([line])
+        yield from self._closes(held)
+        if trailer:
+            yield EndDump.trailer(trailer, self._count)
+
+    def _snapshot(self, dump: EndDump, mark: list[str]) -> Iterator[str]:
+        """An interval's records, then its mark (I) at the time the program took it."""
+        yield from self._written(dump.records("interval", self._ledger))
+        self._ledger.closed.clear()     # (a socket closed before it cannot be in the next)
+        seq, ms = (int(x) for x in mark)
+        yield INTERVAL.printf() % (seq, ms + self._wall)
+
+    def _written(self, records: list[str]) -> list[str]:
+        self._count += len(records)
+        return records
+
+    def _closes(self, lines: list[str]) -> Iterator[str]:
+        """Lines outside printouts: close records less what snapshots wrote of their
+        sockets, the header at the wall clock's time, anything else as it is."""
+        for line in lines:
+            if line.startswith(CLOSE_HEAD + "\t") and line.count("\t") >= 2:
+                yield self._ledger.close_record(line)
+            elif line.startswith("H\t"):
+                yield shift_ms(line, HEADER.at("START_MS"), self._wall)
+            elif line.strip():                # (bpftrace ends with blank lines)
+                yield line
+        lines.clear()
+
+    def _ordered(self, stdout) -> Iterator[str]:
+        """The program's lines less bpftrace's runtime warnings, each connection's samples
+        in the order they were taken (SampleOrder: all of them before END's printout)."""
         for line in stdout:
             if self._runtime_warning(line):
                 continue
-            if ending and line.startswith("T\t"):
-                end = self._dump.records()
-                yield from end
-                yield self._dump.trailer(line, len(end))
-                ending = False
-            elif ending:
-                self._dump.add(line)
-            elif line.rstrip("\n") == END_MARK:
+            if line.rstrip("\n") == END_MARK:
                 yield from self._order.rest()
-                ending = True
-            elif line.strip():                # (bpftrace ends with blank lines)
+                yield line
+            else:
                 yield from self._order.feed(line)
         yield from self._order.rest()       # (bpftrace stopped before END: what waits)
 
@@ -436,6 +627,9 @@ class BpftraceBackend:
             raise UsageError(f"{what} is not supported by the bpftrace backend yet "
                              "(use --backend stap)")
         cmd = command_from_env("TCPIPSTAT_BPFTRACE", "bpftrace", INSTALL_HINT)
+        _, problem = bpftrace_version(cmd)
+        if problem:
+            raise EnvironmentNotReady(problem, VERSION_FIX)
         if os.geteuid() != 0:
             raise EnvironmentNotReady("collecting needs root (bpftrace loads BPF programs)",
                                       "run it with sudo, or use --dump-script to see the program")
@@ -451,7 +645,7 @@ class BpftraceBackend:
             log("rto_ms will not be sampled: this kernel's CONFIG_HZ is not readable "
                 "(/proc/config.gz, /boot/config-RELEASE)")
         cmd += ["-q", str(program), *program_args(plan.filters, plan.timeout_s),
-                *sample_args(plan, hz)]
+                *sample_args(plan, hz), *interval_args(plan)]
         if plan.command:
             # bpftrace splits -c at spaces without quoting: the command goes in a file.
             # Its output goes to stderr: bpftrace's stdout is the record stream.
@@ -478,14 +672,20 @@ class BpftraceBackend:
 
     @staticmethod
     def checks(kver: str, running: bool, groups: tuple[str, ...], host) -> tuple:
-        """bpftrace on PATH, root, tracefs and BTF (bpftrace reads struct sock through it)."""
+        """bpftrace (TCPIPSTAT_BPFTRACE, else on PATH) and its version, root, tracefs and BTF
+        (bpftrace reads struct sock through it)."""
         from .check import Finding
-        found = shutil.which("bpftrace") or os.environ.get("TCPIPSTAT_BPFTRACE")
+        found = os.environ.get("TCPIPSTAT_BPFTRACE") or shutil.which("bpftrace")
         choice = _kernel_choice() if found and running and os.geteuid() == 0 else None
         available, unavailable = counters(groups, choice.missing if choice else frozenset())
         fix = "'apt-get install bpftrace'", "'dnf install bpftrace'"
-        findings = [
-            Finding("bpftrace", bool(found), found or "not found on PATH", *fix),
+        findings = [Finding("bpftrace", bool(found), found or "not found on PATH", *fix)]
+        if found:
+            version, problem = bpftrace_version(shlex.split(found))
+            findings.append(Finding("bpftrace version", not problem,
+                                    problem or f"{version} ({_NEED} or later needed)",
+                                    VERSION_FIX, VERSION_FIX))
+        findings += [
             Finding("root", os.geteuid() == 0, "collecting loads BPF programs",
                     "run tcpipstat with sudo", "run tcpipstat with sudo"),
             Finding("tracefs", (TRACEFS / "events").is_dir() or None,

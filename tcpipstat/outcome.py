@@ -32,6 +32,11 @@ class Outcome:
     faults: int = _f(0, "events a probe could not read")
     dropped: int = _f(0, "events lost because the collector's tables were full")
     pfull: int = _f(0, "times the process table was full (some sockets may lack a process)")
+    untracked: int = _f(0, "bpftrace: sockets the filters accept that its tables, full, could "
+                        "not hold: not counted, or not wholly")
+    untracked_events: int = _f(0, "bpftrace: events its full tables lost besides: of more "
+                               "sockets left out at once than --max-sockets, or a -c "
+                               "command's process not followed")
     max_sockets: int = _f(0, "the collector's table size (--max-sockets)")
     warnings: list[str] = _f(list, "the collector's own warnings")
     collector: str = _f("stap", "the collector that ran (stap or bpftrace), as its warnings "
@@ -116,6 +121,14 @@ def _collector_notes(o: Outcome) -> list[str]:
     if o.pfull:
         notes.append(f"the process table (--max-sockets {size}) was full {o.pfull} "
                      "times: some sockets may show no process")
+    if o.untracked:
+        notes.append(f"{o.untracked} sockets were not counted, or not wholly: bpftrace's "
+                     f"tables (--max-sockets {size}) were full; they hold {size} sockets "
+                     "at once")
+    if o.untracked_events:
+        notes.append(f"{o.untracked_events} more events were lost to bpftrace's full tables "
+                     f"(--max-sockets {size}): of more sockets left out at once than they "
+                     "hold, or of a -c command's process they could not follow")
     notes += [f"{o.collector}: {w}" for w in o.warnings]
     if not o.finished:
         notes.append("the collector did not finish normally: the report holds what was "
