@@ -86,6 +86,12 @@ def _bt_string(text: str) -> str:
         "\n", "\\n")
 
 
+def _bt_format(text: str) -> str:
+    """A record's printf format for bpftrace, whose %d and %x print 32 bits only (0.17):
+    times in ms since boot, counts, 64-bit address words would wrap."""
+    return _bt_string(re.sub(r"%([dx])", r"%ll\1", text))
+
+
 def render_program(plan) -> str:
     """The bpftrace program for ``plan``: its groups, whether -c runs a command and how
     many filters there are shape it; their values are positional parameters."""
@@ -97,8 +103,8 @@ def render_program(plan) -> str:
     return _env().get_template("tcpipstat.bt.j2").render(
         version=__version__, counters=available, command=bool(plan.command),
         nfilters=len(plan.filters), per_filter=PER_FILTER, end_mark=END_MARK,
-        fmt={"H": _bt_string(head), "R": _bt_string(SOCKET.printf()),
-             "T": _bt_string(TRAILER.printf())},
+        fmt={"H": _bt_format(head), "R": _bt_format(SOCKET.printf()),
+             "T": _bt_format(TRAILER.printf())},
         maps=socket_maps, dumped=[m for m in socket_maps if m not in ("ok", "n")],
         globals=[*_GLOBAL_MAPS, *(["tree"] if plan.command else [])])
 

@@ -80,7 +80,7 @@ def test_end_dump_writes_records():
                  "@tup[7]: (2, 0, 2130706433, 1, 0, 2130706433, 2)"):   # nothing counted
         dump.add(line + "\n")
     head = bpftrace.render_program(plan).split('printf("', 2)[1].split('\\n"')[0]
-    head = head.replace("\\t", "\t").replace("%d", "1")
+    head = head.replace("\\t", "\t").replace("%lld", "1")
     end = dump.records()
     text = head + "\n" + "".join(end) + dump.trailer("T\t5\t3\t0\t0\t0\t0\t3\n", len(end))
     recs = parse_text(text)
