@@ -8,7 +8,8 @@ parameters, :func:`program_args`): nothing the user types is in the program.
 It writes the record stream of tcpipstat/records.py itself (header, each socket as it
 closes, trailer), except the records of the sockets still open at the end: bpftrace
 0.17 cannot loop over a map, so END prints its maps and :class:`EndDump` writes those
-records.
+records. With --cong, a closing socket's congestion times (and --dist stays) come on
+lines of their own, keyed by the socket, that :class:`CloseCong` joins to its record.
 
 ``TCPIPSTAT_BPFTRACE`` replaces the ``bpftrace`` command (a command line, split like a
 shell would).
@@ -29,7 +30,7 @@ import jinja2
 
 from . import __version__
 from .backend import CollectorProcess, Log, Prepared, RunOutcome, command_from_env
-from .counters import counters_for_units, units_for_groups
+from .counters import CA_COUNTERS, CA_TIME_COUNTERS, UNITS, counters_for_units, units_for_groups
 from .errors import EnvironmentNotReady, UsageError
 from .filters import Filter
 from .records import FORMAT_VERSION, HEADER, MAGIC, SOCKET, TRAILER
@@ -46,10 +47,18 @@ BPF_POINTS = {
     **dict.fromkeys(("ActiveOpens", "PassiveOpens", "AttemptFails", "EstabResets", "CurrEstab"),
                     "tracepoint:sock:inet_sock_set_state"),
     "RetransSegs": "tracepoint:tcp:tcp_retransmit_skb",
+    **dict.fromkeys(CA_COUNTERS, "tracepoint:tcp:tcp_cong_state_set"),
 }
 BPF_COUNTERS = frozenset(BPF_POINTS)
+# --cong: only where the kernel has the tracepoint (tracefs lists it); the report names it
+CONG_EVENT = Path("events/tcp/tcp_cong_state_set")
+CONG_HOW = next(u.ca_state for u in UNITS if u.name == "CongState")
 PER_FILTER = 21          # numbers per filter (the template's header comment)
 END_MARK = "tcpipstat-bpftrace-end"
+# --cong/--dist lines of the program's own, never records (the template says when)
+CA_LINES = "tcpipstat-bpftrace-ca-"
+CA_TIMES, CA_STAYS, CA_CLOSE = CA_LINES + "times", CA_LINES + "stays", CA_LINES + "close"
+CA_NOW = "tcpipstat-bpftrace-now"
 # per-socket maps (deleted as a socket closes) and the run's own
 _SOCKET_MAPS = ("ok", "tup", "n", "pid", "comm")
 _GLOBAL_MAPS = ("start", "records", "dropped", "ended")
@@ -64,7 +73,8 @@ def _env() -> jinja2.Environment:
 
 def unsupported(plan) -> str:
     """The first option this collector cannot do yet ("" if none)."""
-    for what, on in (("--cong/--dist", "cong" in plan.groups), ("--rfc4898", plan.estats),
+    for what, on in (("--kprobes-only with --cong", "cong" in plan.groups and not plan.tracepoints),
+                     ("--rfc4898", plan.estats),
                      ("--sample/--series/--plot", plan.sample_ms is not None),
                      ("--interval", plan.interval_s is not None),
                      ("-r/--kernel-release", plan.kernel_release is not None),
@@ -74,11 +84,17 @@ def unsupported(plan) -> str:
     return ""
 
 
-def counters(groups) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(available, unavailable) counters of ``groups``, in catalogue order."""
+def counters(groups, cong: bool = True) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(available, unavailable) counters of ``groups``, in catalogue order; cong: the
+    kernel has the congestion-state tracepoint (:func:`has_cong_tracepoint`)."""
     wanted = counters_for_units(units_for_groups(groups))
-    return (tuple(c for c in wanted if c in BPF_COUNTERS),
-            tuple(c for c in wanted if c not in BPF_COUNTERS))
+    countable = BPF_COUNTERS if cong else BPF_COUNTERS - set(CA_COUNTERS)
+    return (tuple(c for c in wanted if c in countable),
+            tuple(c for c in wanted if c not in countable))
+
+
+def has_cong_tracepoint(root: Path = TRACEFS) -> bool:
+    return (root / CONG_EVENT).is_dir()
 
 
 def _bt_string(text: str) -> str:
@@ -92,21 +108,28 @@ def _bt_format(text: str) -> str:
     return _bt_string(re.sub(r"%([dx])", r"%ll\1", text))
 
 
-def render_program(plan) -> str:
+def render_program(plan, cong: bool = True) -> str:
     """The bpftrace program for ``plan``: its groups, whether -c runs a command and how
-    many filters there are shape it; their values are positional parameters."""
-    available, _ = counters(plan.groups)
+    many filters there are shape it; their values are positional parameters. cong: the
+    kernel has the congestion-state tracepoint (--dump-script assumes it has)."""
+    available, _ = counters(plan.groups, cong)
+    cong = "CaChanges" in available
+    dist = cong and plan.dist
     head = HEADER.printf(MAGIC=MAGIC, FORMAT=FORMAT_VERSION, VERSION=__version__,
                          MAX_SOCKETS=plan.max_sockets, COUNTERS=",".join(available))
     socket_maps = [*_SOCKET_MAPS, *(["intree"] if plan.command else []),
-                   *(f"c_{c}" for c in available)]
+                   *(f"c_{c}" for c in available), *(["cs"] if cong else [])]
+    hist_maps = ["cd", "cm"] if dist else []
     return _env().get_template("tcpipstat.bt.j2").render(
         version=__version__, counters=available, command=bool(plan.command),
         nfilters=len(plan.filters), per_filter=PER_FILTER, end_mark=END_MARK,
         fmt={"H": _bt_format(head), "R": _bt_format(SOCKET.printf()),
              "T": _bt_format(TRAILER.printf())},
-        maps=socket_maps, dumped=[m for m in socket_maps if m not in ("ok", "n")],
-        globals=[*_GLOBAL_MAPS, *(["tree"] if plan.command else [])])
+        maps=socket_maps, dumped=[m for m in socket_maps if m not in ("ok", "n")] + hist_maps[:1],
+        globals=[*_GLOBAL_MAPS, *(["tree"] if plan.command else []), *hist_maps],
+        rcounters=[c for c in available if c not in CA_COUNTERS], cong=cong, dist=dist,
+        ca_counters=CA_COUNTERS, ca_times=CA_TIME_COUNTERS, ca_times_line=CA_TIMES,
+        ca_stays=CA_STAYS, ca_close=CA_CLOSE, ca_now=CA_NOW)
 
 
 def _words(value: int, mask: int) -> list[int]:
@@ -137,17 +160,62 @@ def _signed(text: str) -> int:
 
 _SOCKET_END = SOCKET.printf()       # (the R record's fields, as the program writes them)
 _MAP_LINE = re.compile(r"@(\w+)\[(-?\d+)\]: (.*)\Z")
+_CD_LINE = re.compile(r"@cd\[(-?\d+), (\d+), (\d+)\]: (\d+)\Z")
+
+
+def _bucket(us: int) -> int:
+    """A stay's log2 bucket, as the program finds it: 2^b <= us < 2^(b+1); 0 and 1 in 0."""
+    return max(us, 1).bit_length() - 1
+
+
+class CongEnd:
+    """--cong at the end: the stay still going of each socket open at the end is cut
+    there (its time, and with --dist one more stay in its histogram), as the stap
+    collector does; END prints ``@cs`` (state and since when), ``@cd`` (the stays so
+    far) and the time it ran (CA_NOW)."""
+
+    def __init__(self, dist: bool):
+        self.dist = dist
+        self.now_us: int | None = None
+        self.stays: dict[str, dict[tuple[int, int], int]] = {}
+
+    def add(self, line: str) -> bool:
+        """Takes END's line if it is one of these."""
+        line = line.rstrip("\n")
+        if line.startswith(CA_NOW + "\t"):
+            self.now_us = int(line.split("\t")[1])
+            return True
+        m = _CD_LINE.match(line)
+        if m:
+            key, state, bucket, n = m.groups()
+            self.stays.setdefault(key, {})[int(state), int(bucket)] = int(n)
+        return bool(m)
+
+    def settle(self, key: str, cs: str | None, counts: dict[str, int]) -> list[str]:
+        """Adds the socket's stay still going to ``counts``; its h.STATE.BUCKET fields."""
+        stays = self.stays.get(key, {})
+        if cs is not None and self.now_us is not None:
+            v = int(cs)
+            state, us = v & 7, self.now_us - (v >> 3)
+            counts[CA_TIME_COUNTERS[state]] += us
+            if self.dist:
+                b = _bucket(us)
+                stays[state, b] = stays.get((state, b), 0) + 1
+        return [f"h.{s}.{b}={n}" for (s, b), n in sorted(stays.items())]
 
 
 class EndDump:
     """Reads what END prints (``print(@map)`` of every per-socket map, then the trailer)
     and writes the records of the sockets still open."""
 
-    def __init__(self, available: tuple[str, ...]):
+    def __init__(self, available: tuple[str, ...], dist: bool = False):
         self.available = available
         self.maps: dict[str, dict[str, str]] = {}
+        self.cong = CongEnd(dist)
 
     def add(self, line: str) -> None:
+        if self.cong.add(line):
+            return
         m = _MAP_LINE.match(line.rstrip("\n"))
         if m:
             self.maps.setdefault(m.group(1), {})[m.group(2)] = m.group(3)
@@ -156,15 +224,16 @@ class EndDump:
         out = []
         get = self.maps.get
         for key, tup in get("tup", {}).items():
-            values = [_signed(get(f"c_{c}", {}).get(key, "0")) for c in self.available]
-            if not any(values) and key not in get("pid", {}):
+            counts = {c: _signed(get(f"c_{c}", {}).get(key, "0")) for c in self.available}
+            hist = self.cong.settle(key, get("cs", {}).get(key), counts)
+            if not any(counts.values()) and key not in get("pid", {}):
                 continue                    # (resolved, nothing counted)
             tuple_ = (int(x) & (1 << 64) - 1 for x in tup.strip("()").split(","))
             head = _SOCKET_END % ("end", *tuple_, int(get("pid", {}).get(key, "0")),
                                   get("comm", {}).get(key, ""),
                                   int(get("intree", {}).get(key, "0")))
-            out.append("\t".join([head, *(f"{c}={v}" for c, v in
-                                          zip(self.available, values))]) + "\n")
+            out.append("\t".join([head, *(f"{c}={v}" for c, v in counts.items()), *hist])
+                       + "\n")
         return out
 
     def trailer(self, line: str, written: int) -> str:
@@ -186,16 +255,34 @@ def ensure_tracefs(root: Path = TRACEFS) -> None:
     raise EnvironmentNotReady(f"tracefs is not mounted on {root}", TRACEFS_FIX)
 
 
+class CloseCong:
+    """--cong: a closing socket's congestion times (and --dist stays) come just before its
+    record, on lines of their own keyed by the socket (lines from other CPUs may come in
+    between); its record, keyed too, gets them as NAME=VALUE fields."""
+
+    def __init__(self):
+        self.pending: dict[str, list[str]] = {}
+
+    def take(self, line: str) -> str | None:
+        """The record a CA_LINES line completes, else None (its fields were kept)."""
+        kind, key, *fields = line.rstrip("\n").split("\t")
+        if kind != CA_CLOSE:
+            self.pending.setdefault(key, []).extend(fields)
+            return None
+        return "\t".join([*fields, *self.pending.pop(key, [])]) + "\n"
+
+
 class Runner(CollectorProcess):
     """bpftrace PROGRAM ARGS, its stdout streamed as records."""
     program = "bpftrace"
     install_hint = INSTALL_HINT
 
     def __init__(self, cmd: list[str], available: tuple[str, ...], max_sockets: int,
-                 echo_stderr: Callable[[str], None]):
+                 echo_stderr: Callable[[str], None], dist: bool = False):
         super().__init__(cmd, echo_stderr,
                          {**os.environ, "BPFTRACE_MAP_KEYS_MAX": str(max_sockets)})
-        self._dump = EndDump(available)
+        self._dump = EndDump(available, dist)
+        self._cong = CloseCong()
 
     def classify(self, line: str) -> bool:
         """bpftrace's memlock warning (said on every start: dropped) and lost events."""
@@ -212,7 +299,11 @@ class Runner(CollectorProcess):
     def _records(self, stdout) -> Iterator[str]:
         ending = False
         for line in stdout:
-            if ending and line.startswith("T\t"):
+            if line.startswith(CA_LINES):     # (a close's, even after END began)
+                record = self._cong.take(line)
+                if record:
+                    yield record
+            elif ending and line.startswith("T\t"):
                 end = self._dump.records()
                 yield from end
                 yield self._dump.trailer(line, len(end))
@@ -258,10 +349,11 @@ class BpftraceBackend:
             raise EnvironmentNotReady("collecting needs root (bpftrace loads BPF programs)",
                                       "run it with sudo, or use --dump-script to see the program")
         ensure_tracefs()
-        available, unavailable = counters(plan.groups)
+        cong = has_cong_tracepoint()
+        available, unavailable = counters(plan.groups, cong)
         self._tmp = tempfile.TemporaryDirectory(prefix="tcpipstat-")
         program = Path(self._tmp.name) / "tcpipstat.bt"
-        program.write_text(render_program(plan))
+        program.write_text(render_program(plan, cong))
         cmd += ["-q", str(program), *program_args(plan.filters, plan.timeout_s)]
         if plan.command:
             # bpftrace splits -c at spaces without quoting: the command goes in a file.
@@ -271,9 +363,14 @@ class BpftraceBackend:
             cmd += ["-c", f"/bin/sh {script}"]
         log(f"loading the bpftrace collector ({len(available)} counters; "
             f"{len(unavailable)} are not countable with tracepoints)...")
-        self._runner = Runner(cmd, available, plan.max_sockets, self._echo)
+        if "cong" in plan.groups and not cong:
+            log(f"this kernel has no tracepoint {CONG_EVENT.parent.name}:{CONG_EVENT.name}: "
+                "the congestion counters are unavailable")
+        self._runner = Runner(cmd, available, plan.max_sockets, self._echo,
+                              plan.dist and cong)
         self.outcome = self._runner.outcome
-        return Prepared(os.uname().release, available, unavailable, "", WHY_UNAVAILABLE)
+        return Prepared(os.uname().release, available, unavailable,
+                        CONG_HOW if "CaChanges" in available else "", WHY_UNAVAILABLE)
 
     def lines(self) -> Iterator[str]:
         assert self._runner is not None, "prepare() first"
@@ -291,7 +388,9 @@ class BpftraceBackend:
     def checks(kver: str, running: bool, groups: tuple[str, ...], host) -> tuple:
         """bpftrace on PATH, root, tracefs and BTF (bpftrace reads struct sock through it)."""
         from .check import Finding
-        available, unavailable = counters(groups)
+        # (tracefs not mounted yet: tcpipstat mounts it before it looks)
+        cong = not running or not (TRACEFS / "events").is_dir() or has_cong_tracepoint()
+        available, unavailable = counters(groups, cong)
         found = shutil.which("bpftrace") or os.environ.get("TCPIPSTAT_BPFTRACE")
         fix = "'apt-get install bpftrace'", "'dnf install bpftrace'"
         findings = [
