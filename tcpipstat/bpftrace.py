@@ -16,6 +16,7 @@ shell would).
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -272,6 +273,53 @@ class CloseCong:
         return "\t".join([*fields, *self.pending.pop(key, [])]) + "\n"
 
 
+_PIDFD_GETFD = 438      # (the syscall's number on every architecture but alpha; Linux 5.6)
+
+
+class ProgramMisses:
+    """Probe hits the kernel ran no program for because a BPF program was already
+    running on that CPU (its recursion guard: another tool's program, or one of ours that
+    a softirq interrupted). The kernel counts them per program (fdinfo's
+    recursion_misses). bpftrace closes its programs before END, so tcpipstat takes copies
+    of their descriptors (pidfd_getfd) once they are attached and reads them at the end."""
+
+    def __init__(self):
+        self.fds: list[int] = []
+
+    def hold(self, pid: int) -> None:
+        """Copies of bpftrace's program descriptors (none where the kernel refuses)."""
+        if self.fds:
+            return
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:bpf-prog":
+                        continue
+                except OSError:
+                    continue
+                mine = syscall(_PIDFD_GETFD, pidfd, int(fd), 0)
+                if mine >= 0:
+                    self.fds.append(mine)
+        finally:
+            os.close(pidfd)
+
+    def count(self) -> int:
+        """Their misses, the copies closed."""
+        total = 0
+        for fd in self.fds:
+            m = re.search(r"^recursion_misses:\s*(\d+)",
+                          Path(f"/proc/self/fdinfo/{fd}").read_text(), re.M)
+            total += int(m.group(1)) if m else 0
+            os.close(fd)
+        self.fds = []
+        return total
+
+
 class Runner(CollectorProcess):
     """bpftrace PROGRAM ARGS, its stdout streamed as records."""
     program = "bpftrace"
@@ -283,6 +331,7 @@ class Runner(CollectorProcess):
                          {**os.environ, "BPFTRACE_MAP_KEYS_MAX": str(max_sockets)})
         self._dump = EndDump(available, dist)
         self._cong = CloseCong()
+        self._misses = ProgramMisses()
 
     def classify(self, line: str) -> bool:
         """bpftrace's memlock warning (said on every start: dropped) and lost events."""
@@ -294,7 +343,14 @@ class Runner(CollectorProcess):
         return False
 
     def lines(self) -> Iterator[str]:
-        yield from self._records(self.stream())
+        """The records; the programs' misses, at the end, as skipped probe hits."""
+        try:
+            for line in self._records(self.stream()):
+                if line.startswith("H\t") and self._proc:     # (attached by now)
+                    self._misses.hold(self._proc.pid)
+                yield line
+        finally:
+            self.outcome.skipped += self._misses.count()
 
     def _records(self, stdout) -> Iterator[str]:
         ending = False
