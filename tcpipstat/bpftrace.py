@@ -12,12 +12,15 @@ closes, trailer), except the records of the sockets still open at the end and, w
 --interval, of each snapshot: bpftrace 0.17 cannot loop over a map, so the program prints
 its maps and :class:`EndDump` writes those records, :class:`Ledger` keeping each to what
 came since the socket's last record.
+With --cong, a closing socket's congestion times (and --dist stays) come on lines of
+their own, keyed by the socket, that :class:`CloseCong` joins to its record.
 
 ``TCPIPSTAT_BPFTRACE`` replaces the ``bpftrace`` command (a command line, split like a
 shell would).
 """
 from __future__ import annotations
 
+import ctypes
 import gzip
 import os
 import re
@@ -36,7 +39,7 @@ import jinja2
 from . import __version__
 from .backend import CollectorProcess, Log, Prepared, RunOutcome, command_from_env
 from .bt_points import Choice, KernelPoints, choose, list_points
-from .counters import counters_for_units, units_for_groups
+from .counters import CA_COUNTERS, CA_TIME_COUNTERS, UNITS, counters_for_units, units_for_groups
 from .errors import EnvironmentNotReady, UsageError
 from .filters import Filter
 from .records import FORMAT_VERSION, HEADER, INTERVAL, MAGIC, SAMPLE, SOCKET, TRAILER
@@ -61,11 +64,14 @@ BPF_POINTS = {
     **dict.fromkeys(("ActiveOpens", "PassiveOpens", "AttemptFails", "EstabResets", "CurrEstab"),
                     "tracepoint:sock:inet_sock_set_state"),
     "RetransSegs": "tracepoint:tcp:tcp_retransmit_skb",
+    **dict.fromkeys(CA_COUNTERS, "tracepoint:tcp:tcp_cong_state_set"),
 }
 # where a kernel lacks the tracepoint (before Linux 6.3: bt_points.choose)
 BPF_FALLBACKS = {**dict.fromkeys(("SendBytes", "SendMsgs"), "kretfunc:tcp_sendmsg"),
                  **dict.fromkeys(("RecvBytes", "RecvMsgs"), "kretfunc:tcp_recvmsg")}
 BPF_COUNTERS = frozenset(BPF_POINTS)
+# --cong: only where the kernel has the tracepoint (tracefs lists it); the report names it
+CONG_HOW = next(u.ca_state for u in UNITS if u.name == "CongState")
 PER_FILTER = 21          # numbers per filter (the template's header comment)
 # Lines the program writes around its map printouts (no record starts so): before END's;
 # with --interval, before a snapshot's (then its number and time), before its serials
@@ -75,7 +81,12 @@ MARKS = {"begin": "tcpipstat-bpftrace-interval", "check": "tcpipstat-bpftrace-ch
          "end": "tcpipstat-bpftrace-snapshot"}
 CLOSE_HEAD = "tcpipstat-bpftrace-close"
 # the run's own maps (the per-socket ones: render_program)
-_GLOBAL_MAPS = ("start", "records", "ended", "closed", "untracked", "unmarked")
+_GLOBAL_MAPS = ("start", "records", "dropped", "ended", "closed", "untracked",
+                "unmarked")
+# --cong/--dist lines of the program's own, never records (the template says when)
+CA_LINES = "tcpipstat-bpftrace-ca-"
+CA_TIMES, CA_STAYS, CA_CLOSE = CA_LINES + "times", CA_LINES + "stays", CA_LINES + "close"
+CA_NOW = "tcpipstat-bpftrace-now"
 
 
 @lru_cache(maxsize=1)
@@ -87,7 +98,11 @@ def _env() -> jinja2.Environment:
 
 def unsupported(plan) -> str:
     """The first option this collector cannot do yet ("" if none)."""
-    for what, on in (("--cong/--dist", "cong" in plan.groups), ("--rfc4898", plan.estats),
+    for what, on in (("--kprobes-only with --cong",
+                      "cong" in plan.groups and not plan.tracepoints),
+                     ("--cong with --interval", "cong" in plan.groups
+                      and plan.interval_s is not None),
+                     ("--rfc4898", plan.estats),
                      ("-r/--kernel-release", plan.kernel_release is not None),
                      ("--stap-arg", bool(plan.stap_args))):
         if on:
@@ -122,6 +137,8 @@ def render_program(plan, choice: Choice | None = None) -> str:
     are shape it; their values are positional parameters."""
     choice = choice or choose(KernelPoints.newest())
     available, _ = counters(plan.groups, choice.missing)
+    cong = "CaChanges" in available
+    dist = cong and plan.dist
     head = HEADER.printf(MAGIC=MAGIC, FORMAT=FORMAT_VERSION, VERSION=__version__,
                          MAX_SOCKETS=plan.max_sockets, COUNTERS=",".join(available))
     interval = plan.interval_s is not None
@@ -129,9 +146,12 @@ def render_program(plan, choice: Choice | None = None) -> str:
     counts = [f"c_{c}" for c in available]
     # Per-socket maps, in the order a closing socket leaves them: comm and intree before
     # pid, tup and sn before ok (the template's full tables: their keys stay among those)
-    socket_maps = [*counts, "n", *intree, "comm", "pid", "tup", *sn, "no", "miss", "ok"]
+    socket_maps = [*counts, "n", *intree, "comm", "pid", "tup", *sn, "no", "miss", "ok",
+                   *(["cs"] if cong else [])]
+    hist_maps = ["cd", "cm"] if dist else []
     # (the serials first: a snapshot prints them again last, tcpipstat compares the two)
-    dumped = [*sn, "tup", "pid", "comm", *intree, *counts]
+    dumped = [*sn, "tup", "pid", "comm", *intree, *counts, *(["cs"] if cong else []),
+              *hist_maps[:1]]
     return _env().get_template("tcpipstat.bt.j2").render(
         version=__version__, counters=available, command=bool(plan.command), points=choice,
         nfilters=len(plan.filters), per_filter=PER_FILTER, end_mark=END_MARK,
@@ -141,7 +161,10 @@ def render_program(plan, choice: Choice | None = None) -> str:
         close_head=_bt_format(f"{CLOSE_HEAD}\t%d\t") if interval else "",
         maps=socket_maps, dumped=dumped,
         globals=[*_GLOBAL_MAPS, *(["tree"] if plan.command else []),
-                 *(["marks"] if interval else [])],
+                 *(["marks"] if interval else []), *hist_maps],
+        rcounters=[c for c in available if c not in CA_COUNTERS], cong=cong, dist=dist,
+        ca_counters=CA_COUNTERS, ca_times=CA_TIME_COUNTERS, ca_times_line=CA_TIMES,
+        ca_stays=CA_STAYS, ca_close=CA_CLOSE, ca_now=CA_NOW,
         sample=sample_context(plan),
         # --interval's parameters follow the filters' and --sample's
         interval_at=3 + len(plan.filters) * PER_FILTER
@@ -352,18 +375,65 @@ class Ledger:
         return "\t".join(f) + "\n"
 
 
+_CD_LINE = re.compile(r"@cd\[(-?\d+), (\d+), (\d+)\]: (\d+)\Z")
+
+
+def _bucket(us: int) -> int:
+    """A stay's log2 bucket, as the program finds it: 2^b <= us < 2^(b+1); 0 and 1 in 0."""
+    return max(us, 1).bit_length() - 1
+
+
+class CongEnd:
+    """--cong at the end: the stay still going of each socket open at the end is cut
+    there (its time, and with --dist one more stay in its histogram), as the stap
+    collector does; END prints ``@cs`` (state and since when), ``@cd`` (the stays so
+    far) and the time it ran (CA_NOW)."""
+
+    def __init__(self, dist: bool):
+        self.dist = dist
+        self.now_us: int | None = None
+        self.stays: dict[str, dict[tuple[int, int], int]] = {}
+
+    def add(self, line: str) -> bool:
+        """Takes END's line if it is one of these."""
+        line = line.rstrip("\n")
+        if line.startswith(CA_NOW + "\t"):
+            self.now_us = int(line.split("\t")[1])
+            return True
+        m = _CD_LINE.match(line)
+        if m:
+            key, state, bucket, n = m.groups()
+            self.stays.setdefault(key, {})[int(state), int(bucket)] = int(n)
+        return bool(m)
+
+    def settle(self, key: str, cs: str | None, counts: dict[str, int]) -> list[str]:
+        """Adds the socket's stay still going to ``counts``; its h.STATE.BUCKET fields."""
+        stays = self.stays.get(key, {})
+        if cs is not None and self.now_us is not None:
+            v = int(cs)
+            state, us = v & 7, self.now_us - (v >> 3)
+            counts[CA_TIME_COUNTERS[state]] += us
+            if self.dist:
+                b = _bucket(us)
+                stays[state, b] = stays.get((state, b), 0) + 1
+        return [f"h.{s}.{b}={n}" for (s, b), n in sorted(stays.items())]
+
+
 class EndDump:
     """Reads a printout of the per-socket maps (``print(@map)`` of each: END's, and with
     --interval each snapshot's, whose serials come again after :meth:`recheck`) and
     writes the records of the sockets in it."""
 
-    def __init__(self, available: tuple[str, ...]):
+    def __init__(self, available: tuple[str, ...], dist: bool = False):
         self.available = available
         self.maps: dict[str, dict[str, str]] = {}
+        self.cong = CongEnd(dist)
         self.check: dict[str, str] | None = None     # the serials printed again
         self.counts: dict[str, int] = {}              # END's counts (@untracked, @unmarked)
 
     def add(self, line: str) -> None:
+        if self.cong.add(line):
+            return
         text = line.rstrip("\n")
         m = _MAP_LINE.match(text)
         if m and self.check is not None:
@@ -392,14 +462,16 @@ class EndDump:
             values = [get(f"c_{c}", {}).get(key) for c in self.available]
             delta, new = ledger.since(ident, [None if v is None else _signed(v)
                                               for v in values])
-            if not any(delta) and key not in closed and not (new and key in pids):
+            counts = dict(zip(self.available, delta))
+            hist = self.cong.settle(key, get("cs", {}).get(key), counts)
+            if not any(counts.values()) and key not in closed and not (new and key in pids):
                 continue                    # (nothing counted since; or resolved, nothing)
             tuple_ = (int(x) & (1 << 64) - 1 for x in tup.strip("()").split(","))
             head = _SOCKET_END % ("close" if key in closed else reason, *tuple_,
                                   int(pids.get(key, "0")), get("comm", {}).get(key, ""),
                                   int(get("intree", {}).get(key, "0")))
-            out.append("\t".join([head, *(f"{c}={v}" for c, v in
-                                          zip(self.available, delta))]) + "\n")
+            out.append("\t".join([head, *(f"{c}={v}" for c, v in counts.items()), *hist])
+                       + "\n")
         return out
 
     @staticmethod
@@ -457,23 +529,89 @@ def shift_ms(line: str, at: int, offset: int) -> str:
     return "\t".join(f) + "\n"
 
 
+class CloseCong:
+    """--cong: a closing socket's congestion times (and --dist stays) come just before its
+    record, on lines of their own keyed by the socket (lines from other CPUs may come in
+    between); its record, keyed too, gets them as NAME=VALUE fields."""
+
+    def __init__(self):
+        self.pending: dict[str, list[str]] = {}
+
+    def take(self, line: str) -> str | None:
+        """The record a CA_LINES line completes, else None (its fields were kept)."""
+        kind, key, *fields = line.rstrip("\n").split("\t")
+        if kind != CA_CLOSE:
+            self.pending.setdefault(key, []).extend(fields)
+            return None
+        return "\t".join([*fields, *self.pending.pop(key, [])]) + "\n"
+
+
+_PIDFD_GETFD = 438      # (the syscall's number on every architecture but alpha; Linux 5.6)
+
+
+class ProgramMisses:
+    """Probe hits the kernel ran no program for because a BPF program was already
+    running on that CPU (its recursion guard: another tool's program, or one of ours that
+    a softirq interrupted). The kernel counts them per program (fdinfo's
+    recursion_misses). bpftrace closes its programs before END, so tcpipstat takes copies
+    of their descriptors (pidfd_getfd) once they are attached and reads them at the end."""
+
+    def __init__(self):
+        self.fds: list[int] = []
+
+    def hold(self, pid: int) -> None:
+        """Copies of bpftrace's program descriptors (none where the kernel refuses)."""
+        if self.fds:
+            return
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:bpf-prog":
+                        continue
+                except OSError:
+                    continue
+                mine = syscall(_PIDFD_GETFD, pidfd, int(fd), 0)
+                if mine >= 0:
+                    self.fds.append(mine)
+        finally:
+            os.close(pidfd)
+
+    def count(self) -> int:
+        """Their misses, the copies closed."""
+        total = 0
+        for fd in self.fds:
+            m = re.search(r"^recursion_misses:\s*(\d+)",
+                          Path(f"/proc/self/fdinfo/{fd}").read_text(), re.M)
+            total += int(m.group(1)) if m else 0
+            os.close(fd)
+        self.fds = []
+        return total
+
+
 class Runner(CollectorProcess):
     """bpftrace PROGRAM ARGS, its stdout streamed as records."""
     program = "bpftrace"
     install_hint = INSTALL_HINT
 
     def __init__(self, cmd: list[str], available: tuple[str, ...], max_sockets: int,
-                 echo_stderr: Callable[[str], None]):
+                 echo_stderr: Callable[[str], None], dist: bool = False):
         super().__init__(cmd, echo_stderr,
                          # (bpftrace 0.21 renamed the variable; the old name still works)
                          {**os.environ, "BPFTRACE_MAP_KEYS_MAX": str(max_sockets),
                           "BPFTRACE_MAX_MAP_KEYS": str(max_sockets)})
-        self._available = available
+        self._available, self._dist = available, dist
         self._ledger = Ledger()
         self._count = 0                 # records written here (the trailer's IDS adds them)
         self._wall = boot_to_wall_ms()
         self._context = 0           # lines of a runtime warning's context still to come
         self._order = SampleOrder()
+        self._cong = CloseCong()
+        self._misses = ProgramMisses()
 
     def classify(self, line: str) -> bool:
         """bpftrace's memlock warning (said on every start: dropped) and lost events."""
@@ -485,7 +623,14 @@ class Runner(CollectorProcess):
         return False
 
     def lines(self) -> Iterator[str]:
-        yield from self._records(self.stream())
+        """The records; the programs' misses, at the end, as skipped probe hits."""
+        try:
+            for line in self._records(self.stream()):
+                if line.startswith("H\t") and self._proc:     # (attached by now)
+                    self._misses.hold(self._proc.pid)
+                yield line
+        finally:
+            self.outcome.skipped += self._misses.count()
 
     def _records(self, stdout) -> Iterator[str]:
         """The program's lines as records. A printout of the maps becomes the records of
@@ -516,9 +661,9 @@ class Runner(CollectorProcess):
             elif trailer and _COUNT_LINE.match(text):
                 continue                  # (bpftrace prints its count() maps again as it exits)
             elif text.startswith(MARKS["begin"] + "\t"):
-                dump, mark = EndDump(self._available), text.split("\t")[1:]
+                dump, mark = EndDump(self._available, self._dist), text.split("\t")[1:]
             elif text == END_MARK:
-                dump = EndDump(self._available)
+                dump = EndDump(self._available, self._dist)
             else:
                 yield from self._closes([line])
         yield from self._closes(held)
@@ -554,6 +699,10 @@ class Runner(CollectorProcess):
         for line in stdout:
             if self._runtime_warning(line):
                 continue
+            if line.startswith(CA_LINES):         # (a close's, even after END began)
+                line = self._cong.take(line) or ""
+                if not line:
+                    continue
             if line.rstrip("\n") == END_MARK:
                 yield from self._order.rest()
                 yield line
@@ -654,9 +803,14 @@ class BpftraceBackend:
             cmd += ["-c", f"/bin/sh {script}"]
         log(f"loading the bpftrace collector ({len(available)} counters; "
             f"{len(unavailable)} are not countable with tracepoints)...")
-        self._runner = Runner(cmd, available, plan.max_sockets, self._echo)
+        if "cong" in plan.groups and not choice.cong:
+            log("this kernel has no tracepoint tcp:tcp_cong_state_set: the congestion "
+                "counters are unavailable")
+        self._runner = Runner(cmd, available, plan.max_sockets, self._echo,
+                              plan.dist and "CaChanges" in available)
         self.outcome = self._runner.outcome
-        return Prepared(os.uname().release, available, unavailable, "", WHY_UNAVAILABLE)
+        return Prepared(os.uname().release, available, unavailable,
+                        CONG_HOW if "CaChanges" in available else "", WHY_UNAVAILABLE)
 
     def lines(self) -> Iterator[str]:
         assert self._runner is not None, "prepare() first"

@@ -11,6 +11,8 @@ import re
 import subprocess
 from dataclasses import dataclass
 
+from .counters import CA_COUNTERS
+
 # What is listed: the tracepoints of the sock and tcp systems, and whether fexit (kretfunc)
 # can attach to tcp_sendmsg/tcp_recvmsg (it needs BTF and the kernel's BPF trampolines)
 LISTINGS = ("tracepoint:sock:*", "tracepoint:tcp:*", "kfunc:tcp_*msg")
@@ -82,6 +84,7 @@ class Choice:
     recv: str           # RecvBytes/RecvMsgs
     retrans_err: bool   # tcp_retransmit_skb has its err field (it fires on failures too)
     destroy: bool       # tcp:tcp_destroy_sock: records are written as sockets are destroyed
+    cong: bool = True   # tcp:tcp_cong_state_set: the cong group (--cong) can be counted
 
     @property
     def missing(self) -> frozenset[str]:
@@ -91,6 +94,8 @@ class Choice:
             gone |= {"SendBytes", "SendMsgs"}
         if not self.recv:
             gone |= {"RecvBytes", "RecvMsgs"}
+        if not self.cong:
+            gone |= set(CA_COUNTERS)
         return frozenset(gone)
 
 
@@ -107,4 +112,6 @@ def choose(points: KernelPoints) -> Choice:
         recv=pick("tracepoint:sock:sock_recv_length", "kretfunc:tcp_recvmsg"),
         # the err field came with the tracepoint firing on failed retransmissions too
         retrans_err=points.has_field("tracepoint:tcp:tcp_retransmit_skb", "err"),
-        destroy=points.has("tracepoint:tcp:tcp_destroy_sock"))
+        destroy=points.has("tracepoint:tcp:tcp_destroy_sock"),
+        # (without it, congestion states are not seen: the cong group is n/a)
+        cong=points.has("tracepoint:tcp:tcp_cong_state_set"))

@@ -61,7 +61,8 @@ def test_counters_not_countable_are_unavailable():
     assert not set(available) & set(unavailable)
 
 
-@pytest.mark.parametrize("words, what", [(["--cong"], "--cong"), (["--rfc4898"], "--rfc4898")])
+@pytest.mark.parametrize("words, what", [(["--rfc4898"], "--rfc4898"),
+                                         (["--cong", "--interval", "1"], "--cong with --interval")])
 def test_unsupported_options_refused(words, what):
     be = bpftrace.BpftraceBackend(build_plan(["--backend", "bpftrace", *words]), print)
     with pytest.raises(UsageError, match=what):
@@ -255,6 +256,6 @@ def test_timeout_ends_the_run(tmp_path):
 
 def test_every_point_the_man_page_names_is_in_the_program():
     """FIELDS names, per counter, the bpftrace point (BPF_POINTS): each is probed."""
-    program = backend.dump_script(build_plan(["--backend", "bpftrace"]))
+    program = backend.dump_script(build_plan(["--backend", "bpftrace", "--cong"]))
     for name, point in bpftrace.BPF_POINTS.items():
         assert point + " " in program or point + "\n" in program, (name, point)
