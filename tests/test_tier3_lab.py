@@ -75,6 +75,19 @@ def near(value, want, slack):
     return want - slack <= value <= want
 
 
+def clean_run(suite: str, tmp: Path, *args: str, env: dict | None = None,
+              tries: int = 3) -> LabRun:
+    """A run in which stap skipped no probe hit, in at most ``tries``; else the last one.
+    What a skipped hit loses is not only counts: a skipped fork leaves a process out of
+    the -c tree (told in the notes). Skips come from lock waits on a guest whose CPUs the
+    host takes away: a loaded host makes them, and the run says so when it happens."""
+    for _ in range(tries):
+        r = LabRun(suite, tmp, *args, env=env)
+        if r.rc != 0 or r.skipped() + r.faults() == 0:
+            break
+    return r
+
+
 def _by_ports(objs):
     return {(o["lport"], o["rport"]): o["counters"] for o in objs}
 
@@ -245,9 +258,10 @@ def test_many_sockets_one_run(suite, tmp_path):
     (64 is too small here: a 10 ms tick delayed under emulation while ~40 connections
     come and go fills it, and the lost events are told: test_full_tables_are_counted_and_told.)"""
     rec = tmp_path / "records"
-    r = LabRun(suite, tmp_path, "--json", "--max-sockets", "128", "--save-records", str(rec),
-               "*:7005-*:*", "*:*-*:7005", "-c",
-               "tcpwork server 127.0.0.1 7005 10 150 & tcpwork client 127.0.0.1 7005 150 100; wait")
+    r = clean_run(suite, tmp_path, "--json", "--max-sockets", "128", "--save-records", str(rec),
+                  "*:7005-*:*", "*:*-*:7005", "-c",
+                  "tcpwork server 127.0.0.1 7005 10 150 & tcpwork client 127.0.0.1 7005 150 100; "
+                  "wait")
     why = r.explain()
     assert r.rc == 0, why
     objs = r.json()
@@ -261,7 +275,9 @@ def test_many_sockets_one_run(suite, tmp_path):
     assert d["Tcp.PassiveOpens"] - slack <= tot("PassiveOpens") <= d["Tcp.PassiveOpens"], why
     assert 16500 - 100 * slack <= tot("SendBytes") <= 16500, why     # 150 x (100 up + 10 down)
     assert d["Tcp.InSegs"] - slack <= tot("InSegs") <= d["Tcp.InSegs"], why
-    assert slack <= 10, r.stderr   # the lab's lock wait keeps skipped hits rare
+    # the lab's lock wait keeps skipped hits rare: none in one of three runs, or (a host so
+    # loaded that all three skipped some: CI saw 11) a few in a hundred segments
+    assert slack <= d["Tcp.InSegs"] // 50, r.stderr
     trailer = [line.split("\t") for line in rec.read_text().splitlines()
                if line.startswith("T\t")]
     assert len(trailer) == 1 and trailer[0][4] == "0", why                      # no event lost
@@ -596,19 +612,6 @@ def test_index_comm_separates_programs(suite, tmp_path):
     assert all(want - slack2 <= g <= want for g, want in zip(got, (300, 3000))), (got, r2.explain())
     if not slack2:
         assert got == [300, 3000], r2.explain()
-
-
-def clean_run(suite: str, tmp: Path, *args: str, env: dict | None = None,
-              tries: int = 3) -> LabRun:
-    """A run in which stap skipped no probe hit, in at most ``tries``; else the last one.
-    What a skipped hit loses is not only counts: a skipped fork leaves a process out of
-    the -c tree (told in the notes). Skips come from lock waits on a guest whose CPUs the
-    host takes away: a loaded host makes them, and the run says so when it happens."""
-    for _ in range(tries):
-        r = LabRun(suite, tmp, *args, env=env)
-        if r.rc != 0 or r.skipped() + r.faults() == 0:
-            break
-    return r
 
 
 def test_command_tree_is_the_default_selection(suite, tmp_path):
