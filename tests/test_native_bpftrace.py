@@ -61,7 +61,7 @@ def test_counters_not_countable_are_unavailable():
     assert not set(available) & set(unavailable)
 
 
-@pytest.mark.parametrize("words, what", [(["--cong"], "--cong"), (["--rfc4898"], "--rfc4898"),
+@pytest.mark.parametrize("words, what", [(["--cong"], "--cong"),
                                          (["--interval", "1"], "--interval")])
 def test_unsupported_options_refused(words, what):
     be = bpftrace.BpftraceBackend(build_plan(["--backend", "bpftrace", *words]), print)
