@@ -30,6 +30,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator
@@ -41,8 +42,10 @@ from .backend import CollectorProcess, Log, Prepared, RunOutcome, command_from_e
 from .bt_points import Choice, KernelPoints, choose, list_points
 from .counters import CA_COUNTERS, CA_TIME_COUNTERS, UNITS, counters_for_units, units_for_groups
 from .errors import EnvironmentNotReady, UsageError
+from .estats import EVARS
 from .filters import Filter
-from .records import FORMAT_VERSION, HEADER, INTERVAL, MAGIC, SAMPLE, SOCKET, TRAILER
+from .records import (ESTATS, FORMAT_VERSION, HEADER, INTERVAL, MAGIC, SAMPLE, SOCKET,
+                      TRAILER)
 from .series import FIELD_NAMES as SAMPLE_FIELDS
 
 INSTALL_HINT = "install bpftrace: 'apt-get install bpftrace' or 'dnf install bpftrace'"
@@ -102,7 +105,6 @@ def unsupported(plan) -> str:
                       "cong" in plan.groups and not plan.tracepoints),
                      ("--cong with --interval", "cong" in plan.groups
                       and plan.interval_s is not None),
-                     ("--rfc4898", plan.estats),
                      ("-r/--kernel-release", plan.kernel_release is not None),
                      ("--stap-arg", bool(plan.stap_args))):
         if on:
@@ -131,10 +133,13 @@ def _bt_format(spec_format: str) -> str:
     return _bt_string(re.sub(r"%([dx])", r"%l\1", spec_format))
 
 
-def render_program(plan, choice: Choice | None = None) -> str:
+def render_program(plan, choice: Choice | None = None,
+                   estats: EstatsRead | None = None) -> str:
     """The bpftrace program for ``plan`` on a kernel with ``choice``'s points (default: a
     current kernel's): its groups, whether -c runs a command and how many filters there
-    are shape it; their values are positional parameters."""
+    are shape it; their values are positional parameters. With --rfc4898, ``estats`` says
+    which variables this kernel lets it read (None: every one this kernel's HZ allows, as
+    --dump-script shows it)."""
     choice = choice or choose(KernelPoints.newest())
     available, _ = counters(plan.groups, choice.missing)
     cong = "CaChanges" in available
@@ -168,7 +173,9 @@ def render_program(plan, choice: Choice | None = None) -> str:
         sample=sample_context(plan),
         # --interval's parameters follow the filters' and --sample's
         interval_at=3 + len(plan.filters) * PER_FILTER
-        + (SAMPLE_PARAMS if plan.sample_ms is not None else 0))
+        + (SAMPLE_PARAMS if plan.sample_ms is not None else 0),
+        estats=(estats_template(estats or estats_read(None, kernel_hz()))
+                if plan.estats else None))
 
 
 def _words(value: int, mask: int) -> list[int]:
@@ -297,8 +304,9 @@ def _tuple_key(line: str, spec) -> str:
 
 
 def kernel_hz(configs: tuple[Path, ...] = ()) -> int:
-    """The running kernel's CONFIG_HZ (icsk_rto counts jiffies), from its configuration
-    (``configs``: where to look); 0 when none is readable."""
+    """The running kernel's CONFIG_HZ (icsk_rto and the RFC 4898 variables kept in jiffies
+    count them), from its configuration (``configs``: where to look); 0 when none is
+    readable (those are then left out)."""
     configs = configs or (Path("/proc/config.gz"), Path(f"/boot/config-{os.uname().release}"))
     for path in configs:
         try:
@@ -482,6 +490,164 @@ class EndDump:
         return "\t".join(f) + "\n"
 
 
+# ---- --rfc4898: the RFC 4898 variables of each connection as it closes ----
+# Each variable of tcpipstat/estats.py as a bpftrace expression on $tp, the closing
+# socket's struct tcp_sock ($icsk: the same socket as an inet_connection_sock), and what
+# it reads: "struct.member" of the kernel's BTF, and "HZ" for what the kernel keeps in
+# jiffies. Names, units and meanings are the SystemTap collector's (render.py,
+# STAP_EVARS). A variable whose members this kernel's BTF lacks (tp->total_rto before
+# Linux 6.7, ...) is left out of the program and written -1 (n/a), never guessed.
+# (bpftrace 0.17 reads the bitfields of tp->rx_opt through BTF: the native tier checks
+# them against getsockopt(TCP_INFO).)
+_MSS = "(int64)$tp->mss_cache"
+
+
+def _tp(member: str) -> tuple[str, tuple[str, ...]]:
+    return f"$tp->{member}", (f"tcp_sock.{member}",)
+
+
+def _rx(bits: str) -> tuple[str, tuple[str, ...]]:
+    return f"$tp->rx_opt.{bits}", ("tcp_sock.rx_opt", f"tcp_options_received.{bits}")
+
+
+BT_EVARS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "SegsOut": _tp("segs_out"), "DataSegsOut": _tp("data_segs_out"),
+    "DataOctetsOut": _tp("bytes_sent"), "SegsRetrans": _tp("total_retrans"),
+    "OctetsRetrans": _tp("bytes_retrans"), "SegsIn": _tp("segs_in"),
+    "DataSegsIn": _tp("data_segs_in"),
+    "SmoothedRTT": ("$tp->srtt_us >> 3", ("tcp_sock.srtt_us",)),
+    "CurRTO": ("(uint64)$icsk->icsk_rto * 1000 / HZ", ("inet_connection_sock.icsk_rto", "HZ")),
+    "CurMSS": _tp("mss_cache"),
+    "CurCwnd": (f"(int64)$tp->snd_cwnd * {_MSS}", ("tcp_sock.snd_cwnd", "tcp_sock.mss_cache")),
+    "CurSsthresh": (f"$tp->snd_ssthresh >= 0x7fffffff ? (int64)-1 : "
+                    f"(int64)$tp->snd_ssthresh * {_MSS}",
+                    ("tcp_sock.snd_ssthresh", "tcp_sock.mss_cache")),
+    # tcp_packets_in_flight(), signed as stap computes it
+    "PipeSize": (f"((int64)$tp->packets_out - (int64)$tp->sacked_out - (int64)$tp->lost_out"
+                 f" + (int64)$tp->retrans_out) * {_MSS}",
+                 tuple(f"tcp_sock.{m}" for m in ("packets_out", "sacked_out", "lost_out",
+                                                 "retrans_out", "mss_cache"))),
+    "Timeouts": _tp("total_rto"), "CurRwinSent": _tp("rcv_wnd"),
+    "CurRwinRcvd": _tp("snd_wnd"), "MaxRwinRcvd": _tp("max_window"),
+    # (chrono_stat[i - 1]: TCP_CHRONO_RWND_LIMITED is 2, TCP_CHRONO_SNDBUF_LIMITED 3)
+    "SndLimTimeRwin": ("(uint64)$tp->chrono_stat[1] * 1000 / HZ", ("tcp_sock.chrono_stat", "HZ")),
+    "SndLimTimeSnd": ("(uint64)$tp->chrono_stat[2] * 1000 / HZ", ("tcp_sock.chrono_stat", "HZ")),
+    "MinRTT": ("$tp->rtt_min.s[0].v == 0xffffffff ? (int64)-1 : (int64)$tp->rtt_min.s[0].v",
+               ("tcp_sock.rtt_min", "minmax.s", "minmax_sample.v")),
+    "MSSSent": _tp("advmss"), "MSSRcvd": _rx("mss_clamp"),
+    "WinScaleSent": _rx("rcv_wscale"), "WinScaleRcvd": _rx("snd_wscale"),
+    "SACK": ("$tp->rx_opt.sack_ok != 0", _rx("sack_ok")[1]),
+    "TimeStamps": _rx("tstamp_ok"),
+    "ECN": ("$tp->ecn_flags & 1", ("tcp_sock.ecn_flags",)),     # (TCP_ECN_OK)
+    "DSACKDups": _tp("dsack_dups"), "MaxReordering": _tp("reordering"),
+    "SndUna": _tp("snd_una"), "SndNxt": _tp("snd_nxt"), "RcvNxt": _tp("rcv_nxt"),
+    "ThruOctetsAcked": _tp("bytes_acked"), "ThruOctetsReceived": _tp("bytes_received"),
+}
+_BTF_STRUCTS = frozenset(m.split(".")[0] for _, needs in BT_EVARS.values()
+                         for m in needs if m != "HZ")
+ESTATS_PIECE = 10       # variables a printf (one of all 34 exceeds the 512-byte BPF stack)
+
+
+@dataclass(frozen=True)
+class EstatsRead:
+    """What the program reads for --rfc4898: these variables (in EVARS order), HZ."""
+    names: tuple[str, ...]
+    hz: int
+    left_out: dict[str, str] = field(hash=False, default_factory=dict)   # name -> why
+
+
+def btf_members(listing: str) -> set[str]:
+    """"struct.member" of the structs BT_EVARS reads, from ``bpftrace -lv 'struct *'``."""
+    members, struct = set(), None
+    for line in listing.splitlines():
+        m = re.match(r"struct (\w+) \{$", line)
+        if m:
+            struct = m.group(1) if m.group(1) in _BTF_STRUCTS else None
+        elif struct and line.startswith("\t") and not line.startswith("\t\t"):
+            m = re.search(r"(\w+)(\[\d*\])*(: \d+)?;$", line)
+            if m:
+                members.add(f"{struct}.{m.group(1)}")
+    return members
+
+
+def estats_read(members: set[str] | None, hz: int) -> EstatsRead:
+    """The variables whose every member is in ``members`` (None: all are), and HZ known."""
+    have = (members if members is not None else
+            {m for _, needs in BT_EVARS.values() for m in needs}) | ({"HZ"} if hz else set())
+    left_out = {}
+    for name, (_, needs) in BT_EVARS.items():
+        missing = [m for m in needs if m not in have]
+        if missing:
+            left_out[name] = ("HZ unknown (no kernel config)" if missing == ["HZ"] else
+                              "not in this kernel's BTF: " + ", ".join(missing))
+    return EstatsRead(tuple(n for n in BT_EVARS if n not in left_out), hz, left_out)
+
+
+def host_estats(cmd: list[str]) -> EstatsRead:
+    """What bpftrace can read on this kernel (its BTF, as bpftrace lists it; its HZ)."""
+    try:
+        res = subprocess.run([*cmd, "-lv", "struct *"], capture_output=True, text=True,
+                             errors="replace", timeout=120)
+        listing = res.stdout
+    except (OSError, subprocess.TimeoutExpired):
+        listing = ""
+    members = btf_members(listing)
+    if not any(m.startswith("tcp_sock.") for m in members):
+        raise EnvironmentNotReady("bpftrace finds no struct tcp_sock in this kernel's BTF "
+                                  "(--rfc4898 reads it)",
+                                  "a kernel built with CONFIG_DEBUG_INFO_BTF=y")
+    return estats_read(members, kernel_hz())
+
+
+def _long(fmt: str) -> str:
+    """``fmt`` with 64-bit conversions: bpftrace 0.17's %d and %x print the low 32 bits."""
+    return re.sub(r"%([dx])", r"%l\1", fmt)
+
+
+def estats_template(est: EstatsRead) -> dict:
+    """The template's printf formats and arguments for the E record's pieces: piece 0 the
+    record's head, then ESTATS_PIECE variables a piece (:class:`EstatsJoin`)."""
+    names = est.names
+    chunks = [names[i:i + ESTATS_PIECE] for i in range(0, len(names), ESTATS_PIECE)]
+    last = len(chunks)
+    head = f"e\t%lx\t0/{last}\t{_long(ESTATS.printf())}\n"
+    pieces = [(_bt_string(f"e\t%lx\t{i}/{last}\t" + "\t".join(f"{n}=%ld" for n in chunk)
+                          + "\n"),
+               [BT_EVARS[n][0].replace("HZ", str(est.hz)) for n in chunk])
+              for i, chunk in enumerate(chunks, 1)]
+    return {"head": _bt_string(head), "pieces": pieces}
+
+
+class EstatsJoin:
+    """Joins the pieces the program prints of each E record into the record: bpftrace reads
+    each CPU's output apart, so another CPU's lines can come between two printf()s of one
+    probe; each piece says its socket and place (``e KEY I/LAST TEXT``), and the record
+    is written once whole, every variable of EVARS in order, -1 for those left out."""
+
+    def __init__(self):
+        self._open: dict[str, list[str]] = {}
+        self.heads = self.whole = 0
+
+    def add(self, line: str) -> str | None:
+        _, key, at, text = line.rstrip("\n").split("\t", 3)
+        i, last = (int(x) for x in at.split("/"))
+        if i == 0:
+            self.heads += 1
+            self._open[key] = []
+        parts = self._open.get(key)
+        if parts is None or len(parts) != i:       # (a piece before it was lost)
+            self._open.pop(key, None)
+            return None
+        parts.append(text)
+        if i < last:
+            return None
+        del self._open[key]
+        self.whole += 1
+        values = dict(p.split("=", 1) for p in "\t".join(parts[1:]).split("\t") if p)
+        return "\t".join([parts[0], *(f"{v.name}={values.get(v.name, '-1')}"
+                                      for v in EVARS)]) + "\n"
+
+
 def ensure_tracefs(root: Path = TRACEFS) -> None:
     """Tracepoints attach through tracefs: mount it when it is not (root only)."""
     if (root / "events").is_dir():
@@ -612,6 +778,7 @@ class Runner(CollectorProcess):
         self._order = SampleOrder()
         self._cong = CloseCong()
         self._misses = ProgramMisses()
+        self._estats = EstatsJoin()
 
     def classify(self, line: str) -> bool:
         """bpftrace's memlock warning (said on every start: dropped) and lost events."""
@@ -631,6 +798,9 @@ class Runner(CollectorProcess):
                 yield line
         finally:
             self.outcome.skipped += self._misses.count()
+        broken = self._estats.heads - self._estats.whole
+        if broken:
+            self.outcome.warnings.append(f"{broken} RFC 4898 records lost a piece (left out)")
 
     def _records(self, stdout) -> Iterator[str]:
         """The program's lines as records. A printout of the maps becomes the records of
@@ -699,6 +869,10 @@ class Runner(CollectorProcess):
         for line in stdout:
             if self._runtime_warning(line):
                 continue
+            if line.startswith("e\t"):            # --rfc4898: a piece of an E record
+                line = self._estats.add(line) or ""
+                if not line:
+                    continue
             if line.startswith(CA_LINES):         # (a close's, even after END began)
                 line = self._cong.take(line) or ""
                 if not line:
@@ -786,9 +960,10 @@ class BpftraceBackend:
         log("asking bpftrace which probe points this kernel has...")
         choice = choose(list_points(cmd))
         available, unavailable = counters(plan.groups, choice.missing)
+        estats = host_estats(cmd) if plan.estats else None
         self._tmp = tempfile.TemporaryDirectory(prefix="tcpipstat-")
         program = Path(self._tmp.name) / "tcpipstat.bt"
-        program.write_text(render_program(plan, choice))
+        program.write_text(render_program(plan, choice, estats))
         hz = kernel_hz() if plan.sample_ms is not None else 0
         if plan.sample_ms is not None and not hz:
             log("rto_ms will not be sampled: this kernel's CONFIG_HZ is not readable "
@@ -803,6 +978,9 @@ class BpftraceBackend:
             cmd += ["-c", f"/bin/sh {script}"]
         log(f"loading the bpftrace collector ({len(available)} counters; "
             f"{len(unavailable)} are not countable with tracepoints)...")
+        if estats:
+            for name, why in estats.left_out.items():
+                log(f"RFC 4898 {name} is n/a here: {why}")
         if "cong" in plan.groups and not choice.cong:
             log("this kernel has no tracepoint tcp:tcp_cong_state_set: the congestion "
                 "counters are unavailable")

@@ -211,7 +211,7 @@ def test_a_bad_backend_is_refused_by_name():
     assert status == ExitStatus.USAGE and "bad --backend 'dtrace'" in err and out == ""
 
 
-@pytest.mark.parametrize("word", ["--rfc4898", "-r=6.1"])
+@pytest.mark.parametrize("word", ["-r=6.1", "--stap-arg=-t"])
 def test_what_bpftrace_cannot_do_yet_is_refused_before_it_runs(word, monkeypatch):
     """The bpftrace collector refuses, with exit 2, the options it cannot serve yet, before
     it looks for bpftrace or starts anything (TCPIPSTAT_BPFTRACE names a command that
