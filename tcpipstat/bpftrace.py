@@ -56,6 +56,9 @@ PER_FILTER = 21          # numbers per filter (the template's header comment)
 END_MARK = "tcpipstat-bpftrace-end"
 # per-socket maps (deleted as a socket closes) and the run's own
 _SOCKET_MAPS = ("ok", "tup", "n", "pid", "comm")
+_PLACE_MAPS = ("cg", "ns")      # where the socket belongs: cgroup id, netns inode
+# (bpftrace 0.17's %d and %u print the low 32 bits only; a cgroup id may be wider)
+_PLACE_CONVS = {"CGROUP": "%lu", "NETNS": "%lu"}
 _GLOBAL_MAPS = ("start", "records", "dropped", "ended")
 
 
@@ -93,20 +96,22 @@ def _bt_string(text: str) -> str:
         "\n", "\\n")
 
 
-def render_program(plan, choice: Choice | None = None) -> str:
+def render_program(plan, choice: Choice | None = None, cgroup: bool = True) -> str:
     """The bpftrace program for ``plan`` on a kernel with ``choice``'s points (default: a
     current kernel's): its groups, whether -c runs a command and how many filters there
-    are shape it; their values are positional parameters."""
+    are shape it; their values are positional parameters. ``cgroup``: the kernel's
+    sockets hold their cgroup where the program reads it (:func:`cgroup_readable`)."""
     choice = choice or choose(KernelPoints.newest())
     available, _ = counters(plan.groups, choice.missing)
     head = HEADER.printf(MAGIC=MAGIC, FORMAT=FORMAT_VERSION, VERSION=__version__,
                          MAX_SOCKETS=plan.max_sockets, COUNTERS=",".join(available))
-    socket_maps = [*_SOCKET_MAPS, *(["intree"] if plan.command else []),
+    socket_maps = [*_SOCKET_MAPS, *_PLACE_MAPS, *(["intree"] if plan.command else []),
                    *(f"c_{c}" for c in available)]
     return _env().get_template("tcpipstat.bt.j2").render(
         version=__version__, counters=available, command=bool(plan.command), points=choice,
+        cgroup=cgroup,
         nfilters=len(plan.filters), per_filter=PER_FILTER, end_mark=END_MARK,
-        fmt={"H": _bt_string(head), "R": _bt_string(SOCKET.printf()),
+        fmt={"H": _bt_string(head), "R": _bt_string(SOCKET.printf(**_PLACE_CONVS)),
              "T": _bt_string(TRAILER.printf())},
         maps=socket_maps, dumped=[m for m in socket_maps if m not in ("ok", "n")],
         globals=[*_GLOBAL_MAPS, *(["tree"] if plan.command else [])])
@@ -168,16 +173,43 @@ class EndDump:
             tuple_ = (int(x) & (1 << 64) - 1 for x in tup.strip("()").split(","))
             head = _SOCKET_END % ("end", *tuple_, int(get("pid", {}).get(key, "0")),
                                   get("comm", {}).get(key, ""),
-                                  int(get("intree", {}).get(key, "0")))
+                                  int(get("intree", {}).get(key, "0")), *self._place(key))
             out.append("\t".join([head, *(f"{c}={v}" for c, v in
                                           zip(self.available, values))]) + "\n")
         return out
+
+    def _place(self, key: str) -> tuple[int, int]:
+        """The socket's cgroup id and netns inode (0: not known)."""
+        return tuple(int(self.maps.get(m, {}).get(key, "0")) & (1 << 64) - 1
+                     for m in _PLACE_MAPS)
 
     def trailer(self, line: str, written: int) -> str:
         """The trailer, its IDS counting the records written here too."""
         f = line.rstrip("\n").split("\t")
         f[TRAILER.at("IDS")] = str(int(f[TRAILER.at("IDS")]) + written)
         return "\t".join(f) + "\n"
+
+
+# The program's cgroup read: sk_cgrp_data has held the socket's cgroup pointer as a field
+# of its own since Linux 5.15 (commit 8520e224f547, "bpf, cgroups: Fix cgroup v2 fallback
+# on v1/v2 mixed mode"); before, a union that the program cannot read the same way.
+_CGROUP_READ = ("tracepoint:sock:inet_sock_set_state { $s = (struct sock *)args->skaddr; "
+                "@c = $s->sk_cgrp_data.cgroup->kn->id; }")
+
+
+def cgroup_readable(cmd: list[str], timeout: float = 600) -> bool:
+    """Can the program read a socket's cgroup on this kernel? Asked of ``cmd`` (bpftrace or
+    its stand-in), which compiles the read without loading it: ``--dry-run`` (bpftrace
+    0.18 and later) or ``-d`` (0.17). No answer is no: the records then say 0, unknown."""
+    for flag in ("--dry-run", "-d"):
+        try:
+            res = subprocess.run([*cmd, flag, "-e", _CGROUP_READ], capture_output=True,
+                                 text=True, errors="replace", timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        if res.returncode == 0:
+            return True
+    return False
 
 
 def ensure_tracefs(root: Path = TRACEFS) -> None:
@@ -290,10 +322,14 @@ class BpftraceBackend:
         ensure_tracefs()
         log("asking bpftrace which probe points this kernel has...")
         choice = choose(list_points(cmd))
+        cgroup = cgroup_readable(cmd)
+        if not cgroup:
+            log("this kernel's sockets do not say their cgroup where bpftrace can read it: "
+                "cgroups are unknown")
         available, unavailable = counters(plan.groups, choice.missing)
         self._tmp = tempfile.TemporaryDirectory(prefix="tcpipstat-")
         program = Path(self._tmp.name) / "tcpipstat.bt"
-        program.write_text(render_program(plan, choice))
+        program.write_text(render_program(plan, choice, cgroup))
         cmd += ["-q", str(program), *program_args(plan.filters, plan.timeout_s)]
         if plan.command:
             # bpftrace splits -c at spaces without quoting: the command goes in a file.
