@@ -128,6 +128,20 @@ def test_the_place_of_a_tuple_is_its_last_known_one():
     assert (st.cgroup, st.netns, st.counters["SendBytes"]) == (11, 22, 2)
 
 
+def test_an_interval_window_groups_by_the_place_the_run_knows():
+    """stap writes a tuple's place with the records of an interval in which its socket was
+    seen; a later window whose records lack it (0) is still grouped by it."""
+    head = "H\ttcpipstat\t3\tv\t1\t0\t64\tSendBytes\n"
+    line = "R\tinterval\t2\t0\t1\t80\t0\t2\t90\t0\t\t0\t{}\t{}\tSendBytes={}\n"
+    windows = []
+    c = Collection(on_interval=windows.append)
+    c.extend(parse_text(head + line.format(11, 22, 5) + "I\t1\t2\n" + line.format(0, 0, 7)
+                        + "I\t2\t3\n"))
+    keys = [[(r.key.netns, r.counters["SendBytes"]) for r in w.rows("netns")] for w in windows]
+    assert keys == [[(22, 5)], [(22, 7)]]
+    assert [r.key.cgroup_id for r in windows[1].rows("cgroup")] == [11]
+
+
 # ---- the native run, its ids named here ----
 
 @pytest.fixture
