@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator
@@ -321,8 +322,10 @@ class BpftraceBackend:
                                       "run it with sudo, or use --dump-script to see the program")
         ensure_tracefs()
         log("asking bpftrace which probe points this kernel has...")
-        choice = choose(list_points(cmd))
-        cgroup = cgroup_readable(cmd)
+        with ThreadPoolExecutor(1) as pool:     # (the dry run's BTF parse: while listing)
+            readable = pool.submit(cgroup_readable, cmd)
+            choice = choose(list_points(cmd))
+            cgroup = readable.result()
         if not cgroup:
             log("this kernel's sockets do not say their cgroup where bpftrace can read it: "
                 "cgroups are unknown")
