@@ -15,6 +15,7 @@ from typing import IO, Iterable
 from rich.console import Console
 from rich.markup import escape
 
+from . import attribution
 from .backend import Backend, RunOutcome, choose as choose_backend, dump_script
 from .errors import ExitStatus, RecordParseError, TcpipstatError, UsageError, one_line
 from .model import Collection, sort_rows
@@ -82,7 +83,8 @@ def _saved(plan: Plan) -> _Source:
 
 def _select(plan: Plan, collection: Collection, tree: bool) -> None:
     """Which sockets are reported: -x PID's, or the -c command's process tree; and, when a
-    saved run is replayed, the filters given now (the collector applied its own)."""
+    saved run is replayed, the filters given now (the collector applied its own); then
+    --cgroup's and --netns's, which only user space applies."""
     if plan.pid is not None:
         collection.keep, collection.selection = (lambda st, pid=plan.pid: st.pid == pid), "pid"
     elif tree:
@@ -91,6 +93,9 @@ def _select(plan: Plan, collection: Collection, tree: bool) -> None:
         by_process, filters = collection.keep, plan.filters
         collection.keep = lambda st: (any(f.matches(*st.tuple) for f in filters)
                                       and (by_process is None or by_process(st)))
+    by_place, before = attribution.selector(plan.cgroup, plan.netns), collection.keep
+    if by_place is not None:
+        collection.keep = lambda st: by_place(st) and (before is None or before(st))
 
 
 def _hooks(plan: Plan, collection: Collection, sink) -> None:
@@ -220,7 +225,8 @@ def collect(plan: Plan, out: IO[str], err: IO[str]) -> int:
     console, errc = _consoles(out, err)
     src = _saved(plan) if plan.from_records else _live(plan, errc, err)
     ctx = ReportContext(src.available, src.unavailable, plan.nozeros, us=plan.us,
-                        estats=src.estats, dist=src.dist, why_unavailable=src.why_unavailable)
+                        estats=src.estats, dist=src.dist, why_unavailable=src.why_unavailable,
+                        index=plan.index)
     sink = make_sink(plan.output, ctx, out, console, errc)
     collection = Collection()
     _select(plan, collection, src.tree)

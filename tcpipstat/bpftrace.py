@@ -31,6 +31,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator
@@ -45,7 +46,7 @@ from .errors import EnvironmentNotReady, UsageError
 from .estats import EVARS
 from .filters import Filter
 from .records import (ESTATS, FORMAT_VERSION, HEADER, INTERVAL, MAGIC, SAMPLE, SOCKET,
-                      TRAILER)
+                      SOCKET_FORMAT2, TRAILER)
 from .series import FIELD_NAMES as SAMPLE_FIELDS
 
 INSTALL_HINT = "install bpftrace: 'apt-get install bpftrace' or 'dnf install bpftrace'"
@@ -90,6 +91,9 @@ _GLOBAL_MAPS = ("start", "records", "dropped", "ended", "closed", "untracked",
 CA_LINES = "tcpipstat-bpftrace-ca-"
 CA_TIMES, CA_STAYS, CA_CLOSE = CA_LINES + "times", CA_LINES + "stays", CA_LINES + "close"
 CA_NOW = "tcpipstat-bpftrace-now"
+_PLACE_MAPS = ("cg", "ns")      # where the socket belongs: cgroup id, netns inode
+# (bpftrace 0.17's %d and %u print the low 32 bits only; a cgroup id may be wider)
+_PLACE_CONVS = {"CGROUP": "%lu", "NETNS": "%lu"}
 
 
 @lru_cache(maxsize=1)
@@ -134,12 +138,13 @@ def _bt_format(spec_format: str) -> str:
 
 
 def render_program(plan, choice: Choice | None = None,
-                   estats: EstatsRead | None = None) -> str:
+                   estats: EstatsRead | None = None, cgroup: bool = True) -> str:
     """The bpftrace program for ``plan`` on a kernel with ``choice``'s points (default: a
     current kernel's): its groups, whether -c runs a command and how many filters there
     are shape it; their values are positional parameters. With --rfc4898, ``estats`` says
     which variables this kernel lets it read (None: every one this kernel's HZ allows, as
-    --dump-script shows it)."""
+    --dump-script shows it). ``cgroup``: the kernel's sockets hold their cgroup where the
+    program reads it (:func:`cgroup_readable`)."""
     choice = choice or choose(KernelPoints.newest())
     available, _ = counters(plan.groups, choice.missing)
     cong = "CaChanges" in available
@@ -151,16 +156,18 @@ def render_program(plan, choice: Choice | None = None,
     counts = [f"c_{c}" for c in available]
     # Per-socket maps, in the order a closing socket leaves them: comm and intree before
     # pid, tup and sn before ok (the template's full tables: their keys stay among those)
-    socket_maps = [*counts, "n", *intree, "comm", "pid", "tup", *sn, "no", "miss", "ok",
+    socket_maps = [*counts, "n", *intree, "comm", "pid", "tup", *_PLACE_MAPS, *sn, "no", "miss",
+                   "ok",
                    *(["cs"] if cong else [])]
     hist_maps = ["cd", "cm"] if dist else []
     # (the serials first: a snapshot prints them again last, tcpipstat compares the two)
-    dumped = [*sn, "tup", "pid", "comm", *intree, *counts, *(["cs"] if cong else []),
+    dumped = [*sn, "tup", *_PLACE_MAPS, "pid", "comm", *intree, *counts, *(["cs"] if cong else []),
               *hist_maps[:1]]
     return _env().get_template("tcpipstat.bt.j2").render(
         version=__version__, counters=available, command=bool(plan.command), points=choice,
+        cgroup=cgroup,
         nfilters=len(plan.filters), per_filter=PER_FILTER, end_mark=END_MARK,
-        fmt={"H": _bt_format(head), "R": _bt_format(SOCKET.printf()),
+        fmt={"H": _bt_format(head), "R": _bt_format(SOCKET.printf(**_PLACE_CONVS)),
              "T": _bt_format(TRAILER.printf())},
         interval=interval, marks=MARKS,
         close_head=_bt_format(f"{CLOSE_HEAD}\t%d\t") if interval else "",
@@ -344,6 +351,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _RUNTIME_WARNING = re.compile(r"\S+\.bt:[\d:-]+ WARNING: (.*)\Z")
 _DELETE_MISSING = "Can't delete map element because it does not exist"
 _SOCKET_END = SOCKET.printf()       # (the R record's fields, as the program writes them)
+_SOCKET_END2 = SOCKET_FORMAT2.printf()      # (and as programs of format 2 wrote them)
 _MAP_LINE = re.compile(r"@(\w+)\[(-?\d+)\]: (.*)\Z")
 _COUNT_LINE = re.compile(r"@(\w+): (\d+)\Z")
 
@@ -357,6 +365,7 @@ class Ledger:
     def __init__(self):
         self.written: dict[str, list[int]] = {}
         self.closed: set[str] = set()     # serials closed since the last snapshot
+        self.width = SOCKET.width         # fields before a record's counters (its format's)
 
     def since(self, ident: str, values: list[int | None]) -> tuple[list[int], bool]:
         """(what ``values`` add to the socket's records, whether it had none); a value
@@ -374,12 +383,13 @@ class Ledger:
         self.closed.add(serial)
         prev = self.written.pop(serial, None)
         f = record.rstrip("\n").split("\t")
-        if prev is None or len(f) != SOCKET.width + len(prev):
+        width = self.width
+        if prev is None or len(f) != width + len(prev):
             return record                 # (nothing written before; or the parser's to name)
-        pairs = [p.partition("=") for p in f[SOCKET.width:]]
+        pairs = [p.partition("=") for p in f[width:]]
         if not all(v.lstrip("-").isdigit() for _, _, v in pairs):
             return record
-        f[SOCKET.width:] = [f"{n}={int(v) - b}" for (n, _, v), b in zip(pairs, prev)]
+        f[width:] = [f"{n}={int(v) - b}" for (n, _, v), b in zip(pairs, prev)]
         return "\t".join(f) + "\n"
 
 
@@ -432,8 +442,9 @@ class EndDump:
     --interval each snapshot's, whose serials come again after :meth:`recheck`) and
     writes the records of the sockets in it."""
 
-    def __init__(self, available: tuple[str, ...], dist: bool = False):
+    def __init__(self, available: tuple[str, ...], dist: bool = False, place: bool = True):
         self.available = available
+        self.place = place          # the records have CGROUP and NETNS (format 3 and later)
         self.maps: dict[str, dict[str, str]] = {}
         self.cong = CongEnd(dist)
         self.check: dict[str, str] | None = None     # the serials printed again
@@ -475,12 +486,18 @@ class EndDump:
             if not any(counts.values()) and key not in closed and not (new and key in pids):
                 continue                    # (nothing counted since; or resolved, nothing)
             tuple_ = (int(x) & (1 << 64) - 1 for x in tup.strip("()").split(","))
-            head = _SOCKET_END % ("close" if key in closed else reason, *tuple_,
-                                  int(pids.get(key, "0")), get("comm", {}).get(key, ""),
-                                  int(get("intree", {}).get(key, "0")))
+            head = (_SOCKET_END if self.place else _SOCKET_END2) % (
+                "close" if key in closed else reason, *tuple_, int(pids.get(key, "0")),
+                get("comm", {}).get(key, ""), int(get("intree", {}).get(key, "0")),
+                *(self._place(key) if self.place else ()))
             out.append("\t".join([head, *(f"{c}={v}" for c, v in counts.items()), *hist])
                        + "\n")
         return out
+
+    def _place(self, key: str) -> tuple[int, int]:
+        """The socket's cgroup id and netns inode (0: not known)."""
+        return tuple(int(self.maps.get(m, {}).get(key, "0")) & (1 << 64) - 1
+                     for m in _PLACE_MAPS)
 
     @staticmethod
     def trailer(line: str, written: int) -> str:
@@ -648,6 +665,28 @@ class EstatsJoin:
                                       for v in EVARS)]) + "\n"
 
 
+# The program's cgroup read: sk_cgrp_data has held the socket's cgroup pointer as a field
+# of its own since Linux 5.15 (commit 8520e224f547, "bpf, cgroups: Fix cgroup v2 fallback
+# on v1/v2 mixed mode"); before, a union that the program cannot read the same way.
+_CGROUP_READ = ("tracepoint:sock:inet_sock_set_state { $s = (struct sock *)args->skaddr; "
+                "@c = $s->sk_cgrp_data.cgroup->kn->id; }")
+
+
+def cgroup_readable(cmd: list[str], timeout: float = 600) -> bool:
+    """Can the program read a socket's cgroup on this kernel? Asked of ``cmd`` (bpftrace or
+    its stand-in), which compiles the read without loading it: ``--dry-run`` (bpftrace
+    0.18 and later) or ``-d`` (0.17). No answer is no: the records then say 0, unknown."""
+    for flag in ("--dry-run", "-d"):
+        try:
+            res = subprocess.run([*cmd, flag, "-e", _CGROUP_READ], capture_output=True,
+                                 text=True, errors="replace", timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        if res.returncode == 0:
+            return True
+    return False
+
+
 def ensure_tracefs(root: Path = TRACEFS) -> None:
     """Tracepoints attach through tracefs: mount it when it is not (root only)."""
     if (root / "events").is_dir():
@@ -676,6 +715,13 @@ def bpftrace_version(cmd: list[str]) -> tuple[str, str]:
     if tuple(int(x or 0) for x in m.groups()) < MIN_VERSION:
         return m.group(0), f"bpftrace {m.group(0)} is too old: tcpipstat needs {_NEED} or later"
     return m.group(0), ""
+
+
+def _header_format(line: str) -> int:
+    """The FORMAT of a header line (0 if it does not say)."""
+    f = line.split("\t")
+    at = HEADER.at("FORMAT")
+    return int(f[at]) if len(f) > at and f[at].isdigit() else 0
 
 
 def boot_to_wall_ms() -> int:
@@ -771,6 +817,7 @@ class Runner(CollectorProcess):
                          {**os.environ, "BPFTRACE_MAP_KEYS_MAX": str(max_sockets),
                           "BPFTRACE_MAX_MAP_KEYS": str(max_sockets)})
         self._available, self._dist = available, dist
+        self._place = True              # (the header says otherwise: _closes)
         self._ledger = Ledger()
         self._count = 0                 # records written here (the trailer's IDS adds them)
         self._wall = boot_to_wall_ms()
@@ -831,9 +878,9 @@ class Runner(CollectorProcess):
             elif trailer and _COUNT_LINE.match(text):
                 continue                  # (bpftrace prints its count() maps again as it exits)
             elif text.startswith(MARKS["begin"] + "\t"):
-                dump, mark = EndDump(self._available, self._dist), text.split("\t")[1:]
+                dump, mark = EndDump(self._available, self._dist, self._place), text.split("\t")[1:]
             elif text == END_MARK:
-                dump = EndDump(self._available, self._dist)
+                dump = EndDump(self._available, self._dist, self._place)
             else:
                 yield from self._closes([line])
         yield from self._closes(held)
@@ -858,6 +905,10 @@ class Runner(CollectorProcess):
             if line.startswith(CLOSE_HEAD + "\t") and line.count("\t") >= 2:
                 yield self._ledger.close_record(line)
             elif line.startswith("H\t"):
+                # (the records written here follow the format the header announces: a
+                # printout recorded by an earlier version reads as it was written)
+                self._place = _header_format(line) >= 3
+                self._ledger.width = (SOCKET if self._place else SOCKET_FORMAT2).width
                 yield shift_ms(line, HEADER.at("START_MS"), self._wall)
             elif line.strip():                # (bpftrace ends with blank lines)
                 yield line
@@ -958,12 +1009,18 @@ class BpftraceBackend:
                                       "run it with sudo, or use --dump-script to see the program")
         ensure_tracefs()
         log("asking bpftrace which probe points this kernel has...")
-        choice = choose(list_points(cmd))
+        with ThreadPoolExecutor(1) as pool:     # (the dry run's BTF parse: while listing)
+            readable = pool.submit(cgroup_readable, cmd)
+            choice = choose(list_points(cmd))
+            cgroup = readable.result()
+        if not cgroup:
+            log("this kernel's sockets do not say their cgroup where bpftrace can read it: "
+                "cgroups are unknown")
         available, unavailable = counters(plan.groups, choice.missing)
         estats = host_estats(cmd) if plan.estats else None
         self._tmp = tempfile.TemporaryDirectory(prefix="tcpipstat-")
         program = Path(self._tmp.name) / "tcpipstat.bt"
-        program.write_text(render_program(plan, choice, estats))
+        program.write_text(render_program(plan, choice, estats, cgroup))
         hz = kernel_hz() if plan.sample_ms is not None else 0
         if plan.sample_ms is not None and not hz:
             log("rto_ms will not be sampled: this kernel's CONFIG_HZ is not readable "

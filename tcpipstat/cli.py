@@ -78,6 +78,14 @@ OPTION_GROUPS: tuple[tuple[str, tuple[Opt, ...]], ...] = (
             action="store_true", default=False, live_only=True),
         Opt(("-x", "--pid"), "report only the sockets process PID used (sent, received, connected "
             "or accepted on)", dest="pid", metavar="PID", live_only=True),
+        Opt(("--cgroup",), "report only the sockets of cgroup PATH (v2) and of the cgroups below "
+            "it; PATH as /proc/PID/cgroup shows it (/system.slice/nginx.service) or its folder "
+            "under the cgroup v2 mount. A socket is in the cgroup of the process that created it "
+            "(an accepted socket: its listener's; see ATTRIBUTION)", dest="cgroup", metavar="PATH",
+            live_only=True, not_with_check=True),
+        Opt(("--netns",), "report only the sockets of one network namespace: its inode (ls -iL "
+            "/run/netns/NAME, readlink /proc/PID/ns/net) or a process ID, for that process's "
+            "namespace", dest="netns", metavar="INODE|PID", live_only=True, not_with_check=True),
     )),
     ("Report rows", (
         Opt(("-i", "--index"), _index_help(), dest="index", metavar="|".join(NAMES),

@@ -50,6 +50,7 @@ def _italic(text: str) -> str:
 def _facts() -> dict[str, str]:
     """What each {{NAME}} of the prose stands for."""
     process = [ix for ix in INDEXES if ix.needs_process]
+    place = [ix for ix in INDEXES if ix.place]
     return {
         "prog": PROG,
         "version": __version__,
@@ -62,6 +63,8 @@ def _facts() -> dict[str, str]:
                                        "and"),
         "process_indexes": word_list((f"index={ix.name}" for ix in process), "and"),
         "process_fields": word_list((f for ix in process for f in ix.fields), "and"),
+        "place_indexes": word_list((f"index={ix.name}" for ix in place), "and"),
+        "place_fields": word_list((f for ix in place for f in ix.fields), "and"),
     }
 
 

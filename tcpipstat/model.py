@@ -29,6 +29,8 @@ class SocketTotals:
     closed: bool = False
     in_tree: bool = False     # used by a process of the -c command's tree
     estats: dict | None = None  # --rfc4898: its RFC 4898 variables as it closed
+    cgroup: int = 0           # its cgroup v2 id, netns: its network namespace (0: unknown)
+    netns: int = 0
 
     @classmethod
     def first(cls, rec: SocketRecord) -> "SocketTotals":
@@ -36,7 +38,7 @@ class SocketTotals:
         makes, without the merge)."""
         pid = rec.pid
         return cls(rec.tuple, dict(rec.counters), pid, rec.comm if pid else "",
-                   rec.reason == "close", False | rec.in_tree)
+                   rec.reason == "close", False | rec.in_tree, None, rec.cgroup, rec.netns)
 
     def add(self, rec: SocketRecord) -> None:
         if not self.counters:
@@ -48,6 +50,11 @@ class SocketTotals:
         if rec.pid:  # the process that last used the socket in process context
             self.pid, self.comm = rec.pid, rec.comm
         self.in_tree |= rec.in_tree
+        # (a record written without its socket at hand, e.g. from packets only, has 0)
+        if rec.cgroup:
+            self.cgroup = rec.cgroup
+        if rec.netns:
+            self.netns = rec.netns
         if rec.reason == "close":
             self.closed = True
 
@@ -136,8 +143,9 @@ class Collection:
             if self.on_interval is not None:
                 w = _totals(self.window, rec.tuple)
                 w.add(rec)
-                # the window's sockets take the process the whole run knows for them
+                # the window's sockets take the process and place the whole run knows
                 w.pid, w.comm, w.in_tree = st.pid, st.comm, st.in_tree
+                w.cgroup, w.netns = st.cgroup, st.netns
             if rec.reason == "close" and self.on_close and st.has_activity and self.kept(st):
                 self.on_close(st)
         elif isinstance(rec, Header):

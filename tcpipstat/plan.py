@@ -8,6 +8,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from . import attribution
 from .cli import OPTIONS, parse_args, word_list
 from .counters import COUNTERS, DEFAULT_GROUPS, GROUPS
 from .errors import UsageError
@@ -69,6 +70,8 @@ class Plan:
     sort: str | None = None
     top: int | None = None
     pid: int | None = None           # -x: only this process's sockets
+    cgroup: str | None = None        # --cgroup: only the sockets of this cgroup (path) and below
+    netns: int | None = None         # --netns: only the sockets of this namespace (inode)
     tree: bool = False               # -c without --all-processes: only the command's tree
     check: bool = False
     read: str | None = None          # --read: report from this capture file
@@ -150,7 +153,8 @@ def _check_read(ns) -> None:
                          f"{live_only[0]} (that needs the live collector)")
     if not BY_NAME[ns.index].offline:
         raise UsageError(f"index={ns.index} is not available with --read: a capture does not say "
-                         f"which process used a connection (use index={word_list(OFFLINE_NAMES)})")
+                         "which process, cgroup or namespace a connection belonged to (use "
+                         f"index={word_list(OFFLINE_NAMES)})")
 
 
 def _groups(ns) -> tuple[str, ...]:
@@ -281,6 +285,13 @@ def _processes(ns, groups: tuple[str, ...]) -> tuple[int | None, bool]:
     return pid, tree
 
 
+def _places(ns) -> tuple[str | None, int | None]:
+    """--cgroup and --netns, checked against this host now."""
+    cgroup = None if ns.cgroup is None else attribution.check_cgroup(ns.cgroup)
+    netns = None if ns.netns is None else attribution.check_netns(ns.netns, PID_MAX_LIMIT)
+    return cgroup, netns
+
+
 def _check_check(ns) -> None:
     """--check diagnoses the host: what would collect or report cannot go with it."""
     refused = [o.name for o in OPTIONS if o.not_with_check and o.given(ns)]
@@ -366,6 +377,7 @@ def build_plan(argv: list[str]) -> Plan:
     if ns.check:
         _check_check(ns)
     serve, serve_interval, max_series = _serving(ns)
+    cgroup, netns = _places(ns)
     sample_ms = _sample_ms(ns)
     _check_output_files(ns)
     sort, top = _order(ns)
@@ -403,6 +415,8 @@ def build_plan(argv: list[str]) -> Plan:
         top=top,
         pid=pid,
         tree=tree,
+        cgroup=cgroup,
+        netns=netns,
         check=ns.check,
         read=ns.read,
         outcome_json=ns.outcome_json,

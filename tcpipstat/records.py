@@ -6,15 +6,18 @@ printf formats are made from them, the parser finds each field by its name):
 
 ``H  MAGIC  FORMAT  VERSION  START_MS  NFILTERS  MAX_SOCKETS  COUNTERS``
     once, from the begin probe. MAGIC is ``tcpipstat``; COUNTERS: ``NAME,NAME,...``.
-``R  REASON  FAMILY  LADDR_HI  LADDR_LO  LPORT  RADDR_HI  RADDR_LO  RPORT  PID  COMM  FLAGS``
+``R  REASON FAMILY LADDR_HI LADDR_LO LPORT RADDR_HI RADDR_LO RPORT PID COMM FLAGS CGROUP NETNS``
     then ``NAME=VALUE`` fields: one socket tuple's counts since it was last written
     out. REASON is ``close`` (the socket closed), ``spill`` (the table was emptied to
     make room), ``interval`` (an interval ended) or ``end``. Addresses are hex: IPv4
     in the low word, IPv6 as two 64-bit halves. PID/COMM: the process that last used
     the socket in process context (0 and "" if none did); COMM is escaped by stap's
     text_str(). FLAGS: bit 0 = that process was the -c command or one of its
-    descendants when it used the socket (format 1 has no FLAGS field). Several
-    records for one tuple add up.
+    descendants when it used the socket (format 1 has no FLAGS field). CGROUP: the
+    socket's cgroup v2 id (its kernfs node id: the inode of its cgroup directory);
+    NETNS: the inode of its network namespace; both read through the socket, 0 if
+    unknown (formats 1 and 2 have neither: read as 0). Several records for one tuple
+    add up.
 ``I  SEQ  MS``
     interval mode: interval SEQ ended at MS (gettimeofday_ms); the records of its
     sockets came just before.
@@ -49,8 +52,9 @@ from .errors import RecordParseError
 from .estats import EVAR_BY_NAME as _EVAR_NAMES
 from .series import FIELD_NAMES as _SAMPLE_FIELDS, SAMPLE_KINDS, Sample
 
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)   # format 1 (tcpipstat 0.1): no FLAGS field, no intervals
+FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)   # format 1 (tcpipstat 0.1): no FLAGS field, no intervals;
+                               # formats 1 and 2: no CGROUP and NETNS fields
 MAGIC = "tcpipstat"         # the header's second field
 REASONS = ("close", "spill", "interval", "end")
 AF_INET, AF_INET6 = 2, 10
@@ -105,8 +109,10 @@ HEADER = RecordSpec("H", (Field("MAGIC", "%s"), Field("FORMAT"), Field("VERSION"
                           Field("START_MS"), Field("NFILTERS"), Field("MAX_SOCKETS"),
                           Field("COUNTERS", "%s")))
 SOCKET = RecordSpec("R", (Field("REASON", "%s"), *_TUPLE, Field("PID"), Field("COMM", "%s"),
-                          Field("FLAGS")), pairs=True)
-SOCKET_FORMAT1 = SOCKET.without("FLAGS")
+                          Field("FLAGS"), Field("CGROUP"), Field("NETNS")), pairs=True)
+SOCKET_FORMAT2 = SOCKET.without("CGROUP").without("NETNS")
+SOCKET_FORMAT1 = SOCKET_FORMAT2.without("FLAGS")
+_SOCKET_OF_FORMAT = {1: SOCKET_FORMAT1, 2: SOCKET_FORMAT2, 3: SOCKET}
 INTERVAL = RecordSpec("I", (Field("SEQ"), Field("MS")))
 ESTATS = RecordSpec("E", (*_TUPLE, Field("MS")), pairs=True)
 SAMPLE = RecordSpec("S", (Field("EVENT", "%s"), Field("US"), *_TUPLE), pairs=True)
@@ -118,8 +124,8 @@ SPECS = (HEADER, SOCKET, INTERVAL, ESTATS, SAMPLE, TRAILER)
 # The parser's field indices, taken from the specs once (plain ints: socket records are
 # nearly every line, and their fields are read with constant-cost lookups)
 _H = {f.name: HEADER.at(f.name) for f in HEADER.fields}
-_R_REASON, _R_TUPLE, _R_PID, _R_COMM, _R_FLAGS = (
-    SOCKET.at(n) for n in ("REASON", "FAMILY", "PID", "COMM", "FLAGS"))
+_R_REASON, _R_TUPLE, _R_PID, _R_COMM, _R_FLAGS, _R_CGROUP, _R_NETNS = (
+    SOCKET.at(n) for n in ("REASON", "FAMILY", "PID", "COMM", "FLAGS", "CGROUP", "NETNS"))
 _E_TUPLE, _E_MS = ESTATS.at("FAMILY"), ESTATS.at("MS")
 _S_EVENT, _S_US, _S_TUPLE = SAMPLE.at("EVENT"), SAMPLE.at("US"), SAMPLE.at("FAMILY")
 
@@ -158,6 +164,8 @@ class SocketRecord:
     comm: str
     counters: dict[str, int] = field(hash=False)
     in_tree: bool = False
+    cgroup: int = 0           # the socket's cgroup v2 id (0: unknown)
+    netns: int = 0            # its network namespace's inode (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -254,6 +262,14 @@ def hist_key(name: str) -> tuple[int, int] | None:
     return int(s), int(b)
 
 
+def _id64(tok: str) -> int:
+    """A cgroup id or namespace inode: an unsigned 64-bit number."""
+    v = int(tok)
+    if v < 0 or v >= 1 << 64:
+        raise ValueError(tok)
+    return v
+
+
 def _hex64(tok: str) -> int:
     v = int(tok, 16)
     if v < 0 or v >= 1 << 64:
@@ -327,6 +343,10 @@ class Parser:
                 t = self._tuple(f, _R_TUPLE, lineno, line)
                 flags = int(f[_R_FLAGS]) if width > _R_FLAGS else 0
                 counters = self._counters(f, width, lineno, line)
+                if width > _R_NETNS:
+                    return SocketRecord(reason, t, int(f[_R_PID]), unescape_comm(f[_R_COMM]),
+                                        counters, bool(flags & 1), _id64(f[_R_CGROUP]),
+                                        _id64(f[_R_NETNS]))
                 return SocketRecord(reason, t, int(f[_R_PID]), unescape_comm(f[_R_COMM]),
                                     counters, bool(flags & 1))
             other = self._other.get(kind)
@@ -351,7 +371,7 @@ class Parser:
                              int(f[_H["NFILTERS"]]), int(f[_H["MAX_SOCKETS"]]), counters)
         self._known = frozenset(counters)
         self._valid = set(counters)
-        self._rwidth = (SOCKET_FORMAT1 if fmt == 1 else SOCKET).width
+        self._rwidth = _SOCKET_OF_FORMAT[fmt].width
         return self.header
 
     def _interval(self, f: list[str], lineno: int, line: str) -> IntervalMark:

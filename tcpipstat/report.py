@@ -24,7 +24,7 @@ from rich.text import Text
 from .counters import CA_STATES, COUNTERS, SECTIONS
 from .estats import EVARS, TABLES as ESTATS_TABLES
 from .series import summary as series_summary, summary_line
-from .indexes import KEY_FIELDS, GroupKey, key_fields, key_json, key_title
+from .indexes import GroupKey, csv_key_fields, key_fields, key_json, key_title
 from .model import Row, SocketTotals, Window
 from .records import AF_INET6, hist_key
 
@@ -68,6 +68,7 @@ class ReportContext:
     estats: bool = False                        # --rfc4898: RFC 4898 columns in CSV
     dist: bool = False                          # --dist: congestion-state histograms
     why_unavailable: str = ""                   # the collector's reason ("": stap's, below)
+    index: str = "tuple"                        # what rows group by (CSV's key columns)
 
     @property
     def layout(self) -> tuple:
@@ -528,13 +529,12 @@ def print_window(console: Console, win: Window, rows: list[Row], hidden: int, ct
         console.print(f"  ... {hidden} more rows (--top)")
 
 
-_CSV_KEY_FIELDS = ("index", *KEY_FIELDS)          # key_fields()' of every index
-CSV_KEYS = _CSV_KEY_FIELDS + ("sockets", "closed", "processes")
+ROW_KEYS = ("sockets", "closed", "processes")
 WINDOW_KEYS = ("interval", "time", "final")
 
 
 def csv_columns(ctx: ReportContext, window: bool = False) -> list[str]:
-    return (list(WINDOW_KEYS) if window else []) + list(CSV_KEYS) + [
+    return (list(WINDOW_KEYS) if window else []) + [*csv_key_fields(ctx.index), *ROW_KEYS] + [
         c.name for c in ctx.catalogue.counters
         if c.name in ctx.available or c.name in ctx.unavailable] + (
         [f"rfc4898.{v.name}" for v in EVARS] if ctx.estats else [])
@@ -551,9 +551,10 @@ def write_csv(out: IO[str], rows: Iterable[Row], ctx: ReportContext, win: Window
     evars = [v.name for v in EVARS] if ctx.estats else []
     head = [window_fields(win)[k] for k in WINDOW_KEYS] if win is not None else []
     n = 0
+    key_columns = csv_key_fields(ctx.index)
     for row in rows:
         k = key_fields(row.key)
-        vals = head + [k.get(c, "") for c in _CSV_KEY_FIELDS]
+        vals = head + [k.get(c, "") for c in key_columns]
         vals += (row.sockets, row.closed,
                  " ".join(f"{c}[{p}]" for p, c in sorted(row.processes.items())))
         cols = columns[row.key.family == AF_INET6]

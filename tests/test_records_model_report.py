@@ -273,10 +273,10 @@ def test_the_trailer_and_header_hold_their_specs_fields_in_order():
 
 
 def test_record_formats_come_from_the_specs():
-    from tcpipstat.records import HEADER, SOCKET, SOCKET_FORMAT1, TRAILER
-    assert SOCKET.printf() == "R\t%s\t%d\t%x\t%x\t%d\t%x\t%x\t%d\t%d\t%s\t%d"
-    assert (SOCKET.width, SOCKET_FORMAT1.width) == (12, 11)
-    assert (SOCKET.at("PID"), SOCKET.at("FLAGS")) == (9, 11)
+    from tcpipstat.records import HEADER, SOCKET, SOCKET_FORMAT1, SOCKET_FORMAT2, TRAILER
+    assert SOCKET.printf() == "R\t%s\t%d\t%x\t%x\t%d\t%x\t%x\t%d\t%d\t%s\t%d\t%d\t%d"
+    assert (SOCKET.width, SOCKET_FORMAT2.width, SOCKET_FORMAT1.width) == (14, 12, 11)
+    assert (SOCKET.at("PID"), SOCKET.at("FLAGS"), SOCKET.at("NETNS")) == (9, 11, 13)
     assert TRAILER.printf() == "T" + "\t%d" * 7 + "\n"
     assert (TRAILER.min_width, TRAILER.width) == (6, 8)
     assert HEADER.printf(MAGIC="tcpipstat", FORMAT=2, VERSION="v", MAX_SOCKETS=8, COUNTERS="A,B") \
