@@ -78,21 +78,28 @@ def open_capture(path: str) -> IO[bytes]:
 
 def frames(path: str, stats: ReadStats) -> Iterator[tuple[float, int, bytes]]:
     """(timestamp in seconds, link type, frame bytes) of every packet record."""
-    f = open_capture(path)
-    with f:
-        try:        # (peeked, not read and rewound: a FIFO cannot seek)
-            head = f.peek(4)[:4]
-        except OSError as e:
-            raise UsageError(f"cannot read capture '{path}': {e.strerror}") from None
-        magic_be = int.from_bytes(head, "big") if len(head) == 4 else None
-        if magic_be == PCAPNG_MAGIC:
-            stats.format = "pcapng"
+    with open_capture(path) as f:
+        if capture_format(path, f, stats) == "pcapng":
             yield from _pcapng(path, f, stats)
-        elif magic_be in PCAP_MAGICS:
-            stats.format = "pcap"
-            yield from _pcap(path, f, stats)
         else:
-            raise _not_capture(path, f.read(8))     # (the first bytes, once)
+            yield from _pcap(path, f, stats)
+
+
+def capture_format(path: str, f: IO[bytes], stats: ReadStats) -> str:
+    """"pcap" or "pcapng", from the file's first bytes (peeked, not read: a FIFO cannot
+    seek); UsageError when it is neither."""
+    try:
+        head = f.peek(4)[:4]
+    except OSError as e:
+        raise UsageError(f"cannot read capture '{path}': {e.strerror}") from None
+    magic_be = int.from_bytes(head, "big") if len(head) == 4 else None
+    if magic_be == PCAPNG_MAGIC:
+        stats.format = "pcapng"
+    elif magic_be in PCAP_MAGICS:
+        stats.format = "pcap"
+    else:
+        raise _not_capture(path, f.read(8))     # (the first bytes, once)
+    return stats.format
 
 
 def _unsupported(path: str, linktype: int) -> UsageError:
@@ -101,7 +108,17 @@ def _unsupported(path: str, linktype: int) -> UsageError:
                       "loopback captures); convert it, e.g. with editcap -T ether")
 
 
-def _pcap(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, int, bytes]]:
+@dataclass
+class PcapHeader:
+    """What a pcap file header says about the records that follow it."""
+    record_len: int          # a record header's length
+    little: bool             # its byte order
+    ticks: float             # sub-second units per second (microseconds or nanoseconds)
+    linktype: int
+
+
+def pcap_header(path: str, f: IO[bytes], stats: ReadStats) -> PcapHeader:
+    """Read the pcap file header; UsageError when it is cut or of an unsupported link type."""
     buf = f.read(dpcap.FileHdr.__hdr_len__)
     if len(buf) < dpcap.FileHdr.__hdr_len__:
         raise UsageError(f"cannot read capture '{path}': the file ends inside the pcap file header "
@@ -111,15 +128,39 @@ def _pcap(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, in
     if magic in (dpcap.PMUDPCT_MAGIC, dpcap.PMUDPCT_MAGIC_NANO, dpcap.PACPDOM_MAGIC):
         fh = dpcap.LEFileHdr(buf)
     rec = dpcap.MAGIC_TO_PKT_HDR[magic]
-    # a record header's fields: seconds, sub-seconds, captured length, original length (...)
-    unpack = struct.Struct(rec.__hdr_fmt__[:1] + "IIII").unpack_from
-    hlen = rec.__hdr_len__
     nano = magic in (dpcap.TCPDUMP_MAGIC_NANO, dpcap.PMUDPCT_MAGIC_NANO)
-    div = 1e9 if nano else 1e6
     linktype = fh.linktype & 0xFFFF        # the upper bits may carry FCS information
     stats.linktypes.add(linktype)
     if linktype not in LINKTYPES:
         raise _unsupported(path, linktype)
+    return PcapHeader(rec.__hdr_len__, rec.__hdr_fmt__[:1] == "<", 1e9 if nano else 1e6,
+                      linktype)
+
+
+# Why reading stopped early, by the code the compiled reader (tcpipstat/capture/fast.py)
+# returns too, so that both say it in the same words.
+STOPPED = {
+    "record-header-cut": "the file ends inside the header of packet {0} (a truncated capture)",
+    "impossible-caplen": "packet {0} has an impossible captured length ({1} bytes): the file "
+                         "is corrupt from there on",
+    "packet-cut": "the file ends inside packet {0} ({1} of its {2} bytes; a truncated capture)",
+    "block-header-cut": "the file ends inside a block header (a truncated capture)",
+    "impossible-block": "block after packet {0} has an impossible length ({1} bytes): the file "
+                        "is corrupt from there on",
+    "block-cut": "the file ends inside the block after packet {0} ({1} of its {2} bytes; a "
+                 "truncated capture)",
+    "corrupt-packet-block": "a corrupt packet block after packet {0}",
+    "bad-interface": "packet {0} names interface {1} or a length that does not exist: the "
+                     "file is corrupt from there on",
+    "corrupt-simple-block": "a corrupt simple packet block after packet {0}",
+}
+
+
+def _pcap(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, int, bytes]]:
+    head = pcap_header(path, f, stats)
+    # a record header's fields: seconds, sub-seconds, captured length, original length (...)
+    unpack = struct.Struct(("<" if head.little else ">") + "IIII").unpack_from
+    hlen, div, linktype = head.record_len, head.ticks, head.linktype
     read = f.read
     n = 0
     cut = 0
@@ -128,18 +169,15 @@ def _pcap(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, in
             h = read(hlen)
             if len(h) < hlen:
                 if h:
-                    stats.stopped = (f"the file ends inside the header of packet {n + 1} "
-                                     "(a truncated capture)")
+                    stats.stopped = STOPPED["record-header-cut"].format(n + 1)
                 break
             sec, sub, caplen, wirelen = unpack(h)
             if caplen > MAX_RECORD:
-                stats.stopped = (f"packet {n + 1} has an impossible captured length ({caplen} "
-                                 "bytes): the file is corrupt from there on")
+                stats.stopped = STOPPED["impossible-caplen"].format(n + 1, caplen)
                 break
             data = read(caplen)
             if len(data) < caplen:
-                stats.stopped = (f"the file ends inside packet {n + 1} ({len(data)} of its "
-                                 f"{caplen} bytes; a truncated capture)")
+                stats.stopped = STOPPED["packet-cut"].format(n + 1, len(data), caplen)
                 break
             n += 1
             if caplen < wirelen:
@@ -163,7 +201,7 @@ def _pcapng(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, 
             h = read(8)
             if len(h) < 8:
                 if h:
-                    stats.stopped = "the file ends inside a block header (a truncated capture)"
+                    stats.stopped = STOPPED["block-header-cut"]
                 break
             btype = struct.unpack_from(fmt + "I", h)[0]
             if btype == dpcapng.PCAPNG_BT_SHB:      # a (new) section: byte order, interfaces anew
@@ -182,12 +220,11 @@ def _pcapng(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, 
                 break
             if btype == dpcapng.PCAPNG_BT_EPB:     # (nearly every block: inline)
                 if len(body) < 24:
-                    stats.stopped = f"a corrupt packet block after packet {n}"
+                    stats.stopped = STOPPED["corrupt-packet-block"].format(n)
                     break
                 iid, hi, lo, caplen, wirelen = struct.unpack_from(fmt + "IIIII", body)
                 if iid >= len(ifaces) or caplen > len(body) - 24:
-                    stats.stopped = (f"packet {n + 1} names interface {iid} or a length that does "
-                                     "not exist: the file is corrupt from there on")
+                    stats.stopped = STOPPED["bad-interface"].format(n + 1, iid)
                     break
                 linktype, tps, off = ifaces[iid]
                 ts = off + ((hi << 32) | lo) / tps
@@ -230,17 +267,15 @@ def _bad_block(n: int, blen: int, body: bytes | None) -> str:
     """Why reading stops at the block after packet ``n``, of length ``blen``: ``body`` is
     None when that length is impossible, else the part of the block the file holds."""
     if body is None:
-        return (f"block after packet {n} has an impossible length ({blen} bytes): "
-                "the file is corrupt from there on")
-    return (f"the file ends inside the block after packet {n} ({len(body) + 8} of its {blen} "
-            "bytes; a truncated capture)")
+        return STOPPED["impossible-block"].format(n, blen)
+    return STOPPED["block-cut"].format(n, len(body) + 8, blen)
 
 
 def _simple_packet(fmt: str, body: bytes, ifaces: list, n: int, stats: ReadStats):
     """A simple packet block's (time stamp, link type, frame, original length): interface
     0's, no time stamp; None when it is corrupt (``stats.stopped`` says so)."""
     if not ifaces or len(body) < 4:
-        stats.stopped = f"a corrupt simple packet block after packet {n}"
+        stats.stopped = STOPPED["corrupt-simple-block"].format(n)
         return None
     wirelen = struct.unpack_from(fmt + "I", body)[0]
     return 0.0, ifaces[0][0], body[4:4 + min(wirelen, len(body) - 4)], wirelen
