@@ -81,13 +81,19 @@ def test_both_paths_print_the_same(monkeypatch, name, argv):
 
 # -- the per-connection state --------------------------------------------------------------
 
+# the fields the report reads, which the compiled path gives (the rest is working state)
+CONN_FIELDS = [f for f in fast._fast.ConnState.__match_args__ if f != "halves"] if fast._fast \
+    else []
+HALF_FIELDS = fast._fast.HalfState.__match_args__ if fast._fast else []
+
+
 def state(path, reader: str, monkeypatch, filters=(), progress=None) -> tuple:
     """Everything analyse() found, every Conn field the report reads included."""
     monkeypatch.setenv("TCPIPSTAT_READER", reader)
     cap = analyse(str(path), filters, progress)
     assert cap.reader_note == NOTE[reader].removeprefix("tcpipstat: ")
-    conns = [(tuple(getattr(c, f) for f in fast._fast.CONN_FIELDS),
-              tuple(tuple(getattr(h, f) for f in fast._fast.HALF_FIELDS) for h in c.halves))
+    conns = [(tuple(getattr(c, f) for f in CONN_FIELDS),
+              tuple(tuple(getattr(h, f) for f in HALF_FIELDS) for h in c.halves))
              for c in cap.connections()]
     return (cap.read, cap.decoded, cap.malformed, cap.first_ts, cap.last_ts, cap.interrupted,
             cap.interrupted_at, cap.flows.rejected, cap.notes(), conns)

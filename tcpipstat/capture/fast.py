@@ -6,8 +6,9 @@ and loopback frames of IPv4 and IPv6 TCP itself, and keeps flows.py's per-connec
 state in plain structs: no Python object per packet. Python still does what is rare or
 long in rules: pcapng section headers and interface descriptions (reader.py's own
 functions), frames of any other kind (packets.py, with dpkt: ``_fallback``), the filters
-(once per connection), and at the end the report, from flows.py's Conn objects rebuilt
-from the engine's final state (``_conn``), so rows.py and fields.py serve both paths.
+(once per connection), and at the end the report: the engine gives each connection's
+final state with the field names of flows.py's Conn, so that flows.counters(), rows.py
+and fields.py serve both paths.
 
 The pure-Python path (reader.py, packets.py, flows.py) is the reference: the two give
 byte-identical output (tests/test_capture_fast.py runs both on every capture fixture).
@@ -22,7 +23,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import EnvironmentNotReady, UsageError
-from .flows import MAX_HOLES, MAX_PENDING, RECENT_PACKETS, Conn
+from .flows import MAX_HOLES, MAX_PENDING, RECENT_PACKETS
 from .packets import DecodeStats, decoder
 from .reader import (LINKTYPES, MAX_RECORD, STOPPED, _add_interface, _not_capture,
                      _section_header, capture_format, open_capture, pcap_header)
@@ -66,10 +67,11 @@ def choose() -> Reader:
 
 
 class Connections:
-    """What Capture reads of a FlowTable, from the compiled path: every connection, in
-    FlowTable.connections()'s order, and how many the filters refused."""
+    """What Capture reads of a FlowTable, from the compiled path: every connection (a
+    ConnState: the fields of a Conn and its Halves that the report reads, by the same
+    names), in FlowTable.connections()'s order, and how many the filters refused."""
 
-    def __init__(self, conns: list[Conn], rejected: int):
+    def __init__(self, conns: list, rejected: int):
         self.conns, self.rejected = conns, rejected
 
     def connections(self):
@@ -146,16 +148,4 @@ def _collect(eng, cap) -> None:
     d.other += eng.other
     cap.malformed = eng.malformed
     cap.first_ts, cap.last_ts = eng.times
-    cap.flows = Connections([_conn(v) for v in eng.connections()], eng.rejected)
-
-
-def _conn(values: tuple) -> Conn:
-    """flows.py's Conn with the engine's final state: the fields the report reads (the
-    working state, such as the pending segments, stays behind in the engine)."""
-    conn = Conn(*values[:6])
-    for name, v in zip(_fast.CONN_FIELDS, values):
-        setattr(conn, name, v)
-    for half, hv in zip(conn.halves, values[len(_fast.CONN_FIELDS):]):
-        for name, v in zip(_fast.HALF_FIELDS, hv):
-            setattr(half, name, v)
-    return conn
+    cap.flows = Connections(eng.connections(), eng.rejected)

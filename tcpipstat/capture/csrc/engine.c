@@ -442,8 +442,7 @@ static PyMethodDef Engine_methods[] = {
     {"add_interface", (PyCFunction)Engine_add_interface, METH_VARARGS,
      "The section's next interface: (link type, ticks per second, offset in seconds)."},
     {"connections", (PyCFunction)Engine_connections, METH_NOARGS,
-     "Every connection, in FlowTable.connections()'s order, as (CONN_FIELDS..., "
-     "HALF_FIELDS of each direction)."},
+     "Every connection, in FlowTable.connections()'s order, as a ConnState."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -482,23 +481,6 @@ static PyTypeObject EngineType = {
     .tp_getset = Engine_getset,
 };
 
-static PyObject *names_tuple(const char *const *names)
-{
-    Py_ssize_t n = 0;
-    while (names[n])
-        n++;
-    PyObject *t = PyTuple_New(n);
-    for (Py_ssize_t i = 0; t && i < n; i++) {
-        PyObject *s = PyUnicode_FromString(names[i]);
-        if (!s) {
-            Py_CLEAR(t);
-            break;
-        }
-        PyTuple_SET_ITEM(t, i, s);
-    }
-    return t;
-}
-
 static struct PyModuleDef fast_module = {
     PyModuleDef_HEAD_INIT, "_fast",
     "The compiled --read path: capture records -> per-connection state (fast.py drives it).",
@@ -507,15 +489,15 @@ static struct PyModuleDef fast_module = {
 
 PyMODINIT_FUNC PyInit__fast(void)
 {
-    if (PyType_Ready(&EngineType) < 0)
+    if (PyType_Ready(&EngineType) < 0 || flows_types_init() < 0)
         return NULL;
     PyObject *m = PyModule_Create(&fast_module);
     if (!m)
         return NULL;
     if (PyModule_AddObjectRef(m, "Engine", (PyObject *)&EngineType) < 0
             || PyModule_AddIntConstant(m, "RECENT_PACKETS", RECENT_PACKETS) < 0
-            || PyModule_AddObject(m, "CONN_FIELDS", names_tuple(CONN_FIELDS)) < 0
-            || PyModule_AddObject(m, "HALF_FIELDS", names_tuple(HALF_FIELDS)) < 0) {
+            || PyModule_AddObjectRef(m, "ConnState", (PyObject *)ConnStateType) < 0
+            || PyModule_AddObjectRef(m, "HalfState", (PyObject *)HalfStateType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

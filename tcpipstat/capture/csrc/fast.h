@@ -95,9 +95,9 @@ typedef struct {
 int flows_init(Flows *t, PyObject *accept, int32_t max_pending, int32_t max_holes);
 void flows_free(Flows *t);
 int flows_add(Flows *t, double ts, const Seg *s);   /* -1: a Python error (the filters) */
-PyObject *flows_export(Flows *t);                  /* the connections, in flows.py's order */
-extern const char *const HALF_FIELDS[];
-extern const char *const CONN_FIELDS[];
+PyObject *flows_export(Flows *t);   /* [ConnState], in FlowTable.connections()'s order */
+int flows_types_init(void);         /* ConnState and HalfState, at the module's import */
+extern PyTypeObject *ConnStateType, *HalfStateType;
 
 /* Memory the engine holds, through Python's raw allocator: tracemalloc sees it. */
 void *xrealloc(void *p, size_t n);

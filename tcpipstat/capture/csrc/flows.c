@@ -625,15 +625,39 @@ int flows_add(Flows *t, double ts, const Seg *s)
     return 0;
 }
 
-/* -- the result: what the report reads of each connection ----------------------------- */
+/* -- the result: what the report reads of each connection ------------------------------
+ * Struct sequences (named tuples made in C): the report reads their fields by name, as it
+ * reads a Conn's and its Halves' (rebuilding those objects would cost more than all the
+ * rest of a short connection's work). */
 
-const char *const CONN_FIELDS[] = {
-    "family", "laddr", "lport", "raddr", "rport", "first_ts", "last_ts", "opened", "closed",
-    "synack_n", "hs_ack_ts", "packets", NULL};
-const char *const HALF_FIELDS[] = {
-    "segs", "new_bytes", "retrans_segs", "retrans_bytes", "ooo", "dupacks", "netdups",
-    "zero_wins", "rsts", "syns", "fins", "rtt_n", "rtt_sum", "rtt_min", "rtt_max",
-    "first_data", "last_data", "syn_ts", NULL};
+PyTypeObject *ConnStateType, *HalfStateType;
+
+static PyStructSequence_Field conn_fields[] = {
+    {"family", NULL}, {"laddr", NULL}, {"lport", NULL}, {"raddr", NULL}, {"rport", NULL},
+    {"first_ts", NULL}, {"last_ts", NULL}, {"opened", NULL}, {"closed", NULL},
+    {"synack_n", NULL}, {"hs_ack_ts", NULL}, {"packets", NULL},
+    {"halves", "(local -> remote, remote -> local): HalfState each"}, {NULL, NULL}};
+static PyStructSequence_Field half_fields[] = {
+    {"segs", NULL}, {"new_bytes", NULL}, {"retrans_segs", NULL}, {"retrans_bytes", NULL},
+    {"ooo", NULL}, {"dupacks", NULL}, {"netdups", NULL}, {"zero_wins", NULL}, {"rsts", NULL},
+    {"syns", NULL}, {"fins", NULL}, {"rtt_n", NULL}, {"rtt_sum", NULL}, {"rtt_min", NULL},
+    {"rtt_max", NULL}, {"first_data", NULL}, {"last_data", NULL}, {"syn_ts", NULL},
+    {NULL, NULL}};
+static PyStructSequence_Desc conn_desc = {
+    "tcpipstat.capture._fast.ConnState",
+    "A connection's final state: flows.py's Conn fields that the report reads.",
+    conn_fields, 13};
+static PyStructSequence_Desc half_desc = {
+    "tcpipstat.capture._fast.HalfState",
+    "One direction's final state: flows.py's Half fields that the report reads.",
+    half_fields, 18};
+
+int flows_types_init(void)
+{
+    ConnStateType = PyStructSequence_NewType(&conn_desc);
+    HalfStateType = PyStructSequence_NewType(&half_desc);
+    return ConnStateType && HalfStateType ? 0 : -1;
+}
 
 static PyObject *maybe(int has, double v)      /* a float, or None as in flows.py */
 {
@@ -642,30 +666,67 @@ static PyObject *maybe(int has, double v)      /* a float, or None as in flows.p
     Py_RETURN_NONE;
 }
 
-static PyObject *half_values(const Half *h)
+/* a struct sequence of the values given (new references; NULL among them: an error) */
+static PyObject *state(PyTypeObject *type, PyObject **v, int n)
 {
-    return Py_BuildValue("(LLLLLLLLLLLLdddNNN)", h->segs, h->new_bytes, h->retrans_segs,
-                         h->retrans_bytes, h->ooo, h->dupacks, h->netdups, h->zero_wins,
-                         h->rsts, h->syns, h->fins, h->rtt_n, h->rtt_sum, h->rtt_min,
-                         h->rtt_max, maybe(h->has_first_data, h->first_data),
-                         maybe(h->has_first_data, h->last_data),
-                         maybe(h->has_syn_ts, h->syn_ts));
+    PyObject *s = PyStructSequence_New(type);
+    for (int i = 0; i < n; i++) {
+        if (!v[i] || !s) {
+            for (int j = i; j < n; j++)
+                Py_XDECREF(v[j]);
+            Py_XDECREF(s);
+            return NULL;
+        }
+        PyStructSequence_SET_ITEM(s, i, v[i]);
+    }
+    return s;
 }
 
-/* (CONN_FIELDS..., HALF_FIELDS of [0], HALF_FIELDS of [1]) */
-static PyObject *conn_values(const Conn *c)
+static PyObject *half_state(const Half *h)
 {
-    return Py_BuildValue("(iy#iy#iddOOLNLNN)", c->family, (const char *)c->laddr,
-                         (Py_ssize_t)c->alen, c->lport, (const char *)c->raddr,
-                         (Py_ssize_t)c->alen, c->rport, c->first_ts, c->last_ts,
-                         c->opened ? Py_True : Py_False, c->closed ? Py_True : Py_False,
-                         c->synack_n, maybe(c->has_hs_ack_ts, c->hs_ack_ts), c->packets,
-                         half_values(&c->halves[0]), half_values(&c->halves[1]));
+    PyObject *v[18] = {
+        PyLong_FromLongLong(h->segs), PyLong_FromLongLong(h->new_bytes),
+        PyLong_FromLongLong(h->retrans_segs), PyLong_FromLongLong(h->retrans_bytes),
+        PyLong_FromLongLong(h->ooo), PyLong_FromLongLong(h->dupacks),
+        PyLong_FromLongLong(h->netdups), PyLong_FromLongLong(h->zero_wins),
+        PyLong_FromLongLong(h->rsts), PyLong_FromLongLong(h->syns),
+        PyLong_FromLongLong(h->fins), PyLong_FromLongLong(h->rtt_n),
+        PyFloat_FromDouble(h->rtt_sum), PyFloat_FromDouble(h->rtt_min),
+        PyFloat_FromDouble(h->rtt_max), maybe(h->has_first_data, h->first_data),
+        maybe(h->has_first_data, h->last_data), maybe(h->has_syn_ts, h->syn_ts)};
+    return state(HalfStateType, v, 18);
+}
+
+static PyObject *pair(PyObject *a, PyObject *b)       /* (a, b), stealing both */
+{
+    PyObject *t = a && b ? PyTuple_New(2) : NULL;
+    if (!t) {
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 0, a);
+    PyTuple_SET_ITEM(t, 1, b);
+    return t;
+}
+
+static PyObject *conn_state(const Conn *c)
+{
+    PyObject *v[13] = {
+        PyLong_FromLong(c->family),
+        PyBytes_FromStringAndSize((const char *)c->laddr, c->alen), PyLong_FromLong(c->lport),
+        PyBytes_FromStringAndSize((const char *)c->raddr, c->alen), PyLong_FromLong(c->rport),
+        PyFloat_FromDouble(c->first_ts), PyFloat_FromDouble(c->last_ts),
+        PyBool_FromLong(c->opened), PyBool_FromLong(c->closed),
+        PyLong_FromLongLong(c->synack_n), maybe(c->has_hs_ack_ts, c->hs_ack_ts),
+        PyLong_FromLongLong(c->packets),
+        pair(half_state(&c->halves[0]), half_state(&c->halves[1]))};
+    return state(ConnStateType, v, 13);
 }
 
 static int append_conn(PyObject *list, const Conn *c)
 {
-    PyObject *v = conn_values(c);
+    PyObject *v = conn_state(c);
     if (!v)
         return -1;
     int r = PyList_Append(list, v);
