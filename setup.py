@@ -10,7 +10,8 @@ CSRC = "tcpipstat/capture/csrc"
 
 setup(ext_modules=[Extension(
     "tcpipstat.capture._fast",
-    sources=[f"{CSRC}/engine.c", f"{CSRC}/decode.c", f"{CSRC}/flows.c"],
+    sources=[f"{CSRC}/engine.c", f"{CSRC}/decode.c", f"{CSRC}/flows.c",
+             f"{CSRC}/counters.c"],
     depends=[f"{CSRC}/fast.h"],
     optional=True,
 )])

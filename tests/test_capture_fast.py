@@ -88,12 +88,14 @@ HALF_FIELDS = fast._fast.HalfState.__match_args__ if fast._fast else []
 
 
 def state(path, reader: str, monkeypatch, filters=(), progress=None) -> tuple:
-    """Everything analyse() found, every Conn field the report reads included."""
+    """Everything analyse() found: every Conn field the report reads, and the counters it
+    shows of each connection (as repr(): 1 and 1.0, 0.0 and -0.0 differ), included."""
     monkeypatch.setenv("TCPIPSTAT_READER", reader)
     cap = analyse(str(path), filters, progress)
     assert cap.reader_note == NOTE[reader].removeprefix("tcpipstat: ")
     conns = [(tuple(getattr(c, f) for f in CONN_FIELDS),
-              tuple(tuple(getattr(h, f) for f in HALF_FIELDS) for h in c.halves))
+              tuple(tuple(getattr(h, f) for f in HALF_FIELDS) for h in c.halves),
+              repr(list(cap.flows.counters(c).items())))
              for c in cap.connections()]
     return (cap.read, cap.decoded, cap.malformed, cap.first_ts, cap.last_ts, cap.interrupted,
             cap.interrupted_at, cap.flows.rejected, cap.notes(), conns)

@@ -49,7 +49,7 @@ class Capture:
         return [c for c in self.flows.connections() if c.packets]
 
     def rows(self, index: str):
-        return build_rows(self.connections(), index)
+        return build_rows(self.connections(), index, self.flows.counters)
 
     def notes(self) -> list[str]:
         """Warnings, with counts, about what could not be used."""

@@ -361,6 +361,8 @@ class FlowTable:
     every connection seen. ``accept(conn)`` decides, once per connection, whether
     it is analysed at all (the filters)."""
 
+    counters = staticmethod(counters)        # (how the report reads its connections)
+
     def __init__(self, accept=None):
         self.table: dict[tuple, tuple[Conn | None, int]] = {}
         self.accept = accept

@@ -22,13 +22,15 @@ def conn_tuple(conn: Conn) -> Tuple:
                  int.from_bytes(conn.raddr, "big"), conn.rport)
 
 
-def build_rows(conns: Iterable[Conn], index: str) -> list[Row]:
+def build_rows(conns: Iterable[Conn], index: str, counters_of=counters) -> list[Row]:
+    """The rows of ``conns`` grouped by ``index``; ``counters_of(conn)``: the counters of a
+    connection (flows.counters(), or its port for the compiled path's connections)."""
     rows: dict[GroupKey, Row] = {}
     sums: dict[GroupKey, dict[str, list[float]]] = {}
     for conn in conns:
         if not conn.packets:
             continue
-        c = counters(conn)
+        c = counters_of(conn)
         key = GroupKey.of(index, conn_tuple(conn))
         row = rows.get(key)
         if row is None:

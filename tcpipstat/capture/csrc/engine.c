@@ -481,15 +481,21 @@ static PyTypeObject EngineType = {
     .tp_getset = Engine_getset,
 };
 
+static PyMethodDef module_methods[] = {
+    {"counters", counters, METH_O,
+     "flows.counters() of a ConnState: the counters the report shows of that connection."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef fast_module = {
     PyModuleDef_HEAD_INIT, "_fast",
     "The compiled --read path: capture records -> per-connection state (fast.py drives it).",
-    -1, NULL, NULL, NULL, NULL, NULL,
+    -1, module_methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__fast(void)
 {
-    if (PyType_Ready(&EngineType) < 0 || flows_types_init() < 0)
+    if (PyType_Ready(&EngineType) < 0 || flows_types_init() < 0 || counters_init() < 0)
         return NULL;
     PyObject *m = PyModule_Create(&fast_module);
     if (!m)

@@ -3,6 +3,7 @@
  *   engine.c  the Python type: capture records (pcap, pcapng) read in large blocks
  *   decode.c  frame -> TCP segment, for the usual link, IP and TCP headers
  *   flows.c   segments -> per-connection state: a line-by-line port of flows.py
+ *   counters.c  a connection's final state -> the counters the report shows (flows.py's)
  *
  * tcpipstat/capture/flows.py and packets.py stay the reference: this code must give the
  * same numbers from the same packets (tests/test_capture_fast.py compares the two paths'
@@ -98,6 +99,10 @@ int flows_add(Flows *t, double ts, const Seg *s);   /* -1: a Python error (the f
 PyObject *flows_export(Flows *t);   /* [ConnState], in FlowTable.connections()'s order */
 int flows_types_init(void);         /* ConnState and HalfState, at the module's import */
 extern PyTypeObject *ConnStateType, *HalfStateType;
+
+/* counters.c: flows.counters() of a ConnState */
+int counters_init(void);
+PyObject *counters(PyObject *module, PyObject *state);
 
 /* Memory the engine holds, through Python's raw allocator: tracemalloc sees it. */
 void *xrealloc(void *p, size_t n);
