@@ -180,7 +180,8 @@ def timed(argv: list[str], env: dict | None = None, expect: str = "") -> Run:
     with tempfile.NamedTemporaryFile("r") as stats:
         t0 = time.perf_counter()
         proc = subprocess.run([gnu_time, "-o", stats.name, "-f", "%U %S %M", *argv], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)        # (cwd: python3 -m imports from there first)
         wall = time.perf_counter() - t0
         if proc.returncode != 0 or expect not in proc.stderr:
             raise SystemExit(f"{' '.join(argv)} failed: {proc.stderr}")

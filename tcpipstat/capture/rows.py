@@ -48,7 +48,15 @@ def build_rows(conns: Iterable[Conn], index: str, counters_of=counters) -> list[
 
 def _add(totals: dict[str, int | float], means: dict[str, list[float]], c: dict) -> None:
     """One connection's counters ``c`` into its row's: counts summed, the extremes kept,
-    the means' weighted sums and weights accumulated in ``means``."""
+    the means' weighted sums and weights accumulated in ``means`` (the row's rounded means
+    replace the values of those names in ``totals`` at the end)."""
+    if not totals:                           # its first connection: the sums start from it
+        totals.update(c)
+        for name, weight in _MEANS:
+            if name in c:
+                w = c[weight] if weight else 1
+                means[name] = [0.0 + c[name] * w, 0 + w]
+        return
     for name, v in c.items():
         agg, weight = _AGG[name]
         if agg == "sum":
@@ -65,3 +73,4 @@ def _add(totals: dict[str, int | float], means: dict[str, list[float]], c: dict)
 
 
 _AGG = {f.name: (f.agg, f.weight) for f in FIELDS}      # (looked up once per counter)
+_MEANS = tuple((f.name, f.weight) for f in FIELDS if f.agg == "mean")
