@@ -487,6 +487,39 @@ def test_a_stream_reaches_the_real_caps(tmp_path, monkeypatch):
     assert conn[1][0][:3] == (len(steps), (len(steps) - 1) * 1000, 0)   # segs, bytes, resent
 
 
+# -- a connection's counters: csrc/counters.c against flows.counters() ------------------------
+
+# times: any, and the ones nearest to a tie of the rounding to microseconds of milliseconds
+TIMES = st.one_of(st.floats(-1e3, 1e10, allow_nan=False),
+                  st.integers(-10**9, 10**12).map(lambda n: (n + 0.5) / 1e6),
+                  st.sampled_from([0.0, -0.0, 5e-7, -5e-7, 1.5e-6, 2.5e-6, 1e-10]))
+OPTIONAL = st.one_of(st.none(), TIMES)
+COUNT = st.one_of(st.integers(0, 3), st.integers(0, 2**62))
+
+
+@st.composite
+def half_states(draw):
+    counts = [draw(COUNT) for _ in range(12)]          # segs ... fins, rtt_n
+    data = draw(st.one_of(st.none(), st.tuples(TIMES, TIMES)))
+    return fast._fast.HalfState((*counts, draw(TIMES), draw(TIMES), draw(TIMES),
+                                 *(data or (None, None)), draw(OPTIONAL)))
+
+
+@st.composite
+def conn_states(draw):
+    return fast._fast.ConnState((2, A4, 1, B4, 2, draw(TIMES), draw(TIMES), draw(st.booleans()),
+                                 draw(st.booleans()), draw(st.integers(0, 2)), draw(OPTIONAL),
+                                 draw(COUNT), (draw(half_states()), draw(half_states()))))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(conn=conn_states())
+def test_compiled_counters_are_flows_counters(conn):
+    """Every key, in order, and every value, by repr (1 and 1.0, 0.0 and -0.0 differ)."""
+    assert repr(list(fast._fast.counters(conn).items())) == \
+        repr(list(flows.counters(conn).items()))
+
+
 # -- Ctrl-C -----------------------------------------------------------------------------------
 
 def test_ctrl_c_in_progress_stops_both_paths_at_the_same_packet(monkeypatch):
