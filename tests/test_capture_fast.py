@@ -626,6 +626,29 @@ def test_without_the_extension_auto_falls_back_and_compiled_is_an_error(monkeypa
         "installed (apt-get install gcc python3-dev; pip install .)"]
 
 
+# -- start-up: dpkt only when needed ---------------------------------------------------------
+
+def test_pcap_magics_are_dpkts():
+    """reader.PCAP_MAGICS writes out what dpkt's pcap module says of each magic."""
+    from dpkt import pcap
+    from tcpipstat.capture.reader import PCAP_MAGICS
+    nano = {pcap.TCPDUMP_MAGIC_NANO, pcap.PMUDPCT_MAGIC_NANO}
+    assert PCAP_MAGICS == {m: (h.__hdr_len__, h.__hdr_fmt__[0] == "<", m in nano)
+                           for m, h in pcap.MAGIC_TO_PKT_HDR.items()}
+
+
+def test_the_compiled_path_reads_a_pcap_file_without_dpkt():
+    """Importing dpkt is a fifth of tcpipstat's start-up: a pcap file of usual frames does
+    not need it; a pcapng file does (its interface blocks are read with dpkt)."""
+    code = ("import sys; from tcpipstat.capture import analyse; "
+            "print(len(analyse(sys.argv[1]).connections()), 'dpkt' in sys.modules)")
+    for name, dpkt_loaded in (("lo.pcap", "False"), ("any-sll2.pcapng", "True")):
+        out = subprocess.run([sys.executable, "-c", code, str(CAP / name)], cwd=ROOT,
+                             env={**os.environ, "TCPIPSTAT_READER": "compiled"},
+                             capture_output=True, text=True, check=True).stdout
+        assert out.split() == ["9", dpkt_loaded]
+
+
 # -- memory: flat in the capture's length; per connection, below tcptrace's -------------------
 
 def _peak(path, monkeypatch) -> tuple[int, int]:

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from ..filters import Filter
 from . import fast
 from .flows import Conn, FlowTable
-from .packets import DecodeStats, decoder
-from .reader import LINKTYPES, ReadStats, _unsupported, frames
+from .reader import LINKTYPES, DecodeStats, ReadStats, _unsupported, frames
 from .rows import build_rows
 
 
@@ -138,6 +137,7 @@ def analyse(path: str, filters=(), progress=None) -> Capture:
 
 def _read_python(cap: Capture, progress) -> None:
     """The reference path: reader.py's frames, packets.py's decoders, flows.py's table."""
+    from .packets import decoder        # (dpkt: imported only by what needs it)
     decoders: dict[int, object] = {}
     add = cap.flows.add
     first = last = None

@@ -25,9 +25,8 @@ from dataclasses import dataclass
 
 from ..errors import EnvironmentNotReady, UsageError
 from .flows import MAX_HOLES, MAX_PENDING, RECENT_PACKETS
-from .packets import DecodeStats, decoder
-from .reader import (LINKTYPES, MAX_RECORD, STOPPED, _add_interface, _not_capture,
-                     _section_header, capture_format, open_capture, pcap_header)
+from .reader import (LINKTYPES, MAX_RECORD, STOPPED, DecodeStats, _add_interface,
+                     _not_capture, _section_header, capture_format, open_capture, pcap_header)
 
 ENV = "TCPIPSTAT_READER"
 CHOICES = ("auto", "compiled", "python")
@@ -125,12 +124,15 @@ def _pcapng_blocks(eng, path: str, stats) -> None:
 
 def _fallback(stats: DecodeStats):
     """packets.py's decoding of one frame, for the frames the engine leaves to dpkt; its
-    exceptions are the engine's to count (as malformed, like analyse() in Python)."""
+    exceptions are the engine's to count (as malformed, like analyse() in Python). (dpkt,
+    which packets.py imports, is imported at the first such frame: most captures have
+    none.)"""
     decoders: dict[int, object] = {}
 
     def decode(linktype: int, data: bytes):
         dec = decoders.get(linktype)
         if dec is None:
+            from .packets import decoder
             dec = decoders[linktype] = decoder(linktype, stats)
         return dec(data)
     return decode

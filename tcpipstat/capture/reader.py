@@ -1,12 +1,14 @@
 """Capture file -> link-layer frames, one at a time (pcap and pcapng).
 
-The file formats are dpkt's (its file, record and block header definitions); the
-record loop is ours, because dpkt's readers drop what a report must say: a
-packet's original length (was it cut by the snapshot length?), a record cut short
-by the end of the file (a truncated capture), the link type of each pcapng
-interface (a pcapng file may mix them), and they give nanosecond pcap timestamps
-as Decimal. Frames are yielded as they are read: memory does not grow with the
-file.
+pcapng's blocks are dpkt's (its block definitions, imported when a pcapng file is
+read); pcap's two headers are simple enough to read with struct (PCAP_MAGICS), so that
+the compiled path (fast.py) reads a pcap file without importing dpkt, a fifth of
+tcpipstat's start-up. The record loop is ours, because dpkt's readers drop what a
+report must say: a packet's original length (was it cut by the snapshot length?), a
+record cut short by the end of the file (a truncated capture), the link type of each
+pcapng interface (a pcapng file may mix them), and they give nanosecond pcap
+timestamps as Decimal. Frames are yielded as they are read: memory does not grow with
+the file.
 
 Bad input never raises anything but the errors of tcpipstat/errors.py: a file
 that cannot be opened or is not a capture -> UsageError naming the file; a file
@@ -21,10 +23,6 @@ import sys
 import struct
 from dataclasses import dataclass, field
 from typing import IO, Iterator
-
-import dpkt
-from dpkt import pcap as dpcap
-from dpkt import pcapng as dpcapng
 
 from ..errors import UsageError
 
@@ -41,9 +39,29 @@ LINKTYPES = {
     229: "raw IPv6",                   # LINKTYPE_IPV6
     276: "Linux cooked v2 (SLL2)",     # LINKTYPE_LINUX_SLL2 (tcpdump -i any)
 }
-PCAP_MAGICS = set(dpcap.MAGIC_TO_PKT_HDR)
-PCAPNG_MAGIC = dpcapng.PCAPNG_BT_SHB          # 0x0A0D0D0A, the same in both byte orders
+# a pcap file's magic (read big-endian) -> what its records are: (record header length,
+# little-endian, nanosecond time stamps); dpkt's pcap.MAGIC_TO_PKT_HDR, written out
+PCAP_MAGICS = {
+    0xA1B2C3D4: (16, False, False),            # tcpdump's
+    0xA1B23C4D: (16, False, True),             # ... with nanoseconds
+    0xA1B2CD34: (24, False, False),            # Kuznetzov's modified pcap
+    0xD4C3B2A1: (16, True, False),             # the same three, written little-endian
+    0x4D3CB2A1: (16, True, True),
+    0x34CDB2A1: (24, True, False),
+}
+PCAP_FILE_HEADER = 24                          # magic, versions, zone, sigfigs, snaplen, link type
+PCAPNG_MAGIC = 0x0A0D0D0A                      # a section header's type: the same both ways
 MAX_RECORD = 256 * 1024 * 1024                 # larger: a corrupt header, not a packet
+
+
+@dataclass
+class DecodeStats:
+    """What packets.py (and the compiled decoder) counted of the frames read. (Here, not in
+    packets.py, because packets.py imports dpkt, which only some captures need.)"""
+    tcp: int = 0              # TCP segments decoded
+    other: int = 0            # not IP, or IP but not TCP (ARP, UDP, ICMP, ...)
+    fragments: int = 0        # IPv4 fragments after the first (they carry no TCP header)
+    cut_headers: int = 0      # cut by the snapshot length inside the IP or TCP header
 
 
 @dataclass
@@ -119,22 +137,17 @@ class PcapHeader:
 
 def pcap_header(path: str, f: IO[bytes], stats: ReadStats) -> PcapHeader:
     """Read the pcap file header; UsageError when it is cut or of an unsupported link type."""
-    buf = f.read(dpcap.FileHdr.__hdr_len__)
-    if len(buf) < dpcap.FileHdr.__hdr_len__:
+    buf = f.read(PCAP_FILE_HEADER)
+    if len(buf) < PCAP_FILE_HEADER:
         raise UsageError(f"cannot read capture '{path}': the file ends inside the pcap file header "
-                         f"({len(buf)} of {dpcap.FileHdr.__hdr_len__} bytes)")
-    fh = dpcap.FileHdr(buf)
-    magic = fh.magic                       # as read big-endian: the byte-swapped magics mean little
-    if magic in (dpcap.PMUDPCT_MAGIC, dpcap.PMUDPCT_MAGIC_NANO, dpcap.PACPDOM_MAGIC):
-        fh = dpcap.LEFileHdr(buf)
-    rec = dpcap.MAGIC_TO_PKT_HDR[magic]
-    nano = magic in (dpcap.TCPDUMP_MAGIC_NANO, dpcap.PMUDPCT_MAGIC_NANO)
-    linktype = fh.linktype & 0xFFFF        # the upper bits may carry FCS information
+                         f"({len(buf)} of {PCAP_FILE_HEADER} bytes)")
+    record_len, little, nano = PCAP_MAGICS[int.from_bytes(buf[:4], "big")]
+    linktype = int.from_bytes(buf[20:24], "little" if little else "big")
+    linktype &= 0xFFFF                     # the upper bits may carry FCS information
     stats.linktypes.add(linktype)
     if linktype not in LINKTYPES:
         raise _unsupported(path, linktype)
-    return PcapHeader(rec.__hdr_len__, rec.__hdr_fmt__[:1] == "<", 1e9 if nano else 1e6,
-                      linktype)
+    return PcapHeader(record_len, little, 1e9 if nano else 1e6, linktype)
 
 
 # Why reading stopped early, by the code the compiled reader (tcpipstat/capture/fast.py)
@@ -188,10 +201,8 @@ def _pcap(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, in
         stats.cut += cut
 
 
-_SHB_LEN = dpcapng.SectionHeaderBlock.__hdr_len__
-
-
 def _pcapng(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, int, bytes]]:
+    from dpkt import pcapng as dpcapng
     read = f.read
     fmt = "<"
     ifaces: list[tuple[int, float, int]] = []      # (link type, ticks per second, offset seconds)
@@ -298,8 +309,9 @@ def _section_header(path: str, read, h: bytes, first: bool, stats: ReadStats) ->
             raise _not_capture(path, h + bom)
         stats.stopped = "a section header with an unknown byte order: the file is corrupt"
         return ""
+    from dpkt import pcapng as dpcapng
     blen = struct.unpack_from(fmt + "I", h, 4)[0]
-    if blen < _SHB_LEN or blen % 4 or blen > MAX_RECORD:
+    if blen < dpcapng.SectionHeaderBlock.__hdr_len__ or blen % 4 or blen > MAX_RECORD:
         if first:
             raise UsageError(f"cannot read capture '{path}': a corrupt pcapng section header")
         stats.stopped = "a corrupt section header"
@@ -314,6 +326,8 @@ def _section_header(path: str, read, h: bytes, first: bool, stats: ReadStats) ->
 def _idb(fmt: str, buf: bytes, stats: ReadStats) -> tuple[int, float, int] | None:
     """An interface's (link type, ticks per second, offset); None when the block is
     corrupt (what was read before it is kept, like after a corrupt packet)."""
+    import dpkt
+    from dpkt import pcapng as dpcapng
     cls = dpcapng.InterfaceDescriptionBlockLE if fmt == "<" else dpcapng.InterfaceDescriptionBlock
     try:
         idb = cls(buf)
