@@ -8,10 +8,14 @@ from setuptools import Extension, setup
 
 CSRC = "tcpipstat/capture/csrc"
 
-setup(ext_modules=[Extension(
-    "tcpipstat.capture._fast",
-    sources=[f"{CSRC}/engine.c", f"{CSRC}/decode.c", f"{CSRC}/flows.c",
-             f"{CSRC}/counters.c"],
-    depends=[f"{CSRC}/fast.h"],
-    optional=True,
-)])
+setup(
+    ext_modules=[Extension(
+        "tcpipstat.capture._fast",
+        sources=[f"{CSRC}/engine.c", f"{CSRC}/decode.c", f"{CSRC}/flows.c",
+                 f"{CSRC}/counters.c"],
+        depends=[f"{CSRC}/fast.h"],
+        optional=True,
+    )],
+    # the sources go in the sdist (MANIFEST.in), not among the installed files
+    exclude_package_data={"tcpipstat.capture": ["csrc/*"]},
+)

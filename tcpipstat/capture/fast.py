@@ -20,6 +20,7 @@ reference. When it is set, tcpipstat says on stderr which path ran.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -32,9 +33,12 @@ ENV = "TCPIPSTAT_READER"
 CHOICES = ("auto", "compiled", "python")
 
 try:
-    from . import _fast
+    _fast = importlib.import_module("._fast", __package__)
     UNAVAILABLE = ""
-except ImportError as e:        # not built, or built for another Python: the reference runs
+except ModuleNotFoundError:
+    _fast, UNAVAILABLE = None, ("it was not built (no C compiler or no Python headers when "
+                                "tcpipstat was installed)")
+except ImportError as e:        # built for another Python, or broken: the reference runs
     _fast, UNAVAILABLE = None, str(e)
 if _fast is not None and _fast.RECENT_PACKETS != RECENT_PACKETS:
     _fast, UNAVAILABLE = None, "it was built from other sources than this tcpipstat's"
