@@ -7,9 +7,9 @@ state in plain structs: no Python object per packet. Python still does what is r
 long in rules: pcapng section headers and interface descriptions (reader.py's own
 functions), frames of any other kind (packets.py, with dpkt: ``_fallback``), the filters
 (once per connection), and at the end the report: the engine gives each connection's
-final state with the field names of flows.py's Conn, and flows.counters() of it (the
-report's view of a connection, ported to C too: in Python it was a sixth of the time of a
-capture of many short connections), so that rows.py and fields.py serve both paths.
+final state (a ConnState: the field names of flows.py's Conn) and flows.counters() of it
+(the report's view of a connection, ported to C too: in Python it was a sixth of the time
+of a capture of many short connections), so that rows.py and fields.py serve both paths.
 
 The pure-Python path (reader.py, packets.py, flows.py) is the reference: the two give
 byte-identical output (tests/test_capture_fast.py runs both on every capture fixture).

@@ -1,4 +1,4 @@
-/* The compiled --read path (tcpipstat.capture._fast): what its three parts share.
+/* The compiled --read path (tcpipstat.capture._fast): what its four parts share.
  *
  *   engine.c  the Python type: capture records (pcap, pcapng) read in large blocks
  *   decode.c  frame -> TCP segment, for the usual link, IP and TCP headers
