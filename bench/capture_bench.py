@@ -1,26 +1,29 @@
 #!/usr/bin/env python3
-"""Benchmark: tcpipstat --read on a large capture, beside tcptrace; dpkt beside scapy.
+"""Benchmark: tcpipstat --read beside tcptrace, on the same generated captures.
 
-Generates a capture (pcap, Ethernet, 96-byte snapshots as tcpdump -s 96 writes) of
---packets packets (default 1,000,000) of TCP traffic: connections that open, send
-a request, get a response of a few to a few thousand segments acknowledged every
-second segment, lose a segment now and then (the capture misses it; the server
-resends it after three duplicate ACKs: out of order at the capture point) or resend
-one spuriously (a retransmission the capture sees twice), and close. ``--shape
-many`` keeps --concurrent connections open at a time and opens new ones as they
-close (many connections); ``--shape long`` runs --concurrent connections for the
-whole capture (memory must stay flat: it does not grow with the capture's length).
+Generates captures (pcap, Ethernet, 96-byte snapshots as tcpdump -s 96 writes) of
+--packets packets (default 2,000,000) of TCP traffic: connections that open, send a
+request, get a response of a few to a few thousand segments acknowledged every second
+segment, lose a segment now and then (the capture misses it; the server resends it after
+three duplicate ACKs: out of order at the capture point) or resend one spuriously (a
+retransmission the capture sees twice), and close. Two shapes: ``many`` keeps 200
+connections open at a time and opens new ones as they close (many short connections);
+``long`` runs 20 connections for the whole capture.
 
-Then it prints, for the same file:
+On each capture it runs, --runs times, interleaved (one of each, then again):
 
-* tcpipstat --read (the whole path: read, decode, flows, rows, NDJSON to /dev/null):
-  packets per second and peak memory (maximum resident set size of the process);
-* tcptrace -l -r -n --csv: packets per second (when tcptrace is installed);
-* decoding alone (read each packet, get addresses, ports, sequence numbers, flags)
-  with dpkt and with scapy (--scapy-packets of them: scapy is slow), and with
-  Python's struct module for scale.
+* tcpipstat --read FILE --json > /dev/null on its compiled path (TCPIPSTAT_READER=compiled)
+  and on its pure-Python one (=python): the whole run, Python's start-up included, with
+  byte-compiled modules as an installed package has them;
+* tcptrace -l -r -n --csv FILE > /dev/null (what tests/test_capture.py compares with);
 
-    python3 bench/capture_bench.py [--packets 1000000] [--shape many|long] [--keep FILE]
+and prints for each the median wall time and packets per second, the median CPU time
+(user + system: what the run cost one core, whatever else the machine was doing) and
+packets per second of it, the largest peak memory (maximum resident set size), and the
+ratio of tcpipstat's rates to tcptrace's. Last, memory per connection: the difference
+of peak memory between the two captures over the difference of their connections.
+
+    python3 bench/capture_bench.py [--packets 2000000] [--runs 3] [--keep DIR]
 
 Figures measured on the project's machine are in bench/capture_results.md.
 """
@@ -37,9 +40,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 SNAPLEN = 96
 MSS = 1448
@@ -160,116 +164,96 @@ def generate(path: Path, packets: int, concurrent: int, shape: str,
     return n, cid
 
 
-def run_tcpipstat(path: Path) -> tuple[float, int]:
-    """(seconds, peak RSS in KiB) of tcpipstat --read PATH --json > /dev/null."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "tcpipstat", "--read", str(path), "--json"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    dt = time.perf_counter() - t0
-    err = proc.stderr.read().decode()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"tcpipstat failed: {err}")
-    return dt, usage.ru_maxrss
+class Run(NamedTuple):
+    wall: float           # seconds
+    cpu: float            # seconds of user and system time
+    rss: int              # KiB, the maximum resident set size
 
 
-def run_tcptrace(path: Path) -> float | None:
+def timed(argv: list[str], env: dict | None = None, expect: str = "") -> Run:
+    """One run of ``argv``, its output thrown away; ``expect``: a line its stderr must hold
+    (which path tcpipstat took). GNU time starts it: a process forked from this one would
+    count this one's memory in its peak until it runs the tool."""
+    gnu_time = shutil.which("time")
+    if gnu_time is None:
+        raise SystemExit("GNU time is needed to measure peak memory (apt-get install time)")
+    with tempfile.NamedTemporaryFile("r") as stats:
+        t0 = time.perf_counter()
+        proc = subprocess.run([gnu_time, "-o", stats.name, "-f", "%U %S %M", *argv], env=env,
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)        # (cwd: python3 -m imports from there first)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0 or expect not in proc.stderr:
+            raise SystemExit(f"{' '.join(argv)} failed: {proc.stderr}")
+        user, system, rss = stats.read().split()
+    return Run(wall, float(user) + float(system), int(rss))
+
+
+def tools(path: Path) -> dict[str, tuple[list[str], dict | None, str]]:
+    """name -> (command, environment, what its stderr must say)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPATH"] = str(ROOT)
+    cmd = [sys.executable, "-m", "tcpipstat", "--read", str(path), "--json"]
+    out = {}
+    for name, reader, note in (("tcpipstat (compiled)", "compiled", "the compiled reader"),
+                               ("tcpipstat (pure Python)", "python", "the pure-Python reader")):
+        out[name] = (cmd, {**env, "TCPIPSTAT_READER": reader}, note)
+    out["tcptrace"] = (["tcptrace", "-l", "-r", "-n", "--csv", str(path)], None, "")
+    return out
+
+
+def measure(path: Path, runs: int) -> dict[str, list[Run]]:
+    """Every tool ``runs`` times, interleaved, after one unmeasured run of tcpipstat (which
+    byte-compiles its modules, as installing it does)."""
+    cmds = tools(path)
     if not shutil.which("tcptrace"):
-        return None
-    t0 = time.perf_counter()
-    subprocess.run(["tcptrace", "-l", "-r", "-n", "--csv", str(path)], stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, check=True)
-    return time.perf_counter() - t0
+        raise SystemExit("tcptrace is not installed (apt-get install tcptrace)")
+    timed(*cmds["tcpipstat (compiled)"])
+    results: dict[str, list[Run]] = {name: [] for name in cmds}
+    for _ in range(runs):
+        for name, cmd in cmds.items():
+            results[name].append(timed(*cmd))
+    return results
 
 
-def decode_dpkt(path: Path, limit: int) -> tuple[int, float]:
-    import dpkt
-    n = 0
-    t0 = time.perf_counter()
-    with open(path, "rb") as f:
-        for ts, buf in dpkt.pcap.Reader(f):
-            ip = dpkt.ethernet.Ethernet(buf).data
-            tcp = ip.data
-            (ip.src, ip.dst, tcp.sport, tcp.dport, tcp.seq, tcp.ack, tcp.flags, tcp.win, ip.len)
-            n += 1
-            if n >= limit:
-                break
-    return n, time.perf_counter() - t0
-
-
-def decode_scapy(path: Path, limit: int) -> tuple[int, float] | None:
-    try:
-        from scapy.layers.inet import IP, TCP
-        from scapy.layers.l2 import Ether
-        from scapy.utils import RawPcapReader
-    except ImportError:
-        return None
-    n = 0
-    t0 = time.perf_counter()
-    for buf, _meta in RawPcapReader(str(path)):
-        p = Ether(buf)
-        ip, tcp = p[IP], p[TCP]
-        (ip.src, ip.dst, tcp.sport, tcp.dport, tcp.seq, tcp.ack, tcp.flags, tcp.window, ip.len)
-        n += 1
-        if n >= limit:
-            break
-    return n, time.perf_counter() - t0
-
-
-def decode_struct(path: Path, limit: int) -> tuple[int, float]:
-    n = 0
-    rec, ipt = struct.Struct("<IIII"), struct.Struct(">BBH4x4x4s4s")
-    tcpt = struct.Struct(">HHIIBBH")
-    t0 = time.perf_counter()
-    with open(path, "rb", buffering=1 << 20) as f:
-        f.read(24)
-        while n < limit:
-            h = f.read(16)
-            if len(h) < 16:
-                break
-            buf = f.read(rec.unpack(h)[2])
-            ipt.unpack_from(buf, 14)
-            tcpt.unpack_from(buf, 14 + (buf[14] & 15) * 4)
-            n += 1
-    return n, time.perf_counter() - t0
+def report(n: int, results: dict[str, list[Run]]) -> None:
+    print(f"  {'':24} {'wall s':>7} {'packets/s':>11} {'cpu s':>7} {'packets/s cpu':>13} "
+          f"{'peak RSS':>9}")
+    rates = {}
+    for name, rs in results.items():
+        wall, cpu = median(r.wall for r in rs), median(r.cpu for r in rs)
+        rates[name] = (n / wall, n / cpu)
+        print(f"  {name:24} {wall:7.2f} {n / wall:11,.0f} {cpu:7.2f} {n / cpu:13,.0f} "
+              f"{max(r.rss for r in rs) / 1024:6.0f} MiB")
+    tt = rates["tcptrace"]
+    for name in ("tcpipstat (compiled)", "tcpipstat (pure Python)"):
+        w, c = rates[name]
+        print(f"  {name} / tcptrace: {w / tt[0]:.2f}x packets/s (wall), {c / tt[1]:.2f}x (cpu)")
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--packets", type=int, default=1_000_000)
-    ap.add_argument("--concurrent", type=int, default=200, help="connections open at a time")
-    ap.add_argument("--shape", choices=("many", "long"), default="many")
-    ap.add_argument("--scapy-packets", type=int, default=200_000, help="packets scapy decodes")
-    ap.add_argument("--keep", metavar="FILE", help="write the capture here and keep it")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap.add_argument("--packets", type=int, default=2_000_000)
+    ap.add_argument("--runs", type=int, default=3, help="runs of each tool (median)")
+    ap.add_argument("--keep", metavar="DIR", help="write the captures here and keep them")
     args = ap.parse_args()
     tmp = tempfile.TemporaryDirectory()
-    path = Path(args.keep) if args.keep else Path(tmp.name) / "bench.pcap"
-    t0 = time.perf_counter()
-    n, conns = generate(path, args.packets, args.concurrent, args.shape)
-    size = path.stat().st_size
-    print(f"capture: {n:,} packets, {conns:,} connections, {size / 2**20:.0f} MiB, "
-          f"shape={args.shape} (generated in {time.perf_counter() - t0:.1f} s)")
-    dt, rss = run_tcpipstat(path)
-    print(f"tcpipstat --read --json : {dt:6.1f} s  {n / dt:>10,.0f} packets/s  "
-          f"peak memory {rss / 1024:.0f} MiB")
-    tt = run_tcptrace(path)
-    if tt is not None:
-        print(f"tcptrace -l -r --csv    : {tt:6.1f} s  {n / tt:>10,.0f} packets/s")
-    else:
-        print("tcptrace: not installed (apt-get install tcptrace)")
-    print("decoding only (read each packet; addresses, ports, sequence numbers, flags):")
-    k, d = decode_dpkt(path, n)
-    print(f"  dpkt   {k:>9,} packets {d:6.1f} s  {k / d:>10,.0f} packets/s")
-    sc = decode_scapy(path, min(n, args.scapy_packets))
-    if sc is None:
-        print("  scapy  not installed (pip install scapy)")
-    else:
-        k, d = sc
-        print(f"  scapy  {k:>9,} packets {d:6.1f} s  {k / d:>10,.0f} packets/s")
-    k, d = decode_struct(path, n)
-    print(f"  struct {k:>9,} packets {d:6.1f} s  {k / d:>10,.0f} packets/s  "
-          "(no library: for scale)")
+    where = Path(args.keep or tmp.name)
+    peaks = {}
+    for shape, concurrent in (("many", 200), ("long", 20)):
+        path = where / f"bench-{shape}.pcap"
+        t0 = time.perf_counter()
+        n, conns = generate(path, args.packets, concurrent, shape)
+        print(f"{shape}: {n:,} packets, {conns:,} connections, "
+              f"{path.stat().st_size / 2**20:.0f} MiB (generated in "
+              f"{time.perf_counter() - t0:.0f} s), {args.runs} runs each, medians:")
+        results = measure(path, args.runs)
+        report(n, results)
+        peaks[shape] = conns, {k: max(r.rss for r in rs) for k, rs in results.items()}
+    (c_many, many), (c_long, long_) = peaks["many"], peaks["long"]
+    print("memory per connection (peak RSS, many minus long, over their connections):")
+    for name in many:
+        print(f"  {name:24} {(many[name] - long_[name]) * 1024 / (c_many - c_long):7,.0f} bytes")
     return 0
 
 

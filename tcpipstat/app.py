@@ -309,6 +309,8 @@ def report_capture(plan: Plan, out: IO[str], err: IO[str]) -> int:
     console, errc = _consoles(out, err)
     with _capture_progress(errc) as progress:
         cap = analyse(plan.read, plan.filters, progress)
+    if cap.reader_note:                 # (asked for with TCPIPSTAT_READER)
+        print(f"{PROG}: {cap.reader_note}", file=err)
     rows, hidden = sort_rows(cap.rows(plan.index), plan.sort, plan.top)
     dur = cap.duration_s
     outcome = Outcome(capture=cap.notes(), hidden=hidden, top=plan.top, sort=plan.sort,

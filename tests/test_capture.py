@@ -513,6 +513,7 @@ def test_ctrl_c_while_reading_reports_what_was_read(monkeypatch):
                 raise KeyboardInterrupt
             yield frame
     monkeypatch.setattr(capture, "frames", interrupted)
+    monkeypatch.setenv("TCPIPSTAT_READER", "python")     # (whose frames() this replaces)
     monkeypatch.setattr(capture, "PROGRESS_EVERY", 10)
     calls = []
     cap = capture.analyse(str(FIXTURES / "capture" / "lo.pcap"), progress=calls.append)

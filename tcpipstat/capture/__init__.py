@@ -8,6 +8,7 @@ packets.py     frames -> TCP segments (dpkt: Ethernet, SLL, SLL2, raw IP; IPv4, 
 flows.py       segments -> per-connection state -> per-connection counters
 rows.py        connections -> the model's report rows, grouped by the index
 fields.py      the counters a capture can show: the report's catalogue
+fast.py        the compiled path (csrc/: reading, decoding, flows in C), and the choice
 =============  =====================================================================
 
 and then the live tool's report layer (tcpipstat/report.py) prints the rows.
@@ -17,10 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..filters import Filter
+from . import fast
 from .flows import Conn, FlowTable
-from .packets import DecodeStats, decoder
-from .reader import LINKTYPES, ReadStats, _unsupported, frames
-from .rows import build_rows, conn_tuple
+from .reader import LINKTYPES, DecodeStats, ReadStats, _unsupported, frames
+from .rows import build_rows
 
 
 @dataclass
@@ -29,12 +30,13 @@ class Capture:
     path: str
     read: ReadStats = field(default_factory=ReadStats)
     decoded: DecodeStats = field(default_factory=DecodeStats)
-    flows: FlowTable = field(default_factory=FlowTable)
+    flows: FlowTable | fast.Connections = field(default_factory=FlowTable)
     malformed: int = 0
     interrupted: bool = False      # Ctrl-C while reading: the report holds what was read
     interrupted_at: int = 0        # packets read by then
     first_ts: float | None = None
     last_ts: float | None = None
+    reader_note: str = ""          # which path read it, when TCPIPSTAT_READER asks (fast.py)
 
     @property
     def duration_s(self) -> float | None:
@@ -46,7 +48,7 @@ class Capture:
         return [c for c in self.flows.connections() if c.packets]
 
     def rows(self, index: str):
-        return build_rows(self.connections(), index)
+        return build_rows(self.connections(), index, self.flows.counters)
 
     def notes(self) -> list[str]:
         """Warnings, with counts, about what could not be used."""
@@ -95,12 +97,20 @@ class Capture:
 def accept_filters(filters: tuple[Filter, ...] | list[Filter]):
     """The live tool's filters, applied to a connection (local = its client, the side that
     opened it or, without its handshake, the side of the higher port: FlowTable._new)."""
+    match = match_filters(filters)
+    if match is None:
+        return None
+    return lambda conn: match(conn.family, conn.laddr, conn.lport, conn.raddr, conn.rport)
+
+
+def match_filters(filters: tuple[Filter, ...] | list[Filter]):
+    """The same, on the tuple a connection is oriented as (what the compiled path has)."""
     if not filters:
         return None
 
-    def accept(conn: Conn) -> bool:
-        t = conn_tuple(conn)
-        return any(f.matches(t.family, t.laddr, t.lport, t.raddr, t.rport) for f in filters)
+    def accept(family: int, laddr: bytes, lport: int, raddr: bytes, rport: int) -> bool:
+        la, ra = int.from_bytes(laddr, "big"), int.from_bytes(raddr, "big")
+        return any(f.matches(family, la, lport, ra, rport) for f in filters)
     return accept
 
 
@@ -110,14 +120,30 @@ PROGRESS_EVERY = 1 << 16        # packets between two calls of analyse()'s progr
 def analyse(path: str, filters=(), progress=None) -> Capture:
     """Read and analyse one capture file. Raises UsageError when it cannot be read at
     all; a file that ends early is analysed up to there (``read.stopped`` says why).
-    ``progress(packets)``, if given, is called every PROGRESS_EVERY packets."""
-    cap = Capture(path, flows=FlowTable(accept_filters(filters)))
+    ``progress(packets)``, if given, is called every PROGRESS_EVERY packets. The compiled
+    path reads it when it is there, else the pure-Python one (fast.py)."""
+    reader = fast.choose()
+    cap = Capture(path, reader_note=reader.note)
+    if reader.compiled:
+        fast.read_capture(cap, match_filters(filters), progress, PROGRESS_EVERY)
+    else:
+        cap.flows = FlowTable(accept_filters(filters))
+        _read_python(cap, progress)
+    r = cap.read
+    if r.frames and sum(r.unknown_link.values()) == r.frames:
+        raise _unsupported(path, min(r.unknown_link))
+    return cap
+
+
+def _read_python(cap: Capture, progress) -> None:
+    """The reference path: reader.py's frames, packets.py's decoders, flows.py's table."""
+    from .packets import decoder        # (dpkt: imported only by what needs it)
     decoders: dict[int, object] = {}
     add = cap.flows.add
     first = last = None
     malformed = seen = 0
     try:
-        for ts, linktype, data in frames(path, cap.read):
+        for ts, linktype, data in frames(cap.path, cap.read):
             seen += 1
             if progress is not None and not seen % PROGRESS_EVERY:
                 progress(seen)
@@ -137,10 +163,6 @@ def analyse(path: str, filters=(), progress=None) -> Capture:
     except KeyboardInterrupt:
         cap.interrupted, cap.interrupted_at = True, seen
     cap.first_ts, cap.last_ts, cap.malformed = first, last, malformed
-    r = cap.read
-    if r.frames and sum(r.unknown_link.values()) == r.frames:
-        raise _unsupported(path, min(r.unknown_link))
-    return cap
 
 
-__all__ = ["Capture", "analyse", "accept_filters", "LINKTYPES"]
+__all__ = ["Capture", "analyse", "accept_filters", "match_filters", "LINKTYPES"]

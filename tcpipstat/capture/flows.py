@@ -34,6 +34,7 @@ connection keeps only its counters.
 from __future__ import annotations
 
 from bisect import bisect_left, insort
+from operator import attrgetter
 from typing import Iterator
 
 FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
@@ -96,49 +97,51 @@ class Conn:
         self.hs_ack_ts: float | None = None  # the initiator's ACK of the SYN-ACK
         self.packets = 0
 
-    # -- the per-connection view the report shows ------------------------------------
     def counters(self) -> dict[str, int | float]:
-        out, inn = self.halves
-        c: dict[str, int | float] = {}
-        for h, names in ((out, _OUT), (inn, _IN)):
-            for name, attr in names:
-                v = getattr(h, attr)
-                if v:
-                    c[name] = v
-            if h.rtt_n:
-                p = names[-1][0][:-len("RttSamples")]
-                c[p + "RttMin"] = _ms(h.rtt_min)
-                c[p + "RttAvg"] = _ms(h.rtt_sum / h.rtt_n)
-                c[p + "RttMax"] = _ms(h.rtt_max)
-        if self.opened:
-            c["ActiveOpens"] = 1
-        if self.synack_n:
-            c["PassiveOpens"] = 1
-        if self.opened and not self.synack_n and inn.segs == inn.rsts:
-            c["AttemptFails"] = 1
-        if (out.syns == 1 and self.synack_n == 1 and self.hs_ack_ts is not None
-                and out.syn_ts is not None):
-            c["HandshakeRtt"] = _ms(self.hs_ack_ts - out.syn_ts)
-        if out.first_data is not None and inn.first_data is not None:
-            # the first response byte after the first request byte
-            if inn.first_data >= out.first_data:
-                c["FirstByte"] = _ms(inn.first_data - out.first_data)
-        firsts = [t for t in (out.first_data, inn.first_data) if t is not None]
-        lasts = [t for t in (out.last_data, inn.last_data) if t is not None]
-        if firsts:
-            c["TransferTime"] = _ms(max(lasts) - min(firsts))
-        c["Duration"] = _ms(self.last_ts - self.first_ts)
-        return c
+        return counters(self)
 
 
-_OUT = (("OutSegs", "segs"), ("SendBytes", "new_bytes"), ("RetransSegs", "retrans_segs"),
-        ("RetransBytes", "retrans_bytes"), ("OutOfOrder", "ooo"), ("DupAcks", "dupacks"),
-        ("NetDups", "netdups"), ("ZeroWindows", "zero_wins"), ("OutRsts", "rsts"),
-        ("RttSamples", "rtt_n"))
-_IN = (("InSegs", "segs"), ("RecvBytes", "new_bytes"), ("InRetransSegs", "retrans_segs"),
-       ("InRetransBytes", "retrans_bytes"), ("InOutOfOrder", "ooo"), ("InDupAcks", "dupacks"),
-       ("InNetDups", "netdups"), ("InZeroWindows", "zero_wins"), ("InRsts", "rsts"),
-       ("InRttSamples", "rtt_n"))
+def counters(conn) -> dict[str, int | float]:
+    """The per-connection view the report shows, of a Conn, or of the compiled path's
+    ConnState (tcpipstat/capture/fast.py): the same fields, by the same names."""
+    out, inn = conn.halves
+    c: dict[str, int | float] = {}
+    for h, names, p in ((out, _OUT, ""), (inn, _IN, "In")):
+        for name, v in zip(names, _COUNTS(h)):
+            if v:
+                c[name] = v
+        if h.rtt_n:
+            c[p + "RttMin"] = _ms(h.rtt_min)
+            c[p + "RttAvg"] = _ms(h.rtt_sum / h.rtt_n)
+            c[p + "RttMax"] = _ms(h.rtt_max)
+    if conn.opened:
+        c["ActiveOpens"] = 1
+    if conn.synack_n:
+        c["PassiveOpens"] = 1
+    if conn.opened and not conn.synack_n and inn.segs == inn.rsts:
+        c["AttemptFails"] = 1
+    if (out.syns == 1 and conn.synack_n == 1 and conn.hs_ack_ts is not None
+            and out.syn_ts is not None):
+        c["HandshakeRtt"] = _ms(conn.hs_ack_ts - out.syn_ts)
+    if out.first_data is not None and inn.first_data is not None:
+        # the first response byte after the first request byte
+        if inn.first_data >= out.first_data:
+            c["FirstByte"] = _ms(inn.first_data - out.first_data)
+    firsts = [t for t in (out.first_data, inn.first_data) if t is not None]
+    lasts = [t for t in (out.last_data, inn.last_data) if t is not None]
+    if firsts:
+        c["TransferTime"] = _ms(max(lasts) - min(firsts))
+    c["Duration"] = _ms(conn.last_ts - conn.first_ts)
+    return c
+
+
+# a direction's counts, in the order the report lists them: as sent (Out) and as received (In)
+_COUNTS = attrgetter("segs", "new_bytes", "retrans_segs", "retrans_bytes", "ooo", "dupacks",
+                     "netdups", "zero_wins", "rsts", "rtt_n")
+_OUT = ("OutSegs", "SendBytes", "RetransSegs", "RetransBytes", "OutOfOrder", "DupAcks",
+        "NetDups", "ZeroWindows", "OutRsts", "RttSamples")
+_IN = ("InSegs", "RecvBytes", "InRetransSegs", "InRetransBytes", "InOutOfOrder", "InDupAcks",
+       "InNetDups", "InZeroWindows", "InRsts", "InRttSamples")
 
 
 def _ms(seconds: float) -> float:
@@ -357,6 +360,8 @@ class FlowTable:
     """Feed segments in capture order with :meth:`add`; :meth:`connections` gives
     every connection seen. ``accept(conn)`` decides, once per connection, whether
     it is analysed at all (the filters)."""
+
+    counters = staticmethod(counters)        # (how the report reads its connections)
 
     def __init__(self, accept=None):
         self.table: dict[tuple, tuple[Conn | None, int]] = {}

@@ -13,25 +13,16 @@ or TCP header cannot be used (counted in :attr:`DecodeStats.cut_headers`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import dpkt
 from dpkt import ethernet, ip, ip6, sll, sll2, tcp
 
-from .reader import LINKTYPES
+from .reader import LINKTYPES, DecodeStats
 
 AF_INET, AF_INET6 = 2, 10
 _IP, _IP6, _TCP = ip.IP, ip6.IP6, tcp.TCP
 _DECODE_ERRORS = (dpkt.UnpackError, IndexError, ValueError, KeyError)
-
-
-@dataclass
-class DecodeStats:
-    tcp: int = 0              # TCP segments decoded
-    other: int = 0            # not IP, or IP but not TCP (ARP, UDP, ICMP, ...)
-    fragments: int = 0        # IPv4 fragments after the first (they carry no TCP header)
-    cut_headers: int = 0      # cut by the snapshot length inside the IP or TCP header
 
 
 def _from_ip(pkt, stats: DecodeStats):

@@ -1,12 +1,14 @@
 """Capture file -> link-layer frames, one at a time (pcap and pcapng).
 
-The file formats are dpkt's (its file, record and block header definitions); the
-record loop is ours, because dpkt's readers drop what a report must say: a
-packet's original length (was it cut by the snapshot length?), a record cut short
-by the end of the file (a truncated capture), the link type of each pcapng
-interface (a pcapng file may mix them), and they give nanosecond pcap timestamps
-as Decimal. Frames are yielded as they are read: memory does not grow with the
-file.
+pcapng's blocks are dpkt's (its block definitions, imported when a pcapng file is
+read); pcap's two headers are simple enough to read with struct (PCAP_MAGICS), so that
+the compiled path (fast.py) reads a pcap file without importing dpkt, a fifth of
+tcpipstat's start-up. The record loop is ours, because dpkt's readers drop what a
+report must say: a packet's original length (was it cut by the snapshot length?), a
+record cut short by the end of the file (a truncated capture), the link type of each
+pcapng interface (a pcapng file may mix them), and they give nanosecond pcap
+timestamps as Decimal. Frames are yielded as they are read: memory does not grow with
+the file.
 
 Bad input never raises anything but the errors of tcpipstat/errors.py: a file
 that cannot be opened or is not a capture -> UsageError naming the file; a file
@@ -21,10 +23,6 @@ import sys
 import struct
 from dataclasses import dataclass, field
 from typing import IO, Iterator
-
-import dpkt
-from dpkt import pcap as dpcap
-from dpkt import pcapng as dpcapng
 
 from ..errors import UsageError
 
@@ -41,9 +39,29 @@ LINKTYPES = {
     229: "raw IPv6",                   # LINKTYPE_IPV6
     276: "Linux cooked v2 (SLL2)",     # LINKTYPE_LINUX_SLL2 (tcpdump -i any)
 }
-PCAP_MAGICS = set(dpcap.MAGIC_TO_PKT_HDR)
-PCAPNG_MAGIC = dpcapng.PCAPNG_BT_SHB          # 0x0A0D0D0A, the same in both byte orders
+# a pcap file's magic (read big-endian) -> what its records are: (record header length,
+# little-endian, nanosecond time stamps); dpkt's pcap.MAGIC_TO_PKT_HDR, written out
+PCAP_MAGICS = {
+    0xA1B2C3D4: (16, False, False),            # tcpdump's
+    0xA1B23C4D: (16, False, True),             # ... with nanoseconds
+    0xA1B2CD34: (24, False, False),            # Kuznetzov's modified pcap
+    0xD4C3B2A1: (16, True, False),             # the same three, written little-endian
+    0x4D3CB2A1: (16, True, True),
+    0x34CDB2A1: (24, True, False),
+}
+PCAP_FILE_HEADER = 24                          # magic, versions, zone, sigfigs, snaplen, link type
+PCAPNG_MAGIC = 0x0A0D0D0A                      # a section header's type: the same both ways
 MAX_RECORD = 256 * 1024 * 1024                 # larger: a corrupt header, not a packet
+
+
+@dataclass
+class DecodeStats:
+    """What packets.py (and the compiled decoder) counted of the frames read. (Here, not in
+    packets.py, because packets.py imports dpkt, which only some captures need.)"""
+    tcp: int = 0              # TCP segments decoded
+    other: int = 0            # not IP, or IP but not TCP (ARP, UDP, ICMP, ...)
+    fragments: int = 0        # IPv4 fragments after the first (they carry no TCP header)
+    cut_headers: int = 0      # cut by the snapshot length inside the IP or TCP header
 
 
 @dataclass
@@ -78,21 +96,28 @@ def open_capture(path: str) -> IO[bytes]:
 
 def frames(path: str, stats: ReadStats) -> Iterator[tuple[float, int, bytes]]:
     """(timestamp in seconds, link type, frame bytes) of every packet record."""
-    f = open_capture(path)
-    with f:
-        try:        # (peeked, not read and rewound: a FIFO cannot seek)
-            head = f.peek(4)[:4]
-        except OSError as e:
-            raise UsageError(f"cannot read capture '{path}': {e.strerror}") from None
-        magic_be = int.from_bytes(head, "big") if len(head) == 4 else None
-        if magic_be == PCAPNG_MAGIC:
-            stats.format = "pcapng"
+    with open_capture(path) as f:
+        if capture_format(path, f, stats) == "pcapng":
             yield from _pcapng(path, f, stats)
-        elif magic_be in PCAP_MAGICS:
-            stats.format = "pcap"
-            yield from _pcap(path, f, stats)
         else:
-            raise _not_capture(path, f.read(8))     # (the first bytes, once)
+            yield from _pcap(path, f, stats)
+
+
+def capture_format(path: str, f: IO[bytes], stats: ReadStats) -> str:
+    """"pcap" or "pcapng", from the file's first bytes (peeked, not read: a FIFO cannot
+    seek); UsageError when it is neither."""
+    try:
+        head = f.peek(4)[:4]
+    except OSError as e:
+        raise UsageError(f"cannot read capture '{path}': {e.strerror}") from None
+    magic_be = int.from_bytes(head, "big") if len(head) == 4 else None
+    if magic_be == PCAPNG_MAGIC:
+        stats.format = "pcapng"
+    elif magic_be in PCAP_MAGICS:
+        stats.format = "pcap"
+    else:
+        raise _not_capture(path, f.read(8))     # (the first bytes, once)
+    return stats.format
 
 
 def _unsupported(path: str, linktype: int) -> UsageError:
@@ -101,25 +126,54 @@ def _unsupported(path: str, linktype: int) -> UsageError:
                       "loopback captures); convert it, e.g. with editcap -T ether")
 
 
-def _pcap(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, int, bytes]]:
-    buf = f.read(dpcap.FileHdr.__hdr_len__)
-    if len(buf) < dpcap.FileHdr.__hdr_len__:
+@dataclass
+class PcapHeader:
+    """What a pcap file header says about the records that follow it."""
+    record_len: int          # a record header's length
+    little: bool             # its byte order
+    ticks: float             # sub-second units per second (microseconds or nanoseconds)
+    linktype: int
+
+
+def pcap_header(path: str, f: IO[bytes], stats: ReadStats) -> PcapHeader:
+    """Read the pcap file header; UsageError when it is cut or of an unsupported link type."""
+    buf = f.read(PCAP_FILE_HEADER)
+    if len(buf) < PCAP_FILE_HEADER:
         raise UsageError(f"cannot read capture '{path}': the file ends inside the pcap file header "
-                         f"({len(buf)} of {dpcap.FileHdr.__hdr_len__} bytes)")
-    fh = dpcap.FileHdr(buf)
-    magic = fh.magic                       # as read big-endian: the byte-swapped magics mean little
-    if magic in (dpcap.PMUDPCT_MAGIC, dpcap.PMUDPCT_MAGIC_NANO, dpcap.PACPDOM_MAGIC):
-        fh = dpcap.LEFileHdr(buf)
-    rec = dpcap.MAGIC_TO_PKT_HDR[magic]
-    # a record header's fields: seconds, sub-seconds, captured length, original length (...)
-    unpack = struct.Struct(rec.__hdr_fmt__[:1] + "IIII").unpack_from
-    hlen = rec.__hdr_len__
-    nano = magic in (dpcap.TCPDUMP_MAGIC_NANO, dpcap.PMUDPCT_MAGIC_NANO)
-    div = 1e9 if nano else 1e6
-    linktype = fh.linktype & 0xFFFF        # the upper bits may carry FCS information
+                         f"({len(buf)} of {PCAP_FILE_HEADER} bytes)")
+    record_len, little, nano = PCAP_MAGICS[int.from_bytes(buf[:4], "big")]
+    linktype = int.from_bytes(buf[20:24], "little" if little else "big")
+    linktype &= 0xFFFF                     # the upper bits may carry FCS information
     stats.linktypes.add(linktype)
     if linktype not in LINKTYPES:
         raise _unsupported(path, linktype)
+    return PcapHeader(record_len, little, 1e9 if nano else 1e6, linktype)
+
+
+# Why reading stopped early, by the code the compiled reader (tcpipstat/capture/fast.py)
+# returns too, so that both say it in the same words.
+STOPPED = {
+    "record-header-cut": "the file ends inside the header of packet {0} (a truncated capture)",
+    "impossible-caplen": "packet {0} has an impossible captured length ({1} bytes): the file "
+                         "is corrupt from there on",
+    "packet-cut": "the file ends inside packet {0} ({1} of its {2} bytes; a truncated capture)",
+    "block-header-cut": "the file ends inside a block header (a truncated capture)",
+    "impossible-block": "block after packet {0} has an impossible length ({1} bytes): the file "
+                        "is corrupt from there on",
+    "block-cut": "the file ends inside the block after packet {0} ({1} of its {2} bytes; a "
+                 "truncated capture)",
+    "corrupt-packet-block": "a corrupt packet block after packet {0}",
+    "bad-interface": "packet {0} names interface {1} or a length that does not exist: the "
+                     "file is corrupt from there on",
+    "corrupt-simple-block": "a corrupt simple packet block after packet {0}",
+}
+
+
+def _pcap(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, int, bytes]]:
+    head = pcap_header(path, f, stats)
+    # a record header's fields: seconds, sub-seconds, captured length, original length (...)
+    unpack = struct.Struct(("<" if head.little else ">") + "IIII").unpack_from
+    hlen, div, linktype = head.record_len, head.ticks, head.linktype
     read = f.read
     n = 0
     cut = 0
@@ -128,18 +182,15 @@ def _pcap(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, in
             h = read(hlen)
             if len(h) < hlen:
                 if h:
-                    stats.stopped = (f"the file ends inside the header of packet {n + 1} "
-                                     "(a truncated capture)")
+                    stats.stopped = STOPPED["record-header-cut"].format(n + 1)
                 break
             sec, sub, caplen, wirelen = unpack(h)
             if caplen > MAX_RECORD:
-                stats.stopped = (f"packet {n + 1} has an impossible captured length ({caplen} "
-                                 "bytes): the file is corrupt from there on")
+                stats.stopped = STOPPED["impossible-caplen"].format(n + 1, caplen)
                 break
             data = read(caplen)
             if len(data) < caplen:
-                stats.stopped = (f"the file ends inside packet {n + 1} ({len(data)} of its "
-                                 f"{caplen} bytes; a truncated capture)")
+                stats.stopped = STOPPED["packet-cut"].format(n + 1, len(data), caplen)
                 break
             n += 1
             if caplen < wirelen:
@@ -150,10 +201,8 @@ def _pcap(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, in
         stats.cut += cut
 
 
-_SHB_LEN = dpcapng.SectionHeaderBlock.__hdr_len__
-
-
 def _pcapng(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, int, bytes]]:
+    from dpkt import pcapng as dpcapng
     read = f.read
     fmt = "<"
     ifaces: list[tuple[int, float, int]] = []      # (link type, ticks per second, offset seconds)
@@ -163,7 +212,7 @@ def _pcapng(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, 
             h = read(8)
             if len(h) < 8:
                 if h:
-                    stats.stopped = "the file ends inside a block header (a truncated capture)"
+                    stats.stopped = STOPPED["block-header-cut"]
                 break
             btype = struct.unpack_from(fmt + "I", h)[0]
             if btype == dpcapng.PCAPNG_BT_SHB:      # a (new) section: byte order, interfaces anew
@@ -182,12 +231,11 @@ def _pcapng(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, 
                 break
             if btype == dpcapng.PCAPNG_BT_EPB:     # (nearly every block: inline)
                 if len(body) < 24:
-                    stats.stopped = f"a corrupt packet block after packet {n}"
+                    stats.stopped = STOPPED["corrupt-packet-block"].format(n)
                     break
                 iid, hi, lo, caplen, wirelen = struct.unpack_from(fmt + "IIIII", body)
                 if iid >= len(ifaces) or caplen > len(body) - 24:
-                    stats.stopped = (f"packet {n + 1} names interface {iid} or a length that does "
-                                     "not exist: the file is corrupt from there on")
+                    stats.stopped = STOPPED["bad-interface"].format(n + 1, iid)
                     break
                 linktype, tps, off = ifaces[iid]
                 ts = off + ((hi << 32) | lo) / tps
@@ -230,17 +278,15 @@ def _bad_block(n: int, blen: int, body: bytes | None) -> str:
     """Why reading stops at the block after packet ``n``, of length ``blen``: ``body`` is
     None when that length is impossible, else the part of the block the file holds."""
     if body is None:
-        return (f"block after packet {n} has an impossible length ({blen} bytes): "
-                "the file is corrupt from there on")
-    return (f"the file ends inside the block after packet {n} ({len(body) + 8} of its {blen} "
-            "bytes; a truncated capture)")
+        return STOPPED["impossible-block"].format(n, blen)
+    return STOPPED["block-cut"].format(n, len(body) + 8, blen)
 
 
 def _simple_packet(fmt: str, body: bytes, ifaces: list, n: int, stats: ReadStats):
     """A simple packet block's (time stamp, link type, frame, original length): interface
     0's, no time stamp; None when it is corrupt (``stats.stopped`` says so)."""
     if not ifaces or len(body) < 4:
-        stats.stopped = f"a corrupt simple packet block after packet {n}"
+        stats.stopped = STOPPED["corrupt-simple-block"].format(n)
         return None
     wirelen = struct.unpack_from(fmt + "I", body)[0]
     return 0.0, ifaces[0][0], body[4:4 + min(wirelen, len(body) - 4)], wirelen
@@ -263,8 +309,9 @@ def _section_header(path: str, read, h: bytes, first: bool, stats: ReadStats) ->
             raise _not_capture(path, h + bom)
         stats.stopped = "a section header with an unknown byte order: the file is corrupt"
         return ""
+    from dpkt import pcapng as dpcapng
     blen = struct.unpack_from(fmt + "I", h, 4)[0]
-    if blen < _SHB_LEN or blen % 4 or blen > MAX_RECORD:
+    if blen < dpcapng.SectionHeaderBlock.__hdr_len__ or blen % 4 or blen > MAX_RECORD:
         if first:
             raise UsageError(f"cannot read capture '{path}': a corrupt pcapng section header")
         stats.stopped = "a corrupt section header"
@@ -279,6 +326,8 @@ def _section_header(path: str, read, h: bytes, first: bool, stats: ReadStats) ->
 def _idb(fmt: str, buf: bytes, stats: ReadStats) -> tuple[int, float, int] | None:
     """An interface's (link type, ticks per second, offset); None when the block is
     corrupt (what was read before it is kept, like after a corrupt packet)."""
+    import dpkt
+    from dpkt import pcapng as dpcapng
     cls = dpcapng.InterfaceDescriptionBlockLE if fmt == "<" else dpcapng.InterfaceDescriptionBlock
     try:
         idb = cls(buf)
