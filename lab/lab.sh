@@ -203,7 +203,10 @@ staprun_cmd() {
 # stand-in for `bpftrace [-q] PROGRAM.bt [args] [-c CMD]` as tcpipstat calls it: the program
 # runs in the guest. CMD "/bin/sh FILE" (how tcpipstat passes -c) runs FILE, copied in.
 bpftrace_cmd() {
-  case ${1:-} in -l|-lv) bpftrace_list "$@"; return ;; esac
+  case ${1:-} in
+    -l|-lv) bpftrace_list "$@"; return ;;
+    --version|-V) in_root bpftrace --version; return ;;   # (the guest runs the root's bpftrace)
+  esac
   local prog="" workload="" args=() flags=()
   while [ $# -gt 0 ]; do
     case $1 in
@@ -229,8 +232,8 @@ bpftrace_cmd() {
 # `bpftrace -l[v] PATTERN` in the guest. Its answer depends on the guest's kernel only: kept
 # per suite until the next setup (a guest boot per listing costs ~10 s).
 bpftrace_list() {
-  [ $# -eq 2 ] && [[ $2 =~ ^[A-Za-z0-9_:*]+$ ]] || { echo "usage: $0 bpftrace -l[v] PATTERN" >&2; exit 2; }
-  local c="$LAB/bt-list-$SUITE/$1-${2//[:*]/_}"
+  [ $# -eq 2 ] && [[ $2 =~ ^[A-Za-z0-9_:*\ ]+$ ]] || { echo "usage: $0 bpftrace -l[v] PATTERN" >&2; exit 2; }
+  local c="$LAB/bt-list-$SUITE/$1-${2//[:* ]/_}"
   if [ ! -s "$c" ]; then
     mkdir -p "$(dirname "$c")"
     LAB_BT_LIST="$1 '$2'" LAB_STAPRUN_RC_ONLY=1 LAB_META_OUT=/dev/null run - > "$c.tmp" && mv "$c.tmp" "$c"
