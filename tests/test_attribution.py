@@ -361,11 +361,9 @@ def test_end_dump_writes_the_place():
     assert (f[SOCKET.at("CGROUP")], f[SOCKET.at("NETNS")]) == ("8321499145", "4026532178")
 
 
-def test_every_stap_socket_read_notes_its_place():
-    """sk() is the tuple of a struct sock: each one also notes its cgroup and netns, the
-    cgroup only of a full socket (not request, 12, or time-wait, 6)."""
+def test_the_stap_collector_says_unknown():
+    """The stap collector does not read the socket's cgroup and netns yet (a read and two
+    statistics on every probe hit cost hundreds of skipped hits in the lab's congestion
+    runs): its records say 0, unknown, never a guess."""
     text = render_script(select(("socket", "ip", "tcp", "ext", "cong")), 8192, dist=True)
-    reads = text.count("t_sk = ")
-    assert reads > 10 and text.count("<<< t_cg; tis_ns[") == reads
-    assert text.count("if (t_st != 6 && t_st != 12) {") == reads
-    assert "reason, fam, lah, lal, lp, rah, ral, rp, p," in text and "cg, ns)" in text
+    assert "sk_cgrp_data" not in text and "t,\n              0, 0)" in text
