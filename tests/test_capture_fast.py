@@ -16,7 +16,6 @@ itself.
 from __future__ import annotations
 
 import fcntl
-import importlib.util
 import os
 import signal
 import struct
@@ -38,6 +37,7 @@ from tcpipstat.filters import parse_filter
 from .capture_helpers import accuracy_captures, synthetic_capture, to_pcapng
 from .conftest import FIXTURES, ROOT, run_cli
 from .golden_cases import cases
+from .test_capture import _bench
 
 CAP = FIXTURES / "capture"
 READ_CASES = [(name, argv) for name, argv in cases() if argv[0] == "--read"]
@@ -687,11 +687,3 @@ def test_compiled_memory_per_connection_is_below_tcptraces(tmp_path, monkeypatch
     (p0, n0), (p1, n1) = _peak(few, monkeypatch), _peak(many, monkeypatch)
     assert n1 - n0 > 500
     assert (p1 - p0) / (n1 - n0) < 4096, (p1 - p0) / (n1 - n0)
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("capture_bench",
-                                                  ROOT / "bench" / "capture_bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
