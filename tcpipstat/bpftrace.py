@@ -24,8 +24,6 @@ import ctypes
 import gzip
 import os
 import re
-import shlex
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -131,10 +129,15 @@ def _bt_string(text: str) -> str:
         "\n", "\\n")
 
 
+def _long(fmt: str) -> str:
+    """``fmt`` with 64-bit conversions: bpftrace 0.17's %d and %x print the low 32 bits
+    (a byte count, an IPv6 half or a boot-clock time would wrap)."""
+    return re.sub(r"%([dx])", r"%l\1", fmt)
+
+
 def _bt_format(spec_format: str) -> str:
-    """A record spec's printf format for bpftrace, whose %d and %x print 32 bits only:
-    %ld and %lx print the 64 a byte count or an IPv6 half needs."""
-    return _bt_string(re.sub(r"%([dx])", r"%l\1", spec_format))
+    """A record spec's printf format for bpftrace, in the program's string syntax."""
+    return _bt_string(_long(spec_format))
 
 
 def render_program(plan, choice: Choice | None = None,
@@ -600,8 +603,9 @@ def estats_read(members: set[str] | None, hz: int) -> EstatsRead:
     return EstatsRead(tuple(n for n in BT_EVARS if n not in left_out), hz, left_out)
 
 
-def host_estats(cmd: list[str]) -> EstatsRead:
-    """What bpftrace can read on this kernel (its BTF, as bpftrace lists it; its HZ)."""
+def host_estats(cmd: list[str], hz: int | None = None) -> EstatsRead:
+    """What bpftrace can read on this kernel (its BTF, as bpftrace lists it; its HZ:
+    ``hz``, else read here)."""
     try:
         res = subprocess.run([*cmd, "-lv", "struct *"], capture_output=True, text=True,
                              errors="replace", timeout=120)
@@ -613,12 +617,7 @@ def host_estats(cmd: list[str]) -> EstatsRead:
         raise EnvironmentNotReady("bpftrace finds no struct tcp_sock in this kernel's BTF "
                                   "(--rfc4898 reads it)",
                                   "a kernel built with CONFIG_DEBUG_INFO_BTF=y")
-    return estats_read(members, kernel_hz())
-
-
-def _long(fmt: str) -> str:
-    """``fmt`` with 64-bit conversions: bpftrace 0.17's %d and %x print the low 32 bits."""
-    return re.sub(r"%([dx])", r"%l\1", fmt)
+    return estats_read(members, kernel_hz() if hz is None else hz)
 
 
 def estats_template(est: EstatsRead) -> dict:
@@ -627,12 +626,12 @@ def estats_template(est: EstatsRead) -> dict:
     names = est.names
     chunks = [names[i:i + ESTATS_PIECE] for i in range(0, len(names), ESTATS_PIECE)]
     last = len(chunks)
-    head = f"e\t%lx\t0/{last}\t{_long(ESTATS.printf())}\n"
+    head = f"e\t%lx\t0/{last}\t{ESTATS.printf()}\n"
     pieces = [(_bt_string(f"e\t%lx\t{i}/{last}\t" + "\t".join(f"{n}=%ld" for n in chunk)
                           + "\n"),
                [BT_EVARS[n][0].replace("HZ", str(est.hz)) for n in chunk])
               for i, chunk in enumerate(chunks, 1)]
-    return {"head": _bt_string(head), "pieces": pieces}
+    return {"head": _bt_format(head), "pieces": pieces}
 
 
 class EstatsJoin:
@@ -965,12 +964,11 @@ class Runner(CollectorProcess):
 WHY_UNAVAILABLE = "no tracepoint counts it exactly"
 
 
-def _kernel_choice() -> Choice | None:
+def _kernel_choice(cmd: list[str]) -> Choice | None:
     """What this kernel offers, asked of bpftrace (None if it cannot tell)."""
     try:
-        cmd = command_from_env("TCPIPSTAT_BPFTRACE", "bpftrace", INSTALL_HINT)
         return choose(list_points(cmd, timeout=120))
-    except (EnvironmentNotReady, OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError):
         return None
 
 
@@ -1017,11 +1015,12 @@ class BpftraceBackend:
             log("this kernel's sockets do not say their cgroup where bpftrace can read it: "
                 "cgroups are unknown")
         available, unavailable = counters(plan.groups, choice.missing)
-        estats = host_estats(cmd) if plan.estats else None
+        # (HZ: what samples' rto_ms and RFC 4898's jiffies are divided by; read once)
+        hz = kernel_hz() if plan.sample_ms is not None or plan.estats else 0
+        estats = host_estats(cmd, hz) if plan.estats else None
         self._tmp = tempfile.TemporaryDirectory(prefix="tcpipstat-")
         program = Path(self._tmp.name) / "tcpipstat.bt"
         program.write_text(render_program(plan, choice, estats, cgroup))
-        hz = kernel_hz() if plan.sample_ms is not None else 0
         if plan.sample_ms is not None and not hz:
             log("rto_ms will not be sampled: this kernel's CONFIG_HZ is not readable "
                 "(/proc/config.gz, /boot/config-RELEASE)")
@@ -1064,13 +1063,17 @@ class BpftraceBackend:
         """bpftrace (TCPIPSTAT_BPFTRACE, else on PATH) and its version, root, tracefs and BTF
         (bpftrace reads struct sock through it)."""
         from .check import Finding
-        found = os.environ.get("TCPIPSTAT_BPFTRACE") or shutil.which("bpftrace")
-        choice = _kernel_choice() if found and running and os.geteuid() == 0 else None
+        try:        # (the command a run would use)
+            cmd = command_from_env("TCPIPSTAT_BPFTRACE", "bpftrace", INSTALL_HINT)
+        except EnvironmentNotReady:
+            cmd = []
+        found = " ".join(cmd)
+        choice = _kernel_choice(cmd) if cmd and running and os.geteuid() == 0 else None
         available, unavailable = counters(groups, choice.missing if choice else frozenset())
         fix = "'apt-get install bpftrace'", "'dnf install bpftrace'"
         findings = [Finding("bpftrace", bool(found), found or "not found on PATH", *fix)]
         if found:
-            version, problem = bpftrace_version(shlex.split(found))
+            version, problem = bpftrace_version(cmd)
             findings.append(Finding("bpftrace version", not problem,
                                     problem or f"{version} ({_NEED} or later needed)",
                                     VERSION_FIX, VERSION_FIX))
