@@ -61,13 +61,18 @@ def test_every_field_is_documented():
     assert names[:-1] == list(Outcome().as_dict())[:-1] and names[-1] == "notes"
 
 
-def test_a_series_that_cannot_be_written_costs_no_report(tmp_path, monkeypatch):
-    """The run has collected: its report comes first, then the error (exit 1)."""
+def _disk_full(monkeypatch) -> None:
+    """Writing the --series file fails as on a full disk."""
     import tcpipstat.series
 
     def full(*_):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(tcpipstat.series, "write_series", full)
+
+
+def test_a_series_that_cannot_be_written_costs_no_report(tmp_path, monkeypatch):
+    """The run has collected: its report comes first, then the error (exit 1)."""
+    _disk_full(monkeypatch)
     status, out, err, o = _run(tmp_path, "--from-records",
                                str(FIXTURES / "bookworm-sample50.records"), "--json",
                                "--series", str(tmp_path / "s.csv"))
@@ -88,11 +93,7 @@ def test_plot_without_matplotlib_is_refused_before_anything_runs(monkeypatch):
 
 def test_lost_events_are_told_before_a_series_that_cannot_be_written(tmp_path, monkeypatch):
     """Both went wrong: the collector's loss is the error named; the series is a note."""
-    import tcpipstat.series
-
-    def full(*_):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(tcpipstat.series, "write_series", full)
+    _disk_full(monkeypatch)
     status, out, err, o = _run(tmp_path, "--from-records",
                                str(FIXTURES / "bookworm-table-too-small.records"), "--json",
                                "--series", str(tmp_path / "s.csv"))
