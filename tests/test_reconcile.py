@@ -17,6 +17,7 @@ from .conftest import FIXTURES, json_rows, run_cli
 HERE = FIXTURES / "reconcile"
 BOTH = HERE / "native-both-ends.records"          # filters: both ends of port 7001
 SERVER = HERE / "native-server-only.records"      # filter: the server's end only
+LAB = HERE / "bookworm-stap-tcpwork-v4.records"   # stap in the lab's guest: 5 connections
 OPENS = ("ActiveOpens", "PassiveOpens")
 
 SNMP = """Ip: Forwarding DefaultTTL InReceives InHdrErrors InDiscards OutRequests
@@ -168,3 +169,22 @@ def test_recordings_without_snapshots_have_no_reconciliation(fmt):
                                *fmt)
     assert status == 0, err
     assert "reconciliation" not in (out + err).lower()
+
+
+def test_a_lab_run_reconciles_with_the_guests_counters():
+    """The stand-in's snapshots (the guest's), with the stap collector's segment counters."""
+    rec = _json(LAB)
+    assert rec["source"] == "collector"
+    c = rec["counters"]
+    assert [(n, c[n]["host"], c[n]["attributed"], c[n]["not_attributed"])
+            for n in ("ActiveOpens", "PassiveOpens", "InSegs", "OutSegs", "InReceives")] == [
+        ("ActiveOpens", 5, 5, 0), ("PassiveOpens", 5, 5, 0), ("InSegs", 50, 50, 0),
+        ("OutSegs", 50, 50, 0), ("InReceives", 50, 50, 0)]
+    assert c["InReceives"]["mib"] == ["Ip.InReceives", "Ip6.Ip6InReceives"]
+    assert "InNoRoutes" not in c          # (IpExt: not in the guest's snapshots)
+    status, out, err = run_cli("--from-records", str(LAB), "index=lport")
+    assert "Host reconciliation (the collector's host's /proc/net counters" in out
+    status, out, err = run_cli("--from-records", str(LAB), "--csv")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [(r["reconciliation"], r["InSegs"]) for r in rows[-3:]] == [
+        ("host", "50"), ("attributed", "50"), ("not_attributed", "0")]
