@@ -188,3 +188,21 @@ def test_a_lab_run_reconciles_with_the_guests_counters():
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [(r["reconciliation"], r["InSegs"]) for r in rows[-3:]] == [
         ("host", "50"), ("attributed", "50"), ("not_attributed", "0")]
+
+
+def test_bpftrace_ends_collection_at_its_stop_line(monkeypatch):
+    """The line the program writes before its exit() (timeout, --count) is where counting
+    ends: the end snapshot is taken there, not at END (after the probes' detaching), and
+    the line is no record."""
+    from tcpipstat import bpftrace
+    runner = bpftrace.Runner(["bpftrace"], ("ActiveOpens",), 100, print)
+    reads = iter([{"Tcp.ActiveOpens": 1}, {"Tcp.ActiveOpens": 4}])
+    monkeypatch.setattr(reconcile, "read_host", lambda root=None: next(reads))
+    snaps = reconcile.Snapshots(True)
+    runner.on_end = snaps.end
+    lines = ["H\ttcpipstat\t3\t0.1.0\t5\t0\t100\tActiveOpens\n", bpftrace.STOP_MARK + "\n",
+             bpftrace.END_MARK + "\n", "T\t9\t0\t0\t0\t0\t0\t1\n"]
+    out = list(snaps.stream(runner._records(iter(lines))))
+    assert [x.split("\t")[0] for x in out] == ["H", "N", "T", "N"]
+    assert [out[1], out[3]] == ["N\t1\tstart\tlocal\tTcp.ActiveOpens=1\n",
+                                "N\t1\tend\tlocal\tTcp.ActiveOpens=4\n"]
