@@ -4,13 +4,15 @@ window, what the report's rows attributed, and the remainder.
 The host's counters are read from /proc/net/snmp, /proc/net/netstat and /proc/net/snmp6
 twice (:class:`Snapshots`): as collection begins and as it ends. Both moments are the
 collector's own: its header record is written once its probes are attached (stap's
-``probe begin``, bpftrace's BEGIN), and collection ends at its trailer (stap: the module
-writes nothing after it) or, for bpftrace, where END begins (its probes are detached
-before END runs: the backend calls :meth:`Snapshots.end`). A snapshot is taken as
-tcpipstat reads that line, so what happens between the collector's moment and tcpipstat's
-reading (milliseconds; a -c command is started at the same moment) can fall on either side:
-events just after attaching may be in the rows but not in the host's delta, events just
-before the end in the host's delta but not in the rows.
+``probe begin``; bpftrace's BEGIN, whose output bpftrace reads once it has attached the
+rest), and collection ends at its trailer (stap: the module writes nothing after it) or,
+for bpftrace, where the backend calls :meth:`Snapshots.end`: at the line its program
+writes before ending the run itself, at Ctrl-C, else where END begins (the probes are
+detached by then). A snapshot is taken as tcpipstat reads that line, so what happens
+between the collector's moment and tcpipstat's reading (milliseconds; a -c command starts
+as the probes are attached) can fall on either side: events just after attaching may be
+in the rows but not in the host's delta, events just before the end in the host's delta
+but not in the rows. The counters are those of tcpipstat's network namespace.
 
 Where the collector runs on another host (a replaced stap or bpftrace command, as in the
 lab), this host's counters say nothing of it: its stand-in reports that host's own
