@@ -15,7 +15,9 @@
 # run: module output -> stdout; /proc/net/snmp, netstat, snmp6 snapshots before/after,
 # staprun/workload messages -> stderr; exit = staprun rc, else workload rc,
 # 125 if the guest never reported. LAB_META_OUT=FILE: the guest meta (snapshots,
-# @@ lines) goes there instead of stderr. Env: LAB_DIR (default: ~/.cache/tcpipstat-lab),
+# @@ lines) goes there instead of stderr; the stand-ins also write the snapshots after the
+# collector's output, as comment lines for tcpipstat (tcpipstat/reconcile.py).
+# Env: LAB_DIR (default: ~/.cache/tcpipstat-lab),
 # LAB_SUITE=bookworm|trixie, LAB_GUEST_TIMEOUT (s, default 300), LAB_SMP, LAB_MEM, LAB_KEEP=1,
 # LAB_BACKGROUND='sh cmd' (started in the guest before the module: a process that is
 # not the workload's, e.g. a server outside a -c command's process tree).
@@ -162,6 +164,10 @@ EOF
     echo "lab.sh: guest died before /init ran (try $try): $(grep -m1 -i panic "$r/console.log" || true)" >&2
   done
   touch "$r/stdout" "$r/meta" "$r/console.log"; cat "$r/stdout"
+  if [ -n "${LAB_SNAPSHOT_LINES:-}" ]; then  # the guest's counters for tcpipstat (reconcile.py)
+    awk '/^@@SNMP_/ {print "# tcpipstat-snapshot " substr($1,8); next}
+         /^(Ip|Tcp|TcpExt|Ip6): / {print "# " $0}' "$r/meta"
+  fi
   local meta=/dev/stderr
   if [ -n "${LAB_META_OUT:-}" ]; then  # meta to the file; staprun's and the workload's own lines to stderr
     meta=$LAB_META_OUT; grep -v -E '^$|^@@|^(Ip|Tcp|TcpExt|Ip6): ' "$r/meta" >&2 || true
@@ -196,7 +202,7 @@ staprun_cmd() {
   done
   [ $# -ge 1 ] || { echo "usage: $0 staprun [-c CMD] MODULE.ko [modargs]" >&2; exit 2; }
   local ko=$1; shift
-  export LAB_STAPRUN_RC_ONLY=1   # like staprun: its own status, not the command's
+  export LAB_STAPRUN_RC_ONLY=1 LAB_SNAPSHOT_LINES=1   # like staprun: its own status
   if [ -n "$workload" ]; then run "$ko" -- "$@" --workload "$workload"; else run "$ko" -- "$@"; fi
 }
 
@@ -223,7 +229,7 @@ bpftrace_cmd() {
     cp "${workload#/bin/sh }" "$t/command.sh"; export LAB_EXTRA_FILES="$t/command.sh"
     workload="sh /command.sh"
   fi
-  export LAB_STAPRUN_RC_ONLY=1 LAB_BT_FLAGS="${flags[*]-}"   # like bpftrace: its own status
+  export LAB_STAPRUN_RC_ONLY=1 LAB_BT_FLAGS="${flags[*]-}" LAB_SNAPSHOT_LINES=1  # (as above)
   if [ -n "$workload" ]; then run "$t/tcpipstat.bt" -- "${args[@]}" --workload "$workload" || rc=$?
   else run "$t/tcpipstat.bt" -- "${args[@]}" || rc=$?; fi
   rm -rf "$t"; return "$rc"

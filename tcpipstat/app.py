@@ -15,7 +15,7 @@ from typing import IO, Iterable
 from rich.console import Console
 from rich.markup import escape
 
-from . import attribution
+from . import attribution, reconcile
 from .backend import Backend, RunOutcome, choose as choose_backend, dump_script
 from .errors import ExitStatus, RecordParseError, TcpipstatError, UsageError, one_line
 from .model import Collection, sort_rows
@@ -45,6 +45,7 @@ class _Source:
     outcome: RunOutcome = field(default_factory=RunOutcome)
     first_lineno: int = 1                     # (a saved file's header comment is line 1)
     why_unavailable: str = ""                 # the collector's reason ("": stap's)
+    snapshots: bool = False                   # the host's counters are expected (reconcile)
 
 
 def _log(plan: Plan, errc: Console):
@@ -58,9 +59,13 @@ def _live(plan: Plan, errc: Console, err: IO[str]) -> _Source:
     """Prepare the collector: probe check and build, before anything runs."""
     backend = choose_backend(plan, lambda line: print(line, file=err))
     prepared = backend.prepare(_log(plan, errc))
-    return _Source(backend.lines(), backend.outcome.program, prepared.available,
+    snaps = reconcile.Snapshots(backend.same_host)
+    if hasattr(backend, "on_end"):
+        backend.on_end = snaps.end
+    return _Source(snaps.stream(backend.lines()), backend.outcome.program, prepared.available,
                    prepared.unavailable, plan.tree, prepared.cong, plan.dist, plan.estats,
-                   backend, backend.outcome, why_unavailable=prepared.why_unavailable)
+                   backend, backend.outcome, why_unavailable=prepared.why_unavailable,
+                   snapshots=snaps.local)
 
 
 def _saved(plan: Plan) -> _Source:
@@ -74,11 +79,12 @@ def _saved(plan: Plan) -> _Source:
         first = f.readline()
         lines = list(f)
     head = SaveHeader.read(first)       # None: no header line, the first is a record
+    snapshots = any(line.startswith("N\t") for line in lines)
     if head is None:
-        return _Source([first, *lines], path)
+        return _Source([first, *lines], path, snapshots=snapshots)
     return _Source(lines, path, unavailable=head.unavailable, tree=head.tree, cong=head.cong,
                    dist=head.dist, estats=head.rfc4898, first_lineno=2,
-                   why_unavailable=head.why_unavailable)
+                   why_unavailable=head.why_unavailable, snapshots=snapshots)
 
 
 def _select(plan: Plan, collection: Collection, tree: bool) -> None:
@@ -226,7 +232,7 @@ def collect(plan: Plan, out: IO[str], err: IO[str]) -> int:
     src = _saved(plan) if plan.from_records else _live(plan, errc, err)
     ctx = ReportContext(src.available, src.unavailable, plan.nozeros, us=plan.us,
                         estats=src.estats, dist=src.dist, why_unavailable=src.why_unavailable,
-                        index=plan.index)
+                        index=plan.index, reconciling=src.snapshots)
     sink = make_sink(plan.output, ctx, out, console, errc)
     collection = Collection()
     _select(plan, collection, src.tree)
@@ -238,6 +244,8 @@ def collect(plan: Plan, out: IO[str], err: IO[str]) -> int:
         _write_series(plan, collection, outcome)
     rows = _report_rows(plan, collection, outcome)
     ctx.notes = run_notes(outcome)
+    ctx.reconciliation = reconcile.reconcile(collection.snapshots, collection.totals(),
+                                             ctx.available, outcome.skipped)
     dur = collection.duration_s
     sink.on_end(rows, f"tcpipstat: {len(rows or ())} rows, index={plan.index}"
                 + (f", {dur:.1f} s" if dur is not None else ""))

@@ -116,7 +116,9 @@ class CollectorProcess:
 
 
 class Backend(Protocol):
-    """One collector. ``prepare`` first, then ``lines`` once."""
+    """One collector. ``prepare`` first, then ``lines`` once. A backend that knows where
+    collection ends before its trailer is read may have ``on_end``, set before ``lines``
+    and called there (tcpipstat/reconcile.py's end snapshot)."""
     name: str
     outcome: RunOutcome
 

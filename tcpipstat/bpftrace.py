@@ -79,6 +79,9 @@ PER_FILTER = 21          # numbers per filter (the template's header comment)
 # with --interval, before a snapshot's (then its number and time), before its serials
 # printed again, after them; and the head of a close record (then the socket's serial)
 END_MARK = "tcpipstat-bpftrace-end"
+# written as the program ends the run itself (timeout, --count), just before its exit():
+# where counting stops (bpftrace detaches the probes before END, which can take 100s of ms)
+STOP_MARK = "tcpipstat-bpftrace-stop"
 MARKS = {"begin": "tcpipstat-bpftrace-interval", "check": "tcpipstat-bpftrace-check",
          "end": "tcpipstat-bpftrace-snapshot"}
 CLOSE_HEAD = "tcpipstat-bpftrace-close"
@@ -170,6 +173,7 @@ def render_program(plan, choice: Choice | None = None,
         version=__version__, counters=available, command=bool(plan.command), points=choice,
         cgroup=cgroup,
         nfilters=len(plan.filters), per_filter=PER_FILTER, end_mark=END_MARK,
+        stop_mark=STOP_MARK,
         fmt={"H": _bt_format(head), "R": _bt_format(SOCKET.printf(**_PLACE_CONVS)),
              "T": _bt_format(TRAILER.printf())},
         interval=interval, marks=MARKS,
@@ -825,6 +829,7 @@ class Runner(CollectorProcess):
         self._cong = CloseCong()
         self._misses = ProgramMisses()
         self._estats = EstatsJoin()
+        self.on_end: Callable[[], None] | None = None   # told where END begins
 
     def classify(self, line: str) -> bool:
         """bpftrace's memlock warning (said on every start: dropped) and lost events."""
@@ -859,7 +864,9 @@ class Runner(CollectorProcess):
         trailer = ""
         for line in self._ordered(stdout):
             text = line.rstrip("\n")
-            if text.startswith((CLOSE_HEAD, "R\t", "S\t")) and dump is not None:
+            if text == STOP_MARK:
+                self._ended()
+            elif text.startswith((CLOSE_HEAD, "R\t", "S\t")) and dump is not None:
                 held.append(line)
             elif text == MARKS["check"] and dump is not None:
                 dump.recheck()
@@ -879,12 +886,18 @@ class Runner(CollectorProcess):
             elif text.startswith(MARKS["begin"] + "\t"):
                 dump, mark = EndDump(self._available, self._dist, self._place), text.split("\t")[1:]
             elif text == END_MARK:
+                self._ended()       # (unless said before: its probes are detached by now)
                 dump = EndDump(self._available, self._dist, self._place)
             else:
                 yield from self._closes([line])
         yield from self._closes(held)
         if trailer:
             yield EndDump.trailer(trailer, self._count)
+
+    def _ended(self) -> None:
+        """Collection ended here (tcpipstat/reconcile.py's end snapshot: the first call)."""
+        if self.on_end:
+            self.on_end()
 
     def _snapshot(self, dump: EndDump, mark: list[str]) -> Iterator[str]:
         """An interval's records, then its mark (I) at the time the program took it."""
@@ -957,6 +970,8 @@ class Runner(CollectorProcess):
         """Ctrl-C: SIGINT makes bpftrace run END (the records); a second: SIGTERM."""
         first = not self.outcome.interrupted
         self.outcome.interrupted = True
+        if first:
+            self._ended()        # (bpftrace stops counting as SIGINT comes)
         self.signal(signal.SIGINT if first else signal.SIGTERM)
 
 
@@ -983,7 +998,6 @@ def _choice_text(choice: Choice) -> str:
 class BpftraceBackend:
     """The bpftrace collector (tcpipstat/backend.py's protocol)."""
     name = "bpftrace"
-    same_host = True
 
     def __init__(self, plan, echo_stderr: Callable[[str], None]):
         self.plan = plan
@@ -991,6 +1005,13 @@ class BpftraceBackend:
         self.outcome = RunOutcome(program="bpftrace")
         self._runner: Runner | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
+        self.on_end: Callable[[], None] | None = None
+
+    @property
+    def same_host(self) -> bool:
+        """A replaced bpftrace (the lab's) runs the program elsewhere: its sockets are not
+        this host's."""
+        return not os.environ.get("TCPIPSTAT_BPFTRACE")
 
     def prepare(self, log: Log) -> Prepared:
         plan = self.plan
@@ -1048,6 +1069,7 @@ class BpftraceBackend:
 
     def lines(self) -> Iterator[str]:
         assert self._runner is not None, "prepare() first"
+        self._runner.on_end = self.on_end
         try:
             yield from self._runner.lines()
         finally:

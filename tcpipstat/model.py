@@ -14,8 +14,8 @@ from typing import Callable, Iterable
 
 from .estats import EVAR_BY_NAME
 from .indexes import BY_NAME as INDEX_BY_NAME, NAMES as INDEXES, GroupKey
-from .records import (EstatsRecord, Header, IntervalMark, Record, SampleRecord, SocketRecord,
-                      Trailer, Tuple)
+from .records import (EstatsRecord, Header, IntervalMark, Record, SampleRecord,
+                      SnapshotRecord, SocketRecord, Trailer, Tuple)
 
 __all__ = ["INDEXES", "GroupKey", "Collection", "Row", "SocketTotals", "Window"]
 
@@ -130,6 +130,7 @@ class Collection:
     keep: Callable[[SocketTotals], bool] | None = None   # process selection (-x / -c tree)
     series: dict[Tuple, list] = field(default_factory=dict)  # --sample: each connection's samples
     selection: str = ""                                   # "pid", "tree" or "" (all)
+    snapshots: dict[str, SnapshotRecord] = field(default_factory=dict)  # the host's, by WHEN
 
     def add(self, rec: Record) -> None:
         if isinstance(rec, SocketRecord):       # nearly every record: first
@@ -162,6 +163,8 @@ class Collection:
             _totals(self.sockets, rec.tuple).estats = rec.values
             if self.on_interval is not None:
                 _totals(self.window, rec.tuple).estats = rec.values
+        elif isinstance(rec, SnapshotRecord):
+            self.snapshots[rec.when] = rec
 
     def kept(self, st: SocketTotals) -> bool:
         """Is this socket in the report (-x PID, -c tree)?"""

@@ -35,6 +35,15 @@ printf formats are made from them, the parser finds each field by its name):
     MAX_SOCKETS). FAULTS: events a probe could not read. PFULL: times the process
     table was found full, so some records may lack their process. ENDED: what ended
     the run (``ENDED_BY``). Older recordings lack ENDED, or PFULL and ENDED: read as 0.
+``N  VERSION  WHEN  SOURCE``
+    then ``MIB.NAME=VALUE`` fields: the host's own MIB counters (``Tcp.ActiveOpens``,
+    ``Ip6.Ip6InReceives``, ...) as collection began (WHEN ``start``) or ended (``end``),
+    read by tcpipstat on this host (SOURCE ``local``) or by the collector's stand-in where
+    it runs (``collector``); tcpipstat/reconcile.py takes them and says when. tcpipstat
+    writes them into the stream itself (no collector does), so only recordings made with
+    --save-records since they exist hold them: one without them has no reconciliation.
+    VERSION (``SNAPSHOT_VERSIONS``) is the record's own layout, independent of the header's
+    FORMAT.
 
 Lines starting with ``#`` are comments; tcpipstat --save-records writes one first
 (``SaveHeader``). Anything else on stdout is an error: it names the source, the line
@@ -57,6 +66,10 @@ READABLE_FORMATS = (1, 2, 3)   # format 1 (tcpipstat 0.1): no FLAGS field, no in
                                # formats 1 and 2: no CGROUP and NETNS fields
 MAGIC = "tcpipstat"         # the header's second field
 REASONS = ("close", "spill", "interval", "end")
+SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSIONS = (1,)       # N record layouts this parser reads
+SNAPSHOT_WHEN = ("start", "end")
+SNAPSHOT_SOURCES = ("local", "collector")
 AF_INET, AF_INET6 = 2, 10
 
 
@@ -119,7 +132,9 @@ SAMPLE = RecordSpec("S", (Field("EVENT", "%s"), Field("US"), *_TUPLE), pairs=Tru
 TRAILER = RecordSpec("T", (Field("END_MS"), Field("IDS"), Field("SPILLS"), Field("DROPPED"),
                            Field("FAULTS"), Field("PFULL", optional=True),
                            Field("ENDED", optional=True)))
-SPECS = (HEADER, SOCKET, INTERVAL, ESTATS, SAMPLE, TRAILER)
+SNAPSHOT = RecordSpec("N", (Field("VERSION"), Field("WHEN", "%s"), Field("SOURCE", "%s")),
+                      pairs=True)
+SPECS = (HEADER, SOCKET, INTERVAL, ESTATS, SAMPLE, TRAILER)   # what collectors write (not N)
 
 # The parser's field indices, taken from the specs once (plain ints: socket records are
 # nearly every line, and their fields are read with constant-cost lookups)
@@ -181,6 +196,14 @@ class SampleRecord:
     """--sample: one connection's state after an ACK (or ``end`` as it closed)."""
     tuple: Tuple
     sample: Sample
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    """The host's MIB counters as collection began or ended (``Tcp.ActiveOpens``: value)."""
+    when: str
+    source: str
+    values: dict[str, int] = field(hash=False)
 
 
 @dataclass(frozen=True)
@@ -246,11 +269,13 @@ class SaveHeader:
 
 _tuple_new = tuple.__new__     # (a Tuple made without NamedTuple's Python-level __new__)
 
-Record = Header | SocketRecord | Trailer | IntervalMark | EstatsRecord | SampleRecord
+Record = (Header | SocketRecord | Trailer | IntervalMark | EstatsRecord | SampleRecord
+          | SnapshotRecord)
 
 
 # --dist: "h.STATE.BUCKET": stays in congestion state STATE (its index in CA_STATES) that
 # lasted 2^BUCKET to 2^(BUCKET+1) - 1 microseconds. Kept with the counters (they add up alike).
+_MIB_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*\.[A-Za-z][A-Za-z0-9]*\Z")
 _HIST_NAME = re.compile(rf"h\.[0-{len(CA_STATES) - 1}]\.(?:[0-9]|[1-5][0-9]|6[0-3])\Z")
 
 
@@ -319,7 +344,7 @@ class Parser:
         self._valid: set[str] = set()     # counter names seen valid: the header's, histogram fields
         self._rwidth = SOCKET.width       # fields before a socket record's counters
         self._other = {"H": self._header, "I": self._interval, "S": self._sample,
-                       "E": self._estats, "T": self._trailer}
+                       "E": self._estats, "T": self._trailer, "N": self._snapshot}
 
     def _err(self, lineno: int, line: str, why: str) -> RecordParseError:
         return RecordParseError(self.source, lineno, line, why)
@@ -402,6 +427,24 @@ class Parser:
             raise self._err(lineno, line, f"trailer: unknown end {trailer.ended}")
         self.trailer = trailer
         return trailer
+
+    def _snapshot(self, f: list[str], lineno: int, line: str) -> SnapshotRecord:
+        if len(f) < SNAPSHOT.width:
+            raise self._err(lineno, line, "malformed snapshot record")
+        version = int(f[SNAPSHOT.at("VERSION")])
+        if version not in SNAPSHOT_VERSIONS:
+            raise self._err(lineno, line, f"snapshot record version {version} is not one of "
+                                          f"{', '.join(map(str, SNAPSHOT_VERSIONS))}")
+        when, source = f[SNAPSHOT.at("WHEN")], f[SNAPSHOT.at("SOURCE")]
+        if when not in SNAPSHOT_WHEN or source not in SNAPSHOT_SOURCES:
+            raise self._err(lineno, line, "malformed snapshot record")
+        values: dict[str, int] = {}
+        for item in f[SNAPSHOT.width:]:
+            name, sep, value = item.partition("=")
+            if not sep or not _MIB_NAME.match(name):
+                raise self._err(lineno, line, f"unknown MIB counter {name!r}")
+            values[name] = int(value)
+        return SnapshotRecord(when, source, values)
 
     def _tuple(self, f: list[str], i: int, lineno: int, line: str) -> Tuple:
         """FAMILY LADDR_HI LADDR_LO LPORT RADDR_HI RADDR_LO RPORT from field i on (R, S, E)."""

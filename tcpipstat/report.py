@@ -26,6 +26,7 @@ from .estats import EVARS, TABLES as ESTATS_TABLES
 from .series import summary as series_summary, summary_line
 from .indexes import GroupKey, csv_key_fields, key_fields, key_json, key_title
 from .model import Row, SocketTotals, Window
+from .reconcile import CSV_COLUMN, Reconciliation, csv_values, footer_lines
 from .records import AF_INET6, hist_key
 
 
@@ -69,6 +70,9 @@ class ReportContext:
     dist: bool = False                          # --dist: congestion-state histograms
     why_unavailable: str = ""                   # the collector's reason ("": stap's, below)
     index: str = "tuple"                        # what rows group by (CSV's key columns)
+    reconciling: bool = False                   # the host's counters are expected: CSV's
+                                                # reconciliation column from its header on
+    reconciliation: Reconciliation | None = None    # the host's counters and the rows'
 
     @property
     def layout(self) -> tuple:
@@ -361,7 +365,12 @@ def render_tables(console: Console, rows: Iterable[Row], ctx: ReportContext, hea
     return n
 
 
-def render_footer(console: Console, ctx: ReportContext) -> None:
+def render_footer(console: Console, ctx: ReportContext, reconciliation: bool = True) -> None:
+    """What the rows do not say: unavailable counters, the host's counters beside the rows'
+    (``reconciliation``: unless the output carries them itself), the run's notes."""
+    if reconciliation and ctx.reconciliation is not None:
+        for line in footer_lines(ctx.reconciliation):
+            console.print(escape(line), soft_wrap=True)
     if ctx.unavailable:
         why = ctx.why_unavailable or "probe did not resolve"
         console.print(f"[yellow]Unavailable on this kernel[/] ({why}, not zero): "
@@ -533,11 +542,29 @@ ROW_KEYS = ("sockets", "closed", "processes")
 WINDOW_KEYS = ("interval", "time", "final")
 
 
+def csv_reconciles(ctx: ReportContext) -> bool:
+    """Has the CSV the reconciliation column (empty on the rows, the kind of line on the
+    host's three last lines)?"""
+    return ctx.reconciling or ctx.reconciliation is not None
+
+
 def csv_columns(ctx: ReportContext, window: bool = False) -> list[str]:
     return (list(WINDOW_KEYS) if window else []) + [*csv_key_fields(ctx.index), *ROW_KEYS] + [
         c.name for c in ctx.catalogue.counters
         if c.name in ctx.available or c.name in ctx.unavailable] + (
-        [f"rfc4898.{v.name}" for v in EVARS] if ctx.estats else [])
+        [f"rfc4898.{v.name}" for v in EVARS] if ctx.estats else []) + (
+        [CSV_COLUMN] if csv_reconciles(ctx) else [])
+
+
+def write_csv_reconciliation(out: IO[str], ctx: ReportContext, window: bool = False) -> None:
+    """The host's counters, the rows' sums and the remainder: three lines under the rows'
+    header, the counters in their columns (empty: no MIB counterpart), the key columns
+    empty, the last column saying which line it is."""
+    assert ctx.reconciliation is not None
+    columns = csv_columns(ctx, window)
+    w = csv.writer(out, lineterminator="\n")
+    for kind, values in csv_values(ctx.reconciliation).items():
+        w.writerow([values.get(c, "") for c in columns[:-1]] + [kind])
 
 
 def write_csv(out: IO[str], rows: Iterable[Row], ctx: ReportContext, win: Window | None = None,
@@ -552,6 +579,7 @@ def write_csv(out: IO[str], rows: Iterable[Row], ctx: ReportContext, win: Window
     head = [window_fields(win)[k] for k in WINDOW_KEYS] if win is not None else []
     n = 0
     key_columns = csv_key_fields(ctx.index)
+    recon = csv_reconciles(ctx)
     for row in rows:
         k = key_fields(row.key)
         vals = head + [k.get(c, "") for c in key_columns]
@@ -561,6 +589,8 @@ def write_csv(out: IO[str], rows: Iterable[Row], ctx: ReportContext, win: Window
         vals += map(row.counters.get, cols.lookups, cols.absents)       # (csv writes None as "")
         if evars:
             vals += map((row.estats or {}).get, evars)
+        if recon:
+            vals.append("")
         writerow(vals)
         n += 1
     return n

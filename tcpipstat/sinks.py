@@ -13,8 +13,10 @@ from typing import IO
 from rich.console import Console
 
 from .model import Row, SocketTotals, Window
-from .report import (ReportContext, closed_socket_row, print_row, print_window, render_footer,
-                     render_tables, write_csv, write_json)
+from .reconcile import write_json as write_reconciliation
+from .report import (ReportContext, closed_socket_row, csv_reconciles, print_row, print_window,
+                     render_footer, render_tables, write_csv, write_csv_reconciliation,
+                     write_json)
 
 PARTIAL = "(opened before collection started: partial totals)"
 
@@ -35,8 +37,8 @@ class Sink:
         """The report of the whole run (no rows when snapshots or closes were the report),
         then its footer."""
 
-    def footer(self, console: Console) -> None:
-        render_footer(console, self.ctx)
+    def footer(self, console: Console, reconciliation: bool = True) -> None:
+        render_footer(console, self.ctx, reconciliation)
 
 
 class TableSink(Sink):
@@ -66,13 +68,17 @@ class JsonSink(Sink):
     def on_end(self, rows: list[Row] | None, title: str) -> None:
         if rows is not None:
             write_json(self.out, rows, self.ctx)
-        self.footer(self.errc)
+        if self.ctx.reconciliation is not None:     # (the last object, whatever came before)
+            write_reconciliation(self.out, self.ctx.reconciliation)
+        self.footer(self.errc, reconciliation=False)
 
 
 class CsvSink(Sink):
     def __init__(self, *args) -> None:
         super().__init__(*args)
         self._header = True       # (snapshots and closed sockets share one header)
+        self._column = False      # that header has the reconciliation column
+        self._window = False      # and the interval columns
 
     def on_close(self, st: SocketTotals, samples) -> None:
         self._lines([closed_socket_row(st, samples)])
@@ -82,14 +88,24 @@ class CsvSink(Sink):
 
     def _lines(self, rows: list[Row], win: Window | None = None) -> None:
         """Lines written as they come, under the one header."""
+        self._write(rows, win)
+        self.out.flush()
+
+    def _write(self, rows: list[Row], win: Window | None = None) -> None:
+        if self._header:
+            self._column, self._window = csv_reconciles(self.ctx), win is not None
         write_csv(self.out, rows, self.ctx, win, header=self._header)
         self._header = False
-        self.out.flush()
 
     def on_end(self, rows: list[Row] | None, title: str) -> None:
         if rows is not None or self._header:     # (a report without rows still has its header)
-            write_csv(self.out, rows or [], self.ctx)
-        self.footer(self.errc)
+            self._write(rows or [])
+        # (a header written before the collector's host told its counters, an --interval
+        # run's in the lab, has no column for them: they go to the footer)
+        inline = self.ctx.reconciliation is not None and self._column
+        if inline:
+            write_csv_reconciliation(self.out, self.ctx, self._window)
+        self.footer(self.errc, reconciliation=not inline)
 
 
 SINKS = {"table": TableSink, "json": JsonSink, "csv": CsvSink}

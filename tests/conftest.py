@@ -34,6 +34,14 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
     return int(status), out.getvalue(), err.getvalue()
 
 
+def json_rows(text: str) -> list[dict]:
+    """A --json report's row objects: its lines less the host reconciliation's last object
+    (tcpipstat/reconcile.py), which live runs and their saved records carry."""
+    import json
+    objs = [json.loads(x) for x in text.splitlines() if x.startswith("{")]
+    return [o for o in objs if "reconciliation" not in o]
+
+
 def lab_kver(suite: str) -> str:
     """The lab kernel of ``suite``; skips (no TCPIPSTAT_LAB) or fails (lab missing)."""
     if os.environ.get("TCPIPSTAT_LAB") != "1":

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tcpipstat import backend, bpftrace
+from tests.conftest import json_rows
 from tcpipstat.errors import EnvironmentNotReady, UsageError
 from tcpipstat.plan import build_plan
 from tcpipstat.records import SocketRecord, Trailer, parse_text
@@ -129,7 +130,7 @@ def _run(args: list[str], timeout: int = 120) -> list[dict]:
     res = subprocess.run([sys.executable, "-m", "tcpipstat", "--backend", "bpftrace", "--json",
                           *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert res.returncode == 0, res.stderr
-    return [json.loads(x) for x in res.stdout.splitlines() if x.strip()]
+    return json_rows(res.stdout)
 
 
 def _workload(host: str, port: int, conns: int, send: int, reply: int) -> str:

@@ -35,6 +35,7 @@ from tcpipstat.attribution import cgroup2_root
 from tcpipstat.records import SOCKET
 
 from .test_native_bpftrace import ROOT, _native
+from .conftest import json_rows
 
 WORKLOAD = Path(__file__).resolve().parent / "bpf_place_workload.py"
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "bpftrace" / "attribution-native.records"
@@ -140,7 +141,7 @@ def _tcpipstat(args: list[str]) -> list[dict]:
     res = subprocess.run([sys.executable, "-m", "tcpipstat", "--json", *args],
                          capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert res.returncode == 0, res.stderr
-    return [json.loads(x) for x in res.stdout.splitlines() if x.strip()]
+    return json_rows(res.stdout)
 
 
 def _live_run(places: Places, tmp: Path, saved: Path) -> list[dict]:

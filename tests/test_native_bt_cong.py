@@ -36,7 +36,7 @@ from tcpipstat.errors import UsageError
 from tcpipstat.plan import build_plan
 from tcpipstat.records import SocketRecord, hist_key, parse_text
 
-from .conftest import FIXTURES
+from .conftest import FIXTURES, json_rows
 from .test_native_bpftrace import ROOT, WORKLOAD, _free_port, _native
 
 PRINTOUTS = FIXTURES / "bpftrace"
@@ -302,7 +302,7 @@ def _tcpipstat(args: list[str], tmp_path: Path) -> tuple[list[dict], int, dict]:
                          capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     trailer = next(x for x in saved.read_text().splitlines() if x.startswith("T\t"))
-    rows = [json.loads(x) for x in res.stdout.splitlines() if x.strip()]
+    rows = json_rows(res.stdout)
     end_ms = int(trailer.split("\t")[1]) - bpftrace.boot_to_wall_ms()
     return rows, end_ms, json.loads(outcome.read_text())
 

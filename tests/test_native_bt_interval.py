@@ -23,7 +23,7 @@ from tcpipstat.outcome import Outcome, run_notes
 from tcpipstat.plan import build_plan
 from tcpipstat.records import Header, IntervalMark, SocketRecord, Trailer, parse_text
 
-from .conftest import run_cli
+from .conftest import run_cli, json_rows
 from .test_native_bpftrace import ROOT, _free_port, _ipv6, _native, _run, _workload
 
 
@@ -294,7 +294,7 @@ def test_interval_windows_add_up_to_the_workload(tmp_path):
     ports = json.loads(re.search(r"^\{.*\}$", res.stderr, re.M).group())
     o = json.loads(outcome.read_text())
     assert o["ended_by"] == "count" and o["finished"], o
-    rows = [json.loads(x) for x in res.stdout.splitlines()]
+    rows = json_rows(res.stdout)
     assert {r["interval"] for r in rows} <= {1, 2, 3} and not any(r["final"] for r in rows)
     windows: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
     for r in rows:
@@ -365,7 +365,7 @@ def test_full_tables_count_the_sockets_left_out(tmp_path):
     assert (o["untracked"], o["untracked_events"]) == (37, 0), o
     assert res.returncode == 1 and "37 sockets and 0 more events were lost to full tables" \
         in res.stderr and "raise --max-sockets (now 64)" in res.stderr, res.stderr
-    rows = [json.loads(x) for x in res.stdout.splitlines()]
+    rows = json_rows(res.stdout)
     clients = [r for r in rows if r["rport"] == port]
     servers = [r for r in rows if r["lport"] == port]
     assert (len(clients), len(servers), len(rows)) == (32, 31, 63)

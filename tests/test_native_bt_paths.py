@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from .test_native_bpftrace import ROOT, _free_port, _native
+from .conftest import json_rows
 
 WORKLOAD = Path(__file__).resolve().parent / "bpf_paths_workload.py"
 SIZE = 300_001            # (not a multiple of any buffer or page size)
@@ -36,7 +37,7 @@ def _paths_run(send_path: str, recv_path: str) -> tuple[list[dict], dict]:
     assert res.returncode == 0, res.stderr
     said = [x for x in res.stderr.splitlines() if x.startswith("{")]
     assert len(said) == 1, res.stderr
-    return [json.loads(x) for x in res.stdout.splitlines() if x.strip()], json.loads(said[0])
+    return json_rows(res.stdout), json.loads(said[0])
 
 
 @pytest.mark.native
@@ -101,7 +102,7 @@ def test_bytes_read_after_the_socket_closed_count_on_it(tmp_path):
                           f"{sys.executable} {script} {port} 321"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert res.returncode == 0, res.stderr
-    rows = [json.loads(x) for x in res.stdout.splitlines() if x.strip()]
+    rows = json_rows(res.stdout)
     (client,) = [r for r in rows if r["rport"] == port]
     (server,) = [r for r in rows if r["lport"] == port]
     assert len(rows) == 2, rows

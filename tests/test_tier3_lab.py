@@ -12,7 +12,7 @@ from tcpipstat.model import INDEXES
 from tcpipstat.records import ENDED_BY, Parser, Trailer
 
 from . import lab_workloads as W
-from .conftest import LAB, lab_kver, run_cli
+from .conftest import LAB, lab_kver, run_cli, json_rows
 
 pytestmark = pytest.mark.lab
 
@@ -36,7 +36,7 @@ class LabRun:
         self.outcome = json.loads(outcome.read_text()) if outcome.exists() else {}
 
     def json(self) -> list[dict]:
-        return [json.loads(line) for line in self.stdout.splitlines() if line.startswith("{")]
+        return json_rows(self.stdout)
 
     def snmp_delta(self) -> dict[str, int]:
         out = {}
@@ -136,7 +136,7 @@ def test_known_workload_exact_and_against_snmp(suite, tmp_path):
     for index in INDEXES:
         status, out, err = run_cli("--from-records", str(rec), f"index={index}", "--json")
         assert status == 0, err
-        rows = [json.loads(line) for line in out.splitlines()]
+        rows = json_rows(out)
         for k in ("InSegs", "OutSegs", "SendBytes", "RecvBytes", "ActiveOpens", "PassiveOpens"):
             assert sum(o["counters"][k] for o in rows) == tot[k], (index, k)
         if index == "lport":
@@ -568,7 +568,7 @@ def test_interval_snapshots_add_up_to_the_run(suite, tmp_path):
     assert 20 * 330 - slack * 300 <= tot(objs, "SendBytes") <= 20 * 330, why
     status, out, err = run_cli("--from-records", str(rec), "--json")
     assert status == 0, err
-    whole = [json.loads(line) for line in out.splitlines()]
+    whole = json_rows(out)
     for k in ("SendBytes", "RecvBytes", "InSegs", "OutSegs", "ActiveOpens", "PassiveOpens",
               "OutRequests"):
         assert tot(objs, k) == tot(whole, k), (k, why)
