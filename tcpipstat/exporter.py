@@ -80,6 +80,7 @@ class Exporter(Sink):
         self._collection: Collection | None = None
         self._outcome = None
         self.restarts = 0
+        self._first_window = 1      # the windows count once the collector's first is added
         self._past = [0, 0, 0]      # skipped hits, lost events, bad lines of earlier collectors
 
     def start(self, available: tuple[str, ...], collection: Collection, outcome) -> None:
@@ -90,7 +91,7 @@ class Exporter(Sink):
                 self._past = [a + b for a, b in zip(self._past, self._own_health())]
                 self.restarts += 1
             self.available, self._collection, self._outcome = available, collection, outcome
-            self.up = True
+            self.up, self._first_window = True, self.windows + 1
 
     def ended(self, failed: bool) -> None:
         with self._lock:
@@ -169,10 +170,10 @@ class Exporter(Sink):
 
     def _health(self, gauge, counter) -> list:
         """The exporter's and the collector's state (called with the lock held)."""
-        col = self._collection
         skipped, lost, bad = (a + b for a, b in zip(self._past, self._own_health()))
-        # (up once the collector's header has come: it is written once the probes are attached)
-        up = self.up and col is not None and col.header is not None
+        # (up from the collector's first window: its header is no sign that its probes are
+        # attached, as bpftrace runs BEGIN before it attaches the others)
+        up = self.up and self.windows >= self._first_window
         return [kind(f"{PROG}_{name}", text, value=value) for kind, name, text, value in (
                 (gauge, "up", "1 while the collector runs", int(up)),
                 (gauge, "collector_failed", "1 once the collector has ended without being "
