@@ -174,6 +174,10 @@ OPTION_GROUPS: tuple[tuple[str, tuple[Opt, ...]], ...] = (
             "1000); the others are folded into one series labelled other (see SERVING). Needed "
             "for index=tuple", dest="max_series", metavar="N", live_only=True,
             not_with_check=True),
+        Opt(("--serve-restarts",), "with --serve: restart a collector that ends by itself, a "
+            "second later, at most N times in any 10 minutes (default 3; 0: never); then serve "
+            "tcpipstat_up 0 and exit 1 when stopped (see SERVING)", dest="serve_restarts",
+            metavar="N", live_only=True, not_with_check=True),
     )),
     ("Offline", (
         Opt(("--save-records",), "also write the collector's raw records to FILE (re-report them "

@@ -19,13 +19,14 @@ import re
 import signal
 import socket
 import threading
+import time
 from socketserver import ThreadingMixIn
 from typing import IO, Iterator
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from .app import PROG, _collect_into, _consoles, _hooks, _live, _log, _select
 from .counters import COUNTERS
-from .errors import ExitStatus, UsageError, one_line
+from .errors import ExitStatus, TcpipstatError, UsageError, one_line
 from .indexes import AF_INET6, BY_NAME, FIELD_VALUE, GroupKey
 from .model import Collection, Row, Window, sort_value
 from .plan import Plan
@@ -37,6 +38,10 @@ OTHER = "other"          # every label of the series that folded label sets go i
 # long: segments after the close (TIME-WAIT lasts 60 s) arrive from softirq, without a
 # process, and must count for the socket's process as in a report.
 PROCESS_GRACE_S = 120
+# --serve-restarts: how long a collector that ended waits to be started again, and the span
+# in which at most N restarts are made (a collector failing again at once is given up)
+RESTART_DELAY_S = 1.0
+RESTART_SPAN_S = 600.0
 _WORD = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z]{2,})")
 
 
@@ -74,12 +79,19 @@ class Exporter(Sink):
         self.failed = False
         self._collection: Collection | None = None
         self._outcome = None
+        self.restarts = 0
+        self._first_window = 1      # the windows count once the collector's first is added
+        self._past = [0, 0, 0]      # skipped hits, lost events, bad lines of earlier collectors
 
     def start(self, available: tuple[str, ...], collection: Collection, outcome) -> None:
-        """The collector runs: its counters, the model it feeds, how its run goes."""
+        """A collector runs: its counters, the model it feeds, how its run goes. A restarted
+        collector's health counts add to those of the collectors before it."""
         with self._lock:
+            if self._outcome is not None:
+                self._past = [a + b for a, b in zip(self._past, self._own_health())]
+                self.restarts += 1
             self.available, self._collection, self._outcome = available, collection, outcome
-            self.up = True
+            self.up, self._first_window = True, self.windows + 1
 
     def ended(self, failed: bool) -> None:
         with self._lock:
@@ -149,14 +161,26 @@ class Exporter(Sink):
                     metric.add_metric(labels, totals.get(c.name, 0))
             yield metric
 
-    def _health(self, gauge, counter) -> list:
-        """The exporter's and the collector's state (called with the lock held)."""
+    def _own_health(self) -> list[int]:
+        """The current collector's skipped probe hits, lost events and unreadable lines."""
         ro, col = self._outcome, self._collection
         trailer = col.trailer if col else None
+        return [ro.skipped if ro else 0, trailer.dropped if trailer else 0,
+                ro.bad_lines if ro else 0]
+
+    def _health(self, gauge, counter) -> list:
+        """The exporter's and the collector's state (called with the lock held)."""
+        skipped, lost, bad = (a + b for a, b in zip(self._past, self._own_health()))
+        # (up from the collector's first window: its header is no sign that its probes are
+        # attached, as bpftrace runs BEGIN before it attaches the others)
+        up = self.up and self.windows >= self._first_window
         return [kind(f"{PROG}_{name}", text, value=value) for kind, name, text, value in (
-                (gauge, "up", "1 while the collector runs", int(self.up)),
+                (gauge, "up", "1 while the collector runs", int(up)),
                 (gauge, "collector_failed", "1 once the collector has ended without being "
-                 "asked to (tcpipstat then exits 1 when stopped)", int(self.failed)),
+                 "asked to and is not restarted (tcpipstat then exits 1 when stopped)",
+                 int(self.failed)),
+                (counter, "collector_restarts", "collectors started again after the one before "
+                 "ended by itself (--serve-restarts)", self.restarts),
                 (counter, "windows", "windows of --serve-interval added", self.windows),
                 (gauge, "label_sets", "label sets with series of their own", len(self._series)),
                 (gauge, "max_series", "--max-series: the label sets that may have series of "
@@ -164,11 +188,10 @@ class Exporter(Sink):
                 (counter, "folded_label_sets", "label sets folded into the other series (one "
                  "that returns after all its sockets closed counts again)", self.folded),
                 (counter, "skipped_probe_hits", "probe hits the collector skipped (told as it "
-                 "ends)", ro.skipped if ro else 0),
+                 "ends)", skipped),
                 (counter, "lost_events", "events lost to full collector tables (told as it "
-                 "ends)", trailer.dropped if trailer else 0),
-                (counter, "unreadable_lines", "collector lines that were not records",
-                 ro.bad_lines if ro else 0))]
+                 "ends)", lost),
+                (counter, "unreadable_lines", "collector lines that were not records", bad))]
 
 
 class _Server(ThreadingMixIn, WSGIServer):
@@ -207,7 +230,8 @@ def _url(httpd) -> str:
 
 
 def _stop_on_signals() -> threading.Event:
-    """SIGTERM and SIGINT set the event (the collector has ended: nothing else to stop)."""
+    """SIGTERM and SIGINT set the event (while a collector runs, _run_collector's handlers
+    also ask it to finish)."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -227,28 +251,66 @@ def _why_ended(ro) -> tuple[str, str]:
     return f"{ro.program} exited with status {ro.returncode}", ""
 
 
-def _collect(plan: Plan, exporter: Exporter, httpd, out: IO[str], err: IO[str]) -> int:
-    """Collect until stopped (exit 0) or until the collector ends by itself: then serve
-    tcpipstat_up 0 and the last totals until stopped, and exit 1."""
-    console, errc = _consoles(out, err)
-    log = _log(plan, errc)
-    src = _live(plan, errc, err)
-    # (once the collector is ready: a backend's refusal stays the one line of a refused run)
-    print(f"{PROG}: serving {_url(httpd)}", file=err, flush=True)   # (PORT 0: the one taken)
+class _Restarts:
+    """--serve-restarts N: at most N restarts in any RESTART_SPAN_S seconds."""
+
+    def __init__(self, most: int):
+        self.most, self.times = most, []
+
+    def allowed(self) -> bool:
+        now = time.monotonic()
+        self.times = [t for t in self.times if now - t < RESTART_SPAN_S]
+        if len(self.times) >= self.most:
+            return False
+        self.times.append(now)
+        return True
+
+
+def _run_collector(plan: Plan, exporter: Exporter, src, stop: threading.Event,
+                   log) -> tuple[str, str] | None:
+    """One collector, until it ends: None when tcpipstat was stopped, else why it ended
+    (and the fix when known)."""
     collection = Collection()
     _select(plan, collection, src.tree)
     _hooks(plan, collection, exporter)
-    exporter.start(src.available, collection, src.outcome)
     backend = src.backend
-    signal.signal(signal.SIGTERM, lambda *_: backend.interrupt())   # (SIGINT: _collect_into)
+    # (SIGINT: _collect_into's; a signal before that sets stop, which is read first)
+    signal.signal(signal.SIGTERM, lambda *_: (stop.set(), backend.interrupt()))
+    if stop.is_set():
+        return None
+    exporter.start(src.available, collection, src.outcome)
     _collect_into(plan, src, collection, ReportContext(src.available), log)
-    stop = _stop_on_signals()       # (from now on a signal only ends tcpipstat: none is lost)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     collection.finish()
-    stopped = src.outcome.interrupted
-    exporter.ended(failed=not stopped)
-    if stopped:
-        return ExitStatus.OK
-    what, fix = _why_ended(src.outcome)
+    exporter.ended(failed=False)
+    if src.outcome.interrupted or stop.is_set():
+        return None
+    return _why_ended(src.outcome)
+
+
+def _next_collector(plan: Plan, restarts: _Restarts, why: tuple[str, str], stop, errc, err):
+    """After a collector ended by itself: (a collector prepared again, None), or (None,
+    None) when tcpipstat was stopped meanwhile, or (None, why) when --serve-restarts is
+    used up. A collector that cannot be prepared again counts as one more that ended."""
+    while restarts.allowed():
+        print(f"{PROG}: the collector ended while serving: {one_line(why[0])}; restarting it "
+              f"(at most {restarts.most} times in {RESTART_SPAN_S / 60:g} minutes)",
+              file=err, flush=True)
+        if stop.wait(RESTART_DELAY_S):
+            return None, None
+        try:
+            src = _live(plan, errc, err)
+        except TcpipstatError as e:
+            why = f"it could not be started again: {e.message}", e.hint
+            continue
+        return (None, None) if stop.is_set() else (src, None)
+    return None, why
+
+
+def _give_up(exporter: Exporter, httpd, why: tuple[str, str], stop, err: IO[str]) -> int:
+    """Serve tcpipstat_up 0 and the last totals until stopped; exit 1."""
+    exporter.ended(failed=True)
+    what, fix = why
     print(f"{PROG}: the collector ended while serving: {one_line(what)}; {_url(httpd)} serves "
           f"{PROG}_up 0 and the last totals until {PROG} is stopped", file=err)
     if fix:
@@ -257,6 +319,25 @@ def _collect(plan: Plan, exporter: Exporter, httpd, out: IO[str], err: IO[str]) 
     while not stop.wait(1.0):
         pass
     return ExitStatus.ERROR
+
+
+def _collect(plan: Plan, exporter: Exporter, httpd, out: IO[str], err: IO[str]) -> int:
+    """Collect until stopped (exit 0); a collector that ends by itself is restarted as
+    --serve-restarts allows, and once it does not: serve tcpipstat_up 0 and the last totals
+    until stopped, and exit 1."""
+    console, errc = _consoles(out, err)
+    log = _log(plan, errc)
+    src = _live(plan, errc, err)
+    # (once the collector is ready: a backend's refusal stays the one line of a refused run)
+    print(f"{PROG}: serving {_url(httpd)}", file=err, flush=True)   # (PORT 0: the one taken)
+    stop, restarts = _stop_on_signals(), _Restarts(plan.serve_restarts)
+    while True:
+        why = _run_collector(plan, exporter, src, stop, log)
+        if why is None:
+            return ExitStatus.OK
+        src, why = _next_collector(plan, restarts, why, stop, errc, err)
+        if src is None:
+            return ExitStatus.OK if why is None else _give_up(exporter, httpd, why, stop, err)
 
 
 def serve(plan: Plan, out: IO[str], err: IO[str]) -> int:

@@ -23,6 +23,7 @@ PID_MAX_LIMIT = 4 * 1024 * 1024   # include/linux/threads.h: pids never exceed t
 _SERVE = re.compile(r"(?:(?P<addr>\[[^\]]*\]|[^:\[\]]*):)?(?P<port>[0-9]{1,5})")
 SERVE_INTERVAL_S = 5.0
 MAX_SERIES = 1000
+SERVE_RESTARTS = 3      # --serve: a collector that ends by itself is restarted this often
 # what --serve cannot do: a report of any kind, an end, or measurements that are not counters
 _NOT_WITH_SERVE = ("output", "sort", "top", "timestamp", "count", "interval", "onclose",
                    "command", "timeout", "dist", "estats", "sample", "series", "plot",
@@ -79,6 +80,7 @@ class Plan:
     backend: str = "auto"            # --backend: auto, stap or bpftrace
     serve: tuple[str, int] | None = None   # --serve: (address, port) of /metrics
     max_series: int = MAX_SERIES     # --max-series: label sets with series of their own
+    serve_restarts: int = SERVE_RESTARTS   # --serve-restarts: restarts in any 10 minutes
 
     def compile_flags(self) -> list[str]:
         """stap options that change the module (so they are part of its cache key)."""
@@ -240,14 +242,15 @@ def _serve_address(text: str) -> tuple[str, int]:
     return addr, int(m["port"])
 
 
-def _serving(ns) -> tuple[tuple[str, int] | None, float | None, int]:
-    """--serve, its windows (--serve-interval) and its budget (--max-series)."""
+def _serving(ns) -> tuple[tuple[str, int] | None, float | None, int, int]:
+    """--serve, its windows (--serve-interval), its budget (--max-series) and its restarts
+    (--serve-restarts)."""
     if ns.serve is None:
-        stray = [o.name for o in OPTIONS if o.dest in ("serve_interval", "max_series")
-                 and o.given(ns)]
+        stray = [o.name for o in OPTIONS if o.dest in (
+                 "serve_interval", "max_series", "serve_restarts") and o.given(ns)]
         if stray:
             raise UsageError(f"{stray[0]} needs --serve")
-        return None, None, MAX_SERIES
+        return None, None, MAX_SERIES, SERVE_RESTARTS
     # (--json and --csv share a dest: a switch is given when its own value is set)
     refused = [o.name for o in OPTIONS if o.dest in _NOT_WITH_SERVE and o.given(ns)
                and (o.const is None or getattr(ns, o.dest) == o.const)]
@@ -257,6 +260,7 @@ def _serving(ns) -> tuple[tuple[str, int] | None, float | None, int]:
     where = _serve_address(ns.serve)
     interval = _seconds(ns.serve_interval or SERVE_INTERVAL_S, "--serve-interval")
     max_series = _count(ns.max_series, "--max-series", 1, 10 ** 6)
+    restarts = _count(ns.serve_restarts, "--serve-restarts", 0, 100)
     if ns.index == "tuple" and max_series is None:
         others = ", ".join(n for n in NAMES if n != "tuple")
         raise UsageError("index=tuple with --serve makes a series per socket: give --max-series N, "
@@ -264,7 +268,8 @@ def _serving(ns) -> tuple[tuple[str, int] | None, float | None, int]:
     if importlib.util.find_spec("prometheus_client") is None:
         raise UsageError("--serve needs prometheus_client: pip install 'tcpipstat[serve]' (or "
                          "apt-get install python3-prometheus-client)")
-    return where, interval, MAX_SERIES if max_series is None else max_series
+    return (where, interval, MAX_SERIES if max_series is None else max_series,
+            SERVE_RESTARTS if restarts is None else restarts)
 
 
 def _processes(ns, groups: tuple[str, ...]) -> tuple[int | None, bool]:
@@ -376,7 +381,7 @@ def build_plan(argv: list[str]) -> Plan:
     pid, tree = _processes(ns, groups)
     if ns.check:
         _check_check(ns)
-    serve, serve_interval, max_series = _serving(ns)
+    serve, serve_interval, max_series, serve_restarts = _serving(ns)
     cgroup, netns = _places(ns)
     sample_ms = _sample_ms(ns)
     _check_output_files(ns)
@@ -423,4 +428,5 @@ def build_plan(argv: list[str]) -> Plan:
         backend=ns.backend,
         serve=serve,
         max_series=max_series,
+        serve_restarts=serve_restarts,
     )

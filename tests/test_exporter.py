@@ -10,6 +10,7 @@ import signal
 import socket
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -118,7 +119,8 @@ def test_totals_per_label_set_equal_the_report(tmp_path, records, index, extra):
     fields = [f for f in rows[0] if f in ("family", "laddr", "lport", "raddr", "rport", "pid",
                                           "comm")]
     # the collector ends after the records: /metrics then holds every window, with up 0
-    p, url = start([f"index={index}", *extra], tmp_path, records, FAKE_STAPRUN_MODE="end", **env)
+    p, url = start([f"index={index}", "--serve-restarts", "0", *extra], tmp_path, records,
+                   FAKE_STAPRUN_MODE="end", **env)
     try:
         for om in (False, True):
             fams = scrape_when(url, ended, openmetrics=om)
@@ -137,7 +139,8 @@ def test_totals_per_label_set_equal_the_report(tmp_path, records, index, extra):
 
 
 def test_ipv4_only_counters_are_absent_for_ipv6_label_sets(tmp_path):
-    p, url = start(["index=tuple", "--max-series", "10"], tmp_path, V6, FAKE_STAPRUN_MODE="end")
+    p, url = start(["index=tuple", "--max-series", "10", "--serve-restarts", "0"], tmp_path, V6,
+                   FAKE_STAPRUN_MODE="end")
     try:
         fams = scrape_when(url, ended)
     finally:
@@ -172,8 +175,8 @@ def test_the_budget_folds_the_rest_into_other_and_keeps_the_totals(tmp_path):
     records = _many_ports(tmp_path, 500)
     rows = report(["index=rport"], tmp_path, records)
     assert len(rows) == 500
-    p, url = start(["index=rport", "--max-series", "50"], tmp_path, records,
-                   FAKE_STAPRUN_MODE="end")
+    p, url = start(["index=rport", "--max-series", "50", "--serve-restarts", "0"], tmp_path,
+                   records, FAKE_STAPRUN_MODE="end")
     try:
         text = scrape_when(url, ended)
         om = scrape(url, openmetrics=True)
@@ -195,7 +198,8 @@ def test_the_budget_folds_the_rest_into_other_and_keeps_the_totals(tmp_path):
 def test_within_a_window_the_busiest_label_sets_are_admitted_first(tmp_path):
     # one window (no marks): port 7002 received 10,000 bytes, more than any other
     rows = report(["index=lport"], tmp_path, V4)
-    p, url = start(["index=lport", "--max-series", "1"], tmp_path, V4, FAKE_STAPRUN_MODE="end")
+    p, url = start(["index=lport", "--max-series", "1", "--serve-restarts", "0"], tmp_path, V4,
+                   FAKE_STAPRUN_MODE="end")
     try:
         fams = scrape_when(url, ended)
     finally:
@@ -240,7 +244,8 @@ def test_sigint_exits_0_too_and_ipv6_serves(tmp_path):
 
 
 def test_a_collector_that_fails_is_a_metric_and_the_exit_status(tmp_path):
-    p, url = start(["index=lport"], tmp_path, V4, FAKE_STAPRUN_MODE="die")
+    p, url = start(["index=lport", "--serve-restarts", "0"], tmp_path, V4,
+                   FAKE_STAPRUN_MODE="die")
     try:
         fams = scrape_when(url, ended)
         assert one(fams, "tcpipstat_up") == 0
@@ -251,6 +256,72 @@ def test_a_collector_that_fails_is_a_metric_and_the_exit_status(tmp_path):
     assert status == 1
     assert "the collector ended while serving: stap stopped collection" in err
     assert "fix: run again with --no-overload-guard" in err
+
+
+def test_a_collector_that_ends_is_restarted_and_the_counters_keep_growing(tmp_path):
+    # each collector replays the recording and ends: three collectors, then tcpipstat gives up
+    rows = report(["index=lport"], tmp_path, V4)
+    p, url = start(["index=lport", "--serve-restarts", "2"], tmp_path, V4,
+                   FAKE_STAPRUN_MODE="end")
+    try:
+        fams = scrape_when(url, ended)
+        assert one(fams, "tcpipstat_up") == 0
+        assert one(fams, "tcpipstat_collector_restarts") == 2
+        assert one(fams, "tcpipstat_windows") == 3
+        for name, samples in counter_families(fams).items():
+            want = {(("lport", str(r["lport"])),): 3 * r["counters"][name] for r in rows}
+            assert samples == want, name
+    finally:
+        status, err = stop(p)
+    assert status == 1
+    assert err.count("the collector ended while serving: staprun exited with status 0; "
+                     "restarting it (at most 2 times in 10 minutes)") == 2
+    assert "serves tcpipstat_up 0 and the last totals until tcpipstat is stopped" in err
+
+
+def _snapshots() -> dict[int, dict]:
+    """What /metrics must hold of the catalogue's counters after each window of the
+    periodic recording (index=lport, --max-series 5): the same records fed in-process."""
+    exporter, collection = _serving(["index=lport", "--max-series", "5"])
+    exporter.available = tuple(c.name for c in COUNTERS)
+    parser, out = Parser("periodic"), {}
+
+    def snapshot() -> None:
+        fams = {f.name: {tuple(sorted(s.labels.items())): s.value for s in f.samples}
+                for f in exporter.collect()}
+        out[exporter.windows] = counter_families(fams)
+    snapshot()
+    for n, line in enumerate(PERIODIC.read_text().splitlines(), 1):
+        rec = parser.parse_line(line, n)
+        if rec is not None:
+            collection.add(rec)
+            snapshot()
+    return out
+
+
+def test_concurrent_scrapes_are_all_answered_each_with_one_windows_totals(tmp_path):
+    # 8 scrapers, 50 scrapes each, while the windows arrive; every answer must be whole:
+    # the counters of exactly the windows it counts (health and totals read at once)
+    want = _snapshots()
+    p, url = start(["index=lport", "--max-series", "5"], tmp_path, PERIODIC,
+                   FAKE_STAPRUN_MODE="wait-int", FAKE_STAPRUN_MARK_S="0.3")
+
+    def scraper(n: int) -> list[dict]:
+        return [scrape(url, openmetrics=(n + i) % 2 == 1) for i in range(50)]
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            answers = [a for got in pool.map(scraper, range(8)) for a in got]
+    finally:
+        status, err = stop(p)
+    assert status == 0, err
+    assert len(answers) == 400
+    seen = set()
+    for fams in answers:
+        windows = one(fams, "tcpipstat_windows")
+        seen.add(windows)
+        got = counter_families(fams)
+        assert "SendBytes" in got and got == {k: want[windows][k] for k in got}, windows
+    assert len(seen) >= 3
 
 
 def test_a_port_in_use_is_refused_before_anything_runs(tmp_path):
@@ -282,6 +353,8 @@ def test_a_port_in_use_is_refused_before_anything_runs(tmp_path):
     (["--serve", "9100", "index=lport", "--dist"], "it cannot be combined with --dist"),
     (["--max-series", "5", "index=lport"], "--max-series needs --serve"),
     (["--serve-interval", "1"], "--serve-interval needs --serve"),
+    (["--serve-restarts", "1"], "--serve-restarts needs --serve"),
+    (["--serve", "9100", "index=lport", "--serve-restarts", "-1"], "bad --serve-restarts '-1'"),
     (["--read", "x.pcap", "--serve", "9100"], "cannot be combined with --serve"),
 ])
 def test_refusals_name_the_bad_value(argv, message):
