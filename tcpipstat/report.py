@@ -116,6 +116,17 @@ def _title_parts(row: Row, title_suffix: str, noun: str = "socket") -> list[tupl
     return parts
 
 
+def _title_text(row: Row, title_suffix: str, noun: str) -> str:
+    """The text of :func:`_title_parts` (no styles), made directly for the common row: a
+    socket tuple used by one process."""
+    key, procs = row.key, row.processes
+    if key.index != "tuple" or len(procs) != 1:
+        return "".join([text for text, _ in _title_parts(row, title_suffix, noun)])
+    (pid, comm), = procs.items()
+    return f"{key_title(key)}  {comm or '?'}[{pid}]  {title_suffix}" if title_suffix \
+        else f"{key_title(key)}  {comm or '?'}[{pid}]"
+
+
 def _title(row: Row, title_suffix: str, noun: str = "socket") -> Text:
     (text, style), *rest = _title_parts(row, title_suffix, noun)
     title = Text(text, style=style)
@@ -244,7 +255,7 @@ def _cells_table(cells: list, sections: tuple[str, ...]) -> tuple[str, int]:
     return fmt % tuple(chain.from_iterable(zip_longest(*cells, fillvalue=""))), width
 
 
-_CACHE_MAX = 4096     # layouts kept per report (they repeat: a row's counters and digits)
+_CACHE_MAX = 4096     # layouts and tables kept per report
 _TEXTS_MAX = 1 << 16  # counts' texts kept per report
 
 
@@ -268,22 +279,31 @@ class _FastTables:
     :func:`_cells_table` makes of :func:`_cells`, made with C-level calls for rows whose
     counts are all ints. A row's counters' names and the lengths of their values' texts
     decide its layout: which texts go in which section, line by line, and the columns'
-    widths. One %-format per layout (cached) then writes the whole table."""
+    widths. One %-format per layout (cached) then writes the whole table; a row with
+    the same counts as one of the last few thousand gets that one's table."""
 
     def __init__(self, plan: tuple, sections: tuple[str, ...]):
         self.plan, self.sections = plan, sections
         self.texts = _CountTexts()
         self.layouts: dict[tuple, tuple] = {}
+        # the last tables made, by counters' names and texts: many rows of a large report
+        # have the same counts (connections that did the same thing)
+        self.tables: dict[tuple, tuple[str, int]] = {}
 
     def table(self, counters: dict) -> tuple[str, int] | None:
         """The row's table and its width; None if a value is not an int."""
         vals = tuple(counters.values())
         if not _INT.issuperset(map(type, vals)):
             return None
-        texts = tuple(map(self.texts.__getitem__, vals))
-        key = (tuple(counters), tuple(map(len, texts)))
-        fmt, pick, width = self.layouts.get(key) or self._layout(key)
-        return fmt % pick(texts), width
+        names, texts = tuple(counters), tuple(map(self.texts.__getitem__, vals))
+        made = self.tables.get((names, texts))
+        if made is None:
+            key = (names, tuple(map(len, texts)))
+            fmt, pick, width = self.layouts.get(key) or self._layout(key)
+            if len(self.tables) >= _CACHE_MAX:
+                self.tables.clear()
+            made = self.tables[names, texts] = (fmt % pick(texts), width)
+        return made
 
     def _layout(self, key: tuple) -> tuple:
         """(%-format, which texts it takes in order, width) of a row with these counters'
@@ -332,16 +352,14 @@ def _row_text(row: Row, ctx: ReportContext, title_suffix: str, plans: _TablePlan
               dist: bool) -> str:
     """A row as plain text (not a terminal: no styles), its title padded to the table's width."""
     table, width = _table(row, ctx, plans)
-    title = "".join([text for text, _ in _title_parts(row, title_suffix, ctx.catalogue.noun)])
+    title = _title_text(row, title_suffix, ctx.catalogue.noun)
     if not title.isprintable():         # what rich's Text drops (a command name's \\r, say)
         title = strip_control_codes(title)
-    if len(title) < width:
-        title += " " * (width - len(title))
     if row.closing or dist or row.samples:
         extra = _extra_lines(row, dist, ctx.us)
         if extra:
             table += "\n" + "\n".join(extra)
-    return title + "\n" + table + "\n"
+    return f"{title.ljust(width)}\n{table}\n"
 
 
 def print_row(console: Console, row: Row, ctx: ReportContext, title_suffix: str = "",

@@ -122,3 +122,13 @@ def test_a_count_that_is_not_an_int_takes_the_cells_path():
     table, width = report._table(row, ctx, plans)
     assert (table, width) == report._cells_table(report._cells(row, plans), plans.sections)
     assert table.splitlines()[3] == " SendBytes 1,234.5   InSegs 1 " and width == 30
+
+
+@pytest.mark.parametrize("index", ["tuple", "rport"])
+def test_plain_titles_are_the_styled_titles_text(big, index):
+    rows = big.rows(index)
+    assert any(len(r.processes) > 1 for r in rows) == (index == "rport")
+    for suffix in ("", report.LIVE.partial):
+        for row in rows:
+            want = "".join([text for text, _ in report._title_parts(row, suffix, "socket")])
+            assert report._title_text(row, suffix, "socket") == want
