@@ -132,3 +132,12 @@ def test_plain_titles_are_the_styled_titles_text(big, index):
         for row in rows:
             want = "".join([text for text, _ in report._title_parts(row, suffix, "socket")])
             assert report._title_text(row, suffix, "socket") == want
+
+
+def test_tuple_rows_are_the_merged_rows(big):
+    """index=tuple rows over the whole run are made without the merging loop; that loop
+    (what a window's sockets go through: the same rows when nothing is sampled) agrees."""
+    assert not big.series
+    rows = big.rows("tuple")
+    assert len(rows) > ROWS * 9 // 10
+    assert rows == big.rows("tuple", list(big.sockets.values()))
