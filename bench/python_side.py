@@ -3,7 +3,8 @@
 
 Builds a record stream from a real lab recording (tests/fixtures) by giving its
 socket records new ports: ROWS distinct socket tuples, RECORDS records in all (each
-tuple arrives RECORDS/ROWS times, as spills and closes do). Then times each stage
+tuple arrives RECORDS/ROWS times, as spills and closes do; its counts are the recording's,
+so rows repeat a few sets of counts, unless --distinct). Then times each stage
 of the pipeline (parse, model, rows, NDJSON, CSV, tables), min/median/max over
 --runs runs, and can profile one pass (--profile).
 
@@ -11,7 +12,7 @@ It runs with the cycle collector thresholds tcpipstat sets as it starts
 (tcpipstat.app.tune_gc); --default-gc keeps Python's defaults (700, 10, 10) instead.
 
     python3 bench/python_side.py [--rows 100000] [--records 1000000] [--runs 5]
-                                 [--profile] [--default-gc]
+                                 [--profile] [--distinct] [--default-gc]
 """
 from __future__ import annotations
 
@@ -38,7 +39,12 @@ from tcpipstat.report import ReportContext, render_tables, write_csv, write_json
 FIXTURE = ROOT / "tests" / "fixtures" / "bookworm-tcpwork-v4.records"
 
 
-def make_stream(rows: int, records: int) -> list[str]:
+def _scaled(fields: list[str], factor: int) -> list[str]:
+    """A socket record's fields with every count multiplied by ``factor``."""
+    return [f"{n}={int(v) * factor}" for n, _, v in (x.partition("=") for x in fields)]
+
+
+def make_stream(rows: int, records: int, distinct: bool = False) -> list[str]:
     lines = [line for line in FIXTURE.read_text().splitlines() if not line.startswith("#")]
     head = [line for line in lines if line.startswith("H\t")]
     socks = [line.split("\t") for line in lines if line.startswith("R\t") and "=" in line]
@@ -51,6 +57,8 @@ def make_stream(rows: int, records: int) -> list[str]:
             f[1] = "close" if rep == per - 1 else "spill"
             f[3], f[4] = "0", "%x" % (0x0A000000 + (i >> 16))   # 10.x.y.z: distinct local addresses
             f[5] = str(i & 0xFFFF)
+            if distinct:       # no two tuples with the same counts (format 2: they follow FLAGS)
+                f[12:] = _scaled(f[12:], i + 1)
             out.append("\t".join(f))
     return out + tail
 
@@ -93,12 +101,15 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--profile", action="store_true",
                     help="profile one pass, print the top functions")
+    ap.add_argument("--distinct", action="store_true",
+                    help="multiply each tuple's counts by a number of its own (1 to ROWS), "
+                         "so that no two rows show the same counts")
     ap.add_argument("--default-gc", action="store_true",
                     help="keep Python's cycle collector thresholds (not the ones tcpipstat sets)")
     a = ap.parse_args()
     if not a.default_gc:
         tune_gc()
-    lines = make_stream(a.rows, a.records)
+    lines = make_stream(a.rows, a.records, a.distinct)
     print(f"# {len(lines) - 2:,} records, {a.rows:,} socket tuples, "
           f"Python {sys.version.split()[0]}, gc thresholds {gc.get_threshold()}")
     if a.profile:

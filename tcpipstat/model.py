@@ -108,6 +108,9 @@ class Row:
         return out
 
 
+_TUPLE_KEY = INDEX_BY_NAME["tuple"].of_socket
+
+
 def _totals(table: dict[Tuple, SocketTotals], t: Tuple) -> SocketTotals:
     """The tuple's totals in ``table`` (the run's or an interval window's), made if new."""
     st = table.get(t)
@@ -223,8 +226,11 @@ class Collection:
         if ix is None:
             raise ValueError(index)
         key_of = ix.of_socket
-        rows: dict[GroupKey, Row] = {}
         whole = sockets is None
+        if whole and index == "tuple":
+            return in_key_order(map(self._tuple_row, filter(self._in_report,
+                                                              self.sockets.values())))
+        rows: dict[GroupKey, Row] = {}
         kept = self.kept if whole else self._kept_in_window
         series = self.series if whole else {}
         for st in (self.sockets.values() if whole else sockets):
@@ -253,6 +259,18 @@ class Collection:
                 row.processes.setdefault(st.pid, st.comm)
             row.opened_during_collection &= opened
         return in_key_order(rows.values())
+
+    def _in_report(self, st: SocketTotals) -> bool:
+        return st.has_activity and self.kept(st)
+
+    def _tuple_row(self, st: SocketTotals) -> Row:
+        """The row of a socket tuple over the whole run (index=tuple: one socket, one row,
+        no merging: no row table to look keys up in)."""
+        samples = self.series.get(st.tuple)
+        return Row(_TUPLE_KEY(st), dict(st.counters), 1,
+                   int(st.closed), {st.pid: st.comm} if st.pid else {},
+                   st.opened_during_collection,
+                   [st.estats] if st.estats is not None else [], list(samples or ()))
 
     def totals(self) -> dict[str, int]:
         out: dict[str, int] = {}

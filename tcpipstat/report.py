@@ -12,6 +12,7 @@ import json
 from json.encoder import encode_basestring_ascii
 import time
 from functools import lru_cache
+from operator import itemgetter
 from itertools import chain, zip_longest
 from dataclasses import dataclass, field
 from typing import IO, Iterable, NamedTuple
@@ -119,6 +120,17 @@ def _title_parts(row: Row, title_suffix: str, noun: str = "socket") -> list[tupl
     return parts
 
 
+def _title_text(row: Row, title_suffix: str, noun: str) -> str:
+    """The text of :func:`_title_parts` (no styles), made directly for the common row: a
+    socket tuple used by one process."""
+    key, procs = row.key, row.processes
+    if key.index != "tuple" or len(procs) != 1:
+        return "".join([text for text, _ in _title_parts(row, title_suffix, noun)])
+    (pid, comm), = procs.items()
+    return f"{key_title(key)}  {comm or '?'}[{pid}]  {title_suffix}" if title_suffix \
+        else f"{key_title(key)}  {comm or '?'}[{pid}]"
+
+
 def _title(row: Row, title_suffix: str, noun: str = "socket") -> Text:
     (text, style), *rest = _title_parts(row, title_suffix, noun)
     title = Text(text, style=style)
@@ -188,15 +200,21 @@ def _section_lines(steps: tuple, nozeros: bool, us: bool):
 
 class _TablePlan(NamedTuple):
     """How the tables of a report are filled: the cell plans of IPv4 and IPv6 rows
-    (indexed by ``family == AF_INET6``), and the sections' names."""
+    (indexed by ``family == AF_INET6``), the sections' names, and the fast layouts of
+    IPv4 and IPv6 rows (None where a section is not plain counts: then the cells)."""
     v4: tuple
     v6: tuple
     sections: tuple[str, ...]
+    fast: tuple
 
 
 def _cell_plans(ctx: ReportContext) -> _TablePlan:
-    return _TablePlan(_cell_plan(ctx, False), _cell_plan(ctx, True),
-                      tuple(sec for sec, _ in ctx.layout))
+    v4, v6 = _cell_plan(ctx, False), _cell_plan(ctx, True)
+    sections = tuple(sec for sec, _ in ctx.layout)
+    return _TablePlan(v4, v6, sections, tuple(
+        _FastTables(plan, sections) if sections and all(type(n) is tuple for n in plan)
+        else None
+        for plan in (v4, v6)))
 
 
 _EMPTY_CELL = ("-",)
@@ -229,10 +247,96 @@ def _table_format(sections: tuple[str, ...], widths: tuple[int, ...],
 def _table(row: Row, ctx: ReportContext, plans: _TablePlan) -> tuple[str, int]:
     """A row's table (Socket / Ip / Tcp / TcpExt columns) and its width, built with plain
     string operations: a 100k-row report renders in about a second, not minutes."""
-    cells = _cells(row, plans)
-    widths = tuple([max(len(h), max(map(len, col))) for h, col in zip(plans.sections, cells)])
-    fmt, width = _table_format(plans.sections, widths, max(map(len, cells)))
+    fast = plans.fast[row.key.family == AF_INET6]
+    table = fast.table(row.counters) if fast is not None else None
+    return table or _cells_table(_cells(row, plans), plans.sections)
+
+
+def _cells_table(cells: list, sections: tuple[str, ...]) -> tuple[str, int]:
+    """The table of these cells (a list of lines per section) and its width."""
+    widths = tuple([max(len(h), max(map(len, col))) for h, col in zip(sections, cells)])
+    fmt, width = _table_format(sections, widths, max(map(len, cells)))
     return fmt % tuple(chain.from_iterable(zip_longest(*cells, fillvalue=""))), width
+
+
+_CACHE_MAX = 4096     # layouts and tables kept per report
+_TEXTS_MAX = 1 << 16  # counts' texts kept per report
+
+
+class _CountTexts(dict):
+    """An int count -> its text in a table ("1,234"), "" for 0 (not shown): looked up in C
+    for every value of a row (counts repeat, most rows' texts are found, not formatted)."""
+
+    def __missing__(self, v: int) -> str:
+        if len(self) >= _TEXTS_MAX:
+            self.clear()
+        text = self[v] = format(v, ",") if v else ""
+        return text
+
+
+def _no_texts(_texts: tuple) -> tuple:
+    return ()
+
+
+class _FastTables:
+    """The tables of rows whose sections are all plain counts, zeros left out: the text
+    :func:`_cells_table` makes of :func:`_cells`, made with C-level calls for rows whose
+    counts are all ints. A row's counters' names and the lengths of their values' texts
+    decide its layout: which texts go in which section, line by line, and the columns'
+    widths. One %-format per layout (cached) then writes the whole table; a row with
+    the same counts as one of the last few thousand gets that one's table."""
+
+    def __init__(self, plan: tuple, sections: tuple[str, ...]):
+        self.plan, self.sections = plan, sections
+        self.texts = _CountTexts()
+        self.layouts: dict[tuple, tuple] = {}
+        # the last tables made, by counters' names and texts: many rows of a large report
+        # have the same counts (connections that did the same thing)
+        self.tables: dict[tuple, tuple[str, int]] = {}
+
+    def table(self, counters: dict) -> tuple[str, int] | None:
+        """The row's table and its width; None if a value is not an int."""
+        vals = tuple(counters.values())
+        if not _INT.issuperset(map(type, vals)):
+            return None
+        names, texts = tuple(counters), tuple(map(self.texts.__getitem__, vals))
+        made = self.tables.get((names, texts))
+        if made is None:
+            key = (names, tuple(map(len, texts)))
+            fmt, pick, width = self.layouts.get(key) or self._layout(key)
+            if len(self.tables) >= _CACHE_MAX:
+                self.tables.clear()
+            made = self.tables[names, texts] = (fmt % pick(texts), width)
+        return made
+
+    def _layout(self, key: tuple) -> tuple:
+        """(%-format, which texts it takes in order, width) of a row with these counters'
+        names and texts' lengths (0: the count is 0)."""
+        names, lens = key
+        pos = {n: i for i, n in enumerate(names) if lens[i]}
+        cols = [[(n, pos[n]) for n in sec if n in pos] for sec in self.plan]
+        widths = [max(len(h), max((len(n) + 1 + lens[i] for n, i in col), default=1))
+                  for h, col in zip(self.sections, cols)]
+        order, lines = [], []
+        for line in zip_longest(*[col or [None] for col in cols]):
+            cells = []
+            for item, w, col in zip(line, widths, cols):
+                if item is None:     # (a section with nothing to show has "-" in its first line)
+                    cells.append(" " * w if col or lines else "-".ljust(w))
+                else:
+                    n, i = item
+                    order.append(i)
+                    cells.append("%s %%-%ds" % (n.replace("%", "%%"), w - len(n) - 1))
+            lines.append(" " + "   ".join(cells) + " ")
+        width = sum(widths) + 3 * (len(widths) - 1) + 2
+        head = " " + "   ".join(h.ljust(w) for h, w in zip(self.sections, widths)) + " "
+        fmt = "\n".join([" " * width, head.replace("%", "%%"), " " + "\u2500" * (width - 2) + " ",
+                         *lines, " " * width])
+        pick = itemgetter(*order) if order else _no_texts
+        if len(self.layouts) >= _CACHE_MAX:
+            self.layouts.clear()
+        layout = self.layouts[key] = (fmt, pick, width)
+        return layout
 
 
 def _extra_lines(row: Row, dist: bool, us: bool) -> list[str]:
@@ -252,16 +356,14 @@ def _row_text(row: Row, ctx: ReportContext, title_suffix: str, plans: _TablePlan
               dist: bool) -> str:
     """A row as plain text (not a terminal: no styles), its title padded to the table's width."""
     table, width = _table(row, ctx, plans)
-    title = "".join([text for text, _ in _title_parts(row, title_suffix, ctx.catalogue.noun)])
+    title = _title_text(row, title_suffix, ctx.catalogue.noun)
     if not title.isprintable():         # what rich's Text drops (a command name's \\r, say)
         title = strip_control_codes(title)
-    if len(title) < width:
-        title += " " * (width - len(title))
     if row.closing or dist or row.samples:
         extra = _extra_lines(row, dist, ctx.us)
         if extra:
             table += "\n" + "\n".join(extra)
-    return title + "\n" + table + "\n"
+    return f"{title.ljust(width)}\n{table}\n"
 
 
 def print_row(console: Console, row: Row, ctx: ReportContext, title_suffix: str = "",
@@ -530,8 +632,9 @@ def print_window(console: Console, win: Window, rows: list[Row], hidden: int, ct
     if timestamp and win.end_ms is not None:
         head = time.strftime("%H:%M:%S", time.localtime(win.end_ms / 1000)) + "  " + head
     console.print(Text(head, style="bold"))
+    plans = _cell_plans(ctx)
     for row in rows:
-        print_row(console, row, ctx)
+        print_row(console, row, ctx, plans=plans)
     if not rows:
         console.print("  no socket activity in this interval")
     if hidden:
