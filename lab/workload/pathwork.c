@@ -17,8 +17,8 @@
  * answers one byte and reads until EOF. Each side prints one line:
  *
  *   @@PATHWORK side=S send=P recv=P size=N port=CLIENT_PORT sent=B send_calls=C
- *       received=B recv_calls=C zc_mapped=B zc_copied=B bytes_acked=.. bytes_received=.. bytes_sent=..
- *       segs_in=.. segs_out=.. data_segs_in=.. data_segs_out=.. total_retrans=..
+ *       received=B recv_calls=C zc_mapped=B zc_copied=B bytes_acked=.. bytes_received=..
+ *       bytes_sent=.. segs_in=.. segs_out=.. data_segs_in=.. data_segs_out=.. total_retrans=..
  *
  * sent/received: the bytes the side moved, answer included; *_calls: its calls that moved
  * at least one byte (recvmmsg and sendmmsg: one per message; TCP_ZEROCOPY_RECEIVE: one per
@@ -237,8 +237,8 @@ static void report(const char *side, char **argv, int port, const struct side *s
                    struct tcp_info t) {
     dprintf(1, "@@PATHWORK side=%s send=%s recv=%s size=%s port=%d sent=%ld send_calls=%ld "
             "received=%ld recv_calls=%ld zc_mapped=%ld zc_copied=%ld bytes_acked=%llu "
-            "bytes_received=%llu bytes_sent=%llu segs_in=%u segs_out=%u data_segs_in=%u data_segs_out=%u "
-            "total_retrans=%u\n", side, argv[1], argv[2], argv[3], port, s->sent,
+            "bytes_received=%llu bytes_sent=%llu segs_in=%u segs_out=%u data_segs_in=%u "
+            "data_segs_out=%u total_retrans=%u\n", side, argv[1], argv[2], argv[3], port, s->sent,
             s->send_calls, s->received, s->recv_calls, s->zc_mapped, s->zc_copied,
             (unsigned long long)t.tcpi_bytes_acked, (unsigned long long)t.tcpi_bytes_received,
             (unsigned long long)t.tcpi_bytes_sent, t.tcpi_segs_in, t.tcpi_segs_out,
