@@ -69,6 +69,11 @@ setup() {
   # the lab's own workload with known counts (lab/workload/tcpwork.c), static for the guest
   mkdir -p "$ROOT/usr/local/src" && cp "$HERE/workload/tcpwork.c" "$ROOT/usr/local/src/"
   in_root gcc -O2 -Wall -static -o /usr/local/bin/tcpwork /usr/local/src/tcpwork.c
+  # pathwork (lab/workload/pathwork.c): not in the base initramfs; a run that wants it passes
+  # it in its own overlay (LAB_EXTRA_FILES=$ROOT/usr/local/bin/pathwork: /pathwork in the guest)
+  cp "$HERE/workload/pathwork.c" "$ROOT/usr/local/src/"
+  in_root gcc -O2 -Wall -static -o /usr/local/bin/pathwork.new /usr/local/src/pathwork.c
+  mv "$ROOT/usr/local/bin/pathwork.new" "$ROOT/usr/local/bin/pathwork"
   # base initramfs: static busybox, staprun/stapio/iperf3 + their shared libraries
   local g="$LAB/guest-$SUITE"; rm -rf "$g"; mkdir -p "$g"/{proc,sys,dev,tmp}
   for f in $GUEST_BINS $(in_root ldd $GUEST_BINS 2>/dev/null | grep -o '/[^ ]*\.so[^ ]*' | sort -u); do

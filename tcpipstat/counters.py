@@ -83,10 +83,28 @@ CORE_PROBES = {"set_state": SET_STATE, "ack_return": ACK_RETURN, "new_task": NEW
                "exit": EXIT}
 
 COUNTERS: tuple[Counter, ...] = (
-    Counter("SendBytes", "Socket", "socket", "bytes handed to tcp_sendmsg() and accepted"),
-    Counter("SendMsgs", "Socket", "socket", "tcp_sendmsg() calls that sent at least one byte"),
-    Counter("RecvBytes", "Socket", "socket", "bytes returned by tcp_recvmsg()"),
-    Counter("RecvMsgs", "Socket", "socket", "tcp_recvmsg() calls that returned at least one byte"),
+    Counter("SendBytes", "Socket", "socket", "bytes the socket's users handed it and the kernel "
+            "accepted: tcp_sendmsg() (write, send, sendmsg, sendmmsg, writev, MSG_ZEROCOPY, "
+            "io_uring sends; since Linux 6.5 sendfile(), splice() and vmsplice() into the socket "
+            "too, as MSG_SPLICE_PAGES) and, before Linux 6.5, tcp_sendpage() (sendfile(), splice() "
+            "and vmsplice() into the socket). Not kTLS: its layer hands TCP the records itself "
+            "(tcp_sendmsg_locked(), before 6.5 do_tcp_sendpages()), uncounted"),
+    Counter("SendMsgs", "Socket", "socket", "sends that moved at least one byte: one per write(), "
+            "send(), sendmsg() or writev() call and per message of sendmmsg(); for sendfile() "
+            "and splice() one per batch of pipe buffers handed to TCP (at most 16 pages with "
+            "the default pipe: one per call of at most 64 KiB), a tcp_sendmsg() call since "
+            "Linux 6.5, before it the batch's last tcp_sendpage() call (the one without "
+            "MSG_SENDPAGE_NOTLAST)"),
+    Counter("RecvBytes", "Socket", "socket", "bytes the socket's users took from it: "
+            "tcp_recvmsg() (read, recv, recvmsg, recvmmsg, readv, io_uring receives), "
+            "tcp_splice_read() (splice() out of the socket) and tcp_zerocopy_receive() "
+            "(getsockopt TCP_ZEROCOPY_RECEIVE: the bytes it mapped plus those it copied to its "
+            "copy buffer; what it leaves to recv(), its recv_skip_hint, counts there); the same "
+            "on Linux 6.1 and 6.12. Not what kernel users read with tcp_read_sock() (kTLS "
+            "receive, strparser, NFS)"),
+    Counter("RecvMsgs", "Socket", "socket", "receives that moved at least one byte: one per "
+            "read(), recv(), recvmsg() or readv() call, per message of recvmmsg(), per splice() "
+            "out of the socket and per getsockopt(TCP_ZEROCOPY_RECEIVE)"),
     Counter("InReceives", "Ip", "ip", "IP datagrams received carrying TCP (ip_rcv_core; IPv6: "
             "ip6_rcv_core: where the kernel counts InReceives, on both the single and the "
             "batched (GRO list) receive path)"),
@@ -150,7 +168,16 @@ CA_COUNTERS = CA_TIME_COUNTERS + ("CaChanges",)
 _k, _r = kprobe, kretprobe
 UNITS: tuple[Unit, ...] = (
     Unit("sendmsg", "socket", (_r("tcp_sendmsg"),), ("SendBytes", "SendMsgs"), proc=True),
+    Unit("sendpage", "socket", (_r("tcp_sendpage"),), ("SendBytes", "SendMsgs"), primary=False,
+         proc=True, note="sendfile()/splice() into a socket before Linux 6.5; from 6.5 they "
+         "reach tcp_sendmsg() (MSG_SPLICE_PAGES) and tcp_sendpage() is gone"),
     Unit("recvmsg", "socket", (_r("tcp_recvmsg"),), ("RecvBytes", "RecvMsgs"), proc=True),
+    Unit("splice_read", "socket", (_r("tcp_splice_read"),), ("RecvBytes", "RecvMsgs"),
+         primary=False, proc=True, note="splice() out of a socket; it reads through "
+         "tcp_read_sock(), which kernel users call too: not probed"),
+    Unit("zerocopy_receive", "socket", (_r("tcp_zerocopy_receive"),), ("RecvBytes", "RecvMsgs"),
+         primary=False, proc=True, note="getsockopt(TCP_ZEROCOPY_RECEIVE); its copies go "
+         "through tcp_recvmsg_locked(), not tcp_recvmsg()"),
     Unit("accept", "socket", (_r("inet_csk_accept"),), (), proc=True,
          note="no counter: tells which process owns an accepted socket"),
     Unit("InReceives", "ip", (_k("ip_rcv_core"),), ("InReceives",),

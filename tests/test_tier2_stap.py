@@ -25,8 +25,11 @@ pytestmark = pytest.mark.stap
 # wrapper since Linux 5.7, which is why IcmpErrors probes __icmp_send().
 EXPECTED_UNAVAILABLE = {"bookworm": [], "trixie": []}
 # Probe points that do not resolve: trixie's stap 5.1 cannot use Linux 6.12's tracepoints
-# (congestion states then come from the kprobe fallback, same counters).
-EXPECTED_UNRESOLVED = {"bookworm": set(), "trixie": {'kernel.trace("tcp:tcp_cong_state_set")'}}
+# (congestion states then come from the kprobe fallback, same counters), and Linux 6.12 has
+# no tcp_sendpage() (gone in 6.5: sendfile() and splice() reach tcp_sendmsg() there).
+EXPECTED_UNRESOLVED = {"bookworm": set(),
+                       "trixie": {'kernel.trace("tcp:tcp_cong_state_set")',
+                                  'kernel.function("tcp_sendpage").return'}}
 EXPECTED_CONG = {"bookworm": "tracepoint", "trixie": "kprobes"}
 
 
