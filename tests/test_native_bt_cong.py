@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -37,7 +38,7 @@ from tcpipstat.plan import build_plan
 from tcpipstat.records import SocketRecord, hist_key, parse_text
 
 from .conftest import FIXTURES
-from .test_native_bpftrace import ROOT, WORKLOAD, _free_port, _native
+from .test_native_bpftrace import ROOT, WORKLOAD, _native
 
 PRINTOUTS = FIXTURES / "bpftrace"
 
@@ -157,6 +158,14 @@ def test_a_close_finds_its_lines_among_other_sockets():
 # ---- tier 3n: real runs in a lossy namespace of the test's own ----
 TRACEFS = Path("/sys/kernel/tracing")
 ADDRS = ("198.18.0.1", "2001:db8::1")    # (benchmarking and documentation ranges)
+
+
+def _own(addr: str) -> str:
+    """This test process's address in ``addr``'s range. Another suite's copy of these
+    tests, in a namespace of its own, may use the same port (taken free before this one
+    held it), and the kernel's events by port come from both: the address tells."""
+    n = os.getpid() % 65000 + 2
+    return f"2001:db8::{n:x}:1" if ":" in addr else f"198.18.{n >> 8}.{n & 255}"
 EVERY = 25                                # every 25th data segment to a server port is lost
 TOLERANCE_US = 500     # the program's clock read vs the trace's timestamp, per state
 
@@ -177,8 +186,8 @@ def _lossy_netns(ports: list[int]):
     subprocess.run([ip, "netns", "add", name], check=True)
     try:
         for args in (["link", "set", "lo", "up", "mtu", "1500", "gso_max_segs", "1"],
-                     ["addr", "add", "198.18.0.1/32", "dev", "lo"],
-                     ["addr", "add", "2001:db8::1/128", "dev", "lo", "nodad"]):
+                     ["addr", "add", f"{_own(ADDRS[0])}/32", "dev", "lo"],
+                     ["addr", "add", f"{_own(ADDRS[1])}/128", "dev", "lo", "nodad"]):
             subprocess.run([ip, "-n", name, *args], check=True)
         rule = (f"tcp dport {{ {', '.join(map(str, ports))} }} meta length > 200 "
                 f"numgen inc mod {EVERY} == 0 drop")
@@ -191,16 +200,19 @@ def _lossy_netns(ports: list[int]):
         subprocess.run([ip, "netns", "del", name], check=True)
 
 
-_EVENTS = ("tcp/tcp_cong_state_set", "sock/inet_sock_set_state")
+_EVENTS = ("tcp/tcp_cong_state_set", "sock/inet_sock_set_state", "tcp/tcp_destroy_sock")
 _TRACE_LINE = re.compile(r" (\d+)\.(\d{6}): (tcp_cong_state_set|inet_sock_set_state): (.*)")
 
 
 @contextmanager
 def _kernel_events(ports: list[int]):
-    """The tracepoints' events for ``ports`` as the kernel records them, in a tracefs
+    """The tracepoints' events for ``ports`` and the test's own addresses (_own) as the
+    kernel records them, in a tracefs
     instance of the test's own (its own buffer, filter and clock: CLOCK_MONOTONIC, as
-    bpftrace's nsecs). Yields a function that reads them: [(us, event, fields)]."""
-    inst = TRACEFS / "instances" / f"tcpipstat-cong-{os.getpid()}"
+    bpftrace's nsecs; tcp_destroy_sock too, which the oracle does not read: _DESTROYED
+    waits for it). Yields a function that reads them: [(us, event, fields)], and the
+    instance's trace file."""
+    inst, mine = TRACEFS / "instances" / f"tcpipstat-cong-{os.getpid()}", set(map(_own, ADDRS))
     inst.mkdir()
     try:
         (inst / "trace_clock").write_text("mono")
@@ -213,10 +225,11 @@ def _kernel_events(ports: list[int]):
         def read() -> list[tuple[int, str, dict[str, str]]]:
             out = []
             for m in _TRACE_LINE.finditer((inst / "trace").read_text()):
-                out.append((int(m.group(1)) * 1_000_000 + int(m.group(2)), m.group(3),
-                            dict(re.findall(r"(\w+)=(\S+)", m.group(4)))))
+                f = dict(re.findall(r"(\w+)=(\S+)", m.group(4)))
+                if {f.get("saddr"), f.get("saddrv6")} & mine:     # (the test's sockets)
+                    out.append((int(m.group(1)) * 1_000_000 + int(m.group(2)), m.group(3), f))
             return out
-        yield read
+        yield read, inst / "trace"
     finally:
         for event in _EVENTS:
             (inst / "events" / event / "enable").write_text("0")
@@ -251,6 +264,36 @@ class Oracle:
     def end(self, us: int) -> None:
         self.us[self.state] += us - self.since
         self.stays[CA_STATES[self.state]] += 1
+
+
+# The -c command's end: until the kernel has destroyed N connected sockets (not the
+# listener: it has no remote port) of the test's address (the instance's trace file says
+# so). The collector writes a socket's record there, and a socket may be destroyed after
+# its program ended: a LAST-ACK socket when the peer's ACK comes, in a softirq that a
+# loaded host can defer to ksoftirqd.
+_DESTROYED = """import re, sys, time
+trace, addr, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+mine = re.compile(r" tcp_destroy_sock: .* dport=[1-9][0-9]* .*saddr(v6)?=%s " % re.escape(addr))
+for _ in range(600):
+    if len(mine.findall(open(trace).read())) >= n:
+        sys.exit(0)
+    time.sleep(0.1)
+sys.exit("the kernel destroyed fewer than %d sockets of %s in 60 s" % (n, addr))
+"""
+
+
+@contextmanager
+def _held_port():
+    """A port no other socket of this host's network namespace can take while the test
+    runs (bound, not listening: neither bind(0) nor connect() hands it out), so that
+    the filters and the kernel's events by port are the test's sockets only."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+def _bracket(addr: str) -> str:
+    return f"[{addr}]" if ":" in addr else addr
 
 
 def _oracles(events, until_us: int | None = None) -> dict[tuple[int, int], Oracle]:
@@ -314,24 +357,32 @@ def test_cong_states_against_the_kernels_events(addr, tmp_path):
     sender's changes, stays and times are the kernel's; the servers, whose replies
     are not dropped, spent their whole lives in Open."""
     _need_tools()
-    port, send = _free_port(), 2_000_000
-    with _lossy_netns([port]) as ns, _kernel_events([port]) as events:
+    send, waiter, addr = 2_000_000, tmp_path / "destroyed.py", _own(addr)
+    waiter.write_text(_DESTROYED)
+    with _held_port() as port, _lossy_netns([port]) as ns, \
+            _kernel_events([port]) as (events, trace):
         workload = f"{shutil.which('ip')} netns exec {ns} {sys.executable} {WORKLOAD}"
-        rows, _, outcome = _tcpipstat([f"*:{port}-*:*", f"*:*-*:{port}", "-c",
-                                       f"{workload} {addr} {port} 2 {send} 1000"], tmp_path)
+        rows, _, outcome = _tcpipstat(
+            [f"{_bracket(addr)}:{port}-*:*", f"*:*-{_bracket(addr)}:{port}", "-c",
+             f"{workload} {addr} {port} 2 {send} 1000"
+             f" && {sys.executable} {waiter} {trace} {addr} 4"], tmp_path)
         oracles = _oracles(events())
     assert outcome["cong"] == "tracepoint tcp:tcp_cong_state_set"
-    assert len(rows) == 4 and all(r["closed"] == 1 and r["laddr"] == addr for r in rows)
+    # the four sockets that were ESTABLISHED (not the listener, not the connect()s
+    # before a port was taken), each destroyed before the run ended
+    made = sorted(k for k, o in oracles.items() if o.first is not None and k[1] != 0)
+    got = sorted((r["lport"], r["rport"]) for r in rows)
+    assert len(made) == 4 and got == made, (made, rows, outcome)
+    assert all(r["closed"] == 1 and r["laddr"] == addr for r in rows), rows
     for row in rows:
         o = oracles[row["lport"], row["rport"]]
         _check_row(row, o, o.closed, outcome["skipped"])
         c = row["counters"]
-        if row["lport"] == port:                  # a server: nothing of its was lost
-            assert o.events == 1 and o.changes == 0
-            assert c["CaChanges"] == 0 and c["CaOpenUs"] == sum(c[n] for n in CA_TIME_COUNTERS)
-            assert row["dist_us"] == {"Open": {str(1 << (c["CaOpenUs"].bit_length() - 1)): 1}}
-        else:
+        if row["lport"] != port:
             assert c["SendBytes"] == send and c["RetransSegs"] > 0 and c["CaChanges"] > 0
+        elif o.changes == 0:        # a server (its replies are not dropped): as the kernel
+            assert c["CaOpenUs"] == sum(c[n] for n in CA_TIME_COUNTERS)
+            assert row["dist_us"] == {"Open": {str(1 << (c["CaOpenUs"].bit_length() - 1)): 1}}
 
 
 HOLD = """import os, socket, sys, threading, time
@@ -363,14 +414,15 @@ def test_cong_states_of_a_connection_open_at_the_end(tmp_path):
     a process the test starts, made once bpftrace runs the -c command): its stays go on
     until the end of the run, the last cut there."""
     _need_tools()
-    port = _free_port()
     go, made, release = (tmp_path / n for n in ("go", "made", "release"))
     (tmp_path / "hold.py").write_text(HOLD)
     command = (f"touch {go}; i=0; while [ ! -e {made} ] && [ $i -lt 600 ]; do sleep 0.1; "
                "i=$((i + 1)); done")
-    with _lossy_netns([port]) as ns, _kernel_events([port]) as events:
+    with _held_port() as port, _lossy_netns([port]) as ns, \
+            _kernel_events([port]) as (events, _):
         holder = subprocess.Popen([shutil.which("ip"), "netns", "exec", ns, sys.executable,
-                                   str(tmp_path / "hold.py"), ADDRS[0], str(port), "300000",
+                                   str(tmp_path / "hold.py"), _own(ADDRS[0]), str(port),
+                                   "300000",
                                    str(go), str(made), str(release)])
         try:
             args = ["--all-processes", f"*:{port}-*:*", f"*:*-*:{port}", "-c", command]
@@ -410,3 +462,4 @@ def test_programs_are_held_for_their_misses(tmp_path):
     # congestion state, the TCP state and the socket's destruction (BEGIN's and END's
     # programs are not open then)
     assert len(held) == 9 and runner._misses.fds == []      # (closed again after the run)
+
