@@ -8,9 +8,9 @@ on Linux 6.18 with bpftrace 0.17 by ``tcpipstat --backend bpftrace --cong [--dis
 lossy namespace below: one connection that sends 300,000 bytes and closes, one that sends
 as much and is still open at the end).
 
-Tier "3n" (``@pytest.mark.native``, as tests/test_native_bpftrace.py): real runs in a
-network namespace of the test's own whose loopback drops every 25th data segment sent to
-the test's server ports (nftables: the machine's loopback, which other suites use, is not
+Tier "3n" (``@pytest.mark.native``, as tests/test_native_bpftrace.py; one run with
+--interval): real runs in a network namespace of the test's own whose loopback drops every
+25th data segment sent to the test's server ports (nftables: the machine's loopback, which other suites use, is not
 touched). The oracle is the kernel's own record of the same tracepoints
 (tcp_cong_state_set, inet_sock_set_state), read through a tracefs instance of the test's
 own.
@@ -463,3 +463,74 @@ def test_programs_are_held_for_their_misses(tmp_path):
     # programs are not open then)
     assert len(held) == 9 and runner._misses.fds == []      # (closed again after the run)
 
+
+PACED = """import socket, sys, threading, time
+addr, port, chunks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+srv = socket.create_server((addr, port), family=fam)
+def serve():
+    a, _ = srv.accept()
+    with a:
+        while a.recv(65536):
+            pass
+threading.Thread(target=serve).start()
+with socket.create_connection((addr, port)) as c:
+    for _ in range(chunks):            # (spread over several snapshots)
+        c.sendall(b"p" * 100000)
+        time.sleep(0.15)
+srv.close()
+"""
+
+
+def _stay_overlap(events, key: tuple[int, int], lo: int, hi: int) -> int:
+    """The us of the socket's life (its first state to its close) within [lo, hi]."""
+    o = _oracles(events)[key]
+    return max(0, min(hi, o.closed) - max(lo, o.first))
+
+
+@pytest.mark.native
+def test_cong_states_per_snapshot_against_the_kernels_events(tmp_path):
+    """--interval with --cong --dist: a connection sends 600,000 bytes through the lossy
+    loopback over about a second and closes, across several snapshots. Over the
+    snapshots, its changes, stays and times add up to the kernel's; up to each mark,
+    the times add up to its life until then (a snapshot printed while the state changed
+    leaves that socket's congestion counts to the next one: one mark later at most)."""
+    _need_tools()
+    (tmp_path / "paced.py").write_text(PACED)
+    (tmp_path / "destroyed.py").write_text(_DESTROYED)
+    addr = _own(ADDRS[0])
+    with _held_port() as port, _lossy_netns([port]) as ns, \
+            _kernel_events([port]) as (events, trace):
+        workload = (f"{shutil.which('ip')} netns exec {ns} {sys.executable} "
+                    f"{tmp_path / 'paced.py'} {addr} {port} 6 && {sys.executable} "
+                    f"{tmp_path / 'destroyed.py'} {trace} {addr} 2")
+        rows, _, outcome = _tcpipstat(["--interval", "0.25", f"{addr}:{port}-*:*",
+                                       f"*:*-{addr}:{port}", "-c", workload], tmp_path)
+        evs = events()
+    wall = bpftrace.boot_to_wall_ms()
+    marks = [(int(x.split("\t")[2]) - wall) * 1000 for x in
+             (tmp_path / "records").read_text().splitlines() if x.startswith("I\t")]
+    oracles = _oracles(evs)
+    for key in sorted({(r["lport"], r["rport"]) for r in rows}):
+        mine = sorted((r for r in rows if (r["lport"], r["rport"]) == key),
+                      key=lambda r: r["interval"])
+        o = oracles[key]
+        total = {"counters": {n: sum(r["counters"][n] for r in mine) for n in CA_COUNTERS},
+                 "dist_us": {}}
+        for r in mine:
+            for state, buckets in r.get("dist_us", {}).items():
+                for b, n in buckets.items():
+                    into = total["dist_us"].setdefault(state, {})
+                    into[b] = into.get(b, 0) + n
+        _check_row(total, o, o.closed, outcome["skipped"])
+        assert len([r for r in mine if r["counters"]["CaOpenUs"]]) >= 2, mine   # (spread)
+        done = 0
+        for r in mine:
+            done += sum(r["counters"][n] for n in CA_TIME_COUNTERS)
+            k = r["interval"]
+            until = marks[k - 1] if k <= len(marks) else o.closed
+            before = marks[k - 2] if 2 <= k <= len(marks) + 1 else o.first
+            slack = 2000 + TOLERANCE_US      # (a mark's ms vs the program's us: a ms each)
+            assert _stay_overlap(evs, key, 0, before) - slack <= done, (r, marks)
+            assert done <= _stay_overlap(evs, key, 0, until) + slack, (r, marks)
+    assert len(rows) >= 4 and {r["lport"] for r in rows} >= {port}, rows
