@@ -10,10 +10,10 @@ as much and is still open at the end).
 
 Tier "3n" (``@pytest.mark.native``, as tests/test_native_bpftrace.py; one run with
 --interval): real runs in a network namespace of the test's own whose loopback drops every
-25th data segment sent to the test's server ports (nftables: the machine's loopback, which other suites use, is not
-touched). The oracle is the kernel's own record of the same tracepoints
-(tcp_cong_state_set, inet_sock_set_state), read through a tracefs instance of the test's
-own.
+25th data segment sent to the test's server ports (nftables: the machine's loopback, which
+other suites use, is not touched). The oracle is the kernel's own record of the same
+tracepoints (tcp_cong_state_set, inet_sock_set_state), read through a tracefs instance of
+the test's own.
 """
 from __future__ import annotations
 
