@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,9 +132,10 @@ def bpf_programs(pid: int) -> int:
     return n
 
 
-def wait_collecting(proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Until tcpipstat's bpftrace holds its programs (then 2 s for the last to attach)."""
-    threading.Thread(target=proc.stderr.read, daemon=True).start()
+def wait_collecting(proc: subprocess.Popen, said: deque, timeout: float = 120) -> None:
+    """Until tcpipstat's bpftrace holds its programs (then 2 s for the last to attach).
+    ``said`` keeps the last lines of its stderr."""
+    threading.Thread(target=said.extend, args=(proc.stderr,), daemon=True).start()
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout and proc.poll() is None:
         bt = child_pid(proc.pid, "bpftrace")
@@ -152,7 +154,8 @@ def run_mode(mode: str, minutes: float, rate: float, every: float, tmp: Path) ->
            f"*:{port}-*:*", f"*:*-*:{port}", *MODES[mode]]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    wait_collecting(proc)
+    said: deque = deque(maxlen=3)
+    wait_collecting(proc, said)
     rows = Rows(proc.stdout)
     churn = subprocess.Popen([sys.executable, "-c", CHURN, str(port), str(rate), str(secs)],
                              stdout=subprocess.PIPE, text=True)
@@ -166,7 +169,7 @@ def run_mode(mode: str, minutes: float, rate: float, every: float, tmp: Path) ->
     proc.wait(timeout=600)
     rows.thread.join(60)
     return {"mode": mode, "samples": samples, "connections": made, "rows": rows.rows,
-            "merged": rows.merged, "rc": proc.returncode,
+            "merged": rows.merged, "rc": proc.returncode, "said": list(said),
             "outcome": json.loads(outcome.read_text()) if outcome.exists() else {}}
 
 
@@ -177,6 +180,8 @@ def _mb(v: float | None) -> str:
 def report(r: dict) -> None:
     print(f"\n{r['mode']}: {r['connections']:,} connections, {r['rows']:,} rows out, "
           f"exit {r['rc']}")
+    if r["rc"]:
+        print("  " + "  ".join(r["said"]), end="")
     print(f"  {'t (s)':>6}  {'rows so far':>11}  {'tcpipstat RSS MB':>16}  "
           f"{'bpftrace RSS MB':>15}")
     for t, n, py, bt in r["samples"]:

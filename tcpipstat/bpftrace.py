@@ -351,6 +351,8 @@ def _signed(text: str) -> int:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# events the kernel could not put in a full perf buffer (bpftrace read too slowly)
+_LOST = re.compile(r"(WARNING: )?Lost \d+ events")
 _RUNTIME_WARNING = re.compile(r"\S+\.bt:[\d:-]+ WARNING: (.*)\Z")
 _DELETE_MISSING = "Can't delete map element because it does not exist"
 _SOCKET_END = SOCKET.printf()       # (the R record's fields, as the program writes them)
@@ -866,7 +868,7 @@ class Runner(CollectorProcess):
         """bpftrace's memlock warning (said on every start: dropped) and lost events."""
         if "RLIMIT_MEMLOCK" in line or "BPFTRACE_MAP_KEYS_MAX is deprecated" in line:
             return True
-        if re.match(r"(WARNING: )?Lost \d+ events", line):
+        if _LOST.match(line):
             self.outcome.warnings.append(line.removeprefix("WARNING: "))
             return True
         return False
@@ -954,6 +956,9 @@ class Runner(CollectorProcess):
         in the order they were taken (SampleOrder: all of them before END's printout)."""
         for line in stdout:
             if self._runtime_warning(line):
+                continue
+            if _LOST.match(line):        # (0.17 says it on stdout, amid the records)
+                self.classify(line.rstrip("\n"))
                 continue
             if line.startswith("e\t"):            # --rfc4898: a piece of an E record
                 line = self._estats.add(line) or ""

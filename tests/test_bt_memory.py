@@ -88,3 +88,13 @@ def test_a_dropped_socket_outside_the_tree_is_still_counted():
                            on_close=lambda st: None)
     col.extend(parse_text("".join(_lines()).replace("\t7\tc\t1\t", "\t7\tc\t0\t")))
     assert len(col.sockets) == OPEN and col.outside_tree() == CLOSED + OPEN
+
+
+def test_lost_events_on_stdout_are_told_not_unreadable():
+    """bpftrace 0.17 says "Lost N events" (a full perf buffer: a long churn run whose
+    reader fell behind) on stdout, amid the records: a warning of the run, not a record."""
+    from tcpipstat import bpftrace
+    runner = bpftrace.Runner(["bpftrace"], COUNTERS, 4096, print)
+    lines = _lines()[1:3]
+    out = list(runner._records(iter([lines[0], "Lost 349 events\n", lines[1]])))
+    assert out == lines and runner.outcome.warnings == ["Lost 349 events"]
