@@ -92,6 +92,24 @@ def test_records_print_64_bits():
         assert not re.search(r"%[dx]", fmt), fmt
 
 
+def test_a_birth_clears_what_the_address_held_before_it_is_counted():
+    """On a busy host new sockets were found with an earlier socket's rejected verdict
+    (@no) at their address, and went unreported (the lossy test below, now and then on
+    a loaded host). At connect() and at a child's cloning the maps' entries of the address go
+    (a record first, if they make one), in a probe attached before the one that counts
+    the birth: bpftrace attaches in the program's order."""
+    program = bpftrace.render_program(build_plan(["--backend", "bpftrace", "--cong", "--dist"]))
+    births = ("tracepoint:sock:inet_sock_set_state /args->protocol == 6 && "
+              "((args->oldstate == 7 && args->newstate == 2) || "
+              "(args->oldstate == 10 && args->newstate == 3))/ {")
+    counting = "tracepoint:sock:inet_sock_set_state /args->protocol == 6/ {"
+    assert program.count(births) == 1 and program.count(counting) == 1
+    birth = program[program.index(births):program.index(counting)]
+    for m in ("no", "ok", "miss", "n", "tup", "cs", "c_SendBytes"):
+        assert f"delete(@{m}[$k]);" in birth, m
+    assert bpftrace.CA_CLOSE in birth               # (the earlier socket's record, if any)
+
+
 def _records(name: str, dist: bool) -> list[SocketRecord]:
     """The records tcpipstat makes of a recorded printout, by port pair."""
     plan = build_plan(["--backend", "bpftrace", "--cong", *(["--dist"] if dist else [])])
