@@ -210,9 +210,7 @@ def _outcome(plan: Plan, src: _Source, collection: Collection) -> Outcome:
         ended_by=ended_by(tr.ended) if tr else "",
         no_rfc4898=sum(1 for s in active_kept if s.estats is None) if src.estats else 0,
         still_open=len(active_kept) if plan.onclose else 0,
-        outside_tree=sum(1 for s in collection.sockets.values()
-                         if s.has_activity and not s.in_tree)
-        if collection.selection == "tree" else 0,
+        outside_tree=collection.outside_tree(),
         duration_s=collection.duration_s, interrupted=ro.interrupted,
         returncode=ro.returncode, available=tuple(src.available),
         unavailable=tuple(src.unavailable))
@@ -234,7 +232,10 @@ def collect(plan: Plan, out: IO[str], err: IO[str]) -> int:
                         estats=src.estats, dist=src.dist, why_unavailable=src.why_unavailable,
                         index=plan.index, reconciling=src.snapshots)
     sink = make_sink(plan.output, ctx, out, console, errc)
-    collection = Collection()
+    # (the bpftrace collector's close record is a socket's last; the stap collector may
+    # write more of its tuple after it, late segments that the closed socket keeps)
+    collection = Collection(forget_closed=(plan.onclose or plan.interval_s is not None)
+                            and src.name == "bpftrace" and src.backend is not None)
     _select(plan, collection, src.tree)
     _hooks(plan, collection, sink)
     _collect_into(plan, src, collection, ctx, _log(plan, errc))

@@ -108,8 +108,6 @@ def unsupported(plan) -> str:
     """The first option this collector cannot do yet ("" if none)."""
     for what, on in (("--kprobes-only with --cong",
                       "cong" in plan.groups and not plan.tracepoints),
-                     ("--cong with --interval", "cong" in plan.groups
-                      and plan.interval_s is not None),
                      ("-r/--kernel-release", plan.kernel_release is not None),
                      ("--stap-arg", bool(plan.stap_args))):
         if on:
@@ -166,9 +164,11 @@ def render_program(plan, choice: Choice | None = None,
                    "ok",
                    *(["cs"] if cong else [])]
     hist_maps = ["cd", "cm"] if dist else []
-    # (the serials first: a snapshot prints them again last, tcpipstat compares the two)
-    dumped = [*sn, "tup", *_PLACE_MAPS, "pid", "comm", *intree, *counts, *(["cs"] if cong else []),
-              *hist_maps[:1]]
+    # (the serials first: a snapshot prints them again last, tcpipstat compares the two;
+    # the congestion states after the counts and stays: a state that changed while they
+    # were printed says so, CongEnd)
+    dumped = [*sn, "tup", *_PLACE_MAPS, "pid", "comm", *intree, *counts, *hist_maps[:1],
+              *(["cs"] if cong else [])]
     return _env().get_template("tcpipstat.bt.j2").render(
         version=__version__, counters=available, command=bool(plan.command), points=choice,
         cgroup=cgroup,
@@ -355,6 +355,8 @@ def _signed(text: str) -> int:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# events the kernel could not put in a full perf buffer (bpftrace read too slowly)
+_LOST = re.compile(r"(WARNING: )?Lost \d+ events")
 _RUNTIME_WARNING = re.compile(r"\S+\.bt:[\d:-]+ WARNING: (.*)\Z")
 _DELETE_MISSING = "Can't delete map element because it does not exist"
 _SOCKET_END = SOCKET.printf()       # (the R record's fields, as the program writes them)
@@ -369,35 +371,54 @@ class Ledger:
     write only what came since. Without --interval nothing is written before the end,
     and the end writes everything."""
 
-    def __init__(self):
+    def __init__(self, names: tuple[str, ...] = ()):
+        self.names = names                # the counters, in the order of since()'s values
         self.written: dict[str, list[int]] = {}
+        self.stays: dict[str, dict[tuple[int, int], int]] = {}     # --dist: (state, bucket)
         self.closed: set[str] = set()     # serials closed since the last snapshot
         self.width = SOCKET.width         # fields before a record's counters (its format's)
 
     def since(self, ident: str, values: list[int | None]) -> tuple[list[int], bool]:
         """(what ``values`` add to the socket's records, whether it had none); a value
-        None (its map had no entry for it: deleted as the socket closed) adds nothing."""
+        None (its map had no entry for it: deleted as the socket closed; or not known in
+        this snapshot) adds nothing."""
         prev = self.written.get(ident)
         base = prev or [0] * len(values)
         now = [b if v is None else v for b, v in zip(base, values)]
         self.written[ident] = now
         return [n - b for n, b in zip(now, base)], prev is None
 
+    def stays_since(self, ident: str, stays: dict[tuple[int, int], int] | None
+                    ) -> dict[tuple[int, int], int]:
+        """--dist: the stays ``stays`` (the socket's so far; None: not known in this
+        snapshot) add to its records."""
+        if stays is None:
+            return {}
+        prev = self.stays.get(ident, {})
+        self.stays[ident] = stays
+        return {k: n - prev.get(k, 0) for k, n in stays.items() if n != prev.get(k, 0)}
+
     def close_record(self, line: str) -> str:
         """A close record the program wrote (after its head and the socket's serial), its
-        counts less what earlier records of the socket hold."""
+        counts (and --dist stays) less what earlier records of the socket hold."""
         _, serial, record = line.split("\t", 2)
         self.closed.add(serial)
         prev = self.written.pop(serial, None)
+        stays = self.stays.pop(serial, {})
         f = record.rstrip("\n").split("\t")
-        width = self.width
-        if prev is None or len(f) != width + len(prev):
-            return record                 # (nothing written before; or the parser's to name)
-        pairs = [p.partition("=") for p in f[width:]]
-        if not all(v.lstrip("-").isdigit() for _, _, v in pairs):
-            return record
-        f[width:] = [f"{n}={int(v) - b}" for (n, _, v), b in zip(pairs, prev)]
-        return "\t".join(f) + "\n"
+        if prev is None:
+            return record                 # (nothing written before)
+        base = {**dict(zip(self.names, prev)),
+                **{f"h.{s}.{b}": n for (s, b), n in stays.items()}}
+        out = f[:self.width]
+        for pair in f[self.width:]:
+            name, eq, v = pair.partition("=")
+            if not eq or not v.lstrip("-").isdigit():
+                return record             # (the parser's to name)
+            n = int(v) - base.get(name, 0)
+            if n or not name.startswith("h."):
+                out.append(f"{name}={n}")
+        return "\t".join(out) + "\n"
 
 
 _CD_LINE = re.compile(r"@cd\[(-?\d+), (\d+), (\d+)\]: (\d+)\Z")
@@ -409,10 +430,11 @@ def _bucket(us: int) -> int:
 
 
 class CongEnd:
-    """--cong at the end: the stay still going of each socket open at the end is cut
-    there (its time, and with --dist one more stay in its histogram), as the stap
-    collector does; END prints ``@cs`` (state and since when), ``@cd`` (the stays so
-    far) and the time it ran (CA_NOW)."""
+    """--cong in a printout of the maps (END's; with --interval, each snapshot's): the
+    stay still going of each socket is cut at the time the printout says (CA_NOW): its
+    time so far joins its state's, and at the end it is one more stay in its histogram
+    (--dist), as the stap collector does. ``@cs`` says each socket's state and since when,
+    ``@cd`` its stays so far."""
 
     def __init__(self, dist: bool):
         self.dist = dist
@@ -420,7 +442,7 @@ class CongEnd:
         self.stays: dict[str, dict[tuple[int, int], int]] = {}
 
     def add(self, line: str) -> bool:
-        """Takes END's line if it is one of these."""
+        """Takes the printout's line if it is one of these."""
         line = line.rstrip("\n")
         if line.startswith(CA_NOW + "\t"):
             self.now_us = int(line.split("\t")[1])
@@ -431,17 +453,30 @@ class CongEnd:
             self.stays.setdefault(key, {})[int(state), int(bucket)] = int(n)
         return bool(m)
 
-    def settle(self, key: str, cs: str | None, counts: dict[str, int]) -> list[str]:
-        """Adds the socket's stay still going to ``counts``; its h.STATE.BUCKET fields."""
-        stays = self.stays.get(key, {})
-        if cs is not None and self.now_us is not None:
-            v = int(cs)
-            state, us = v & 7, self.now_us - (v >> 3)
-            counts[CA_TIME_COUNTERS[state]] += us
-            if self.dist:
-                b = _bucket(us)
-                stays[state, b] = stays.get((state, b), 0) + 1
-        return [f"h.{s}.{b}={n}" for (s, b), n in sorted(stays.items())]
+    def settle(self, key: str, cs: str | None, values: dict[str, int | None], end: bool
+               ) -> dict[tuple[int, int], int] | None:
+        """Adds the socket's stay still going to ``values`` (its counters so far); its
+        stays so far. A snapshot is printed while the sockets live: a state that changed
+        after CA_NOW (its since is later) may have reached some maps printed and not
+        others, so the socket's congestion counters and stays are not known this time
+        (None): the next snapshot, its close or the end has them."""
+        stays = dict(self.stays.get(key, {}))
+        if cs is None or self.now_us is None:
+            return stays
+        v = int(cs)
+        state, since = v & 7, v >> 3
+        if since > self.now_us:
+            for c in CA_COUNTERS:
+                if c in values:
+                    values[c] = None
+            return None
+        us = self.now_us - since
+        name = CA_TIME_COUNTERS[state]
+        values[name] = (values.get(name) or 0) + us
+        if end and self.dist:
+            b = _bucket(us)
+            stays[state, b] = stays.get((state, b), 0) + 1
+        return stays
 
 
 class EndDump:
@@ -478,19 +513,22 @@ class EndDump:
         changed or went while it was printed (it closed) is left to its close record."""
         out = []
         get = self.maps.get
-        ledger = ledger or Ledger()
+        ledger = ledger or Ledger(self.available)
         serials, closed, pids = get("sn", {}), get("closed", {}), get("pid", {})
         for key, tup in get("tup", {}).items():
             ident = serials.get(key, key)
             if ident in ledger.closed or (
                     self.check is not None and self.check.get(key, "") != serials.get(key)):
                 continue
-            values = [get(f"c_{c}", {}).get(key) for c in self.available]
-            delta, new = ledger.since(ident, [None if v is None else _signed(v)
-                                              for v in values])
+            values = {c: get(f"c_{c}", {}).get(key) for c in self.available}
+            values = {c: None if v is None else _signed(v) for c, v in values.items()}
+            stays = self.cong.settle(key, get("cs", {}).get(key), values, reason != "interval")
+            delta, new = ledger.since(ident, [values[c] for c in self.available])
             counts = dict(zip(self.available, delta))
-            hist = self.cong.settle(key, get("cs", {}).get(key), counts)
-            if not any(counts.values()) and key not in closed and not (new and key in pids):
+            hist = [f"h.{s}.{b}={n}" for (s, b), n in sorted(ledger.stays_since(ident, stays)
+                                                             .items())]
+            if not any(counts.values()) and not hist and key not in closed and not (
+                    new and key in pids):
                 continue                    # (nothing counted since; or resolved, nothing)
             tuple_ = (int(x) & (1 << 64) - 1 for x in tup.strip("()").split(","))
             head = (_SOCKET_END if self.place else _SOCKET_END2) % (
@@ -821,7 +859,7 @@ class Runner(CollectorProcess):
                           "BPFTRACE_MAX_MAP_KEYS": str(max_sockets)})
         self._available, self._dist = available, dist
         self._place = True              # (the header says otherwise: _closes)
-        self._ledger = Ledger()
+        self._ledger = Ledger(available)
         self._count = 0                 # records written here (the trailer's IDS adds them)
         self._wall = boot_to_wall_ms()
         self._context = 0           # lines of a runtime warning's context still to come
@@ -835,7 +873,7 @@ class Runner(CollectorProcess):
         """bpftrace's memlock warning (said on every start: dropped) and lost events."""
         if "RLIMIT_MEMLOCK" in line or "BPFTRACE_MAP_KEYS_MAX is deprecated" in line:
             return True
-        if re.match(r"(WARNING: )?Lost \d+ events", line):
+        if _LOST.match(line):
             self.outcome.warnings.append(line.removeprefix("WARNING: "))
             return True
         return False
@@ -931,6 +969,9 @@ class Runner(CollectorProcess):
         in the order they were taken (SampleOrder: all of them before END's printout)."""
         for line in stdout:
             if self._runtime_warning(line):
+                continue
+            if _LOST.match(line):        # (0.17 says it on stdout, amid the records)
+                self.classify(line.rstrip("\n"))
                 continue
             if line.startswith("e\t"):            # --rfc4898: a piece of an E record
                 line = self._estats.add(line) or ""

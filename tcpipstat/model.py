@@ -134,6 +134,13 @@ class Collection:
     series: dict[Tuple, list] = field(default_factory=dict)  # --sample: each connection's samples
     selection: str = ""                                   # "pid", "tree" or "" (all)
     snapshots: dict[str, SnapshotRecord] = field(default_factory=dict)  # the host's, by WHEN
+    # onclose=1 and --interval report a closed socket once (as it closes; in the window it
+    # closed in): where no record of it follows its close record, it is needed no more and
+    # is dropped then, so that memory does not grow with every socket that came and went.
+    # What the end still counts of the dropped is kept: how many were used outside the -c
+    # tree. (A socket with samples stays: --series and --plot write them at the end.)
+    forget_closed: bool = False
+    outside_tree_dropped: int = 0
 
     def add(self, rec: Record) -> None:
         if isinstance(rec, SocketRecord):       # nearly every record: first
@@ -150,8 +157,11 @@ class Collection:
                 # the window's sockets take the process and place the whole run knows
                 w.pid, w.comm, w.in_tree = st.pid, st.comm, st.in_tree
                 w.cgroup, w.netns = st.cgroup, st.netns
-            if rec.reason == "close" and self.on_close and st.has_activity and self.kept(st):
-                self.on_close(st)
+            if rec.reason == "close":
+                if self.on_close and st.has_activity and self.kept(st):
+                    self.on_close(st)
+                if self.forget_closed and self.on_interval is None:
+                    self._drop(rec.tuple)
         elif isinstance(rec, Header):
             self.header = rec
         elif isinstance(rec, Trailer):
@@ -168,6 +178,20 @@ class Collection:
                 _totals(self.window, rec.tuple).estats = rec.values
         elif isinstance(rec, SnapshotRecord):
             self.snapshots[rec.when] = rec
+
+    def _drop(self, t: Tuple) -> None:
+        """A closed socket reported (forget_closed): forgotten, unless it has samples."""
+        if t in self.series:
+            return
+        st = self.sockets.pop(t)
+        self.outside_tree_dropped += st.has_activity and not st.in_tree
+
+    def outside_tree(self) -> int:
+        """Sockets with activity not used by the -c tree (0 without that selection)."""
+        if self.selection != "tree":
+            return 0
+        return self.outside_tree_dropped + sum(1 for s in self.sockets.values()
+                                               if s.has_activity and not s.in_tree)
 
     def kept(self, st: SocketTotals) -> bool:
         """Is this socket in the report (-x PID, -c tree)?"""
@@ -188,6 +212,9 @@ class Collection:
         if self.on_interval and (mark is not None
                                  or any(s.has_activity for s in win.sockets.values())):
             self.on_interval(win)
+        if self.forget_closed:
+            for t in [t for t in win.sockets if self.sockets[t].closed]:
+                self._drop(t)
 
     def finish(self) -> None:
         """The run ended: in interval mode, what came after the last mark is a last

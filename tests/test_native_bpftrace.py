@@ -62,7 +62,8 @@ def test_counters_not_countable_are_unavailable():
     assert not set(available) & set(unavailable)
 
 
-@pytest.mark.parametrize("words, what", [(["--cong", "--interval", "1"], "--cong with --interval")])
+@pytest.mark.parametrize("words, what", [(["--stap-arg=-w"], "--stap-arg"),
+                                         (["-r", "6.1.0"], "-r/--kernel-release")])
 def test_unsupported_options_refused(words, what):
     be = bpftrace.BpftraceBackend(build_plan(["--backend", "bpftrace", *words]), print)
     with pytest.raises(UsageError, match=what):
