@@ -1030,11 +1030,11 @@ def _choice_text(choice: Choice) -> str:
     def where(point: str) -> str:
         return point or "nowhere (n/a)"
     def kfuncs(what: str) -> str:
-        return "kfuncs" if getattr(choice, what) else "nowhere (n/a)"
-    rsts = {"tracepoint": "tracepoint:tcp:tcp_send_reset", "kfunc": "kfuncs"}
-    return (f"sends at {where(choice.send)}, receives at {where(choice.recv)}; InSegs at "
-            f"{kfuncs('insegs')}, OutRsts at {rsts.get(choice.rsts, 'nowhere (n/a)')}, "
-            f"DelayedACKs at {kfuncs('dack')}, ListenDrops at {kfuncs('listen')}; records as "
+        return "at kfuncs" if getattr(choice, what) else "nowhere (n/a)"
+    rsts = {"tracepoint": "at tracepoint:tcp:tcp_send_reset", "kfunc": "at kfuncs"}
+    return (f"sends at {where(choice.send)}, receives at {where(choice.recv)}; InSegs "
+            f"{kfuncs('insegs')}, OutRsts {rsts.get(choice.rsts, 'nowhere (n/a)')}, "
+            f"DelayedACKs {kfuncs('dack')}, ListenDrops {kfuncs('listen')}; records as "
             + ("sockets are destroyed" if choice.destroy else "sockets close"))
 
 

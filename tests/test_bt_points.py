@@ -177,4 +177,5 @@ def test_check_says_where_this_kernel_counts(tmp_path, monkeypatch):
     (points,) = [f for f in findings if f.name == "probe points"]
     assert "sends at kretfunc:tcp_sendmsg" in points.detail
     assert "receives at kretfunc:tcp_recvmsg" in points.detail
-    assert "SendBytes" in available
+    assert "InSegs at kfuncs, OutRsts at kfuncs, DelayedACKs at kfuncs" in points.detail
+    assert "SendBytes" in available and "InSegs" in available and "OutRsts" in available
