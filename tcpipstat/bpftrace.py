@@ -1,11 +1,12 @@
-"""The bpftrace collector: tracepoints only, for hosts that cannot load a SystemTap module.
+"""The bpftrace collector, for hosts that cannot load a SystemTap module.
 
 The program is rendered from tcpipstat/bt_templates/tcpipstat.bt.j2. It counts what a
-tracepoint can count exactly (BPF_COUNTERS); every other counter of the chosen groups
-is reported unavailable. With --sample it samples connections at tcp:tcp_probe
-(:func:`sample_context`, :class:`SampleOrder`). The filters, the timeout and the sampling
-period reach it as numbers (positional parameters, :func:`program_args`,
-:func:`sample_args`): nothing the user types is in the program.
+tracepoint can count exactly, else what fentry/fexit can where the stap collector probes,
+where the kernel allows it (BPF_POINTS, chosen per kernel by tcpipstat/bt_points.py);
+every other counter of the chosen groups is reported unavailable. With --sample it
+samples connections at tcp:tcp_probe (:func:`sample_context`, :class:`SampleOrder`). The
+filters, the timeout and the sampling period reach it as numbers (positional parameters,
+:func:`program_args`, :func:`sample_args`): nothing the user types is in the program.
 
 It writes the record stream of tcpipstat/records.py itself (header, each socket as it
 closes, trailer), except the records of the sockets still open at the end and, with
@@ -38,7 +39,7 @@ import jinja2
 
 from . import __version__
 from .backend import CollectorProcess, Log, Prepared, RunOutcome, command_from_env
-from .bt_points import Choice, KernelPoints, choose, list_points
+from .bt_points import ASKED, Choice, KernelPoints, choose, list_points
 from .counters import CA_COUNTERS, CA_TIME_COUNTERS, UNITS, counters_for_units, units_for_groups
 from .errors import EnvironmentNotReady, UsageError
 from .estats import EVARS
@@ -58,19 +59,40 @@ VERSION_FIX = f"install bpftrace {_NEED} or later"
 TRACEFS = Path("/sys/kernel/tracing")
 TRACEFS_FIX = "mount it: 'mount -t tracefs nodev /sys/kernel/tracing' (as root)"
 
-# The counters a tracepoint counts as the kernel's MIB does, and where (the template says
-# how; the man page's FIELDS lists these beside the stap points)
+# Where each counter is counted (the template says how; the man page's FIELDS lists these
+# beside the stap points): a tracepoint that counts as the kernel's MIB does, else fentry
+# or fexit (kfunc, kretfunc) where the stap collector probes, where the kernel allows it
+_DACK = ("kfunc:tcp_delack_timer", "kfunc:tcp_delack_timer_handler", "kfunc:tcp_send_ack")
+_LISTEN = "kretfunc:tcp_v4_syn_recv_sock, kretfunc:tcp_v6_syn_recv_sock"
 BPF_POINTS = {
     "SendBytes": "tracepoint:sock:sock_send_length", "SendMsgs": "tracepoint:sock:sock_send_length",
     "RecvBytes": "tracepoint:sock:sock_recv_length", "RecvMsgs": "tracepoint:sock:sock_recv_length",
     **dict.fromkeys(("ActiveOpens", "PassiveOpens", "AttemptFails", "EstabResets", "CurrEstab"),
                     "tracepoint:sock:inet_sock_set_state"),
+    "InSegs": "kfunc:tcp_v4_rcv, kfunc:tcp_v6_rcv",
     "RetransSegs": "tracepoint:tcp:tcp_retransmit_skb",
+    "OutRsts": "tracepoint:tcp:tcp_send_reset",
+    "DelayedACKs": ", ".join(_DACK),
+    "ListenOverflows": _LISTEN, "ListenDrops": _LISTEN,
     **dict.fromkeys(CA_COUNTERS, "tracepoint:tcp:tcp_cong_state_set"),
 }
-# where a kernel lacks the tracepoint (before Linux 6.3: bt_points.choose)
-BPF_FALLBACKS = {**dict.fromkeys(("SendBytes", "SendMsgs"), "kretfunc:tcp_sendmsg"),
-                 **dict.fromkeys(("RecvBytes", "RecvMsgs"), "kretfunc:tcp_recvmsg")}
+_KFUNC_ONLY = " (where the kernel lets BPF attach to them; else n/a)"
+# what the man page adds: where a kernel lacks the tracepoint (bt_points.choose), or needs
+# what not every kernel allows
+BPF_NOTES = {**dict.fromkeys(("SendBytes", "SendMsgs"),
+                             ", or kretfunc:tcp_sendmsg on a kernel without it"),
+             **dict.fromkeys(("RecvBytes", "RecvMsgs"),
+                             ", or kretfunc:tcp_recvmsg on a kernel without it"),
+             "OutRsts": ", or kfunc:tcp_v4_send_reset, kfunc:tcp_v6_send_reset and "
+                        "kfunc:tcp_send_active_reset on a kernel where it misses the resets "
+                        "sent without a full socket (before Linux 6.10)",
+             **dict.fromkeys(("InSegs", "DelayedACKs", "ListenOverflows", "ListenDrops"),
+                             _KFUNC_ONLY)}
+# Counted by a segment's tuple, written at the end and at each --interval snapshot (the
+# template's tuple_add): not with onclose=1, whose rows must hold a socket's whole life
+TUPLE_COUNTERS = frozenset({"InSegs", "OutRsts", "ListenOverflows", "ListenDrops"})
+# ... and never by socket: no per-socket map (a close record writes 0 for them)
+TUPLE_ONLY = TUPLE_COUNTERS - {"OutRsts"}
 BPF_COUNTERS = frozenset(BPF_POINTS)
 # --cong: only where the kernel has the tracepoint (tracefs lists it); the report names it
 CONG_HOW = next(u.ca_state for u in UNITS if u.name == "CongState")
@@ -115,10 +137,16 @@ def unsupported(plan) -> str:
     return ""
 
 
-def counters(groups, missing: frozenset[str] = frozenset()
+def missing_here(plan, choice: Choice) -> frozenset[str]:
+    """The counters ``plan`` cannot have with ``choice``'s points."""
+    return choice.missing | (TUPLE_COUNTERS if plan.onclose else frozenset())
+
+
+def counters(groups, missing: frozenset[str] = ASKED
              ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(available, unavailable) counters of ``groups``, in catalogue order; ``missing``:
-    those the kernel gives no point for (bt_points.Choice.missing)."""
+    those the kernel gives no point for (bt_points.Choice.missing; by default, where
+    bpftrace was not asked, those that need the kernel's answer)."""
     wanted = counters_for_units(units_for_groups(groups))
     countable = BPF_COUNTERS - missing
     return (tuple(c for c in wanted if c in countable),
@@ -150,14 +178,15 @@ def render_program(plan, choice: Choice | None = None,
     --dump-script shows it). ``cgroup``: the kernel's sockets hold their cgroup where the
     program reads it (:func:`cgroup_readable`)."""
     choice = choice or choose(KernelPoints.newest())
-    available, _ = counters(plan.groups, choice.missing)
+    available, _ = counters(plan.groups, missing_here(plan, choice))
     cong = "CaChanges" in available
     dist = cong and plan.dist
     head = HEADER.printf(MAGIC=MAGIC, FORMAT=FORMAT_VERSION, VERSION=__version__,
                          MAX_SOCKETS=plan.max_sockets, COUNTERS=",".join(available))
     interval = plan.interval_s is not None
     intree, sn = ["intree"] if plan.command else [], ["sn"] if interval else []
-    counts = [f"c_{c}" for c in available]
+    sock_counters = [c for c in available if c not in TUPLE_ONLY]
+    counts = [f"c_{c}" for c in sock_counters]
     # Per-socket maps, in the order a closing socket leaves them: comm and intree before
     # pid, tup and sn before ok (the template's full tables: their keys stay among those)
     socket_maps = [*counts, "n", *intree, "comm", "pid", "tup", *_PLACE_MAPS, *sn, "no", "miss",
@@ -167,8 +196,9 @@ def render_program(plan, choice: Choice | None = None,
     # (the serials first: a snapshot prints them again last, tcpipstat compares the two;
     # the congestion states after the counts and stays: a state that changed while they
     # were printed says so, CongEnd)
-    dumped = [*sn, "tup", *_PLACE_MAPS, "pid", "comm", *intree, *counts, *hist_maps[:1],
-              *(["cs"] if cong else [])]
+    tuples = [f"t_{c}" for c in available if c in TUPLE_COUNTERS]
+    dumped = [*sn, "tup", *_PLACE_MAPS, "pid", "comm", *intree, *counts, *tuples,
+              *hist_maps[:1], *(["cs"] if cong else [])]
     return _env().get_template("tcpipstat.bt.j2").render(
         version=__version__, counters=available, command=bool(plan.command), points=choice,
         cgroup=cgroup,
@@ -179,9 +209,11 @@ def render_program(plan, choice: Choice | None = None,
         interval=interval, marks=MARKS,
         close_head=_bt_format(f"{CLOSE_HEAD}\t%d\t") if interval else "",
         maps=socket_maps, dumped=dumped,
-        globals=[*_GLOBAL_MAPS, *(["tree"] if plan.command else []),
+        globals=[*_GLOBAL_MAPS, *tuples, *(["dack"] if "DelayedACKs" in available else []),
+                 *(["tree"] if plan.command else []),
                  *(["marks"] if interval else []), *hist_maps],
-        rcounters=[c for c in available if c not in CA_COUNTERS], cong=cong, dist=dist,
+        rcounters=[c for c in available if c not in CA_COUNTERS], sock_counters=sock_counters,
+        cong=cong, dist=dist,
         ca_counters=CA_COUNTERS, ca_times=CA_TIME_COUNTERS, ca_times_line=CA_TIMES,
         ca_stays=CA_STAYS, ca_close=CA_CLOSE, ca_now=CA_NOW,
         sample=sample_context(plan),
@@ -363,6 +395,8 @@ _SOCKET_END = SOCKET.printf()       # (the R record's fields, as the program wri
 _SOCKET_END2 = SOCKET_FORMAT2.printf()      # (and as programs of format 2 wrote them)
 _MAP_LINE = re.compile(r"@(\w+)\[(-?\d+)\]: (.*)\Z")
 _COUNT_LINE = re.compile(r"@(\w+): (\d+)\Z")
+# a count by tuple: @t_COUNTER[FAMILY, LADDR high, low, LPORT, RADDR high, low, RPORT]: N
+_TUPLE_LINE = re.compile(r"@t_(\w+)\[(-?\d+(?:, -?\d+){6})\]: (-?\d+)\Z")
 
 
 class Ledger:
@@ -491,11 +525,15 @@ class EndDump:
         self.cong = CongEnd(dist)
         self.check: dict[str, str] | None = None     # the serials printed again
         self.counts: dict[str, int] = {}              # END's counts (@untracked, @unmarked)
+        self.tuples: dict[str, dict[str, int]] = {}   # tuple -> its counts by tuple
 
     def add(self, line: str) -> None:
         if self.cong.add(line):
             return
         text = line.rstrip("\n")
+        if (t := _TUPLE_LINE.match(text)):
+            self.tuples.setdefault(t.group(2), {})[t.group(1)] = int(t.group(3))
+            return
         m = _MAP_LINE.match(text)
         if m and self.check is not None:
             self.check[m.group(2)] = m.group(3)
@@ -536,6 +574,21 @@ class EndDump:
                 get("comm", {}).get(key, ""), int(get("intree", {}).get(key, "0")),
                 *(self._place(key) if self.place else ()))
             out.append("\t".join([head, *(f"{c}={v}" for c, v in counts.items()), *hist])
+                       + "\n")
+        return out + self._tuple_records(reason, ledger)
+
+    def _tuple_records(self, reason: str, ledger: Ledger) -> list[str]:
+        """A record for each tuple counted by its segments (TUPLE_COUNTERS), with what came
+        since its last one: no process, cgroup or netns (the rows of its sockets have them)."""
+        out = []
+        for key, counts in self.tuples.items():
+            delta, _ = ledger.since("t" + key, [counts.get(c) for c in self.available])
+            if not any(delta):
+                continue
+            tuple_ = (int(x) & (1 << 64) - 1 for x in key.split(", "))
+            head = (_SOCKET_END if self.place else _SOCKET_END2) % (
+                reason, *tuple_, 0, "", 0, *((0, 0) if self.place else ()))
+            out.append("\t".join([head, *(f"{c}={v}" for c, v in zip(self.available, delta))])
                        + "\n")
         return out
 
@@ -1017,7 +1070,7 @@ class Runner(CollectorProcess):
 
 
 # The footer's reason for the counters this collector leaves out
-WHY_UNAVAILABLE = "no tracepoint counts it exactly"
+WHY_UNAVAILABLE = "no tracepoint counts it exactly, nor a kfunc this kernel allows"
 
 
 def _kernel_choice(cmd: list[str]) -> Choice | None:
@@ -1032,7 +1085,12 @@ def _choice_text(choice: Choice) -> str:
     """Where this kernel's bytes are counted, for --check."""
     def where(point: str) -> str:
         return point or "nowhere (n/a)"
-    return (f"sends at {where(choice.send)}, receives at {where(choice.recv)}; records as "
+    def kfuncs(what: str) -> str:
+        return "at kfuncs" if getattr(choice, what) else "nowhere (n/a)"
+    rsts = {"tracepoint": "at tracepoint:tcp:tcp_send_reset", "kfunc": "at kfuncs"}
+    return (f"sends at {where(choice.send)}, receives at {where(choice.recv)}; InSegs "
+            f"{kfuncs('insegs')}, OutRsts {rsts.get(choice.rsts, 'nowhere (n/a)')}, "
+            f"DelayedACKs {kfuncs('dack')}, ListenDrops {kfuncs('listen')}; records as "
             + ("sockets are destroyed" if choice.destroy else "sockets close"))
 
 
@@ -1076,7 +1134,7 @@ class BpftraceBackend:
         if not cgroup:
             log("this kernel's sockets do not say their cgroup where bpftrace can read it: "
                 "cgroups are unknown")
-        available, unavailable = counters(plan.groups, choice.missing)
+        available, unavailable = counters(plan.groups, missing_here(plan, choice))
         # (HZ: what samples' rto_ms and RFC 4898's jiffies are divided by; read once)
         hz = kernel_hz() if plan.sample_ms is not None or plan.estats else 0
         estats = host_estats(cmd, hz) if plan.estats else None
@@ -1095,7 +1153,7 @@ class BpftraceBackend:
             script.write_text("exec >&2\n" + plan.command + "\n")
             cmd += ["-c", f"/bin/sh {script}"]
         log(f"loading the bpftrace collector ({len(available)} counters; "
-            f"{len(unavailable)} are not countable with tracepoints)...")
+            f"{len(unavailable)} are not countable on this kernel)...")
         if estats:
             for name, why in estats.left_out.items():
                 log(f"RFC 4898 {name} is n/a here: {why}")
@@ -1105,8 +1163,10 @@ class BpftraceBackend:
         self._runner = Runner(cmd, available, plan.max_sockets, self._echo,
                               plan.dist and "CaChanges" in available)
         self.outcome = self._runner.outcome
+        why = WHY_UNAVAILABLE + (", or counted by segment with onclose=1" if plan.onclose
+                                 else "")
         return Prepared(os.uname().release, available, unavailable,
-                        CONG_HOW if "CaChanges" in available else "", WHY_UNAVAILABLE)
+                        CONG_HOW if "CaChanges" in available else "", why)
 
     def lines(self) -> Iterator[str]:
         assert self._runner is not None, "prepare() first"
@@ -1132,7 +1192,7 @@ class BpftraceBackend:
             cmd = []
         found = " ".join(cmd)
         choice = _kernel_choice(cmd) if cmd and running and os.geteuid() == 0 else None
-        available, unavailable = counters(groups, choice.missing if choice else frozenset())
+        available, unavailable = counters(groups, choice.missing if choice else ASKED)
         fix = "'apt-get install bpftrace'", "'dnf install bpftrace'"
         findings = [Finding("bpftrace", bool(found), found or "not found on PATH", *fix)]
         if found:

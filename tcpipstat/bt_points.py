@@ -13,9 +13,22 @@ from dataclasses import dataclass
 
 from .counters import CA_COUNTERS
 
-# What is listed: the tracepoints of the sock and tcp systems, and whether fexit (kretfunc)
-# can attach to tcp_sendmsg/tcp_recvmsg (it needs BTF and the kernel's BPF trampolines)
-LISTINGS = ("tracepoint:sock:*", "tracepoint:tcp:*", "kfunc:tcp_*msg")
+# What is listed: the tracepoints of the sock and tcp systems, and the tcp_* functions
+# fentry/fexit (kfunc/kretfunc) can attach to (it needs BTF and the kernel's BPF
+# trampolines; a function the compiler inlined is not there)
+LISTINGS = ("tracepoint:sock:*", "tracepoint:tcp:*", "kfunc:tcp_*")
+# kfuncs each counter needs, all of them (bt_templates/tcpipstat.bt.j2 says what each does)
+KFUNCS = {
+    "insegs": ("tcp_v4_rcv", "tcp_v6_rcv"),
+    "rsts": ("tcp_v4_send_reset", "tcp_v6_send_reset", "tcp_send_active_reset"),
+    "dack": ("tcp_delack_timer_handler", "tcp_delack_timer", "tcp_send_ack"),
+    "listen": ("tcp_v4_syn_recv_sock", "tcp_v6_syn_recv_sock"),
+}
+# What each choice below feeds (missing where the kernel gives it no point)
+_FEEDS = {"insegs": ("InSegs",), "rsts": ("OutRsts",), "dack": ("DelayedACKs",),
+          "listen": ("ListenOverflows", "ListenDrops")}
+# Counters only a kernel's listing can make available (not known before bpftrace is asked)
+ASKED = frozenset(c for feeds in _FEEDS.values() for c in feeds)
 _PROBE = re.compile(r"(tracepoint:\w+:\w+|(?:kfunc|fentry):(?:\w+:)?\w+)\s*\Z")
 
 
@@ -30,11 +43,19 @@ class KernelPoints:
     def has_field(self, point: str, name: str) -> bool:
         return name in self.fields.get(point, ())
 
+    def has_all(self, kfuncs) -> bool:
+        return all(self.has(f"kfunc:{f}") for f in kfuncs)
+
     @classmethod
     def newest(cls) -> "KernelPoints":
-        """What a current kernel has (6.3 or later): for --dump-script where bpftrace is not
-        there to ask."""
-        return cls({"tracepoint:sock:sock_send_length": frozenset({"sk", "ret", "protocol"}),
+        """What a current kernel has (6.10 or later, with BPF trampolines and the kfuncs of
+        KFUNCS): for --dump-script where bpftrace is not there to ask."""
+        sk, skb = frozenset({"sk"}), frozenset({"skb"})
+        return cls({**{f"kfunc:{f}": sk for fs in KFUNCS.values() for f in fs},
+                    "kfunc:tcp_v4_rcv": skb, "kfunc:tcp_v6_rcv": skb,
+                    "tracepoint:tcp:tcp_send_reset": frozenset(
+                        {"skbaddr", "skaddr", "state", "reason", "saddr", "daddr"}),
+                    "tracepoint:sock:sock_send_length": frozenset({"sk", "ret", "protocol"}),
                     "tracepoint:sock:sock_recv_length": frozenset({"sk", "ret", "protocol"}),
                     "tracepoint:sock:inet_sock_set_state": frozenset({"skaddr"}),
                     "tracepoint:tcp:tcp_retransmit_skb": frozenset({"skaddr", "err"}),
@@ -85,6 +106,10 @@ class Choice:
     retrans_err: bool   # tcp_retransmit_skb has its err field (it fires on failures too)
     destroy: bool       # tcp:tcp_destroy_sock: records are written as sockets are destroyed
     cong: bool = True   # tcp:tcp_cong_state_set: the cong group (--cong) can be counted
+    rsts: str = ""      # OutRsts: "tracepoint" (tcp:tcp_send_reset), "kfunc" or "" (none)
+    insegs: bool = False    # InSegs: kfuncs (KFUNCS, as each of the three below)
+    dack: bool = False      # DelayedACKs
+    listen: bool = False    # ListenOverflows, ListenDrops
 
     @property
     def missing(self) -> frozenset[str]:
@@ -96,6 +121,9 @@ class Choice:
             gone |= {"RecvBytes", "RecvMsgs"}
         if not self.cong:
             gone |= set(CA_COUNTERS)
+        for what, feeds in _FEEDS.items():
+            if not getattr(self, what):
+                gone |= set(feeds)
         return frozenset(gone)
 
 
@@ -114,4 +142,20 @@ def choose(points: KernelPoints) -> Choice:
         retrans_err=points.has_field("tracepoint:tcp:tcp_retransmit_skb", "err"),
         destroy=points.has("tracepoint:tcp:tcp_destroy_sock"),
         # (without it, congestion states are not seen: the cong group is n/a)
-        cong=points.has("tracepoint:tcp:tcp_cong_state_set"))
+        cong=points.has("tracepoint:tcp:tcp_cong_state_set"),
+        rsts=_rsts(points),
+        insegs=points.has_all(KFUNCS["insegs"]), dack=points.has_all(KFUNCS["dack"]),
+        listen=points.has_all(KFUNCS["listen"]))
+
+
+def _rsts(points: KernelPoints) -> str:
+    """tcp:tcp_send_reset fires at every reset the kernel counts in OutRsts since Linux
+    6.10 (commit 19822a980e19 "trace: tcp: fully support trace_tcp_send_reset"): the same
+    commit gave it one sockaddr per side (saddr, daddr), in place of the per-family
+    fields (saddr_v6...) of the event class it had shared with tcp_retransmit_skb. Before
+    it, a reset answering a segment without a full socket (a closed port, TIME-WAIT) was
+    not traced: the kfuncs where the stap collector counts them stand in."""
+    tp = "tracepoint:tcp:tcp_send_reset"
+    if points.has_field(tp, "saddr") and not points.has_field(tp, "saddr_v6"):
+        return "tracepoint"
+    return "kfunc" if points.has_all(KFUNCS["rsts"]) else ""

@@ -100,8 +100,9 @@ OPTION_GROUPS: tuple[tuple[str, tuple[Opt, ...]], ...] = (
             metavar="N"),
     )),
     ("Collection", (
-        Opt(("--backend",), "the collector: stap (SystemTap), bpftrace (tracepoints only, for "
-            "hosts that cannot load a module; fewer counters, the others shown n/a) or auto "
+        Opt(("--backend",), "the collector: stap (SystemTap), bpftrace (tracepoints, and "
+            "fentry where the kernel allows it, for hosts that cannot load a module; fewer "
+            "counters, the others shown n/a) or auto "
             "(default: stap where stap and staprun are installed and the kernel loads modules, "
             "else bpftrace)", dest="backend", metavar="NAME", default="auto", live_only=True),
         Opt(("-t", "--timeout"), "stop collecting after SECONDS and report", dest="timeout",

@@ -14,7 +14,7 @@ from importlib.resources import files
 from typing import Callable, Iterable, Iterator
 
 from . import __version__
-from .bpftrace import BPF_FALLBACKS, BPF_POINTS
+from .bpftrace import BPF_NOTES, BPF_POINTS
 from .capture.fields import FIELDS as CAPTURE_FIELDS
 from .cli import OPTION_GROUPS, PROG, SUMMARY, Opt, synopsis, word_list
 from .counters import COUNTERS, GROUPS, SECTIONS, UNITS
@@ -101,8 +101,7 @@ def _counters() -> Iterator[str]:
             where = sorted({stap_point(p) for u in UNITS if c.name in u.counters
                             for p in u.points})
             bpf = BPF_POINTS.get(c.name, "none (unavailable with --backend bpftrace)")
-            if c.name in BPF_FALLBACKS:
-                bpf += f", or {BPF_FALLBACKS[c.name]} on a kernel without it"
+            bpf += BPF_NOTES.get(c.name, "")
             v4 = " IPv4 only: n/a (null) in rows of IPv6 sockets." if c.ipv4_only else ""
             yield from (".TP", f"\\fB{c.name}\\fR ({c.group})",
                         _sentence(f"{c.description}. Probes: {', '.join(where)}; bpftrace: "

@@ -14,6 +14,16 @@ TCPWORK_V6 = "tcpwork server ::1 7003 7 2 & tcpwork client ::1 7003 2 10; wait"
 TCPWORK_V6_REFUSED_PORT, TCPWORK_V6_REFUSED_N = 7010, 3
 TCPWORK_V6_REFUSED = f"tcpwork refused ::1 {TCPWORK_V6_REFUSED_PORT} {TCPWORK_V6_REFUSED_N}"
 
+# Three connects to a closed port, then two connections: each refused SYN is answered by
+# a reset sent without a socket.
+REFUSED_PORT = 7013
+
+
+def refused(host: str) -> str:
+    return (f"tcpwork refused {host} {REFUSED_PORT} 3; tcpwork server {host} 7014 10 2 & "
+            f"tcpwork client {host} 7014 2 1000; wait")
+
+
 IPERF3 = "iperf3 -s -1 >/dev/null & iperf3 -4 -c 127.0.0.1 -t 2 >/dev/null 2>&1; wait"
 
 # Interval mode: a pair of connections every 0.4 s for about 4.5 s (port 7007):

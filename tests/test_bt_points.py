@@ -20,15 +20,32 @@ def _points(name: str) -> KernelPoints:
 
 
 @pytest.mark.parametrize("kernel, want", [
-    # 6.1: no sock_*_length tracepoints (Linux 6.3), fexit on tcp_sendmsg/tcp_recvmsg
-    ("bookworm", Choice("kretfunc:tcp_sendmsg", "kretfunc:tcp_recvmsg", False, True)),
+    # 6.1: no sock_*_length tracepoints (Linux 6.3), fexit on tcp_sendmsg/tcp_recvmsg; its
+    # tcp_send_reset misses resets without a full socket: the kfuncs; every kfunc there
+    ("bookworm", Choice("kretfunc:tcp_sendmsg", "kretfunc:tcp_recvmsg", False, True,
+                        rsts="kfunc", insegs=True, dack=True, listen=True)),
+    # 6.12: tcp_v4/v6_syn_recv_sock are not in its BTF (no fexit): no ListenDrops
     ("trixie", Choice("tracepoint:sock:sock_send_length", "tracepoint:sock:sock_recv_length",
-                      False, True)),
+                      False, True, rsts="tracepoint", insegs=True, dack=True, listen=False)),
+    # this host: no trampolines, no kfunc at all; OutRsts by the tracepoint only
     ("native-6.18", Choice("tracepoint:sock:sock_send_length",
-                           "tracepoint:sock:sock_recv_length", True, True)),
+                           "tracepoint:sock:sock_recv_length", True, True, rsts="tracepoint")),
 ])
 def test_choice_per_kernel(kernel, want):
     assert choose(_points(kernel)) == want
+
+
+@pytest.mark.parametrize("kernel, missing", [
+    ("bookworm", set()), ("trixie", {"ListenOverflows", "ListenDrops"}),
+    ("native-6.18", {"InSegs", "DelayedACKs", "ListenOverflows", "ListenDrops"})])
+def test_counters_per_kernel(kernel, missing):
+    """The TCP counters each kernel gives (--check's "counters here" and the report's n/a
+    list come from these); OutSegs has no point anywhere (tcp_v4_send_ack() and
+    tcp_v6_send_response(), where control segments are counted, are inlined: no kfunc)."""
+    available, unavailable = bpftrace.counters(("tcp", "ext"), choose(_points(kernel)).missing)
+    tcp = {"InSegs", "OutSegs", "OutRsts", "DelayedACKs", "ListenOverflows", "ListenDrops"}
+    assert set(unavailable) & tcp == missing | {"OutSegs"}
+    assert set(available) & tcp == tcp - missing - {"OutSegs"}
 
 
 def test_listing_fields_and_kfunc_spellings():
@@ -52,13 +69,86 @@ def test_a_kernel_without_a_point_makes_its_counters_unavailable():
 def test_program_per_kernel_uses_its_points():
     plan = build_plan(["--backend", "bpftrace"])
     old = bpftrace.render_program(plan, choose(_points("bookworm")))
+    mid = bpftrace.render_program(plan, choose(_points("trixie")))
     new = bpftrace.render_program(plan, choose(_points("native-6.18")))
     assert "kretfunc:tcp_sendmsg" in old and "sock_send_length" not in old
     assert "tracepoint:tcp:tcp_retransmit_skb {" in old
     assert "tracepoint:sock:sock_send_length" in new and "kretfunc" not in new
     assert "tracepoint:tcp:tcp_retransmit_skb /args->err == 0/" in new
-    for text in (old, new):
+    for text in (old, mid, new):
         assert "tracepoint:tcp:tcp_destroy_sock" in text
+    # OutRsts: the kfuncs on 6.1, the tracepoint where it sees every reset
+    for f in ("kfunc:tcp_v4_send_reset {", "kfunc:tcp_v6_send_reset {",
+              "kfunc:tcp_send_active_reset {"):
+        assert f in old and f not in mid and f not in new
+    assert "tcp_send_reset {" in mid and "tcp_send_reset {" in new
+    assert "tracepoint:tcp:tcp_send_reset" not in old
+    for f in ("kfunc:tcp_v4_rcv {", "kfunc:tcp_v6_rcv {", "kfunc:tcp_send_ack /@dack[cpu]/ {"):
+        assert f in old and f in mid and f not in new
+    syn = "kretfunc:tcp_v4_syn_recv_sock /retval == 0/ {"
+    assert syn in old and syn not in mid
+    assert "kfunc" not in new
+
+
+def test_counts_by_tuple_are_printed_and_cleared():
+    """The tuple maps of what the kernel gives are printed at the end (and at each
+    --interval snapshot) and cleared: none of a counter this kernel does not give."""
+    plan = build_plan(["--backend", "bpftrace", "--interval", "1"])
+    mid = bpftrace.render_program(plan, choose(_points("trixie")))
+    end = mid[mid.index("\nEND {"):]
+    snap = mid[mid.index("interval:ms:$"):mid.index("\nEND {")]
+    for m in ("t_InSegs", "t_OutRsts"):
+        assert f"print(@{m});" in end and f"print(@{m});" in snap and f"clear(@{m});" in end
+    assert "t_ListenDrops" not in mid and "clear(@dack);" in end
+
+
+def test_onclose_leaves_the_counts_by_tuple_out():
+    """onclose=1 rows hold a socket's whole life; counts by tuple come at the end only."""
+    plan = build_plan(["--backend", "bpftrace", "onclose=1"])
+    choice = choose(_points("bookworm"))
+    available, unavailable = bpftrace.counters(plan.groups, bpftrace.missing_here(plan, choice))
+    assert set(bpftrace.TUPLE_COUNTERS) <= set(unavailable)
+    assert "DelayedACKs" in available
+    text = bpftrace.render_program(plan, choice)
+    assert "@t_" not in text and "kfunc:tcp_v4_rcv" not in text
+
+
+def test_filters_reach_the_tuple_counts_as_numbers():
+    """The filters' verdict on a segment's tuple uses the positional parameters, like the
+    sockets'; nothing typed is in the text."""
+    a = build_plan(["--backend", "bpftrace", "10.1.2.0/24:8000..8080-*:*"])
+    b = build_plan(["--backend", "bpftrace", "[2001:db8::/32]:*-*:4433"])
+    choice = choose(_points("bookworm"))
+    text = bpftrace.render_program(a, choice)
+    assert text == bpftrace.render_program(b, choice)
+    for word in ("8000", "8080", "10.1.2", "2001", "4433"):
+        assert word not in text
+    insegs = text[text.index("kfunc:tcp_v4_rcv {"):text.index("kfunc:tcp_v6_rcv {")]
+    assert "$lp >= $12 && $lp <= $13" in insegs
+
+
+def test_end_dump_writes_the_tuple_records():
+    """A tuple's counts become a record of their own, no process; with --interval each
+    snapshot writes what came since the last one."""
+    available = ("SendBytes", "InSegs", "OutRsts")
+    ledger = bpftrace.Ledger()
+    lines = ("@t_InSegs[2, 0, 2130706433, 5201, 0, 2130706433, 40000]: 7",
+             "@t_OutRsts[2, 0, 2130706433, 5201, 0, 2130706433, 40000]: 1",
+             "@t_InSegs[10, 0, 1, 443, -2306405959167115264, 5, 9]: 2")
+    recs = []
+    for n, more in ((0, 0), (3, 0)):
+        dump = bpftrace.EndDump(available)
+        for line in lines:
+            name, _, value = line.rpartition(": ")
+            dump.add(f"{name}: {int(value) + (n if 'OutRsts' not in name else more)}\n")
+        recs.append(dump.records("interval", ledger))
+    f = recs[0][0].rstrip("\n").split("\t")
+    assert f[:9] == ["R", "interval", "2", "0", "7f000001", "5201", "0", "7f000001", "40000"]
+    assert f[-3:] == ["SendBytes=0", "InSegs=7", "OutRsts=1"] and f[9:11] == ["0", ""]
+    v6 = recs[0][1].split("\t")        # (bpftrace prints a key's 64 bits signed)
+    assert v6[2:9] == ["10", "0", "1", "443", "dffe000000000000", "5", "9"]
+    assert [r.rstrip("\n").split("\t")[-2:] for r in recs[1]] == [
+        ["InSegs=3", "OutRsts=0"], ["InSegs=3", "OutRsts=0"]]
 
 
 def test_runtime_warnings_are_not_records():
@@ -87,4 +177,5 @@ def test_check_says_where_this_kernel_counts(tmp_path, monkeypatch):
     (points,) = [f for f in findings if f.name == "probe points"]
     assert "sends at kretfunc:tcp_sendmsg" in points.detail
     assert "receives at kretfunc:tcp_recvmsg" in points.detail
-    assert "SendBytes" in available
+    assert "InSegs at kfuncs, OutRsts at kfuncs, DelayedACKs at kfuncs" in points.detail
+    assert "SendBytes" in available and "InSegs" in available and "OutRsts" in available
