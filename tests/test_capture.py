@@ -363,6 +363,26 @@ def test_corrupt_record_length_stops_with_an_error(tmp_path):
     assert "3 packets read before" in err
 
 
+@pytest.mark.parametrize("reader", ["python", "auto"])
+def test_a_huge_claimed_length_costs_only_the_bytes_there(tmp_path, monkeypatch, reader):
+    """Found by the property test below: a record of a 350-byte file claiming 100 MiB made
+    the pure-Python reader set aside 100 MiB (read(n) allocates n before it finds the end)."""
+    raw = bytearray(LO.read_bytes())
+    off, _ = _records(bytes(raw))[3]
+    struct.pack_into("<I", raw, off + 8, 100 * 2**20)
+    bad = tmp_path / "claims-100MiB.pcap"
+    bad.write_bytes(bytes(raw[:off + 16 + 12]))
+    monkeypatch.setenv("TCPIPSTAT_READER", reader)
+    tracemalloc.start()
+    try:
+        status, out, err = run_cli("--read", str(bad), "--json")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert status == ExitStatus.ERROR and "the file ends inside packet 4" in err
+    assert peak < 16 * 2**20, peak
+
+
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())

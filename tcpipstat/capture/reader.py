@@ -22,7 +22,7 @@ import stat
 import sys
 import struct
 from dataclasses import dataclass, field
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 from ..errors import UsageError
 
@@ -52,6 +52,7 @@ PCAP_MAGICS = {
 PCAP_FILE_HEADER = 24                          # magic, versions, zone, sigfigs, snaplen, link type
 PCAPNG_MAGIC = 0x0A0D0D0A                      # a section header's type: the same both ways
 MAX_RECORD = 256 * 1024 * 1024                 # larger: a corrupt header, not a packet
+CHUNK = 1 << 20                                # larger reads go by chunks (see _read_up_to)
 
 
 @dataclass
@@ -169,6 +170,18 @@ STOPPED = {
 }
 
 
+def _read_up_to(read: Callable[[int], bytes], n: int) -> bytes:
+    """read(n), but a corrupt length near MAX_RECORD costs only the bytes the file has:
+    read(n) alone sets aside n bytes before it finds the file shorter."""
+    if n <= CHUNK:
+        return read(n)
+    parts = []
+    while n > 0 and (part := read(min(n, CHUNK))):
+        parts.append(part)
+        n -= len(part)
+    return b"".join(parts)
+
+
 def _pcap(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, int, bytes]]:
     head = pcap_header(path, f, stats)
     # a record header's fields: seconds, sub-seconds, captured length, original length (...)
@@ -188,7 +201,7 @@ def _pcap(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, in
             if caplen > MAX_RECORD:
                 stats.stopped = STOPPED["impossible-caplen"].format(n + 1, caplen)
                 break
-            data = read(caplen)
+            data = _read_up_to(read, caplen)
             if len(data) < caplen:
                 stats.stopped = STOPPED["packet-cut"].format(n + 1, len(data), caplen)
                 break
@@ -225,7 +238,8 @@ def _pcapng(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, 
             if section == 0:
                 raise _not_capture(path, h)
             blen = struct.unpack_from(fmt + "I", h, 4)[0]
-            body = read(blen - 8) if 12 <= blen <= MAX_RECORD and not blen % 4 else None
+            sane = 12 <= blen <= MAX_RECORD and not blen % 4
+            body = _read_up_to(read, blen - 8) if sane else None
             if body is None or len(body) < blen - 8:
                 stats.stopped = _bad_block(n, blen, body)
                 break
