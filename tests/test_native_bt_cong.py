@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from tcpipstat import bpftrace
-from tcpipstat.bt_points import KernelPoints, choose
+from tcpipstat.bt_points import KernelPoints, choose, list_points
 from tcpipstat.counters import CA_COUNTERS, CA_STATES, CA_TIME_COUNTERS
 from tcpipstat.errors import UsageError
 from tcpipstat.plan import build_plan
@@ -468,7 +468,8 @@ def test_programs_are_held_for_their_misses(tmp_path):
     _native()
     plan = build_plan(["--backend", "bpftrace", "--cong", "--dist", "-c", "true"])
     program = tmp_path / "p.bt"
-    program.write_text(bpftrace.render_program(plan))
+    here = choose(list_points([shutil.which("bpftrace")]))     # (this host's points)
+    program.write_text(bpftrace.render_program(plan, here))
     cmd = [shutil.which("bpftrace"), "-q", str(program), *bpftrace.program_args([], None),
            "-c", "/bin/sleep 1"]
     runner = bpftrace.Runner(cmd, bpftrace.counters(plan.groups)[0], 64, print, True)
@@ -476,10 +477,11 @@ def test_programs_are_held_for_their_misses(tmp_path):
     for line in runner.lines():
         if line.startswith("H\t"):
             held = list(runner._misses.fds)
-    # the 100 ms timer, the -c command's fork and exit, send, receive, retransmit, the
-    # congestion state, the TCP state and the socket's destruction (BEGIN's and END's
-    # programs are not open then)
-    assert len(held) == 9 and runner._misses.fds == []      # (closed again after the run)
+    # the 100 ms timer, the -c command's fork and exit, send, receive, retransmit, reset
+    # sent, the congestion state, the TCP state twice (a new socket's stale state first,
+    # then the counts) and the socket's destruction (BEGIN's and END's programs are not
+    # open then)
+    assert len(held) == 11 and runner._misses.fds == []      # (closed again after the run)
 
 
 PACED = """import socket, sys, threading, time
