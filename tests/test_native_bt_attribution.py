@@ -68,6 +68,19 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
 
 
+
+def remove_cgroup(d) -> None:
+    """Remove cgroup directory ``d`` (gone already: fine); it can be removed once its last
+    process is reaped, which can take a moment after that process was killed."""
+    for _ in range(500):
+        try:
+            os.rmdir(d)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.01)
+
 class Places:
     """The test's cgroups (self.cgroup[name]: its folder) and namespaces (self.netns[name]:
     its ip netns name; self.inode[name]: its inode), and a process held in n1."""
@@ -102,14 +115,7 @@ class Places:
         for name in self.netns.values():
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
         for d in reversed(self._dirs):
-            for _ in range(500):     # (a cgroup is removable once its last process is reaped)
-                try:
-                    os.rmdir(d)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.01)
+            remove_cgroup(d)
 
     def script(self, tmp: Path) -> str:
         """The -c command: every side in its cgroup and namespace, then wait for them."""

@@ -42,6 +42,7 @@ from tcpipstat.counters import COUNTERS
 from tcpipstat.exporter import metric_name
 
 from .test_native_bpftrace import ROOT, WORKLOAD, _free_port, _native
+from .test_native_bt_attribution import remove_cgroup
 from .test_process_handling import FAKES
 
 pytest.importorskip("prometheus_client")
@@ -78,6 +79,17 @@ def _until(what: str, probe, timeout: float = DEADLINE_S):
             pytest.fail(f"{what}: not within {timeout:g} s; last seen: {seen!r}")
         time.sleep(0.2)
 
+
+
+def _terminate(proc: subprocess.Popen) -> int:
+    """SIGTERM, a minute to end (then SIGKILL); its exit status."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return proc.returncode
 
 def _replaying(tmp: Path, records: Path) -> dict[str, str]:
     """The environment of a run whose stap and staprun are tier 1's fakes, replaying
@@ -129,13 +141,7 @@ class Exporter:
                180)
 
     def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        return self.proc.returncode
+        return _terminate(self.proc)
 
 
 class Prometheus:
@@ -187,12 +193,7 @@ class Prometheus:
                       lambda: ((got := self.query(promql)) == want, got))
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        _terminate(self.proc)
 
 
 def cookbook() -> dict[str, str]:
@@ -221,14 +222,7 @@ class Containers:
 
     def __exit__(self, *exc) -> None:
         for d in [*self.dirs.values(), self.top]:
-            for _ in range(500):    # (removable once its last process is reaped)
-                try:
-                    os.rmdir(d)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.01)
+            remove_cgroup(d)
 
     def run(self, host: str, port: int, load: tuple[int, int, int] | None = None) -> None:
         """Host ``host``'s workload (``load``, else LOADS's) on ``port``, in its container's
