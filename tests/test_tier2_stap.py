@@ -79,10 +79,11 @@ def test_an_absent_probe_point_is_detected(lab_toolchain, suite):
     assert {stap_point(p) for p in all_points()} - resolved == EXPECTED_UNRESOLVED[suite]
 
 
-def _resolved_units(combo, suite):
-    """The units tcpipstat would choose on this lab kernel (fallbacks where needed)."""
+def _resolved_units(combo, suite, tracepoints: bool = True):
+    """The units tcpipstat would choose on this lab kernel (fallbacks where needed;
+    tracepoints=False: as with --kprobes-only)."""
     resolved = {p for p in all_points() if stap_point(p) not in EXPECTED_UNRESOLVED[suite]}
-    return select(combo, resolved=resolved)
+    return select(combo, tracepoints, resolved=resolved)
 
 
 def test_every_group_combination_elaborates(lab_toolchain, suite):
@@ -94,7 +95,7 @@ def test_every_group_combination_elaborates(lab_toolchain, suite):
             scripts.append((combo, render_script(_resolved_units(combo, suite), 8192)))
     # --dist, and the kprobe fallback even where the tracepoint exists
     every = _resolved_units(GROUPS, suite)
-    fallback = select(("socket", "cong"), tracepoints=False)
+    fallback = _resolved_units(("socket", "cong"), suite, tracepoints=False)
     cong = _resolved_units(("cong",), suite)
     scripts.append((("cong", "dist"), render_script(cong, 8192, dist=True)))
     scripts.append((GROUPS + ("dist",), render_script(every, 8192, dist=True)))
