@@ -237,13 +237,14 @@ def test_ipv4_mapped_addresses_and_wall_clock_times(tmp_path):
     assert sum(isinstance(x, SocketRecord) for x in recs) == 4
 
 
-# A workload in three phases a second apart, each phase's bytes known: connection A lives
+# A workload in three phases PERIOD seconds apart (argv[2]; the fixture above was recorded
+# with 1), each phase's bytes known: connection A lives
 # through all three (sends 1000, then 2000, then 4000 bytes; the server answers each with
 # a tenth); connection B opens, sends 3000 bytes and closes in the second phase. It prints
 # the client ports (to stderr: -c's output), and lives on until the run has ended.
 PHASED = '''
 import json, socket, sys, time
-port = int(sys.argv[1])
+port, period = int(sys.argv[1]), float(sys.argv[2])
 srv = socket.create_server(("127.0.0.1", port))
 def exchange(c, s, n):
     c.sendall(b"a" * n)
@@ -258,7 +259,7 @@ t0 = time.monotonic()
 a = socket.create_connection(("127.0.0.1", port)); sa, _ = srv.accept()
 ports = {"a": a.getsockname()[1]}
 for phase, n in enumerate((1000, 2000, 4000)):
-    time.sleep(max(0.0, t0 + 0.3 + phase - time.monotonic()))
+    time.sleep(max(0.0, t0 + 0.3 + phase * period - time.monotonic()))
     exchange(a, sa, n)
     if phase == 1:
         b = socket.create_connection(("127.0.0.1", port)); sb, _ = srv.accept()
@@ -267,7 +268,7 @@ for phase, n in enumerate((1000, 2000, 4000)):
         b.close(); sb.close()
 a.close(); sa.close()
 print(json.dumps(ports), file=sys.stderr, flush=True)
-time.sleep(max(0.0, t0 + 4.5 - time.monotonic()))      # (past the third window's end)
+time.sleep(max(0.0, t0 + 3 * period + 1.5 - time.monotonic()))   # (past the third window)
 '''
 
 
@@ -278,17 +279,21 @@ def _tcpipstat(args: list[str], timeout: int = 120) -> subprocess.CompletedProce
 
 @pytest.mark.native
 def test_interval_windows_add_up_to_the_workload(tmp_path):
-    """--interval 1 --count 3 around the phased workload: each socket's per-window bytes
+    """--interval 2 --count 3 around the phased workload: each socket's per-window bytes
     are what its phases sent, in order, each once (B's, which closed inside a window,
     too), they add up to the workload's totals and to the whole run's, and the run ends
-    after the third window."""
+    after the third window. (Windows count from the collector's start and the phases from
+    the workload's, which bpftrace starts once its probes are attached: a phase stays in
+    its window while that start comes less than 1.7 s late. With 1 s windows, 0.7 s was
+    not always enough on a loaded host: a phase then fell in a fourth window.)"""
     _native()
     port, script = _free_port(), tmp_path / "phased.py"
     script.write_text(PHASED)
     saved, outcome = tmp_path / "run.records", tmp_path / "outcome.json"
-    res = _tcpipstat(["--json", "--interval", "1", "--count", "3", "--all-processes",
+    res = _tcpipstat(["--json", "--interval", "2", "--count", "3", "--all-processes",
                       "--save-records", str(saved), "--outcome-json", str(outcome),
-                      f"*:{port}-*:*", f"*:*-*:{port}", "-c", f"{sys.executable} {script} {port}"])
+                      f"*:{port}-*:*", f"*:*-*:{port}",
+                      "-c", f"{sys.executable} {script} {port} 2"])
     assert res.returncode == 0, res.stderr
     ports = json.loads(re.search(r"^\{.*\}$", res.stderr, re.M).group())
     o = json.loads(outcome.read_text())
