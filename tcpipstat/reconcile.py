@@ -101,6 +101,7 @@ class Snapshots:
         self._taken: list[str] = []        # N lines not yet handed on
         self._done: set[str] = set()
         self._remote: dict[str, list[str]] = {}
+        self._when = ""                     # the stand-in's snapshot being read ("": none)
 
     def _take(self, when: str) -> None:
         if self.local and when not in self._done:
@@ -111,26 +112,25 @@ class Snapshots:
         """Collection ended (the backend's moment, where it knows it better)."""
         self._take("end")
 
-    def _remote_line(self, line: str, when: list[str]) -> bool:
+    def _remote_line(self, line: str) -> bool:
         """A stand-in's snapshot line (kept, True), or not one."""
         text = line.lstrip("# ")
         if text.startswith(SNAPSHOT_LINE + " "):
-            when[0] = text.split()[1].lower()
-            self._remote.setdefault(when[0], [])
+            self._when = text.split()[1].lower()
+            self._remote.setdefault(self._when, [])
             return True
-        if when[0] and line.startswith("# ") and not self.local:
-            self._remote[when[0]].append(text)
+        if self._when and line.startswith("# ") and not self.local:
+            self._remote[self._when].append(text)
             return True
+        self._when = ""
         return False
 
     def stream(self, lines: Iterable[str]) -> Iterator[str]:
         """The collector's lines with the snapshot records put in: after the header, and
         after the trailer or at the end (whichever comes first)."""
-        when = [""]
         for line in lines:
-            if self._remote_line(line, when):
+            if self._remote_line(line):
                 continue
-            when[0] = ""
             if line.startswith("T\t"):
                 self._take("end")
             yield line
