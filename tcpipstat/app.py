@@ -60,8 +60,7 @@ def _live(plan: Plan, errc: Console, err: IO[str]) -> _Source:
     backend = choose_backend(plan, lambda line: print(line, file=err))
     prepared = backend.prepare(_log(plan, errc))
     snaps = reconcile.Snapshots(backend.same_host)
-    if hasattr(backend, "on_end"):
-        backend.on_end = snaps.end
+    backend.on_end = snaps.end
     return _Source(snaps.stream(backend.lines()), backend.outcome.program, prepared.available,
                    prepared.unavailable, plan.tree, prepared.cong, plan.dist, plan.estats,
                    backend, backend.outcome, why_unavailable=prepared.why_unavailable,

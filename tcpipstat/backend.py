@@ -116,11 +116,13 @@ class CollectorProcess:
 
 
 class Backend(Protocol):
-    """One collector. ``prepare`` first, then ``lines`` once. A backend that knows where
-    collection ends before its trailer is read may have ``on_end``, set before ``lines``
-    and called there (tcpipstat/reconcile.py's end snapshot)."""
+    """One collector. ``prepare`` first, then ``lines`` once."""
     name: str
     outcome: RunOutcome
+    # Set before ``lines``; called where collection ends, by a backend that knows that
+    # moment before its trailer is read (tcpipstat/reconcile.py's end snapshot). A backend
+    # that does not never calls it: the snapshot is then taken at the trailer.
+    on_end: Callable[[], None] | None
 
     def prepare(self, log: Log) -> Prepared:
         """Check the probe points on the target kernel and build the collector."""
