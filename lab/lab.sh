@@ -231,7 +231,8 @@ bpftrace_cmd() {
   local t rc=0; t=$(mktemp -d)     # (removed below: run's EXIT trap would replace one here)
   cp "$prog" "$t/tcpipstat.bt"
   if [[ $workload == "/bin/sh "* ]] && [ -f "${workload#/bin/sh }" ]; then
-    cp "${workload#/bin/sh }" "$t/command.sh"; export LAB_EXTRA_FILES="$t/command.sh"
+    cp "${workload#/bin/sh }" "$t/command.sh"   # (beside the files the caller passes in)
+    export LAB_EXTRA_FILES="${LAB_EXTRA_FILES:+$LAB_EXTRA_FILES }$t/command.sh"
     workload="sh /command.sh"
   fi
   export LAB_STAPRUN_RC_ONLY=1 LAB_BT_FLAGS="${flags[*]-}" LAB_SNAPSHOT_LINES=1  # (as above)

@@ -79,10 +79,18 @@ BPF_POINTS = {
 _KFUNC_ONLY = " (where the kernel lets BPF attach to them; else n/a)"
 # what the man page adds: where a kernel lacks the tracepoint (bt_points.choose), or needs
 # what not every kernel allows
-BPF_NOTES = {**dict.fromkeys(("SendBytes", "SendMsgs"),
-                             ", or kretfunc:tcp_sendmsg on a kernel without it"),
-             **dict.fromkeys(("RecvBytes", "RecvMsgs"),
-                             ", or kretfunc:tcp_recvmsg on a kernel without it"),
+_PATHS_NOTE = ("; where the kernel does not let BPF attach to {}, the report and --check say "
+               "that the counter misses {}")
+BPF_NOTES = {**dict.fromkeys(("SendBytes", "SendMsgs"), (
+                 ", or kretfunc:tcp_sendmsg on a kernel without it; and kretfunc:tcp_sendpage "
+                 "on a kernel that has it (sendfile(), splice() and vmsplice() into the "
+                 "socket, before Linux 6.5; since 6.5 they pass the tracepoint)"
+                 + _PATHS_NOTE.format("it", "those calls"))),
+             **dict.fromkeys(("RecvBytes", "RecvMsgs"), (
+                 ", or kretfunc:tcp_recvmsg on a kernel without it; and kretfunc:tcp_splice_read "
+                 "(splice() out of the socket) and kretfunc:tcp_zerocopy_receive "
+                 "(TCP_ZEROCOPY_RECEIVE), on Linux 6.1 and 6.12 alike"
+                 + _PATHS_NOTE.format("them", "those paths"))),
              "OutRsts": ", or kfunc:tcp_v4_send_reset, kfunc:tcp_v6_send_reset and "
                         "kfunc:tcp_send_active_reset on a kernel where it misses the resets "
                         "sent without a full socket (before Linux 6.10)",
@@ -1088,10 +1096,25 @@ def _choice_text(choice: Choice) -> str:
     def kfuncs(what: str) -> str:
         return "at kfuncs" if getattr(choice, what) else "nowhere (n/a)"
     rsts = {"tracepoint": "at tracepoint:tcp:tcp_send_reset", "kfunc": "at kfuncs"}
-    return (f"sends at {where(choice.send)}, receives at {where(choice.recv)}; InSegs "
-            f"{kfuncs('insegs')}, OutRsts {rsts.get(choice.rsts, 'nowhere (n/a)')}, "
+    paths = [p for p in (choice.sendpage, choice.splice_read, choice.zc_recv) if p]
+    return (f"sends at {where(choice.send)}, receives at {where(choice.recv)}"
+            + "".join(f", {p}" for p in paths) + "; "
+            + "".join(f"{m}; " for m in missed_notes(choice, BPF_COUNTERS))
+            + f"InSegs {kfuncs('insegs')}, OutRsts {rsts.get(choice.rsts, 'nowhere (n/a)')}, "
             f"DelayedACKs {kfuncs('dack')}, ListenDrops {kfuncs('listen')}; records as "
             + ("sockets are destroyed" if choice.destroy else "sockets close"))
+
+
+def missed_notes(choice: Choice, available) -> list[str]:
+    """What the ``available`` counters miss on this kernel (bt_points.Choice.missed): one
+    sentence per pair of counters, for --check and the report's notes."""
+    by: dict[tuple[str, ...], list[str]] = {}
+    for names, path in choice.missed():
+        if set(names) <= set(available):
+            by.setdefault(names, []).append(path)
+    return [f"{' and '.join(names)} miss {' and '.join(paths)} on this kernel: BPF cannot "
+            "attach to " + ("that function" if len(paths) == 1 else "those functions") + " here"
+            for names, paths in by.items()]
 
 
 class BpftraceBackend:
@@ -1163,6 +1186,9 @@ class BpftraceBackend:
         self._runner = Runner(cmd, available, plan.max_sockets, self._echo,
                               plan.dist and "CaChanges" in available)
         self.outcome = self._runner.outcome
+        for note in missed_notes(choice, available):     # (partial, never a silent 0)
+            log(note)
+            self.outcome.warnings.append(note)
         why = WHY_UNAVAILABLE + (", or counted by segment with onclose=1" if plan.onclose
                                  else "")
         return Prepared(os.uname().release, available, unavailable,

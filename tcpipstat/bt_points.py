@@ -13,10 +13,13 @@ from dataclasses import dataclass
 
 from .counters import CA_COUNTERS
 
-# What is listed: the tracepoints of the sock and tcp systems, and the tcp_* functions
+# What is listed: the tracepoints of the sock and tcp systems, the tcp_* functions
 # fentry/fexit (kfunc/kretfunc) can attach to (it needs BTF and the kernel's BPF
-# trampolines; a function the compiler inlined is not there)
-LISTINGS = ("tracepoint:sock:*", "tracepoint:tcp:*", "kfunc:tcp_*")
+# trampolines; a function the compiler inlined is not there), and two structs from BTF,
+# which every kernel with BTF lists: whether struct proto still has the sendpage method
+# (PATHS) and whether TCP_ZEROCOPY_RECEIVE has a copy buffer (copybuf_len, Linux 5.11)
+LISTINGS = ("tracepoint:sock:*", "tracepoint:tcp:*", "kfunc:tcp_*", "struct proto",
+            "struct tcp_zerocopy_receive")
 # kfuncs each counter needs, all of them (bt_templates/tcpipstat.bt.j2 says what each does)
 KFUNCS = {
     "insegs": ("tcp_v4_rcv", "tcp_v6_rcv"),
@@ -24,17 +27,31 @@ KFUNCS = {
     "dack": ("tcp_delack_timer_handler", "tcp_delack_timer", "tcp_send_ack"),
     "listen": ("tcp_v4_syn_recv_sock", "tcp_v6_syn_recv_sock"),
 }
+# Paths of the Socket group that do not pass sock_sendmsg() or sock_recvmsg(), where the
+# sock_*_length tracepoints fire (nor tcp_sendmsg() or tcp_recvmsg(), their fallbacks): the
+# kfunc whose exit counts each, and what the path is, as notes name it
+PATHS = {"sendpage": ("tcp_sendpage", "sendfile(), splice() and vmsplice() into a socket "
+                      "(tcp_sendpage(), before Linux 6.5)"),
+         "splice_read": ("tcp_splice_read", "splice() out of a socket (tcp_splice_read())"),
+         "zc_recv": ("tcp_zerocopy_receive", "getsockopt(TCP_ZEROCOPY_RECEIVE) "
+                     "(tcp_zerocopy_receive())")}
+PATH_COUNTERS = {"sendpage": ("SendBytes", "SendMsgs"), "splice_read": ("RecvBytes", "RecvMsgs"),
+                 "zc_recv": ("RecvBytes", "RecvMsgs")}
 # What each choice below feeds (missing where the kernel gives it no point)
 _FEEDS = {"insegs": ("InSegs",), "rsts": ("OutRsts",), "dack": ("DelayedACKs",),
           "listen": ("ListenOverflows", "ListenDrops")}
 # Counters only a kernel's listing can make available (not known before bpftrace is asked)
 ASKED = frozenset(c for feeds in _FEEDS.values() for c in feeds)
 _PROBE = re.compile(r"(tracepoint:\w+:\w+|(?:kfunc|fentry):(?:\w+:)?\w+)\s*\Z")
+_STRUCT = re.compile(r"struct (\w+) \{\s*\Z")
+# a struct member's name: a function pointer's "(*name)", else the last word before ";"
+_MEMBER = re.compile(r"\(\*(\w+)\)|(\w+)(?:\[[^]]*\])*;")
 
 
 @dataclass(frozen=True)
 class KernelPoints:
-    """Probe points (``tracepoint:SYS:NAME``, ``kfunc:NAME``) and their fields or arguments."""
+    """Probe points (``tracepoint:SYS:NAME``, ``kfunc:NAME``) and their fields or arguments,
+    and structs (``struct:NAME``) and their members."""
     fields: dict[str, frozenset[str]]
 
     def has(self, point: str) -> bool:
@@ -53,6 +70,10 @@ class KernelPoints:
         sk, skb = frozenset({"sk"}), frozenset({"skb"})
         return cls({**{f"kfunc:{f}": sk for fs in KFUNCS.values() for f in fs},
                     "kfunc:tcp_v4_rcv": skb, "kfunc:tcp_v6_rcv": skb,
+                    "kfunc:tcp_splice_read": frozenset({"sock", "retval"}),
+                    "kfunc:tcp_zerocopy_receive": frozenset({"sk", "zc", "retval"}),
+                    "struct:proto": frozenset({"sendmsg", "recvmsg", "splice_eof"}),
+                    "struct:tcp_zerocopy_receive": frozenset({"length", "copybuf_len"}),
                     "tracepoint:tcp:tcp_send_reset": frozenset(
                         {"skbaddr", "skaddr", "state", "reason", "saddr", "daddr"}),
                     "tracepoint:sock:sock_send_length": frozenset({"sk", "ret", "protocol"}),
@@ -64,7 +85,8 @@ class KernelPoints:
 
 
 def parse_listing(text: str) -> dict[str, frozenset[str]]:
-    """``bpftrace -lv`` output: a probe a line, then its fields indented ("__u8 saddr[4]").
+    """``bpftrace -lv`` output: a probe a line, then its fields indented ("__u8 saddr[4]"),
+    or a struct ("struct NAME {", its members indented, "};"): ``struct:NAME``.
     bpftrace 0.17 lists ``kfunc:vmlinux:NAME``, later ones ``fentry:vmlinux:NAME``: both are
     kept as ``kfunc:NAME``, the spelling every version accepts."""
     out: dict[str, set[str]] = {}
@@ -72,12 +94,18 @@ def parse_listing(text: str) -> dict[str, frozenset[str]]:
     for line in text.splitlines():
         if line[:1].isspace() and current is not None:
             words = line.split()
-            if words:
+            if current.startswith("struct:"):
+                m = _MEMBER.search(line)
+                out[current].update([m.group(1) or m.group(2)] if m else [])
+            elif words:
                 out[current].add(words[-1].split("[")[0].lstrip("*"))
             continue
-        m = _PROBE.match(line.strip())
+        m, st = _PROBE.match(line.strip()), _STRUCT.match(line.strip())
         current = None
-        if m:
+        if st:
+            current = f"struct:{st.group(1)}"
+            out.setdefault(current, set())
+        elif m:
             kind, _, rest = m.group(1).partition(":")
             current = (f"kfunc:{rest.rpartition(':')[2]}" if kind in ("kfunc", "fentry")
                        else m.group(1))
@@ -110,6 +138,17 @@ class Choice:
     insegs: bool = False    # InSegs: kfuncs (KFUNCS, as each of the three below)
     dack: bool = False      # DelayedACKs
     listen: bool = False    # ListenOverflows, ListenDrops
+    # the PATHS' kretfuncs ("": not attached; on a kernel that has the path, it is missed)
+    sendpage: str = ""
+    splice_read: str = ""
+    zc_recv: str = ""
+    unseen: tuple[str, ...] = ()    # PATHS this kernel has that no point here counts
+
+    def missed(self) -> list[tuple[tuple[str, ...], str]]:
+        """(counters, path) for each path of an available counter that this kernel has and
+        the collector does not see: the counters are partial there, and said to be."""
+        return [(PATH_COUNTERS[p], PATHS[p][1]) for p in self.unseen
+                if not set(PATH_COUNTERS[p]) & self.missing]
 
     @property
     def missing(self) -> frozenset[str]:
@@ -131,10 +170,12 @@ def choose(points: KernelPoints) -> Choice:
     """The best point for each: the sock_*_length tracepoints (Linux 6.3, commit
     6e6eda44b939 "net: sock: add tracepoint for send recv length") count in sock_sendmsg()
     and sock_recvmsg() what the protocol returned; before them, fexit on tcp_sendmsg() and
-    tcp_recvmsg() reads the same return value."""
+    tcp_recvmsg() reads the same return value. The paths around both (PATHS) are counted
+    at their own functions' exits, where the kernel lets BPF attach to them."""
     def pick(*candidates: str) -> str:
         return next((c for c in candidates if points.has(c.replace("kretfunc:", "kfunc:"))),
                     "")
+    paths = _paths(points)
     return Choice(
         send=pick("tracepoint:sock:sock_send_length", "kretfunc:tcp_sendmsg"),
         recv=pick("tracepoint:sock:sock_recv_length", "kretfunc:tcp_recvmsg"),
@@ -145,7 +186,30 @@ def choose(points: KernelPoints) -> Choice:
         cong=points.has("tracepoint:tcp:tcp_cong_state_set"),
         rsts=_rsts(points),
         insegs=points.has_all(KFUNCS["insegs"]), dack=points.has_all(KFUNCS["dack"]),
-        listen=points.has_all(KFUNCS["listen"]))
+        listen=points.has_all(KFUNCS["listen"]),
+        sendpage=paths.get("sendpage", ""), splice_read=paths.get("splice_read", ""),
+        zc_recv=paths.get("zc_recv", ""), unseen=tuple(p for p in PATHS if p not in paths
+                                                       and _has_path(points, p)))
+
+
+def _paths(points: KernelPoints) -> dict[str, str]:
+    """The PATHS whose kretfunc this kernel allows (TCP_ZEROCOPY_RECEIVE's only where its
+    struct has the copy buffer the template reads)."""
+    out = {p: f"kretfunc:{f}" for p, (f, _) in PATHS.items() if points.has(f"kfunc:{f}")}
+    if not points.has_field("struct:tcp_zerocopy_receive", "copybuf_len"):
+        out.pop("zc_recv", None)
+    return out
+
+
+def _has_path(points: KernelPoints, path: str) -> bool:
+    """Does this kernel have the path, whether or not BPF can attach to it? Splice out of
+    a socket and TCP_ZEROCOPY_RECEIVE (Linux 4.18) every kernel with BTF has; sendfile()
+    and splice() into a socket reach tcp_sendpage() only while struct proto has the
+    sendpage method (gone in Linux 6.5, commit dc97391e6610 "sock: Remove ->sendpage*() in
+    favour of sendmsg(MSG_SPLICE_PAGES)"), which BTF tells where no kfunc is listed."""
+    if path != "sendpage":
+        return True
+    return points.has("kfunc:tcp_sendpage") or points.has_field("struct:proto", "sendpage")
 
 
 def _rsts(points: KernelPoints) -> str:

@@ -92,6 +92,10 @@ class Plan:
                  f"-DMAXSTRINGLEN={4096 if self.dist else 2048 if self.estats else 1024}"]
         if not self.overload_guard:
             flags.append("-DSTP_NO_OVERLOAD")
+        if "-t" in self.stap_args:
+            # stap 5.x leaves the -t report out of a module compiled with its stdout not a
+            # terminal (STP_STDOUT_NOT_ATTY), as tcpipstat always compiles; this keeps it
+            flags.append("-DSTP_FORCE_STDOUT_TTY")
         return flags + list(self.stap_args)
 
 

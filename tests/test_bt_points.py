@@ -13,6 +13,8 @@ from tcpipstat.plan import build_plan
 from .conftest import FIXTURES
 
 BT = FIXTURES / "bpftrace"
+PATHS_HERE = {"sendpage": "kretfunc:tcp_sendpage", "splice_read": "kretfunc:tcp_splice_read",
+              "zc_recv": "kretfunc:tcp_zerocopy_receive"}
 
 
 def _points(name: str) -> KernelPoints:
@@ -22,14 +24,19 @@ def _points(name: str) -> KernelPoints:
 @pytest.mark.parametrize("kernel, want", [
     # 6.1: no sock_*_length tracepoints (Linux 6.3), fexit on tcp_sendmsg/tcp_recvmsg; its
     # tcp_send_reset misses resets without a full socket: the kfuncs; every kfunc there
+    # tcp_sendpage() (sendfile, splice into a socket), tcp_splice_read(), TCP_ZEROCOPY_RECEIVE
     ("bookworm", Choice("kretfunc:tcp_sendmsg", "kretfunc:tcp_recvmsg", False, True,
-                        rsts="kfunc", insegs=True, dack=True, listen=True)),
-    # 6.12: tcp_v4/v6_syn_recv_sock are not in its BTF (no fexit): no ListenDrops
+                        rsts="kfunc", insegs=True, dack=True, listen=True, **PATHS_HERE)),
+    # 6.12: tcp_v4/v6_syn_recv_sock are not in its BTF (no fexit): no ListenDrops; no
+    # tcp_sendpage() (its struct proto has no sendpage: nothing missed)
     ("trixie", Choice("tracepoint:sock:sock_send_length", "tracepoint:sock:sock_recv_length",
-                      False, True, rsts="tracepoint", insegs=True, dack=True, listen=False)),
-    # this host: no trampolines, no kfunc at all; OutRsts by the tracepoint only
+                      False, True, rsts="tracepoint", insegs=True, dack=True, listen=False,
+                      **{**PATHS_HERE, "sendpage": ""})),
+    # this host: no trampolines, no kfunc at all; OutRsts by the tracepoint only; splice()
+    # out of a socket and TCP_ZEROCOPY_RECEIVE not seen (said); no tcp_sendpage() here
     ("native-6.18", Choice("tracepoint:sock:sock_send_length",
-                           "tracepoint:sock:sock_recv_length", True, True, rsts="tracepoint")),
+                           "tracepoint:sock:sock_recv_length", True, True, rsts="tracepoint",
+                           unseen=("splice_read", "zc_recv"))),
 ])
 def test_choice_per_kernel(kernel, want):
     assert choose(_points(kernel)) == want
@@ -57,6 +64,39 @@ def test_listing_fields_and_kfunc_spellings():
         assert p.has_field("tracepoint:tcp:tcp_probe", "saddr")      # (saddr[28]: the name)
     assert not old.has("tracepoint:sock:sock_send_length")
     assert not _points("native-6.18").has("kfunc:tcp_sendmsg")     # (no trampolines here)
+
+
+def test_paths_a_kernel_does_not_let_bpf_see_are_said():
+    """A counter that misses a path on this kernel is said to, in --check and in the
+    report's notes (never a silent 0); one that misses nothing, or is n/a, is not."""
+    assert bpftrace.missed_notes(choose(_points("native-6.18")), bpftrace.BPF_COUNTERS) == [
+        "RecvBytes and RecvMsgs miss splice() out of a socket (tcp_splice_read()) and "
+        "getsockopt(TCP_ZEROCOPY_RECEIVE) (tcp_zerocopy_receive()) on this kernel: BPF "
+        "cannot attach to those functions here"]
+    for kernel in ("bookworm", "trixie"):
+        assert bpftrace.missed_notes(choose(_points(kernel)), bpftrace.BPF_COUNTERS) == []
+    assert bpftrace.missed_notes(choose(_points("native-6.18")), ("SendBytes",)) == []
+    # 6.1 where BPF cannot attach to functions (tracefs locked): its BTF still tells that
+    # sendfile() and splice() go to tcp_sendpage()
+    locked = KernelPoints({k: v for k, v in _points("bookworm").fields.items()
+                           if not k.startswith("kfunc:")})
+    assert locked.has_field("struct:proto", "sendpage")
+    choice = choose(locked)
+    assert not choice.send and choice.missed() == []      # (n/a: nothing partial)
+    sendmsg = KernelPoints({**locked.fields, "kfunc:tcp_sendmsg": frozenset({"sk"})})
+    assert bpftrace.missed_notes(choose(sendmsg), ("SendBytes", "SendMsgs")) == [
+        "SendBytes and SendMsgs miss sendfile(), splice() and vmsplice() into a socket "
+        "(tcp_sendpage(), before Linux 6.5) on this kernel: BPF cannot attach to that "
+        "function here"]
+
+
+def test_struct_members_are_listed():
+    """``bpftrace -lv 'struct NAME'``: members, function pointers by their name."""
+    fields = parse_listing("struct proto {\n\tint (*sendmsg)(struct sock *, size_t);\n"
+                           "\tunion {\n\t\tstruct a *b;\n\t} h;\n\t__u32 x[4];\n};\n"
+                           "kfunc:vmlinux:tcp_sendpage\n    int flags\n")
+    assert fields == {"struct:proto": {"sendmsg", "b", "h", "x"},
+                      "kfunc:tcp_sendpage": {"flags"}}
 
 
 def test_a_kernel_without_a_point_makes_its_counters_unavailable():
@@ -88,6 +128,10 @@ def test_program_per_kernel_uses_its_points():
     syn = "kretfunc:tcp_v4_syn_recv_sock /retval == 0/ {"
     assert syn in old and syn not in mid
     assert "kfunc" not in new
+    # the Socket paths around sock_sendmsg()/sock_recvmsg(): tcp_sendpage() on 6.1 only
+    assert "kretfunc:tcp_sendpage /retval > 0/ {" in old and "tcp_sendpage /" not in mid
+    for f in ("kretfunc:tcp_splice_read /retval > 0/ {", "kretfunc:tcp_zerocopy_receive {"):
+        assert f in old and f in mid and f not in new
 
 
 def test_counts_by_tuple_are_printed_and_cleared():
@@ -178,4 +222,6 @@ def test_check_says_where_this_kernel_counts(tmp_path, monkeypatch):
     assert "sends at kretfunc:tcp_sendmsg" in points.detail
     assert "receives at kretfunc:tcp_recvmsg" in points.detail
     assert "InSegs at kfuncs, OutRsts at kfuncs, DelayedACKs at kfuncs" in points.detail
+    assert ("kretfunc:tcp_sendpage, kretfunc:tcp_splice_read, kretfunc:tcp_zerocopy_receive;"
+            in points.detail and " miss " not in points.detail)
     assert "SendBytes" in available and "InSegs" in available and "OutRsts" in available

@@ -112,6 +112,13 @@ def test_dist_adds_histograms_and_room_for_them():
     assert "-DMAXSTRINGLEN=1024" in build_plan(["--cong"]).compile_flags()
 
 
+def test_stap_t_keeps_its_report():
+    """stap 5.1 compiles the -t report out of a module unless STP_FORCE_STDOUT_TTY is
+    defined (tcpipstat compiles with stdout a pipe): --stap-arg=-t defines it."""
+    assert "-DSTP_FORCE_STDOUT_TTY" in build_plan(["--stap-arg=-t"]).compile_flags()
+    assert "-DSTP_FORCE_STDOUT_TTY" not in build_plan([]).compile_flags()
+
+
 def test_secondary_units_need_their_primary():
     assert "OutSegsCtl" not in unit_names(named("OutSegsCtl", "InSegs"))
     assert "OutSegsCtl" in unit_names(named("OutSegsCtl", "OutSegs"))
