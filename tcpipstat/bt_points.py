@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .counters import CA_COUNTERS
@@ -117,10 +118,16 @@ def list_points(cmd: list[str], env: dict | None = None, timeout: float = 600) -
     """Ask ``cmd`` (bpftrace or its stand-in) for LISTINGS. A listing that fails (bpftrace
     0.17 aborts listing kfuncs where tracefs is locked) lists nothing: those points are
     not there to use."""
+    def listing(pattern: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*cmd, "-lv", pattern], capture_output=True, text=True,
+                              errors="replace", env=env, timeout=timeout)
+
+    # All at once: each is a bpftrace start-up (a BTF parse for the structs), and they
+    # come before the program can be compiled.
+    with ThreadPoolExecutor(len(LISTINGS)) as pool:
+        done = list(pool.map(listing, LISTINGS))
     fields: dict[str, frozenset[str]] = {}
-    for pattern in LISTINGS:
-        res = subprocess.run([*cmd, "-lv", pattern], capture_output=True, text=True,
-                             errors="replace", env=env, timeout=timeout)
+    for res in done:
         if res.returncode == 0:
             fields.update(parse_listing(res.stdout))
     return KernelPoints(fields)
