@@ -336,8 +336,8 @@ def unescape_comm(text: str) -> str:
 
 
 def _load_compiled():
-    """The compiled reader of socket records (tcpipstat/csrc_records, built by ``pip install
-    .``) and "", or None and why it is not used. It reads the plain well-formed R lines,
+    """The compiled reader of socket records (tcpipstat/csrc_records, which pip install
+    builds) and "", or None and why it is not used. It reads the plain well-formed R lines,
     nearly every line of a run, to the same records as Parser does and leaves any other
     line to it (tests/test_records_fast.py compares the two). Where it was not built (no C
     compiler or Python headers at install time) or does not load, Parser reads every line."""
@@ -427,7 +427,8 @@ class Parser:
         self.header = Header(fmt, f[_H["VERSION"]], int(f[_H["START_MS"]]),
                              int(f[_H["NFILTERS"]]), int(f[_H["MAX_SOCKETS"]]), counters)
         self._known = frozenset(counters)
-        self._valid = set(counters)
+        self._valid = set(counters)     # (a new set: the compiled reader trusts the names it
+                                        # found in one, which only grows, for its header)
         self._rwidth = _SOCKET_OF_FORMAT[fmt].width
         if self.compiled:
             self._fast = _compiled.SocketLines(
