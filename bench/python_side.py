@@ -6,13 +6,16 @@ socket records new ports: ROWS distinct socket tuples, RECORDS records in all (e
 tuple arrives RECORDS/ROWS times, as spills and closes do; its counts are the recording's,
 so rows repeat a few sets of counts, unless --distinct). Then times each stage
 of the pipeline (parse, model, rows, NDJSON, CSV, tables), min/median/max over
---runs runs, and can profile one pass (--profile).
+--runs runs, in wall time and in CPU time (the process's user + system time: what a
+busy host inflates least), and can profile one pass (--profile). It says which
+reader parsed the records (the compiled one where it is built: tcpipstat/records.py)
+and the load average before and after; --python-parser takes the pure-Python reader.
 
 It runs with the cycle collector thresholds tcpipstat sets as it starts
 (tcpipstat.app.tune_gc); --default-gc keeps Python's defaults (700, 10, 10) instead.
 
     python3 bench/python_side.py [--rows 100000] [--records 1000000] [--runs 5]
-                                 [--profile] [--distinct] [--default-gc]
+                                 [--profile] [--distinct] [--default-gc] [--python-parser]
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import argparse
 import cProfile
 import gc
 import io
+import os
 import pstats
 import statistics
 import sys
@@ -31,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from rich.console import Console  # noqa: E402
 
+from tcpipstat import records  # noqa: E402
 from tcpipstat.app import tune_gc  # noqa: E402
 from tcpipstat.model import Collection  # noqa: E402
 from tcpipstat.records import Parser  # noqa: E402
@@ -63,35 +68,69 @@ def make_stream(rows: int, records: int, distinct: bool = False) -> list[str]:
     return out + tail
 
 
-def stage_times(lines: list[str]) -> dict[str, float]:
-    t = {}
-    t0 = time.perf_counter()
+class Clock:
+    """Each stage's wall time and CPU time (user + system of this process)."""
+
+    def __init__(self):
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._at = (time.perf_counter(), time.process_time())
+
+    def lap(self, stage: str) -> None:
+        now = (time.perf_counter(), time.process_time())
+        self.wall[stage] = now[0] - self._at[0]
+        self.cpu[stage] = now[1] - self._at[1]
+        self._at = (time.perf_counter(), time.process_time())
+
+    def sums(self) -> None:
+        for t in (self.wall, self.cpu):
+            common = t["parse"] + t["model"] + t["rows (index=tuple)"]
+            t["parse+model+rows+NDJSON"] = common + t["NDJSON"]
+            t["parse+model+rows+tables"] = common + t["tables"]
+
+
+def stage_times(lines: list[str]) -> Clock:
+    clock = Clock()
     p = Parser("bench")
     recs = [r for r in (p.parse_line(line, n) for n, line in enumerate(lines, 1))
             if r is not None]
-    t["parse"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    clock.lap("parse")
     c = Collection().extend(recs)
-    t["model"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    clock.lap("model")
     rows = c.rows("tuple")
-    t["rows (index=tuple)"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    clock.lap("rows (index=tuple)")
     c.rows("lport")
-    t["rows (index=lport)"] = time.perf_counter() - t0
+    clock.lap("rows (index=lport)")
     ctx = ReportContext(c.counter_names)
-    t0 = time.perf_counter()
     write_json(io.StringIO(), rows, ctx)
-    t["NDJSON"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    clock.lap("NDJSON")
     write_csv(io.StringIO(), rows, ctx)
-    t["CSV"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    clock.lap("CSV")
     render_tables(Console(file=io.StringIO(), width=100), rows, ctx, "bench")
-    t["tables"] = time.perf_counter() - t0
-    t["parse+model+rows+NDJSON"] = t["parse"] + t["model"] + t["rows (index=tuple)"] + t["NDJSON"]
-    t["parse+model+rows+tables"] = t["parse"] + t["model"] + t["rows (index=tuple)"] + t["tables"]
-    return t
+    clock.lap("tables")
+    clock.sums()
+    return clock
+
+
+def parser_path() -> str:
+    """Which reader parses the records (a checkout without the compiled one: Python's)."""
+    if getattr(records, "_compiled", None) is not None:
+        return "compiled (tcpipstat._records)"
+    return f"pure Python ({getattr(records, 'UNAVAILABLE', '') or 'no compiled reader'})"
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def show(runs: list[Clock], n: int) -> None:
+    print(f"{'':<28}{'wall time':^28}   {'CPU time':^28}")
+    print(f"{'stage':<28}" + f"{'min s':>9}{'median s':>10}{'max s':>9}   " * 2 + f"({n} runs)")
+    for k in runs[0].wall:
+        cells = ""
+        for v in ([r.wall[k] for r in runs], [r.cpu[k] for r in runs]):
+            cells += f"{min(v):>9.2f}{statistics.median(v):>10.2f}{max(v):>9.2f}   "
+        print(f"{k:<28}{cells.rstrip()}")
 
 
 def main() -> None:
@@ -106,12 +145,18 @@ def main() -> None:
                          "so that no two rows show the same counts")
     ap.add_argument("--default-gc", action="store_true",
                     help="keep Python's cycle collector thresholds (not the ones tcpipstat sets)")
+    ap.add_argument("--python-parser", action="store_true",
+                    help="parse with the pure-Python reader, as where the compiled one is not "
+                         "built")
     a = ap.parse_args()
     if not a.default_gc:
         tune_gc()
+    if a.python_parser:
+        records._compiled, records.UNAVAILABLE = None, "--python-parser"
     lines = make_stream(a.rows, a.records, a.distinct)
     print(f"# {len(lines) - 2:,} records, {a.rows:,} socket tuples, "
           f"Python {sys.version.split()[0]}, gc thresholds {gc.get_threshold()}")
+    print(f"# parser: {parser_path()}; load average {load()}")
     if a.profile:
         pr = cProfile.Profile()
         pr.enable()
@@ -119,11 +164,8 @@ def main() -> None:
         pr.disable()
         pstats.Stats(pr).sort_stats("cumulative").print_stats(25)
         return
-    runs = [stage_times(lines) for _ in range(a.runs)]
-    print(f"{'stage':<28}{'min s':>9}{'median s':>10}{'max s':>9}   ({a.runs} runs)")
-    for k in runs[0]:
-        v = [r[k] for r in runs]
-        print(f"{k:<28}{min(v):>9.2f}{statistics.median(v):>10.2f}{max(v):>9.2f}")
+    show([stage_times(lines) for _ in range(a.runs)], a.runs)
+    print(f"# load average after: {load()}")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ number and the text.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -333,11 +335,36 @@ def unescape_comm(text: str) -> str:
     return out.decode("utf-8", "replace")
 
 
-class Parser:
-    """Parses one stream of collector output; keeps the header's counter names."""
+def _load_compiled():
+    """The compiled reader of socket records (tcpipstat/csrc_records, which pip install
+    builds) and "", or None and why it is not used. It reads the plain well-formed R lines,
+    nearly every line of a run, to the same records as Parser does and leaves any other
+    line to it (tests/test_records_fast.py compares the two). Where it was not built (no C
+    compiler or Python headers at install time) or does not load, Parser reads every line."""
+    try:
+        mod = importlib.import_module("._records", __package__)
+    except ModuleNotFoundError:
+        return None, ("it was not built (no C compiler or no Python headers when tcpipstat "
+                      "was installed)")
+    except ImportError as e:    # built for another Python, or broken
+        return None, str(e)
+    if mod.FIELDS != tuple(f.name for f in dataclasses.fields(SocketRecord)):
+        return None, "it was built from other sources than this tcpipstat's"
+    return mod, ""
 
-    def __init__(self, source: str = "<stap>"):
+
+_compiled, UNAVAILABLE = _load_compiled()
+
+
+class Parser:
+    """Parses one stream of collector output; keeps the header's counter names.
+    ``compiled``: socket records are read by the compiled reader where it loads (the
+    attribute says whether it does); False: by Python alone (the reference)."""
+
+    def __init__(self, source: str = "<stap>", compiled: bool = True):
         self.source = source
+        self.compiled = compiled and _compiled is not None
+        self._fast = None     # the compiled reader's parse() for this header's socket records
         self.header: Header | None = None
         self.trailer: Trailer | None = None
         self._known: frozenset[str] = frozenset()
@@ -350,6 +377,11 @@ class Parser:
         return RecordParseError(self.source, lineno, line, why)
 
     def parse_line(self, line: str, lineno: int) -> Record | None:
+        fast = self._fast
+        if fast is not None:
+            rec = fast(line)
+            if rec is not None:
+                return rec
         line = line.rstrip("\n")
         if not line or line.startswith("#"):   # '#' lines: comments in saved record files
             return None
@@ -395,8 +427,13 @@ class Parser:
         self.header = Header(fmt, f[_H["VERSION"]], int(f[_H["START_MS"]]),
                              int(f[_H["NFILTERS"]]), int(f[_H["MAX_SOCKETS"]]), counters)
         self._known = frozenset(counters)
-        self._valid = set(counters)
+        self._valid = set(counters)     # (a new set: the compiled reader trusts the names it
+                                        # found in one, which only grows, for its header)
         self._rwidth = _SOCKET_OF_FORMAT[fmt].width
+        if self.compiled:
+            self._fast = _compiled.SocketLines(
+                SocketRecord, Tuple, REASONS, self._valid, self._rwidth,
+                (_R_REASON, _R_TUPLE, _R_PID, _R_COMM, _R_FLAGS, _R_CGROUP, _R_NETNS)).parse
         return self.header
 
     def _interval(self, f: list[str], lineno: int, line: str) -> IntervalMark:
