@@ -82,6 +82,11 @@ class Plan:
     max_series: int = MAX_SERIES     # --max-series: label sets with series of their own
     serve_restarts: int = SERVE_RESTARTS   # --serve-restarts: restarts in any 10 minutes
 
+    @property
+    def places(self) -> bool:
+        """Where sockets belong is needed: an attribution index, --cgroup or --netns."""
+        return BY_NAME[self.index].place or self.cgroup is not None or self.netns is not None
+
     def compile_flags(self) -> list[str]:
         """stap options that change the module (so they are part of its cache key)."""
         flags = ["-DMAXSKIPPED=1000000000",  # report skipped probes, never abort on them
