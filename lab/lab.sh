@@ -16,7 +16,8 @@
 # staprun/workload messages -> stderr; exit = staprun rc, else workload rc,
 # 125 if the guest never reported. LAB_META_OUT=FILE: the guest meta (snapshots,
 # @@ lines) goes there instead of stderr; the stand-ins also write the snapshots after the
-# collector's output, as comment lines for tcpipstat (tcpipstat/reconcile.py).
+# collector's output, as comment lines for tcpipstat (tcpipstat/reconcile.py), after the
+# guest's cgroup ids and named network namespaces (tcpipstat/attribution.py).
 # Env: LAB_DIR (default: ~/.cache/tcpipstat-lab),
 # LAB_SUITE=bookworm|trixie, LAB_GUEST_TIMEOUT (s, default 300), LAB_SMP, LAB_MEM, LAB_KEEP=1,
 # LAB_BACKGROUND='sh cmd' (started in the guest before the module: a process that is
@@ -142,6 +143,16 @@ run() {
 # /proc/net/snmp6 has one "Name value" a line: its Ip6 lines become a header/values pair like snmp's
 snap() { echo "@@SNMP_\$1"; grep -E '^(Ip|Tcp):' /proc/net/snmp; grep '^TcpExt:' /proc/net/netstat
   [ ! -r /proc/net/snmp6 ] || awk '/^Ip6/ {h=h" "\$1; v=v" "\$2} END {print "Ip6:" h; print "Ip6:" v}' /proc/net/snmp6; }
+# where sockets belong, named in the guest: its cgroup v2 ids (a folder's inode) with their
+# paths, and its named network namespaces' inodes (nsfs files in /run/netns), for tcpipstat
+places() { m=\$(awk '\$3 == "cgroup2" {print \$2; exit}' /proc/mounts)
+  if [ -n "\$m" ]; then echo "@@CGROUP2 \$m"
+    find "\$m" -type d | while read -r d; do p=\${d#"\$m"}; echo "@@CGROUP \$(stat -c %i "\$d") \${p:-/}"; done
+  fi
+  nsfs=\$(stat -L -c %d /proc/self/ns/net)
+  for f in /run/netns/*; do
+    [ "\$(stat -c %d "\$f" 2>/dev/null)" != "\$nsfs" ] || echo "@@NETNS \$(stat -c %i "\$f") \${f##*/}"
+  done; }
 snap BEFORE
 $(if [ -n "${LAB_BACKGROUND:-}" ]; then printf '( %s ) >/dev/ttyS2 2>&1 &\n' "$LAB_BACKGROUND"; fi)
 $(if [ -n "${LAB_BT_LIST:-}" ]; then echo "bpftrace $LAB_BT_LIST >/dev/ttyS1"
@@ -151,6 +162,7 @@ $(if [ -n "${LAB_BT_LIST:-}" ]; then echo "bpftrace $LAB_BT_LIST >/dev/ttyS1"
     echo "timeout -s INT ${LAB_GUEST_TIMEOUT:-300} bpftrace ${LAB_BT_FLAGS:-} /$(basename "$ko") ${args[*]+$(printf '%q ' "${args[@]}")} $cflag >/dev/ttyS1"
   else echo "timeout -s INT ${LAB_GUEST_TIMEOUT:-300} staprun $cflag /$(basename "$ko") ${args[*]+$(printf '%q ' "${args[@]}")} >/dev/ttyS1"; fi)
 echo "@@STAPRUN_RC=\$?"
+places
 # what the module allocated, as its init logged it ("systemtap: V, base: .., memory: ..")
 dmesg | grep -m1 -o 'systemtap: .*memory: .*' | sed 's/^/@@STAP_MEM /'
 snap AFTER
@@ -169,7 +181,10 @@ EOF
     echo "lab.sh: guest died before /init ran (try $try): $(grep -m1 -i panic "$r/console.log" || true)" >&2
   done
   touch "$r/stdout" "$r/meta" "$r/console.log"; cat "$r/stdout"
-  if [ -n "${LAB_SNAPSHOT_LINES:-}" ]; then  # the guest's counters for tcpipstat (reconcile.py)
+  if [ -n "${LAB_SNAPSHOT_LINES:-}" ]; then  # the guest's places (attribution.py), counters (reconcile.py)
+    awk '/^@@CGROUP2 / {print "# tcpipstat-place cgroup2 " substr($0, 11); next}
+         /^@@CGROUP / {print "# tcpipstat-place cgroup " substr($0, 10); next}
+         /^@@NETNS / {print "# tcpipstat-place netns " substr($0, 9)}' "$r/meta"
     awk '/^@@SNMP_/ {print "# tcpipstat-snapshot " substr($1,8); next}
          /^(Ip|Tcp|TcpExt|Ip6): / {print "# " $0}' "$r/meta"
   fi
