@@ -314,15 +314,19 @@ def check_cgroup(text: str, paths: CgroupPaths | None = None) -> str:
     return path
 
 
-def check_netns(text: str, pid_max: int) -> int:
+def check_netns(text: str, pid_max: int, here: bool = True) -> int:
     """--netns: a namespace inode, or a process ID (at most ``pid_max``) meaning that
     process's namespace. The two never overlap: namespace inodes are 0xEFFFFFF8 or more
-    (include/linux/proc_ns.h), PIDs at most 2^22 (PID_MAX_LIMIT)."""
+    (include/linux/proc_ns.h), PIDs at most 2^22 (PID_MAX_LIMIT). ``here``: the sockets
+    were this host's (else a process ID here says nothing of them)."""
     if not re.fullmatch(r"[0-9]{1,10}", text) or not 0 < int(text) <= NS_INUM_MAX:
         raise UsageError(f"bad --netns '{text}': expected a namespace inode or a process ID")
     n = int(text)
     if n > pid_max:
         return n
+    if not here:
+        raise UsageError(f"bad --netns '{text}': the records were collected on another host: "
+                         "expected a namespace inode")
     try:
         return os.stat(f"/proc/{n}/ns/net").st_ino
     except OSError:

@@ -298,11 +298,11 @@ def _processes(ns, groups: tuple[str, ...]) -> tuple[int | None, bool]:
 def _places(ns) -> tuple[str | None, int | None]:
     """--cgroup and --netns, checked against this host now. A replayed run collected on
     another host carries that host's tables: they name its places, and check these."""
-    if ns.from_records and (BY_NAME[ns.index].place or ns.cgroup is not None
-                            or ns.netns is not None):
-        attribution.saved_places(ns.from_records)
+    needed = BY_NAME[ns.index].place or ns.cgroup is not None or ns.netns is not None
+    sent = bool(ns.from_records) and needed and attribution.saved_places(ns.from_records)
     cgroup = None if ns.cgroup is None else attribution.check_cgroup(ns.cgroup)
-    netns = None if ns.netns is None else attribution.check_netns(ns.netns, PID_MAX_LIMIT)
+    netns = None if ns.netns is None else attribution.check_netns(ns.netns, PID_MAX_LIMIT,
+                                                                  here=not sent)
     return cgroup, netns
 
 

@@ -301,6 +301,9 @@ def test_cgroup_and_netns_are_checked_against_the_collector_hosts_tables(sent):
                        str(inodes["n1"]))) == want["n1"]
     status, _, err = run_cli("--from-records", str(records), "--cgroup", "/T/c")
     assert status == 2 and "bad --cgroup '/T/c': no such cgroup" in err
+    # a process of this host tells nothing of that host's namespaces
+    status, _, err = run_cli("--from-records", str(records), "--netns", str(os.getpid()))
+    assert status == 2 and f"bad --netns '{os.getpid()}': the records were collected" in err
 
 
 def test_sent_places_pass_every_line_on(monkeypatch):
