@@ -10,7 +10,8 @@
 #   lab.sh stap ARGS...      # stand-in for `stap` (TCPIPSTAT_STAP): runs in the root, .ko back in cwd
 #   lab.sh staprun [-c CMD] MODULE.ko [modargs]   # stand-in for `staprun` (TCPIPSTAT_STAPRUN): in the guest
 #   lab.sh bpftrace [-q] PROGRAM.bt [args] [-c CMD]  # stand-in for `bpftrace` (TCPIPSTAT_BPFTRACE):
-#                            # in the guest (the kernel's BTF; kprobes, unlike this host's kernel)
+#                            # in the guest (the kernel's BTF; kprobes, unlike this host's kernel);
+#                            # also -l[v] PATTERN and --dry-run|-d -e PROGRAM there
 #
 # run: module output -> stdout; /proc/net/snmp, netstat, snmp6 snapshots before/after,
 # staprun/workload messages -> stderr; exit = staprun rc, else workload rc,
@@ -231,6 +232,7 @@ staprun_cmd() {
 bpftrace_cmd() {
   case ${1:-} in
     -l|-lv) bpftrace_list "$@"; return ;;
+    --dry-run|-d) bpftrace_dry "$@"; return ;;
     --version|-V) in_root bpftrace --version; return ;;   # (the guest runs the root's bpftrace)
   esac
   local prog="" workload="" args=() flags=()
@@ -267,6 +269,22 @@ bpftrace_list() {
   cat "$c"
 }
 
+# `bpftrace --dry-run|-d -e PROGRAM` in the guest: does PROGRAM compile against the guest
+# kernel's BTF (tcpipstat asks whether it can read a socket's cgroup)? Its status, kept per
+# suite and program like the listings.
+bpftrace_dry() {
+  local ok='^[A-Za-z0-9_:*{}()$@=;>.,/ -]+$'
+  [ $# -eq 3 ] && [ "$2" = -e ] && [[ $3 =~ $ok ]] || { echo "usage: $0 bpftrace --dry-run|-d -e PROGRAM" >&2; exit 2; }
+  local c rc=0; c="$LAB/bt-list-$SUITE/dry$1-$(printf %s "$3" | md5sum | cut -c1-16)"
+  if [ ! -s "$c" ]; then
+    mkdir -p "$(dirname "$c")"
+    LAB_BT_LIST="$1 -e '$3'" LAB_STAPRUN_RC_ONLY=1 LAB_META_OUT=/dev/null run - >/dev/null || rc=$?
+    [ "$rc" != 125 ] || return 125      # (the guest never reported: no answer to keep)
+    echo "$rc" > "$c"
+  fi
+  return "$(cat "$c")"
+}
+
 cmd=${1:-}; shift || true
 case $cmd in
   setup) setup ;;
@@ -276,5 +294,5 @@ case $cmd in
   stap) stap_cmd "$@" ;;
   staprun) staprun_cmd "$@" ;;
   bpftrace) bpftrace_cmd "$@" ;;
-  *) sed -n '2,17p' "$0"; exit 2 ;;
+  *) sed -n '2,18p' "$0"; exit 2 ;;
 esac
