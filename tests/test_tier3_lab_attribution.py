@@ -18,6 +18,7 @@ saved, then read again here with each index and selection.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,12 @@ def test_sockets_in_their_cgroups_and_namespaces(suite, backend, tmp_path):
     assert live["5eed" * 16]["runtime"] == "containerd"
     assert _sums([live["5eed" * 16]]) == want[f"a/{CONTAINER}"], why
     assert _sums([live["-"]]) == _added(want["a"], want["b"]), why
+    # the guest's snapshots still follow its place lines; they are its first namespace's
+    # counters, which count none of the workload's connections (all in n1 and n2)
+    rec = json.loads(run.stdout.splitlines()[-1])["reconciliation"]
+    assert rec["source"] == "collector", why
+    assert (rec["counters"]["ActiveOpens"]["host"],
+            rec["counters"]["ActiveOpens"]["attributed"]) == (0, 5), why
     # the same records by cgroup and by namespace, named by the guest's tables
     replay = ("--from-records", str(saved))
     cgroups, netns = _sent(saved, "cgroup"), _sent(saved, "netns")
