@@ -10,13 +10,15 @@
 #   lab.sh stap ARGS...      # stand-in for `stap` (TCPIPSTAT_STAP): runs in the root, .ko back in cwd
 #   lab.sh staprun [-c CMD] MODULE.ko [modargs]   # stand-in for `staprun` (TCPIPSTAT_STAPRUN): in the guest
 #   lab.sh bpftrace [-q] PROGRAM.bt [args] [-c CMD]  # stand-in for `bpftrace` (TCPIPSTAT_BPFTRACE):
-#                            # in the guest (the kernel's BTF; kprobes, unlike this host's kernel)
+#                            # in the guest (the kernel's BTF; kprobes, unlike this host's kernel);
+#                            # also -l[v] PATTERN and --dry-run|-d -e PROGRAM there
 #
 # run: module output -> stdout; /proc/net/snmp, netstat, snmp6 snapshots before/after,
 # staprun/workload messages -> stderr; exit = staprun rc, else workload rc,
 # 125 if the guest never reported. LAB_META_OUT=FILE: the guest meta (snapshots,
 # @@ lines) goes there instead of stderr; the stand-ins also write the snapshots after the
-# collector's output, as comment lines for tcpipstat (tcpipstat/reconcile.py).
+# collector's output, as comment lines for tcpipstat (tcpipstat/reconcile.py), after the
+# guest's cgroup ids and named network namespaces (tcpipstat/attribution.py).
 # Env: LAB_DIR (default: ~/.cache/tcpipstat-lab),
 # LAB_SUITE=bookworm|trixie, LAB_GUEST_TIMEOUT (s, default 300), LAB_SMP, LAB_MEM, LAB_KEEP=1,
 # LAB_BACKGROUND='sh cmd' (started in the guest before the module: a process that is
@@ -142,6 +144,16 @@ run() {
 # /proc/net/snmp6 has one "Name value" a line: its Ip6 lines become a header/values pair like snmp's
 snap() { echo "@@SNMP_\$1"; grep -E '^(Ip|Tcp):' /proc/net/snmp; grep '^TcpExt:' /proc/net/netstat
   [ ! -r /proc/net/snmp6 ] || awk '/^Ip6/ {h=h" "\$1; v=v" "\$2} END {print "Ip6:" h; print "Ip6:" v}' /proc/net/snmp6; }
+# where sockets belong, named in the guest: its cgroup v2 ids (a folder's inode) with their
+# paths, and its named network namespaces' inodes (nsfs files in /run/netns), for tcpipstat
+places() { m=\$(awk '\$3 == "cgroup2" {print \$2; exit}' /proc/mounts)
+  if [ -n "\$m" ]; then echo "@@CGROUP2 \$m"
+    find "\$m" -type d | while read -r d; do p=\${d#"\$m"}; echo "@@CGROUP \$(stat -c %i "\$d") \${p:-/}"; done
+  fi
+  nsfs=\$(stat -L -c %d /proc/self/ns/net)
+  for f in /run/netns/*; do
+    [ "\$(stat -c %d "\$f" 2>/dev/null)" != "\$nsfs" ] || echo "@@NETNS \$(stat -c %i "\$f") \${f##*/}"
+  done; }
 snap BEFORE
 $(if [ -n "${LAB_BACKGROUND:-}" ]; then printf '( %s ) >/dev/ttyS2 2>&1 &\n' "$LAB_BACKGROUND"; fi)
 $(if [ -n "${LAB_BT_LIST:-}" ]; then echo "bpftrace $LAB_BT_LIST >/dev/ttyS1"
@@ -151,6 +163,7 @@ $(if [ -n "${LAB_BT_LIST:-}" ]; then echo "bpftrace $LAB_BT_LIST >/dev/ttyS1"
     echo "timeout -s INT ${LAB_GUEST_TIMEOUT:-300} bpftrace ${LAB_BT_FLAGS:-} /$(basename "$ko") ${args[*]+$(printf '%q ' "${args[@]}")} $cflag >/dev/ttyS1"
   else echo "timeout -s INT ${LAB_GUEST_TIMEOUT:-300} staprun $cflag /$(basename "$ko") ${args[*]+$(printf '%q ' "${args[@]}")} >/dev/ttyS1"; fi)
 echo "@@STAPRUN_RC=\$?"
+places
 # what the module allocated, as its init logged it ("systemtap: V, base: .., memory: ..")
 dmesg | grep -m1 -o 'systemtap: .*memory: .*' | sed 's/^/@@STAP_MEM /'
 snap AFTER
@@ -169,7 +182,10 @@ EOF
     echo "lab.sh: guest died before /init ran (try $try): $(grep -m1 -i panic "$r/console.log" || true)" >&2
   done
   touch "$r/stdout" "$r/meta" "$r/console.log"; cat "$r/stdout"
-  if [ -n "${LAB_SNAPSHOT_LINES:-}" ]; then  # the guest's counters for tcpipstat (reconcile.py)
+  if [ -n "${LAB_SNAPSHOT_LINES:-}" ]; then  # the guest's places (attribution.py), counters (reconcile.py)
+    awk '/^@@CGROUP2 / {print "# tcpipstat-place cgroup2 " substr($0, 11); next}
+         /^@@CGROUP / {print "# tcpipstat-place cgroup " substr($0, 10); next}
+         /^@@NETNS / {print "# tcpipstat-place netns " substr($0, 9)}' "$r/meta"
     awk '/^@@SNMP_/ {print "# tcpipstat-snapshot " substr($1,8); next}
          /^(Ip|Tcp|TcpExt|Ip6): / {print "# " $0}' "$r/meta"
   fi
@@ -216,6 +232,7 @@ staprun_cmd() {
 bpftrace_cmd() {
   case ${1:-} in
     -l|-lv) bpftrace_list "$@"; return ;;
+    --dry-run|-d) bpftrace_dry "$@"; return ;;
     --version|-V) in_root bpftrace --version; return ;;   # (the guest runs the root's bpftrace)
   esac
   local prog="" workload="" args=() flags=()
@@ -253,6 +270,22 @@ bpftrace_list() {
   cat "$c"
 }
 
+# `bpftrace --dry-run|-d -e PROGRAM` in the guest: does PROGRAM compile against the guest
+# kernel's BTF (tcpipstat asks whether it can read a socket's cgroup)? Its status, kept per
+# suite and program like the listings.
+bpftrace_dry() {
+  local ok='^[A-Za-z0-9_:*{}()$@=;>.,/ -]+$'
+  [ $# -eq 3 ] && [ "$2" = -e ] && [[ $3 =~ $ok ]] || { echo "usage: $0 bpftrace --dry-run|-d -e PROGRAM" >&2; exit 2; }
+  local c rc=0; c="$LAB/bt-list-$SUITE/dry$1-$(printf %s "$3" | md5sum | cut -c1-16)"
+  if [ ! -s "$c" ]; then
+    mkdir -p "$(dirname "$c")"
+    LAB_BT_LIST="$1 -e '$3'" LAB_STAPRUN_RC_ONLY=1 LAB_META_OUT=/dev/null run - >/dev/null || rc=$?
+    [ "$rc" != 125 ] || return 125      # (the guest never reported: no answer to keep)
+    echo "$rc" > "$c"
+  fi
+  return "$(cat "$c")"
+}
+
 cmd=${1:-}; shift || true
 case $cmd in
   setup) setup ;;
@@ -262,5 +295,5 @@ case $cmd in
   stap) stap_cmd "$@" ;;
   staprun) staprun_cmd "$@" ;;
   bpftrace) bpftrace_cmd "$@" ;;
-  *) sed -n '2,17p' "$0"; exit 2 ;;
+  *) sed -n '2,18p' "$0"; exit 2 ;;
 esac

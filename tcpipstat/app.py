@@ -61,7 +61,9 @@ def _live(plan: Plan, errc: Console, err: IO[str]) -> _Source:
     prepared = backend.prepare(_log(plan, errc))
     snaps = reconcile.Snapshots(backend.same_host)
     backend.on_end = snaps.end
-    return _Source(snaps.stream(backend.lines()), backend.outcome.program, prepared.available,
+    # (sockets on another host: that host's cgroups and namespaces name them, as sent)
+    lines = backend.lines() if backend.same_host else attribution.sent_places(backend.lines())
+    return _Source(snaps.stream(lines), backend.outcome.program, prepared.available,
                    prepared.unavailable, plan.tree, prepared.cong, plan.dist, plan.estats,
                    backend, backend.outcome, why_unavailable=prepared.why_unavailable,
                    snapshots=snaps.local)

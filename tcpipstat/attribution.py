@@ -10,6 +10,11 @@
   (:func:`container_of`).
 - A network namespace has a name when ``ip netns add NAME`` bind-mounted it on
   /run/netns/NAME: that file's inode is the namespace's (:class:`NetnsNames`).
+- Where the collector runs on another host (a replaced stap or bpftrace command, as in the
+  lab), the numbers are that host's: its stand-in sends that host's tables as comment
+  lines (:data:`PLACE_LINE`, :func:`sent_places`), and they replace this host's, which are
+  then never read. A saved run keeps those lines, and a replay reads them
+  (:func:`saved_places`).
 
 Also the checks of --cgroup and --netns, and the selection they make.
 """
@@ -19,7 +24,7 @@ import os
 import posixpath
 import re
 import time
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 from .errors import UsageError
 
@@ -81,6 +86,13 @@ class CgroupPaths(_Lookup):
     def path(self, cgid: int) -> str | None:
         """The cgroup's path; None when no walk found it (or the id is 0, unknown)."""
         return self._get(cgid)
+
+    def exists(self, path: str) -> bool:
+        """Is ``path`` ("/a/b") a cgroup now?"""
+        try:
+            return os.path.isfile(self.root.rstrip("/") + path.rstrip("/") + "/cgroup.procs")
+        except ValueError:          # (a NUL in it)
+            return False
 
     def _walk(self, into: dict[int, str]) -> None:
         if self.root is None:
@@ -192,6 +204,74 @@ def _container(parts: list[str], i: int) -> tuple[str, str] | None:
     return None
 
 
+# ---- the tables of the host the collector ran on, where that is not this one ----
+PLACE_LINE = "tcpipstat-place"      # a stand-in's comment: "# tcpipstat-place KIND ..."
+# KIND: cgroup2 MOUNT (where that host mounts cgroup v2), cgroup ID PATH, netns INODE NAME
+_PLACE_HEAD = f"# {PLACE_LINE} "
+
+
+class SentCgroups(CgroupPaths):
+    """The cgroups of the collector's host, as its stand-in sent them: nothing is read
+    here. ``root``: where that host mounts cgroup v2 (None until it says)."""
+
+    def __init__(self):
+        super().__init__(None)
+
+    def _walk(self, into: dict[int, str]) -> None:
+        pass                        # (only what was sent)
+
+    def exists(self, path: str) -> bool:
+        return path in self._found.values()
+
+
+class SentNetns(NetnsNames):
+    """The named namespaces of the collector's host, as its stand-in sent them."""
+
+    def _list(self, into: dict[int, str]) -> None:
+        pass                        # (only what was sent)
+
+
+def _take(line: str, cgroups_: SentCgroups, netns: SentNetns) -> None:
+    """One place line into the tables (a malformed one is left out)."""
+    words = line[len(_PLACE_HEAD):].rstrip("\n").split(" ", 2)
+    if words[0] == "cgroup2" and len(words) > 1:
+        cgroups_.root = " ".join(words[1:])
+    elif len(words) == 3 and words[1].isdigit() and words[1].isascii():
+        table = {"cgroup": cgroups_, "netns": netns}.get(words[0])
+        if table is not None:
+            table._found.setdefault(int(words[1]), words[2])
+
+
+def sent_places(lines: Iterable[str]) -> Iterator[str]:
+    """``lines`` as they are, their place lines taken into new tables, which replace this
+    host's from now on (even before a line comes: nothing of this host's is read)."""
+    global _cgroups, _netns
+    cg, ns = _cgroups, _netns = SentCgroups(), SentNetns()
+
+    def feed() -> Iterator[str]:
+        for line in lines:
+            if line.startswith(_PLACE_HEAD):
+                _take(line, cg, ns)
+            yield line
+    return feed()
+
+
+def saved_places(path: str) -> bool:
+    """A saved run whose place lines say its collector ran on another host: their tables
+    replace this host's (True); else nothing changes (False, also when the file cannot be
+    read: the replay says why)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            found = [line for line in f if line.startswith(_PLACE_HEAD)]
+    except OSError:
+        return False
+    if not found:
+        return False
+    for _ in sent_places(found):
+        pass
+    return True
+
+
 # ---- the resolvers a run uses (made when first needed) ----
 _cgroups: CgroupPaths | None = None
 _netns: NetnsNames | None = None
@@ -227,26 +307,26 @@ def check_cgroup(text: str, paths: CgroupPaths | None = None) -> str:
     path = posixpath.normpath("/" + text.lstrip("/"))
     if path == top or path.startswith(top + "/"):
         path = path[len(top):] or "/"
-    try:
-        found = os.path.isfile(top + path.rstrip("/") + "/cgroup.procs")
-    except ValueError:          # (a NUL in it)
-        found = False
-    if not found:
+    if not paths.exists(path):
         raise UsageError(f"bad --cgroup '{text}': no such cgroup (cgroup v2 is mounted on "
                          f"{root})")
     paths.read()
     return path
 
 
-def check_netns(text: str, pid_max: int) -> int:
+def check_netns(text: str, pid_max: int, here: bool = True) -> int:
     """--netns: a namespace inode, or a process ID (at most ``pid_max``) meaning that
     process's namespace. The two never overlap: namespace inodes are 0xEFFFFFF8 or more
-    (include/linux/proc_ns.h), PIDs at most 2^22 (PID_MAX_LIMIT)."""
+    (include/linux/proc_ns.h), PIDs at most 2^22 (PID_MAX_LIMIT). ``here``: the sockets
+    were this host's (else a process ID here says nothing of them)."""
     if not re.fullmatch(r"[0-9]{1,10}", text) or not 0 < int(text) <= NS_INUM_MAX:
         raise UsageError(f"bad --netns '{text}': expected a namespace inode or a process ID")
     n = int(text)
     if n > pid_max:
         return n
+    if not here:
+        raise UsageError(f"bad --netns '{text}': the records were collected on another host: "
+                         "expected a namespace inode")
     try:
         return os.stat(f"/proc/{n}/ns/net").st_ino
     except OSError:

@@ -82,6 +82,11 @@ class Plan:
     max_series: int = MAX_SERIES     # --max-series: label sets with series of their own
     serve_restarts: int = SERVE_RESTARTS   # --serve-restarts: restarts in any 10 minutes
 
+    @property
+    def places(self) -> bool:
+        """Where sockets belong is needed: an attribution index, --cgroup or --netns."""
+        return BY_NAME[self.index].place or self.cgroup is not None or self.netns is not None
+
     def compile_flags(self) -> list[str]:
         """stap options that change the module (so they are part of its cache key)."""
         flags = ["-DMAXSKIPPED=1000000000",  # report skipped probes, never abort on them
@@ -295,9 +300,13 @@ def _processes(ns, groups: tuple[str, ...]) -> tuple[int | None, bool]:
 
 
 def _places(ns) -> tuple[str | None, int | None]:
-    """--cgroup and --netns, checked against this host now."""
+    """--cgroup and --netns, checked against this host now. A replayed run collected on
+    another host carries that host's tables: they name its places, and check these."""
+    needed = BY_NAME[ns.index].place or ns.cgroup is not None or ns.netns is not None
+    sent = bool(ns.from_records) and needed and attribution.saved_places(ns.from_records)
     cgroup = None if ns.cgroup is None else attribution.check_cgroup(ns.cgroup)
-    netns = None if ns.netns is None else attribution.check_netns(ns.netns, PID_MAX_LIMIT)
+    netns = None if ns.netns is None else attribution.check_netns(ns.netns, PID_MAX_LIMIT,
+                                                                  here=not sent)
     return cgroup, netns
 
 

@@ -153,11 +153,12 @@ def record_formats(counters: Iterable[str], max_sockets: int) -> dict[str, str]:
 
 
 def render_script(sel: Selection, max_sockets: int, dist: bool = False,
-                  estats: bool = False, sample: bool = False) -> str:
+                  estats: bool = False, sample: bool = False, place: bool = False) -> str:
     """The collector of the units ``sel`` chose (counters.select). dist: also keep log2
     histograms of congestion-state episodes (--dist); estats: write each closing socket's
     RFC 4898 variables (--rfc4898); sample: sample connections after ACKs (--sample;
-    period and mode are module parameters)."""
+    period and mode are module parameters); place: read each socket's cgroup and network
+    namespace (an attribution index, --cgroup or --netns)."""
     return _env().get_template("tcpipstat.stp.j2").render(
         version=__version__,
         format_version=FORMAT_VERSION,
@@ -166,6 +167,7 @@ def render_script(sel: Selection, max_sockets: int, dist: bool = False,
         points={u.name: [stap_point(p) for p in u.points] for u in sel.units},
         counters=sel.available,
         proc=sel.proc,
+        place=bool(place),
         cong=bool(sel.cong),
         ca_time=CA_TIME_COUNTERS,
         at={name: stap_point(p) for name, p in CORE_PROBES.items()},

@@ -369,7 +369,8 @@ def dump_script(plan) -> str:
     """The script for the chosen groups, before probe resolution (every unit; with
     --kprobes-only, none that needs a tracepoint)."""
     sel = select(plan.groups, plan.tracepoints)
-    return render_script(sel, plan.max_sockets, plan.dist, plan.estats, plan.sample_ms is not None)
+    return render_script(sel, plan.max_sockets, plan.dist, plan.estats, plan.sample_ms is not None,
+                         plan.places)
 
 
 def kernel_release(plan) -> str:
@@ -384,7 +385,7 @@ def prepare(plan, tc: Toolchain, log: Log) -> tuple[str, list[str], list[str], s
     log(f"checking which probe points exist on kernel {kver}...")
     sel = select(plan.groups, plan.tracepoints, resolve_points(tc, points, kver))
     return (render_script(sel, plan.max_sockets, plan.dist, plan.estats,
-                          plan.sample_ms is not None),
+                          plan.sample_ms is not None, plan.places),
             list(sel.available), list(sel.unavailable), sel.cong)
 
 

@@ -253,6 +253,68 @@ def test_a_cgroup_no_walk_finds_is_shown_by_its_id(native, monkeypatch):
     assert row["container"] is None and row["sockets"] == 10
 
 
+# ---- a collector on another host (the lab's): its stand-in's tables name its places ----
+
+@pytest.fixture
+def sent(tmp_path, monkeypatch):
+    """The native run's records as a stand-in passes them on: its sockets live on another
+    host, which sends its cgroup v2 mount, cgroup ids with paths and named namespaces as
+    place lines after them. This host's tables must not be read."""
+    names = json.loads(NATIVE.with_suffix(".names.json").read_text())
+    head = "# tcpipstat-place"
+    lines = [f"{head} cgroup2 /sys/fs/cgroup\n", f"{head} cgroup 1 /\n",
+             f"{head} cgroup x7 /bad\n", f"{head} ipc 5 /bad\n", f"{head} netns 9\n"]
+    lines += [f"{head} cgroup {i} {p}\n" for i, p in names["cgroups"].items()]
+    lines += [f"{head} netns {i} {n}\n" for i, n in names["netns"].items()]
+    records = tmp_path / "sent.records"
+    records.write_text(NATIVE.read_text() + "".join(lines))
+    monkeypatch.setattr(attribution, "_cgroups", None)
+    monkeypatch.setattr(attribution, "_netns", None)
+    monkeypatch.setattr(attribution, "cgroup2_root", lambda *a: pytest.fail("host's cgroups"))
+    monkeypatch.setattr(NetnsNames, "_list", lambda *a: pytest.fail("host's namespaces"))
+    return records, {n: int(i) for i, n in names["netns"].items()}
+
+
+def test_the_collector_hosts_tables_name_its_places(sent):
+    records, inodes = sent
+    want = _expected()
+    rows = _json("--from-records", str(records), "index=cgroup")
+    assert [r["cgroup"] for r in rows] == ["/T/a", f"/T/a/{CONTAINER}", "/T/b"]
+    assert [_sums([r]) for r in rows] == [want["a"], want[f"a/{CONTAINER}"], want["b"]]
+    rows = _json("--from-records", str(records), "index=netns")
+    assert [(r["netns"], r["netns_name"]) for r in rows] == sorted(
+        (inodes[n], n) for n in ("n1", "n2"))
+    rows = {r["container"]: r for r in _json("--from-records", str(records), "index=container")}
+    assert _sums([rows["5eed" * 16]]) == want[f"a/{CONTAINER}"]
+    assert attribution.cgroups().path(1) == "/" and attribution.cgroups().path(7) is None
+
+
+def test_cgroup_and_netns_are_checked_against_the_collector_hosts_tables(sent):
+    records, inodes = sent
+    want = _expected()
+    # /T/a is no cgroup on this host: the collector's host says it is one there
+    below_a = _sums(_json("--from-records", str(records), "--cgroup", "/T/a"))
+    assert below_a == {k: want["a"][k] + want[f"a/{CONTAINER}"][k] for k in below_a}
+    assert _sums(_json("--from-records", str(records), "--cgroup",
+                       "/sys/fs/cgroup/T/b")) == want["b"]
+    assert _sums(_json("--from-records", str(records), "--netns",
+                       str(inodes["n1"]))) == want["n1"]
+    status, _, err = run_cli("--from-records", str(records), "--cgroup", "/T/c")
+    assert status == 2 and "bad --cgroup '/T/c': no such cgroup" in err
+    # a process of this host tells nothing of that host's namespaces
+    status, _, err = run_cli("--from-records", str(records), "--netns", str(os.getpid()))
+    assert status == 2 and f"bad --netns '{os.getpid()}': the records were collected" in err
+
+
+def test_sent_places_pass_every_line_on(monkeypatch):
+    monkeypatch.setattr(attribution, "_cgroups", None)
+    monkeypatch.setattr(attribution, "_netns", None)
+    lines = ["R\t...\n", "# tcpipstat-place cgroup 12 /a b\n", "# other\n"]
+    assert list(attribution.sent_places(lines)) == lines
+    assert attribution.cgroups().path(12) == "/a b"
+    assert attribution.cgroups().exists("/a b") and not attribution.cgroups().exists("/a")
+
+
 # ---- lookups ----
 
 def test_the_cgroup2_mount_is_found_unified_or_hybrid(tmp_path):

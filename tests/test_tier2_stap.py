@@ -143,3 +143,22 @@ def test_check_on_a_lab_kernel(lab_toolchain, suite):
     assert STAP_VERSION[suite] in f["stap"]["detail"], f["stap"]
     assert f["probe check"]["ok"] is True and doc["unavailable"] == EXPECTED_UNAVAILABLE[suite]
     assert doc["running"] is False and status == 0, out
+
+
+def test_the_place_reads_elaborate_on_the_new_layout(lab_toolchain, suite):
+    """An attribution index adds the reads of each socket's cgroup and namespace (never in
+    the default script); on both lab kernels (Linux 6.1, 6.12) sk_cgrp_data holds the
+    cgroup pointer as a field of its own, and the older layouts' branches fold away."""
+    tc, kver = lab_toolchain
+    plan = build_plan(["-r", kver, "index=cgroup", "--cong", "--dist", "--rfc4898",
+                       "--sample", "50"])
+    script, _, _, _ = prepare(plan, tc, lambda m: None)
+    assert "tis_place(" in script
+    default, _, _, _ = prepare(build_plan(["-r", kver]), tc, lambda m: None)
+    assert "tis_place(" not in default and "sk_cgrp_data" not in default
+    res = _stap(tc, ["-p2", "-r", kver], script)
+    assert res.returncode == 0, res.stderr[-2000:]
+    # pass 2 lists each function's locals: the pre-5.15 branch's v has folded away
+    head = res.stdout.index("tis_sk_cgroup__overload_0:long (sk:long)\n")
+    locals_ = res.stdout[head:].split("\n")[1:4]
+    assert locals_[:2] == ["  # locals", "  cg:long"] and not locals_[2].startswith("  ")
