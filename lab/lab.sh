@@ -20,7 +20,8 @@
 # Env: LAB_DIR (default: ~/.cache/tcpipstat-lab),
 # LAB_SUITE=bookworm|trixie, LAB_GUEST_TIMEOUT (s, default 300), LAB_SMP, LAB_MEM, LAB_KEEP=1,
 # LAB_BACKGROUND='sh cmd' (started in the guest before the module: a process that is
-# not the workload's, e.g. a server outside a -c command's process tree).
+# not the workload's, e.g. a server outside a -c command's process tree), LAB_BEFORE='sh cmd'
+# (run in the guest to its end before the collector starts, e.g. insmod of a module it probes).
 set -euo pipefail
 LAB=${LAB_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tcpipstat-lab}; mkdir -p "$LAB"
 SUITE=${LAB_SUITE:-bookworm}        # bookworm: stap 4.8 + kernel 6.1; trixie: stap 5.1 + kernel 6.12
@@ -142,6 +143,7 @@ run() {
 # /proc/net/snmp6 has one "Name value" a line: its Ip6 lines become a header/values pair like snmp's
 snap() { echo "@@SNMP_\$1"; grep -E '^(Ip|Tcp):' /proc/net/snmp; grep '^TcpExt:' /proc/net/netstat
   [ ! -r /proc/net/snmp6 ] || awk '/^Ip6/ {h=h" "\$1; v=v" "\$2} END {print "Ip6:" h; print "Ip6:" v}' /proc/net/snmp6; }
+$(if [ -n "${LAB_BEFORE:-}" ]; then printf '( %s ) >/dev/ttyS2 2>&1\n' "$LAB_BEFORE"; fi)
 snap BEFORE
 $(if [ -n "${LAB_BACKGROUND:-}" ]; then printf '( %s ) >/dev/ttyS2 2>&1 &\n' "$LAB_BACKGROUND"; fi)
 $(if [ -n "${LAB_BT_LIST:-}" ]; then echo "bpftrace $LAB_BT_LIST >/dev/ttyS1"
@@ -231,7 +233,8 @@ bpftrace_cmd() {
   local t rc=0; t=$(mktemp -d)     # (removed below: run's EXIT trap would replace one here)
   cp "$prog" "$t/tcpipstat.bt"
   if [[ $workload == "/bin/sh "* ]] && [ -f "${workload#/bin/sh }" ]; then
-    cp "${workload#/bin/sh }" "$t/command.sh"; export LAB_EXTRA_FILES="$t/command.sh"
+    cp "${workload#/bin/sh }" "$t/command.sh"     # (next to the files the run brings, if any)
+    export LAB_EXTRA_FILES="${LAB_EXTRA_FILES:+$LAB_EXTRA_FILES }$t/command.sh"
     workload="sh /command.sh"
   fi
   export LAB_STAPRUN_RC_ONLY=1 LAB_BT_FLAGS="${flags[*]-}" LAB_SNAPSHOT_LINES=1  # (as above)
