@@ -250,7 +250,7 @@ bpftrace_list() {
   local c="$LAB/bt-list-$SUITE/$1-${2//[:* ]/_}"
   if [ ! -s "$c" ]; then
     mkdir -p "$(dirname "$c")"
-    LAB_BT_LIST="$1 '$2'" LAB_STAPRUN_RC_ONLY=1 LAB_META_OUT=/dev/null run - > "$c.tmp" && mv "$c.tmp" "$c"
+    LAB_BEFORE= LAB_BT_LIST="$1 '$2'" LAB_STAPRUN_RC_ONLY=1 LAB_META_OUT=/dev/null run - > "$c.tmp" && mv "$c.tmp" "$c"
   fi
   cat "$c"
 }
