@@ -103,8 +103,9 @@ COUNTERS: tuple[Counter, ...] = (
             "and the module loaded before collection starts (SystemTap 4.8 does not probe a "
             "module loaded later). The bpftrace collector counts the same plaintext at its "
             "tracepoint (Linux 6.12), and nothing on kTLS sockets where it probes tcp_sendmsg() "
-            "(Linux 6.1). Not counted on kTLS sockets: sendfile() before Linux 6.5 "
-            "(tls_sw_sendpage()) and NIC offload (tls_device_sendmsg())"),
+            "(Linux 6.1). On kTLS sockets sendfile() and splice() count as on others: before "
+            "Linux 6.5 at tls_sw_sendpage(), since at tls_sw_sendmsg(). Not counted: kTLS with "
+            "NIC offload (tls_device_sendmsg())"),
     Counter("SendMsgs", "Socket", "socket", "sends that moved at least one byte: one per write(), "
             "send(), sendmsg() or writev() call, per message of sendmmsg() and per io_uring send "
             "completion (a SEND_ZC once, not its notification; with MSG_WAITALL io_uring resends "
@@ -210,6 +211,10 @@ UNITS: tuple[Unit, ...] = (
     Unit("tls_sendmsg", "socket", (module_kretprobe("tls", "tls_sw_sendmsg"),),
          ("SendBytes", "SendMsgs"), primary=False, proc=True,
          note="kTLS: the plaintext of write()/send()/sendmsg() on a kTLS socket"),
+    Unit("tls_sendpage", "socket", (module_kretprobe("tls", "tls_sw_sendpage"),),
+         ("SendBytes", "SendMsgs"), primary=False, proc=True,
+         note="kTLS before Linux 6.5: sendfile()/splice() into a kTLS socket (from 6.5 they "
+         "reach tls_sw_sendmsg(), as MSG_SPLICE_PAGES, and tls_sw_sendpage() is gone)"),
     Unit("tls_recvmsg", "socket", (module_kretprobe("tls", "tls_sw_recvmsg"),),
          ("RecvBytes", "RecvMsgs"), primary=False, proc=True,
          note="kTLS: the plaintext read()/recv()/recvmsg() took from a kTLS socket"),

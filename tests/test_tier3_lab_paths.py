@@ -131,25 +131,29 @@ def test_every_path_exact_against_tcp_info_and_the_workload(suite, tmp_path):
 
 URING_PAIRS = (("uring_send", "uring_recv"), ("uring_sendmsg", "uring_recvmsg"),
                ("uring_sendzc", "read"))
+KTLS_PAIRS = (("ktls", "ktls"), ("ktls_sendfile", "ktls"))
 TLS_RECORD_MAX, TLS_OVERHEAD = 16384, 5 + 8 + 16   # TLS 1.2 AES-GCM: header, nonce, tag
 
 
 def _tls_records(size: int, chunk: int = 32768) -> int:
-    """Records for ``size`` plaintext bytes written ``chunk`` at a time: each write() ends
-    its last record (no MSG_MORE), each record holds at most TLS_RECORD_MAX."""
+    """Records for ``size`` plaintext bytes sent ``chunk`` at a time: each call ends its
+    last record (no MSG_MORE), each record holds at most TLS_RECORD_MAX."""
     full, rest = divmod(size, chunk)
     return full * -(-chunk // TLS_RECORD_MAX) + -(-rest // TLS_RECORD_MAX)
 
 
-def _uring_ktls_run(suite: str, tmp: Path, *backend: str) -> tuple[dict, dict, dict, str]:
-    """The io_uring pairs and a kTLS connection in one collector run: pathwork's lines and
-    the kTLS client's and server's rows (io_uring's are checked here, exact)."""
+KtlsEnds = dict[str, tuple[dict, dict, dict, dict]]   # send path: pathwork's ends, our rows
+
+
+def _uring_ktls_run(suite: str, tmp: Path, *backend: str) -> tuple[KtlsEnds, str]:
+    """The io_uring pairs and the kTLS connections in one collector run: io_uring's rows
+    are checked here, exact; the kTLS connections' rows are returned, by send path."""
     mods = _tls_modules(suite, tmp)
     # the modules are loaded before the collector starts (lab.sh's LAB_BEFORE): stap 4.8
     # on Linux 6.1 does not probe a module loaded after it started (seen in the lab)
     insmod = "; ".join(f"insmod /{m.name} || echo @@INSMOD_FAILED {m.name}" for m in mods)
     cmd = "; ".join(f"/pathwork {a} {b} {SIZE} || echo @@PATHWORK_FAILED {a} {b}"
-                    for a, b in (*URING_PAIRS, ("ktls", "ktls")))
+                    for a, b in (*URING_PAIRS, *KTLS_PAIRS))
     r = clean_run(suite, tmp, *backend, "--json", "--groups", "socket", "--all-processes",
                   "*:*-*:*", "-c", cmd,
                   env={**_pathwork(suite, tmp, *mods), "LAB_BEFORE": insmod})
@@ -157,55 +161,61 @@ def _uring_ktls_run(suite: str, tmp: Path, *backend: str) -> tuple[dict, dict, d
     assert r.rc == 0 and "_FAILED" not in r.meta, why
     assert r.skipped() + r.faults() == 0, why
     said, rows = _said(r.meta), r.json()
-    assert len(said) == 2 * (len(URING_PAIRS) + 1), why
+    assert len(said) == 2 * (len(URING_PAIRS) + len(KTLS_PAIRS)), why
     for send, recv in URING_PAIRS:
         _check_pair(rows, said, send, recv, why)
-    c, s = said["ktls", "ktls", "client"], said["ktls", "ktls", "server"]
-    (client,) = [o["counters"] for o in rows if o["lport"] == c["port"]]
-    (server,) = [o["counters"] for o in rows if o["rport"] == c["port"]]
-    # the workload moved SIZE bytes of plaintext; TCP carried them in records
-    wire = SIZE + TLS_OVERHEAD * _tls_records(SIZE)
-    assert (c["sent"], s["received"]) == (SIZE, SIZE), why
-    assert c["bytes_acked"] - 1 == s["bytes_received"] == wire, why
-    # the answer went back in the clear (the client set TLS_TX only, the server TLS_RX)
-    assert (server["SendBytes"], client["RecvBytes"]) == (1, 1) == (s["sent"], c["received"]), why
-    return (c, s), client, server, why
+    out = {}
+    for send, recv in KTLS_PAIRS:
+        c, s = said[send, recv, "client"], said[send, recv, "server"]
+        (client,) = [o["counters"] for o in rows if o["lport"] == c["port"]]
+        (server,) = [o["counters"] for o in rows if o["rport"] == c["port"]]
+        # the workload moved SIZE bytes of plaintext; TCP carried them in records
+        wire = SIZE + TLS_OVERHEAD * _tls_records(SIZE)
+        assert (c["sent"], s["received"]) == (SIZE, SIZE), (send, why)
+        assert c["bytes_acked"] - 1 == s["bytes_received"] == wire, (send, why)
+        # the answer went back in the clear (the client set TLS_TX only, the server TLS_RX)
+        assert (server["SendBytes"], client["RecvBytes"]) == (1, 1) == (s["sent"], c["received"])
+        out[send] = (c, s, client, server)
+    return out, why
 
 
-def _ktls_counted(ends: tuple[dict, dict], client: dict, server: dict, why: str) -> None:
-    """The kTLS connection's counters are its plaintext, one message per call."""
-    c, s = ends
+def _ktls_counted(ends: tuple[dict, dict, dict, dict], why: str) -> None:
+    """A kTLS connection's counters are its plaintext, one message per call."""
+    c, s, client, server = ends
     assert (client["SendBytes"], server["RecvBytes"]) == (SIZE, SIZE), why
     assert (client["SendMsgs"], server["RecvMsgs"]) == (c["send_calls"], s["recv_calls"]), why
 
 
-def _ktls_uncounted(client: dict, server: dict, why: str) -> None:
-    """Neither kTLS path reaches tcp_sendmsg() or tcp_recvmsg(): neither the plaintext
-    nor the records are counted (FIELDS says where)."""
+def _ktls_uncounted(ends: tuple[dict, dict, dict, dict], why: str) -> None:
+    """Neither kTLS path reaches tcp_sendmsg(), tcp_sendpage() or tcp_recvmsg(): neither
+    the plaintext nor the records are counted (FIELDS says where)."""
+    _, _, client, server = ends
     assert (client["SendBytes"], client["SendMsgs"]) == (0, 0), why
     assert (server["RecvBytes"], server["RecvMsgs"]) == (0, 0), why
 
 
 def test_io_uring_and_ktls_exact_against_tcp_info_and_the_workload(suite, tmp_path):
-    ends, client, server, why = _uring_ktls_run(suite, tmp_path)
-    if suite == "bookworm":
-        _ktls_counted(ends, client, server, why)
-    else:
-        # trixie's stap 5.1 finds no debug information for the compressed tls.ko.xz:
-        # the kTLS units are left out
-        _ktls_uncounted(client, server, why)
+    ktls, why = _uring_ktls_run(suite, tmp_path)
+    for ends in ktls.values():
+        if suite == "bookworm":     # tls_sw_sendmsg(), tls_sw_sendpage(), tls_sw_recvmsg()
+            _ktls_counted(ends, why)
+        else:
+            # trixie's stap 5.1 finds no debug information for the compressed tls.ko.xz:
+            # the kTLS units are left out
+            _ktls_uncounted(ends, why)
 
 
 def test_io_uring_and_ktls_bpftrace(suite, tmp_path):
-    """The bpftrace collector: sock:sock_send_length/sock_recv_length (Linux 6.3 and later:
-    trixie) fire in sock_sendmsg()/sock_recvmsg() whatever the protocol's sendmsg, kTLS's
-    too; where they are missing (bookworm) fexit on tcp_sendmsg()/tcp_recvmsg() does not
-    see kTLS."""
-    ends, client, server, why = _uring_ktls_run(suite, tmp_path, "--backend", "bpftrace")
-    if suite == "trixie":
-        _ktls_counted(ends, client, server, why)
-    else:
-        _ktls_uncounted(client, server, why)
+    """The bpftrace collector: sock:sock_send_length/sock_recv_length (trixie) fire in
+    sock_sendmsg()/sock_recvmsg() whatever the protocol's sendmsg, kTLS's too, and
+    sendfile() reaches sock_sendmsg() there (MSG_SPLICE_PAGES); where they are missing
+    (bookworm) fexit on tcp_sendmsg()/tcp_recvmsg() does not see kTLS."""
+    ktls, why = _uring_ktls_run(suite, tmp_path, "--backend", "bpftrace")
+    for ends in ktls.values():
+        if suite == "trixie":
+            _ktls_counted(ends, why)
+        else:
+            _ktls_uncounted(ends, why)
 
 
 BODY = 50_000

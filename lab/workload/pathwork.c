@@ -9,11 +9,12 @@
  *       (io_uring IORING_OP_SEND, _SENDMSG, _SEND_ZC: one operation in flight, each
  *       completion waited for; _SEND_ZC's also its notification) ktls (write() on a
  *       kTLS socket: TCP_ULP "tls", TLS 1.2 AES-GCM-128 TLS_TX with fixed test keys)
+ *       ktls_sendfile (sendfile() into such a socket)
  * RECV: read recvmsg recvmmsg readv splice (socket -> pipe) zerocopy (getsockopt
  *       TCP_ZEROCOPY_RECEIVE into an mmap of the socket, with a copy buffer for small
  *       leftovers; what it does not take, its recv_skip_hint, is read with recv())
  *       uring_recv uring_recvmsg (io_uring IORING_OP_RECV, _RECVMSG, without MSG_WAITALL)
- *       ktls (read() on a kTLS socket, TLS_RX with the same keys: only with SEND ktls)
+ *       ktls (read() on a kTLS socket, TLS_RX with the same keys: only with SEND ktls*)
  *
  * The client (a child process) sends SIZE bytes in calls of at most CHUNK bytes (one call
  * hands the kernel at most 16 pages: one message on every path and kernel), waits for the
@@ -30,7 +31,7 @@
  * getsockopt; io_uring: one per completion with a positive result); zc_mapped, zc_copied:
  * bytes TCP_ZEROCOPY_RECEIVE mapped, copied to its copy buffer. With ktls, sent and
  * received are plaintext bytes; TCP carries each record's 29 more (5 header, 8 explicit
- * nonce, 16 tag), a record per at most 16 KiB of one write(). Built statically by lab.sh
+ * nonce, 16 tag), a record per at most 16 KiB of one call. Built statically by lab.sh
  * setup (and by the tests, from this source).
  */
 #define _GNU_SOURCE
@@ -220,7 +221,8 @@ static long send_one(const char *path, int sock, char *buf, long n, int file, in
     else if (!strcmp(path, "sendmsg")) r = sendmsg(sock, &m, 0);
     else if (!strcmp(path, "writev")) r = writev(sock, iv, 2);
     else if (!strcmp(path, "zerocopy")) r = send(sock, buf, n, MSG_ZEROCOPY);
-    else if (!strcmp(path, "sendfile")) r = sendfile(sock, file, NULL, n);
+    else if (!strcmp(path, "sendfile") || !strcmp(path, "ktls_sendfile"))
+        r = sendfile(sock, file, NULL, n);
     else if (!strcmp(path, "sendmmsg")) { send_mmsg(sock, buf, n, s); return n; }
     else if (!strcmp(path, "splice") || !strcmp(path, "vmsplice")) {
         struct iovec v = {buf, n};
@@ -261,7 +263,7 @@ static void send_all(const char *path, int sock, long size, struct side *s) {
     if (pipe(pp)) die("pipe");
     if (!strcmp(path, "zerocopy") && setsockopt(sock, SOL_SOCKET, SO_ZEROCOPY, &one, sizeof one))
         die("SO_ZEROCOPY");
-    if (!strcmp(path, "ktls")) ktls(sock, TLS_TX);
+    if (!strncmp(path, "ktls", 4)) ktls(sock, TLS_TX);
     long sends = 0;
     for (long done = 0; done < size; sends++)
         done += send_one(path, sock, buf + done, want(size, done), file, pp, s);
