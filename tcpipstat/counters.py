@@ -121,8 +121,9 @@ COUNTERS: tuple[Counter, ...] = (
             "(getsockopt TCP_ZEROCOPY_RECEIVE: the bytes it mapped plus those it copied to its "
             "copy buffer; what it leaves to recv(), its recv_skip_hint, counts there); the same "
             "on Linux 6.1 and 6.12. On a kTLS socket: the plaintext its users read, at the tls "
-            "module's tls_sw_recvmsg() (tls reads the records from TCP itself, through "
-            "tcp_read_sock(): not counted), where SendBytes says. Not what kernel users read "
+            "module's tls_sw_recvmsg() (tls takes the records from TCP's receive queue itself: "
+            "not counted), with SendBytes' conditions (debug information, module loaded first; "
+            "bpftrace: its tracepoint). Not what kernel users read "
             "with tcp_read_sock() (strparser, NFS), nor splice() out of a kTLS socket "
             "(tls_sw_splice_read())"),
     Counter("RecvMsgs", "Socket", "socket", "receives that moved at least one byte: one per "
