@@ -22,7 +22,8 @@
 # Env: LAB_DIR (default: ~/.cache/tcpipstat-lab),
 # LAB_SUITE=bookworm|trixie, LAB_GUEST_TIMEOUT (s, default 300), LAB_SMP, LAB_MEM, LAB_KEEP=1,
 # LAB_BACKGROUND='sh cmd' (started in the guest before the module: a process that is
-# not the workload's, e.g. a server outside a -c command's process tree).
+# not the workload's, e.g. a server outside a -c command's process tree), LAB_BEFORE='sh cmd'
+# (run in the guest to its end before the collector starts, e.g. insmod of a module it probes).
 set -euo pipefail
 LAB=${LAB_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tcpipstat-lab}; mkdir -p "$LAB"
 SUITE=${LAB_SUITE:-bookworm}        # bookworm: stap 4.8 + kernel 6.1; trixie: stap 5.1 + kernel 6.12
@@ -154,6 +155,7 @@ places() { m=\$(awk '\$3 == "cgroup2" {print \$2; exit}' /proc/mounts)
   for f in /run/netns/*; do
     [ "\$(stat -c %d "\$f" 2>/dev/null)" != "\$nsfs" ] || echo "@@NETNS \$(stat -c %i "\$f") \${f##*/}"
   done; }
+$(if [ -n "${LAB_BEFORE:-}" ]; then printf '( %s ) >/dev/ttyS2 2>&1\n' "$LAB_BEFORE"; fi)
 snap BEFORE
 $(if [ -n "${LAB_BACKGROUND:-}" ]; then printf '( %s ) >/dev/ttyS2 2>&1 &\n' "$LAB_BACKGROUND"; fi)
 $(if [ -n "${LAB_BT_LIST:-}" ]; then echo "bpftrace $LAB_BT_LIST >/dev/ttyS1"
@@ -265,7 +267,7 @@ bpftrace_list() {
   local c="$LAB/bt-list-$SUITE/$1-${2//[:* ]/_}"
   if [ ! -s "$c" ]; then
     mkdir -p "$(dirname "$c")"
-    LAB_BT_LIST="$1 '$2'" LAB_STAPRUN_RC_ONLY=1 LAB_META_OUT=/dev/null run - > "$c.tmp" && mv "$c.tmp" "$c"
+    LAB_BEFORE= LAB_BT_LIST="$1 '$2'" LAB_STAPRUN_RC_ONLY=1 LAB_META_OUT=/dev/null run - > "$c.tmp" && mv "$c.tmp" "$c"
   fi
   cat "$c"
 }

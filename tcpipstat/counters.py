@@ -28,9 +28,11 @@ CA_STATES = ("Open", "Disorder", "Cwr", "Recovery", "Loss")
 @dataclass(frozen=True)
 class Probe:
     """A probe point, whatever the collector: a kernel function's entry (``kprobe``) or
-    return (``kretprobe``), or a tracepoint (``tracepoint``, target ``subsystem:event``)."""
+    return (``kretprobe``), or a tracepoint (``tracepoint``, target ``subsystem:event``).
+    ``module``: the function is a module's (tls), not the kernel image's."""
     kind: str
     target: str
+    module: str = ""
 
 
 def kprobe(function: str) -> Probe:
@@ -39,6 +41,10 @@ def kprobe(function: str) -> Probe:
 
 def kretprobe(function: str) -> Probe:
     return Probe("kretprobe", function)
+
+
+def module_kretprobe(module: str, function: str) -> Probe:
+    return Probe("kretprobe", function, module)
 
 
 def tracepoint(name: str) -> Probe:
@@ -85,25 +91,44 @@ CORE_PROBES = {"set_state": SET_STATE, "ack_return": ACK_RETURN, "new_task": NEW
 COUNTERS: tuple[Counter, ...] = (
     Counter("SendBytes", "Socket", "socket", "bytes the socket's users handed it and the kernel "
             "accepted: tcp_sendmsg() (write, send, sendmsg, sendmmsg, writev, MSG_ZEROCOPY, "
-            "io_uring sends; since Linux 6.5 sendfile(), splice() and vmsplice() into the socket "
+            "io_uring's IORING_OP_SEND, SENDMSG and SEND_ZC, which reach it through "
+            "sock_sendmsg(); since Linux 6.5 sendfile(), splice() and vmsplice() into the socket "
             "too, as MSG_SPLICE_PAGES) and, before Linux 6.5, tcp_sendpage() (sendfile(), splice() "
-            "and vmsplice() into the socket). Not kTLS: its layer hands TCP the records itself "
-            "(tcp_sendmsg_locked(), before 6.5 do_tcp_sendpages()), uncounted"),
+            "and vmsplice() into the socket). On a kTLS socket (TCP_ULP tls, software crypto): "
+            "the plaintext its users wrote, at the tls module's tls_sw_sendmsg(); the records tls "
+            "hands TCP itself (tcp_sendmsg_locked(), before 6.5 do_tcp_sendpages(); 29 bytes more "
+            "a record with TLS 1.2 AES-GCM) are not counted again. That needs the tls module's "
+            "debug information (Debian 12, Linux 6.1: there; Debian 13, Linux 6.12: SystemTap 5.1 "
+            "finds none for the compressed tls.ko.xz, and a kTLS socket's bytes are not counted) "
+            "and the module loaded before collection starts (SystemTap 4.8 does not probe a "
+            "module loaded later). The bpftrace collector counts the same plaintext at its "
+            "tracepoint (Linux 6.12), and nothing on kTLS sockets where it probes tcp_sendmsg() "
+            "(Linux 6.1). On kTLS sockets sendfile() and splice() count as on others: before "
+            "Linux 6.5 at tls_sw_sendpage(), since at tls_sw_sendmsg(). Not counted: kTLS with "
+            "NIC offload (tls_device_sendmsg())"),
     Counter("SendMsgs", "Socket", "socket", "sends that moved at least one byte: one per write(), "
-            "send(), sendmsg() or writev() call and per message of sendmmsg(); for sendfile() "
+            "send(), sendmsg() or writev() call, per message of sendmmsg() and per io_uring send "
+            "completion (a SEND_ZC once, not its notification; with MSG_WAITALL io_uring resends "
+            "what a short send left: one per attempt); for sendfile() "
             "and splice() one per batch of pipe buffers handed to TCP (at most 16 pages with "
             "the default pipe: one per call of at most 64 KiB), a tcp_sendmsg() call since "
             "Linux 6.5, before it the batch's last tcp_sendpage() call (the one without "
-            "MSG_SENDPAGE_NOTLAST)"),
+            "MSG_SENDPAGE_NOTLAST); on a kTLS socket one per write() however many records"),
     Counter("RecvBytes", "Socket", "socket", "bytes the socket's users took from it: "
-            "tcp_recvmsg() (read, recv, recvmsg, recvmmsg, readv, io_uring receives), "
+            "tcp_recvmsg() (read, recv, recvmsg, recvmmsg, readv, io_uring's IORING_OP_RECV and "
+            "RECVMSG, through sock_recvmsg()), "
             "tcp_splice_read() (splice() out of the socket) and tcp_zerocopy_receive() "
             "(getsockopt TCP_ZEROCOPY_RECEIVE: the bytes it mapped plus those it copied to its "
             "copy buffer; what it leaves to recv(), its recv_skip_hint, counts there); the same "
-            "on Linux 6.1 and 6.12. Not what kernel users read with tcp_read_sock() (kTLS "
-            "receive, strparser, NFS)"),
+            "on Linux 6.1 and 6.12. On a kTLS socket: the plaintext its users read, at the tls "
+            "module's tls_sw_recvmsg() (tls takes the records from TCP's receive queue itself: "
+            "not counted), with SendBytes' conditions (debug information, module loaded first; "
+            "bpftrace: its tracepoint). Not what kernel users read "
+            "with tcp_read_sock() (strparser, NFS), nor splice() out of a kTLS socket "
+            "(tls_sw_splice_read())"),
     Counter("RecvMsgs", "Socket", "socket", "receives that moved at least one byte: one per "
-            "read(), recv(), recvmsg() or readv() call, per message of recvmmsg(), per splice() "
+            "read(), recv(), recvmsg() or readv() call, per message of recvmmsg(), per io_uring "
+            "receive completion (with MSG_WAITALL: per attempt), per splice() "
             "out of the socket and per getsockopt(TCP_ZEROCOPY_RECEIVE)"),
     Counter("InReceives", "Ip", "ip", "IP datagrams received carrying TCP (ip_rcv_core; IPv6: "
             "ip6_rcv_core: where the kernel counts InReceives, on both the single and the "
@@ -178,6 +203,22 @@ UNITS: tuple[Unit, ...] = (
     Unit("zerocopy_receive", "socket", (_r("tcp_zerocopy_receive"),), ("RecvBytes", "RecvMsgs"),
          primary=False, proc=True, note="getsockopt(TCP_ZEROCOPY_RECEIVE); its copies go "
          "through tcp_recvmsg_locked(), not tcp_recvmsg()"),
+    # kTLS (software crypto): a socket with TCP_ULP "tls" and TLS_TX/TLS_RX has its
+    # sendmsg/recvmsg replaced by the tls module's, which move the application's plaintext
+    # and never call tcp_sendmsg()/tcp_recvmsg(); the records they hand TCP (through
+    # tcp_sendmsg_locked(), before Linux 6.5 do_tcp_sendpages()) or read from it (its own
+    # parser, over tcp_read_sock()) are not counted again. A module's function: the unit
+    # resolves where the module's debug information is, and counts once the module loads.
+    Unit("tls_sendmsg", "socket", (module_kretprobe("tls", "tls_sw_sendmsg"),),
+         ("SendBytes", "SendMsgs"), primary=False, proc=True,
+         note="kTLS: the plaintext of write()/send()/sendmsg() on a kTLS socket"),
+    Unit("tls_sendpage", "socket", (module_kretprobe("tls", "tls_sw_sendpage"),),
+         ("SendBytes", "SendMsgs"), primary=False, proc=True,
+         note="kTLS before Linux 6.5: sendfile()/splice() into a kTLS socket (from 6.5 they "
+         "reach tls_sw_sendmsg(), as MSG_SPLICE_PAGES, and tls_sw_sendpage() is gone)"),
+    Unit("tls_recvmsg", "socket", (module_kretprobe("tls", "tls_sw_recvmsg"),),
+         ("RecvBytes", "RecvMsgs"), primary=False, proc=True,
+         note="kTLS: the plaintext read()/recv()/recvmsg() took from a kTLS socket"),
     Unit("accept", "socket", (_r("inet_csk_accept"),), (), proc=True,
          note="no counter: tells which process owns an accepted socket"),
     Unit("InReceives", "ip", (_k("ip_rcv_core"),), ("InReceives",),

@@ -41,7 +41,8 @@ def stap_point(p: Probe) -> str:
     """A probe point in stap's syntax."""
     if p.kind == "tracepoint":
         return f'kernel.trace("{p.target}")'
-    return f'kernel.function("{p.target}")' + (".return" if p.kind == "kretprobe" else "")
+    where = f'module("{p.module}")' if p.module else "kernel"
+    return f'{where}.function("{p.target}")' + (".return" if p.kind == "kretprobe" else "")
 
 
 def render_probe_check(points: Iterable[Probe]) -> str:

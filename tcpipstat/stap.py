@@ -268,7 +268,8 @@ DRAIN_MS = 500
 PROCFS_ROOT = Path("/proc/systemtap")
 
 
-_POINT_LINE = re.compile(r'^kernel\.function\("([A-Za-z0-9_.]+)(?:@[^"]*)?"\)(\.return|\.call)?')
+_POINT_LINE = re.compile(r'^(kernel|module\("[A-Za-z0-9_]+"\))\.function\("([A-Za-z0-9_.]+)'
+                         r'(@[^"]*)?"\)(\.return|\.call)?')
 _TRACE_LINE = re.compile(r'^kernel\.trace\("([A-Za-z0-9_]+:[A-Za-z0-9_]+)"\)')
 
 
@@ -285,9 +286,12 @@ def parse_resolved(p2_stdout: str, points: list[str]) -> frozenset[str]:
         if not in_probes:
             continue
         m = _POINT_LINE.match(line)
-        if m:
-            found.add(f'kernel.function("{m.group(1)}")'
-                      + (".return" if m.group(2) == ".return" else ""))
+        # a module's function stap found in its symbol table only (no @file:line: no
+        # debug information, as trixie's stap 5.1 for a compressed .ko.xz) resolves, but
+        # a handler reading $return or a parameter then fails to compile
+        if m and (m.group(3) or m.group(1) == "kernel"):
+            found.add(f'{m.group(1)}.function("{m.group(2)}")'
+                      + (".return" if m.group(4) == ".return" else ""))
         m = _TRACE_LINE.match(line)
         if m:
             found.add(f'kernel.trace("{m.group(1)}")')

@@ -7,11 +7,17 @@ splice() into a socket go through it too. sock:sock_recv_length fires in sock_re
 splice() out of a socket (tcp_splice_read) and TCP_ZEROCOPY_RECEIVE do not; they are counted
 at their functions' exits where BPF may attach to them, and where it may not (this host) the
 report's notes say that RecvBytes and RecvMsgs miss them.
+
+io_uring's send and receive operations (IORING_OP_SEND, _SENDMSG, _SEND_ZC, _RECV,
+_RECVMSG) call sock_sendmsg()/sock_recvmsg() (or ____sys_sendmsg/____sys_recvmsg, which
+reach sock_sendmsg_nosec/sock_recvmsg_nosec, where the tracepoints are): the lab's pathwork
+(lab/workload/pathwork.c), compiled here, drives them.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +27,7 @@ import pytest
 from tcpipstat.bt_points import PATHS, list_points
 
 from .test_native_bpftrace import ROOT, _free_port, _native
+from .test_tier3_lab_paths import _check_pair, _said
 from .conftest import json_rows
 
 WORKLOAD = Path(__file__).resolve().parent / "bpf_paths_workload.py"
@@ -127,3 +134,32 @@ def test_bytes_read_after_the_socket_closed_count_on_it(tmp_path):
     assert (client["counters"]["SendBytes"], client["counters"]["RecvBytes"]) == (1000, 321)
     assert (server["counters"]["RecvBytes"], server["counters"]["SendBytes"]) == (1000, 321)
     assert client["closed"] == 1 and client["lport"] != 0
+
+
+URING_PAIRS = (("uring_send", "uring_recv"), ("uring_sendmsg", "uring_recvmsg"),
+               ("uring_sendzc", "read"), ("write", "uring_recv"))
+
+
+@pytest.mark.native
+def test_io_uring_paths_exact_against_tcp_info_and_the_workload(tmp_path):
+    _native()
+    if not _kernel_at_least(6, 0):
+        pytest.skip("IORING_OP_SEND_ZC came with Linux 6.0")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build lab/workload/pathwork.c (apt-get install gcc)")
+    binary = tmp_path / "pathwork"
+    subprocess.run([cc, "-O2", "-Wall", "-Werror", "-o", str(binary),
+                    str(ROOT / "lab/workload/pathwork.c")], check=True)
+    from .test_tier3_lab_paths import SIZE as size
+    cmd = "; ".join(f"{binary} {a} {b} {size} || echo @@PATHWORK_FAILED {a} {b} >&2"
+                    for a, b in URING_PAIRS)
+    res = subprocess.run([sys.executable, "-m", "tcpipstat", "--backend", "bpftrace", "--json",
+                          "--groups", "socket", "*:*-*:*", "-c", f"sh -c '{cmd}'"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    # (pathwork's @@PATHWORK lines: the command's output reaches tcpipstat's stderr)
+    assert res.returncode == 0 and "@@PATHWORK_FAILED" not in res.stderr, res.stderr
+    said, rows = _said(res.stderr), json_rows(res.stdout)
+    assert len(said) == 2 * len(URING_PAIRS), res.stderr
+    for send, recv in URING_PAIRS:
+        _check_pair(rows, said, send, recv, "")

@@ -32,6 +32,24 @@ def test_parse_resolved_only_reads_the_probes_section():
         frozenset({'kernel.function("ip_rcv")'})
 
 
+def test_parse_resolved_reads_module_functions():
+    """kTLS's units probe the tls module: stap -p2 (bookworm's, as it wrote them) names
+    the module's functions as module("tls").function(...)."""
+    text = ('# probes\nmodule("tls").function("tls_sw_sendmsg@net/tls/tls_sw.c:1016").return? '
+            '/* pc=<tls:tls_sw_sendmsg+0> */ /* <- module("tls").function("tls_sw_sendmsg@net/'
+            'tls/tls_sw.c:1016").return? */\n')
+    points = ['module("tls").function("tls_sw_sendmsg").return',
+              'module("tls").function("tls_sw_recvmsg").return',
+              'kernel.function("tls_sw_sendmsg").return']
+    assert parse_resolved(text, points) == frozenset(points[:1])
+    # trixie's stap 5.1 finds no debug information for the compressed tls.ko.xz: the symbol
+    # table resolves the point, but $return and $sk would not compile
+    symbols_only = ('# probes\nmodule("tls").function("tls_sw_sendmsg").return? /* pc=<tls:'
+                    'tls_sw_sendmsg+0> */ /*  <- module("tls").function("tls_sw_sendmsg").return? '
+                    '*/\n')
+    assert parse_resolved(symbols_only, points) == frozenset()
+
+
 @pytest.mark.parametrize("stderr,what", [
     ("semantic error: missing x86_64 kernel/module debuginfo [man warning::debuginfo] under "
      "'/lib/modules/6.1.0/build'", "debug information"),

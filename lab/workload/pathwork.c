@@ -5,10 +5,16 @@
  *
  * SEND: write sendmsg sendmmsg writev sendfile splice (file -> pipe -> socket)
  *       vmsplice (user memory -> pipe -> socket) zerocopy (send(MSG_ZEROCOPY), then its
- *       completions read from the error queue)
+ *       completions read from the error queue) uring_send uring_sendmsg uring_sendzc
+ *       (io_uring IORING_OP_SEND, _SENDMSG, _SEND_ZC: one operation in flight, each
+ *       completion waited for; _SEND_ZC's also its notification) ktls (write() on a
+ *       kTLS socket: TCP_ULP "tls", TLS 1.2 AES-GCM-128 TLS_TX with fixed test keys)
+ *       ktls_sendfile (sendfile() into such a socket)
  * RECV: read recvmsg recvmmsg readv splice (socket -> pipe) zerocopy (getsockopt
  *       TCP_ZEROCOPY_RECEIVE into an mmap of the socket, with a copy buffer for small
  *       leftovers; what it does not take, its recv_skip_hint, is read with recv())
+ *       uring_recv uring_recvmsg (io_uring IORING_OP_RECV, _RECVMSG, without MSG_WAITALL)
+ *       ktls (read() on a kTLS socket, TLS_RX with the same keys: only with SEND ktls*)
  *
  * The client (a child process) sends SIZE bytes in calls of at most CHUNK bytes (one call
  * hands the kernel at most 16 pages: one message on every path and kernel), waits for the
@@ -22,15 +28,20 @@
  *
  * sent/received: the bytes the side moved, answer included; *_calls: its calls that moved
  * at least one byte (recvmmsg and sendmmsg: one per message; TCP_ZEROCOPY_RECEIVE: one per
- * getsockopt); zc_mapped, zc_copied: bytes TCP_ZEROCOPY_RECEIVE mapped, copied to its copy
- * buffer. Built statically by lab.sh setup.
+ * getsockopt; io_uring: one per completion with a positive result); zc_mapped, zc_copied:
+ * bytes TCP_ZEROCOPY_RECEIVE mapped, copied to its copy buffer. With ktls, sent and
+ * received are plaintext bytes; TCP carries each record's 29 more (5 header, 8 explicit
+ * nonce, 16 tag), a record per at most 16 KiB of one call. Built statically by lab.sh
+ * setup (and by the tests, from this source).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/errqueue.h>
+#include <linux/io_uring.h>
 #include <linux/tcp.h>
+#include <linux/tls.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <stdio.h>
@@ -39,6 +50,7 @@
 #include <sys/mman.h>
 #include <sys/sendfile.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -46,12 +58,117 @@
 #define CHUNK 32768L
 #define ZC_MAP 65536L
 #define ZC_COPY 4096L
+#ifndef SOL_TLS
+#define SOL_TLS 282
+#endif
 
 struct side { long sent, send_calls, received, recv_calls, zc_mapped, zc_copied; };
 
 static void die(const char *what) { perror(what); exit(1); }
 
 static long want(long size, long done) { return size - done < CHUNK ? size - done : CHUNK; }
+
+/* ---- io_uring, with raw system calls (no liburing): one operation at a time ---- */
+
+struct ring {
+    int fd;
+    unsigned *sq_tail, *sq_mask, *sq_array, *cq_head, *cq_tail, *cq_mask;
+    struct io_uring_sqe *sqes;
+    struct io_uring_cqe *cqes;
+};
+
+static void *ring_map(int fd, size_t len, off_t what) {
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, what);
+    if (p == MAP_FAILED) die("mmap of the io_uring");
+    return p;
+}
+
+static void ring_init(struct ring *r) {
+    struct io_uring_params p;
+    memset(&p, 0, sizeof p);
+    r->fd = syscall(__NR_io_uring_setup, 4, &p);
+    if (r->fd < 0) die("io_uring_setup");
+    char *sq = ring_map(r->fd, p.sq_off.array + p.sq_entries * sizeof(unsigned),
+                        IORING_OFF_SQ_RING);
+    char *cq = ring_map(r->fd, p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe),
+                        IORING_OFF_CQ_RING);
+    r->sqes = ring_map(r->fd, p.sq_entries * sizeof(struct io_uring_sqe), IORING_OFF_SQES);
+    r->sq_tail = (unsigned *)(sq + p.sq_off.tail);
+    r->sq_mask = (unsigned *)(sq + p.sq_off.ring_mask);
+    r->sq_array = (unsigned *)(sq + p.sq_off.array);
+    r->cq_head = (unsigned *)(cq + p.cq_off.head);
+    r->cq_tail = (unsigned *)(cq + p.cq_off.tail);
+    r->cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
+    r->cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
+}
+
+/* the next completion's result and flags */
+static void ring_reap(struct ring *r, int *res, unsigned *flags) {
+    for (;;) {
+        unsigned h = *r->cq_head;
+        if (h != __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE)) {
+            *res = r->cqes[h & *r->cq_mask].res;
+            *flags = r->cqes[h & *r->cq_mask].flags;
+            __atomic_store_n(r->cq_head, h + 1, __ATOMIC_RELEASE);
+            return;
+        }
+        if (syscall(__NR_io_uring_enter, r->fd, 0, 1, IORING_ENTER_GETEVENTS, NULL, 0) < 0
+            && errno != EINTR) die("io_uring_enter (wait)");
+    }
+}
+
+/* submits one operation on `sock` and returns its result; a SEND_ZC's completion says
+ * (IORING_CQE_F_MORE) that a notification follows when the kernel let go of the buffer:
+ * waited for too, so that the operation is over when this returns */
+static long ring_op(struct ring *r, int op, int sock, void *addr, unsigned len) {
+    unsigned t = *r->sq_tail, i = t & *r->sq_mask;
+    memset(&r->sqes[i], 0, sizeof r->sqes[i]);
+    r->sqes[i].opcode = op;
+    r->sqes[i].fd = sock;
+    r->sqes[i].addr = (unsigned long)addr;
+    r->sqes[i].len = len;
+    r->sq_array[i] = i;
+    __atomic_store_n(r->sq_tail, t + 1, __ATOMIC_RELEASE);
+    if (syscall(__NR_io_uring_enter, r->fd, 1, 0, 0, NULL, 0) != 1) die("io_uring_enter");
+    int res, notif;
+    unsigned flags, nflags;
+    ring_reap(r, &res, &flags);
+    if (flags & IORING_CQE_F_MORE) ring_reap(r, &notif, &nflags);
+    if (res < 0) { errno = -res; return -1; }
+    return res;
+}
+
+/* io_uring's send and receive operations: IORING_OP_SEND/RECV take a buffer, _SENDMSG and
+ * _RECVMSG a msghdr (len 1: one message) */
+static long uring_io(const char *path, int sock, char *buf, long n) {
+    static struct ring r;
+    if (!r.sqes) ring_init(&r);
+    struct iovec iv[2] = {{buf, n / 3}, {buf + n / 3, n - n / 3}};
+    struct msghdr m = {.msg_iov = iv, .msg_iovlen = 2};
+    const char *op = path + strlen("uring_");
+    if (!strcmp(op, "send")) return ring_op(&r, IORING_OP_SEND, sock, buf, n);
+    if (!strcmp(op, "sendzc")) return ring_op(&r, IORING_OP_SEND_ZC, sock, buf, n);
+    if (!strcmp(op, "recv")) return ring_op(&r, IORING_OP_RECV, sock, buf, n);
+    if (!strcmp(op, "sendmsg")) return ring_op(&r, IORING_OP_SENDMSG, sock, &m, 1);
+    if (!strcmp(op, "recvmsg")) return ring_op(&r, IORING_OP_RECVMSG, sock, &m, 1);
+    fprintf(stderr, "pathwork: unknown io_uring path %s\n", path);
+    exit(2);
+}
+
+/* ---- kTLS: both ends use the same fixed TLS 1.2 AES-GCM-128 key (a test, no handshake) */
+
+static void ktls(int sock, int dir) {
+    struct tls12_crypto_info_aes_gcm_128 ci;
+    memset(&ci, 0, sizeof ci);
+    ci.info.version = TLS_1_2_VERSION;
+    ci.info.cipher_type = TLS_CIPHER_AES_GCM_128;
+    memset(ci.key, 0x42, sizeof ci.key);
+    memset(ci.iv, 0x24, sizeof ci.iv);
+    memset(ci.salt, 0x17, sizeof ci.salt);
+    if (setsockopt(sock, IPPROTO_TCP, TCP_ULP, "tls", sizeof "tls"))
+        die("setsockopt TCP_ULP tls (is the tls module loaded?)");
+    if (setsockopt(sock, SOL_TLS, dir, &ci, sizeof ci)) die("setsockopt SOL_TLS");
+}
 
 /* ---- send paths: each returns when SIZE bytes are in the socket ---- */
 
@@ -99,11 +216,13 @@ static long send_one(const char *path, int sock, char *buf, long n, int file, in
     struct iovec iv[2] = {{buf, n / 3}, {buf + n / 3, n - n / 3}};
     struct msghdr m = {.msg_iov = iv, .msg_iovlen = 2};
     long r = -1;
-    if (!strcmp(path, "write")) r = write(sock, buf, n);
+    if (!strcmp(path, "write") || !strcmp(path, "ktls")) r = write(sock, buf, n);
+    else if (!strncmp(path, "uring_", 6)) r = uring_io(path, sock, buf, n);
     else if (!strcmp(path, "sendmsg")) r = sendmsg(sock, &m, 0);
     else if (!strcmp(path, "writev")) r = writev(sock, iv, 2);
     else if (!strcmp(path, "zerocopy")) r = send(sock, buf, n, MSG_ZEROCOPY);
-    else if (!strcmp(path, "sendfile")) r = sendfile(sock, file, NULL, n);
+    else if (!strcmp(path, "sendfile") || !strcmp(path, "ktls_sendfile"))
+        r = sendfile(sock, file, NULL, n);
     else if (!strcmp(path, "sendmmsg")) { send_mmsg(sock, buf, n, s); return n; }
     else if (!strcmp(path, "splice") || !strcmp(path, "vmsplice")) {
         struct iovec v = {buf, n};
@@ -144,6 +263,7 @@ static void send_all(const char *path, int sock, long size, struct side *s) {
     if (pipe(pp)) die("pipe");
     if (!strcmp(path, "zerocopy") && setsockopt(sock, SOL_SOCKET, SO_ZEROCOPY, &one, sizeof one))
         die("SO_ZEROCOPY");
+    if (!strncmp(path, "ktls", 4)) ktls(sock, TLS_TX);
     long sends = 0;
     for (long done = 0; done < size; sends++)
         done += send_one(path, sock, buf + done, want(size, done), file, pp, s);
@@ -205,11 +325,13 @@ static void recv_all(const char *path, int c, long size, struct side *s) {
     int pp[2];
     if (pipe(pp)) die("pipe");
     if (!strcmp(path, "zerocopy")) { recv_zerocopy(c, size, s); return; }
+    if (!strcmp(path, "ktls")) ktls(c, TLS_RX);
     while (s->received < size) {
         long n = want(size, s->received);
         struct iovec iv[2] = {{buf, n / 3}, {buf + n / 3, n - n / 3}};
         struct msghdr m = {.msg_iov = iv, .msg_iovlen = 2};
-        if (!strcmp(path, "read")) got(s, read(c, buf, n));
+        if (!strcmp(path, "read") || !strcmp(path, "ktls")) got(s, read(c, buf, n));
+        else if (!strncmp(path, "uring_", 6)) got(s, uring_io(path, c, buf, n));
         else if (!strcmp(path, "recvmsg")) got(s, recvmsg(c, &m, 0));
         else if (!strcmp(path, "readv")) got(s, readv(c, iv, 2));
         else if (!strcmp(path, "recvmmsg")) recv_mmsg(c, buf, n, s);

@@ -2,8 +2,9 @@
 """A stand-in for `stap` in tier-1 tests of tcpipstat's process handling (no kernel).
 
 Behaviour is chosen with FAKE_STAP_MODE: ok (default), fail-p4, no-debuginfo.
--p2 lists every probe point given except those in FAKE_STAP_MISSING (comma-separated
-function or tracepoint names); -p4 -m NAME writes NAME.ko into the current directory.
+-p2 lists every probe point given (a module's function too) except those in
+FAKE_STAP_MISSING (comma-separated function or tracepoint names); -p4 -m NAME writes
+NAME.ko into the current directory.
 FAKE_STAP_P2_S / FAKE_STAP_P4_S: seconds each pass takes; FAKE_STAP_LOG: a file that
 gets "start|end PASS TIME" lines (tests of the speculative compile).
 """
@@ -34,9 +35,10 @@ script = open(args[-1]).read()
 if "-p2" in args:
     missing = set(filter(None, os.environ.get("FAKE_STAP_MISSING", "").split(",")))
     print("# probes")
-    for fn, ret in re.findall(r'probe kernel\.function\("(\w+)"\)(\.return)? \?', script):
+    for where, fn, ret in re.findall(r'probe (kernel|module\("\w+"\))\.function\("(\w+)"\)'
+                                     r'(\.return)? \?', script):
         if fn not in missing:
-            print(f'kernel.function("{fn}@net/fake.c:1"){ret}? /* pc=_stext+0x1 */')
+            print(f'{where}.function("{fn}@net/fake.c:1"){ret}? /* pc=_stext+0x1 */')
     for tp in re.findall(r'probe kernel\.trace\("([\w:]+)"\) \?', script):
         if tp.split(":")[1] not in missing:
             print(f'kernel.trace("{tp}")? /* <- kernel.trace("{tp}")? */')
