@@ -126,6 +126,11 @@ def _env() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
 
 
+@lru_cache(maxsize=1)
+def _template() -> jinja2.Template:
+    return _env().get_template("tcpipstat.bt.j2")
+
+
 def unsupported(plan) -> str:
     """The first option this collector cannot do yet ("" if none)."""
     for what, on in (("--kprobes-only with --cong",
@@ -199,7 +204,7 @@ def render_program(plan, choice: Choice | None = None,
     tuples = [f"t_{c}" for c in available if c in TUPLE_COUNTERS]
     dumped = [*sn, "tup", *_PLACE_MAPS, "pid", "comm", *intree, *counts, *tuples,
               *hist_maps[:1], *(["cs"] if cong else [])]
-    return _env().get_template("tcpipstat.bt.j2").render(
+    return _template().render(
         version=__version__, counters=available, command=bool(plan.command), points=choice,
         cgroup=cgroup,
         nfilters=len(plan.filters), per_filter=PER_FILTER, end_mark=END_MARK,
@@ -1127,8 +1132,10 @@ class BpftraceBackend:
                                       "run it with sudo, or use --dump-script to see the program")
         ensure_tracefs()
         log("asking bpftrace which probe points this kernel has...")
-        with ThreadPoolExecutor(1) as pool:     # (the dry run's BTF parse: while listing)
+        # (the dry run's BTF parse and the template's compilation: while bpftrace lists)
+        with ThreadPoolExecutor(2) as pool:
             readable = pool.submit(cgroup_readable, cmd)
+            pool.submit(_template)
             choice = choose(list_points(cmd))
             cgroup = readable.result()
         if not cgroup:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .counters import CA_COUNTERS
@@ -89,12 +90,17 @@ def list_points(cmd: list[str], env: dict | None = None, timeout: float = 600) -
     """Ask ``cmd`` (bpftrace or its stand-in) for LISTINGS. A listing that fails (bpftrace
     0.17 aborts listing kfuncs where tracefs is locked) lists nothing: those points are
     not there to use."""
-    fields: dict[str, frozenset[str]] = {}
-    for pattern in LISTINGS:
+    def listing(pattern: str) -> str:
         res = subprocess.run([*cmd, "-lv", pattern], capture_output=True, text=True,
                              errors="replace", env=env, timeout=timeout)
-        if res.returncode == 0:
-            fields.update(parse_listing(res.stdout))
+        return res.stdout if res.returncode == 0 else ""
+
+    # (all at once: each is a bpftrace start-up, and the run's start waits for them)
+    with ThreadPoolExecutor(len(LISTINGS)) as pool:
+        texts = list(pool.map(listing, LISTINGS))
+    fields: dict[str, frozenset[str]] = {}
+    for text in texts:
+        fields.update(parse_listing(text))
     return KernelPoints(fields)
 
 
