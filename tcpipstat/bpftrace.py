@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import ctypes
 import gzip
+import hashlib
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -786,6 +789,49 @@ def cgroup_readable(cmd: list[str], timeout: float = 600) -> bool:
     return False
 
 
+# What the kernel and bpftrace answered (the points, whether the cgroup reads), kept for
+# the boot: asking takes bpftrace starts, and the dry run's compile alone ~1 s, before the
+# program's own compile can begin. Keyed by the boot, the bpftrace binary and its version.
+FACTS_DIR = Path("/run/tcpipstat")
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def facts_path(cmd: list[str], version: str) -> Path | None:
+    """Where this boot's answers of ``cmd`` are kept (None: cannot say which boot)."""
+    try:
+        exe = Path(shutil.which(cmd[0]) or cmd[0]).resolve()
+        key = f"{BOOT_ID.read_text().strip()} {exe} {exe.stat().st_mtime_ns} {version} {cmd}"
+    except OSError:
+        return None
+    return FACTS_DIR / f"bpftrace-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def kernel_facts(cmd: list[str], path: Path | None) -> tuple[KernelPoints, bool]:
+    """This kernel's probe points and whether its sockets' cgroup reads
+    (:func:`cgroup_readable`): kept at ``path`` once asked (None: asked each time)."""
+    try:
+        kept = json.loads(path.read_text()) if path else None
+        return KernelPoints({k: frozenset(v) for k, v in kept["points"].items()}), kept["cgroup"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    # (the dry run's BTF parse and the template's compilation: while bpftrace lists)
+    with ThreadPoolExecutor(2) as pool:
+        readable = pool.submit(cgroup_readable, cmd)
+        pool.submit(_template)
+        points = list_points(cmd)
+        cgroup = readable.result()
+    if path and cgroup:     # (a no is asked again: it may be a dry run that failed to start)
+        data = {"points": {k: sorted(v) for k, v in points.fields.items()}, "cgroup": cgroup}
+        try:        # (written whole, then renamed: a reader never sees half of it)
+            path.parent.mkdir(mode=0o755, exist_ok=True)
+            part = path.with_suffix(f".{os.getpid()}")
+            part.write_text(json.dumps(data))
+            part.replace(path)
+        except OSError:
+            pass
+    return points, cgroup
+
+
 def ensure_tracefs(root: Path = TRACEFS) -> None:
     """Tracepoints attach through tracefs: mount it when it is not (root only)."""
     if (root / "events").is_dir():
@@ -1138,7 +1184,7 @@ class BpftraceBackend:
             raise UsageError(f"{what} is not supported by the bpftrace backend yet "
                              "(use --backend stap)")
         cmd = command_from_env("TCPIPSTAT_BPFTRACE", "bpftrace", INSTALL_HINT)
-        _, problem = bpftrace_version(cmd)
+        version, problem = bpftrace_version(cmd)
         if problem:
             raise EnvironmentNotReady(problem, VERSION_FIX)
         if os.geteuid() != 0:
@@ -1146,12 +1192,9 @@ class BpftraceBackend:
                                       "run it with sudo, or use --dump-script to see the program")
         ensure_tracefs()
         log("asking bpftrace which probe points this kernel has...")
-        # (the dry run's BTF parse and the template's compilation: while bpftrace lists)
-        with ThreadPoolExecutor(2) as pool:
-            readable = pool.submit(cgroup_readable, cmd)
-            pool.submit(_template)
-            choice = choose(list_points(cmd))
-            cgroup = readable.result()
+        # (a stand-in's kernel is not this boot's)
+        points, cgroup = kernel_facts(cmd, facts_path(cmd, version) if self.same_host else None)
+        choice = choose(points)
         if not cgroup:
             log("this kernel's sockets do not say their cgroup where bpftrace can read it: "
                 "cgroups are unknown")

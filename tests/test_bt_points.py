@@ -179,3 +179,38 @@ def test_check_says_where_this_kernel_counts(tmp_path, monkeypatch):
     assert "receives at kretfunc:tcp_recvmsg" in points.detail
     assert "InSegs at kfuncs, OutRsts at kfuncs, DelayedACKs at kfuncs" in points.detail
     assert "SendBytes" in available and "InSegs" in available and "OutRsts" in available
+
+
+def _stand_in(tmp_path, listing: str, dry_run_rc: int):
+    """A bpftrace that lists ``listing`` for each -lv, answers the cgroup dry run with
+    ``dry_run_rc`` and notes each call in its log."""
+    (tmp_path / "listing.txt").write_text((BT / f"listing-{listing}.txt").read_text())
+    log = tmp_path / "calls"
+    script = tmp_path / "bpftrace"
+    script.write_text(f'#!/bin/sh\necho "$1" >> {log}\ncase "$1" in\n'
+                      f'  -lv) cat {tmp_path / "listing.txt"};;\n'
+                      f'  -d|--dry-run) exit {dry_run_rc};;\nesac\n')
+    script.chmod(0o755)
+    return [str(script)], log
+
+
+def test_kernel_facts_are_asked_once_a_boot(tmp_path):
+    cmd, log = _stand_in(tmp_path, "native-6.18", 0)
+    kept = tmp_path / "run" / "facts.json"
+    first = bpftrace.kernel_facts(cmd, kept)
+    asked = log.read_text().split()
+    assert sorted(asked) == ["--dry-run", "-lv", "-lv", "-lv"]
+    assert bpftrace.kernel_facts(cmd, kept) == first        # (read back: nothing asked)
+    assert log.read_text().split() == asked
+    assert choose(first[0]) == choose(_points("native-6.18")) and first[1] is True
+    # another bpftrace version: another place
+    assert bpftrace.facts_path(cmd, "v0.17.0") != bpftrace.facts_path(cmd, "v0.17.1")
+
+
+def test_kernel_facts_a_no_to_the_cgroup_is_asked_again(tmp_path):
+    cmd, log = _stand_in(tmp_path, "native-6.18", 1)
+    kept = tmp_path / "facts.json"
+    assert bpftrace.kernel_facts(cmd, kept)[1] is False
+    assert not kept.exists()
+    bpftrace.kernel_facts(cmd, kept)
+    assert log.read_text().split().count("-lv") == 6
