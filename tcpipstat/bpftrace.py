@@ -806,14 +806,21 @@ def facts_path(cmd: list[str], version: str) -> Path | None:
     return FACTS_DIR / f"bpftrace-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
+def _kept_facts(path: Path) -> tuple[KernelPoints, bool] | None:
+    """What an earlier run of this boot kept at ``path`` (None: nothing readable)."""
+    try:
+        kept = json.loads(path.read_text())
+        return KernelPoints({k: frozenset(v) for k, v in kept["points"].items()}), kept["cgroup"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def kernel_facts(cmd: list[str], path: Path | None) -> tuple[KernelPoints, bool]:
     """This kernel's probe points and whether its sockets' cgroup reads
     (:func:`cgroup_readable`): kept at ``path`` once asked (None: asked each time)."""
-    try:
-        kept = json.loads(path.read_text()) if path else None
-        return KernelPoints({k: frozenset(v) for k, v in kept["points"].items()}), kept["cgroup"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
+    kept = _kept_facts(path) if path else None
+    if kept:
+        return kept
     # (the dry run's BTF parse and the template's compilation: while bpftrace lists)
     with ThreadPoolExecutor(2) as pool:
         readable = pool.submit(cgroup_readable, cmd)

@@ -203,6 +203,10 @@ def test_kernel_facts_are_asked_once_a_boot(tmp_path):
     assert bpftrace.kernel_facts(cmd, kept) == first        # (read back: nothing asked)
     assert log.read_text().split() == asked
     assert choose(first[0]) == choose(_points("native-6.18")) and first[1] is True
+    kept.write_text("{")        # (a file cut short: asked again, and kept whole again)
+    assert bpftrace.kernel_facts(cmd, kept) == first
+    assert len(log.read_text().split()) == 8 and bpftrace.kernel_facts(cmd, kept) == first
+    assert len(log.read_text().split()) == 8
     # another bpftrace version: another place
     assert bpftrace.facts_path(cmd, "v0.17.0") != bpftrace.facts_path(cmd, "v0.17.1")
 
