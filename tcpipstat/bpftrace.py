@@ -47,6 +47,7 @@ from .counters import CA_COUNTERS, CA_TIME_COUNTERS, UNITS, counters_for_units, 
 from .errors import EnvironmentNotReady, UsageError
 from .estats import EVARS
 from .filters import Filter
+from .indexes import BY_NAME
 from .records import (ESTATS, FORMAT_VERSION, HEADER, INTERVAL, MAGIC, SAMPLE, SOCKET,
                       SOCKET_FORMAT2, TRAILER)
 from .series import FIELD_NAMES as SAMPLE_FIELDS
@@ -177,14 +178,22 @@ def _bt_format(spec_format: str) -> str:
     return _bt_string(_long(spec_format))
 
 
-def render_program(plan, choice: Choice | None = None,
-                   estats: EstatsRead | None = None, cgroup: bool = True) -> str:
+def place_read(plan) -> bool:
+    """Does the run ask where each socket belongs (its cgroup, its namespace): a place
+    index, --cgroup, --netns, or records saved for a replay that may ask?"""
+    return (BY_NAME[plan.index].place or plan.cgroup is not None or plan.netns is not None
+            or plan.save_records is not None)
+
+
+def render_program(plan, choice: Choice | None = None, estats: EstatsRead | None = None,
+                   cgroup: bool = True, netns: bool = True) -> str:
     """The bpftrace program for ``plan`` on a kernel with ``choice``'s points (default: a
     current kernel's): its groups, whether -c runs a command and how many filters there
     are shape it; their values are positional parameters. With --rfc4898, ``estats`` says
     which variables this kernel lets it read (None: every one this kernel's HZ allows, as
     --dump-script shows it). ``cgroup``: the kernel's sockets hold their cgroup where the
-    program reads it (:func:`cgroup_readable`)."""
+    program reads it (:func:`cgroup_readable`); ``netns``: their namespace is read
+    (both False: the records say 0, unknown, :func:`place_read`)."""
     choice = choice or choose(KernelPoints.newest())
     available, _ = counters(plan.groups, missing_here(plan, choice))
     cong = "CaChanges" in available
@@ -209,7 +218,7 @@ def render_program(plan, choice: Choice | None = None,
               *hist_maps[:1], *(["cs"] if cong else [])]
     return _template().render(
         version=__version__, counters=available, command=bool(plan.command), points=choice,
-        cgroup=cgroup,
+        cgroup=cgroup, netns=netns,
         nfilters=len(plan.filters), per_filter=PER_FILTER, end_mark=END_MARK,
         stop_mark=STOP_MARK,
         fmt={"H": _bt_format(head), "R": _bt_format(SOCKET.printf(**_PLACE_CONVS)),
@@ -1202,7 +1211,7 @@ class BpftraceBackend:
         # (a stand-in's kernel is not this boot's)
         points, cgroup = kernel_facts(cmd, facts_path(cmd, version) if self.same_host else None)
         choice = choose(points)
-        if not cgroup:
+        if not cgroup and place_read(plan):
             log("this kernel's sockets do not say their cgroup where bpftrace can read it: "
                 "cgroups are unknown")
         available, unavailable = counters(plan.groups, missing_here(plan, choice))
@@ -1211,7 +1220,8 @@ class BpftraceBackend:
         estats = host_estats(cmd, hz) if plan.estats else None
         self._tmp = tempfile.TemporaryDirectory(prefix="tcpipstat-")
         program = Path(self._tmp.name) / "tcpipstat.bt"
-        program.write_text(render_program(plan, choice, estats, cgroup))
+        place = place_read(plan)
+        program.write_text(render_program(plan, choice, estats, cgroup and place, place))
         if plan.sample_ms is not None and not hz:
             log("rto_ms will not be sampled: this kernel's CONFIG_HZ is not readable "
                 "(/proc/config.gz, /boot/config-RELEASE)")
