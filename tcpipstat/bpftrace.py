@@ -970,6 +970,7 @@ class ProgramMisses:
 # close records, which a connection churn fills before a busy host schedules bpftrace to
 # read them ("Lost N events": 3,000 connections made in 0.2 s lost up to half of their
 # records). Pages per CPU: a power of two (the kernel's rule), 4 MiB at most, 64 MiB in all.
+# (bpftrace 0.23 sizes its one ring buffer by it: pages in all, not per CPU.)
 PERF_RB_MAX_PAGES, PERF_RB_TOTAL_PAGES = 1024, 16384
 
 
