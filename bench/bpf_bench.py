@@ -3,7 +3,11 @@
 Prints figures: min / median / max over --runs runs, the modes interleaved in each run.
 
     sudo python3 bench/bpf_bench.py [--runs 5] [--secs 5] [--conns 3000]
-                                    [--parts startup,overhead]
+                                    [--parts startup,overhead] [--compare TREE]
+
+Before and after a change: check the older commit out in a worktree of its own (git worktree
+add ../before REF) and pass it as --compare: its tcpipstat is measured too, interleaved
+with this tree's, each figure beside the other (its rows are marked "(TREE's name)").
 
 Parts:
   startup   seconds from starting `tcpipstat --backend bpftrace -c CMD` to CMD running:
@@ -15,7 +19,9 @@ Parts:
             group; no filter, so every socket on the host is traced.
 
 Needs root, bpftrace, iperf3 and a C compiler. The figures are this host's: say where they
-were measured (the header line prints the kernel and CPU) and what else ran beside them.
+were measured (the header line prints the kernel and CPU) and what else ran beside them
+(each run prints the load average as it ends). A traced run whose bpftrace lost events
+(its perf buffers full) says how many: its rate then left work undone.
 """
 from __future__ import annotations
 
@@ -33,7 +39,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TCPIPSTAT = [sys.executable, "-m", "tcpipstat", "--backend", "bpftrace", "--json"]
+# mode -> tcpipstat's options (None: untraced); with --compare, each traced mode twice
 MODES = {"untraced": None, "default groups": [], "socket group": ["--groups", "socket"]}
+LOST = re.compile(r"Lost (\d+) events")
 # (the server is waited for through ss, not a guessed sleep)
 WAIT_LISTEN = "until ss -Hltn 'sport = :{port}' | grep -q .; do sleep 0.02; done"
 IPERF3 = ("iperf3 -s -1 -p {port} >/dev/null & " + WAIT_LISTEN + "; "
@@ -48,42 +56,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workload(shell: str, extra: list[str] | None) -> str:
-    """The workload's output, run untraced (extra None) or as tcpipstat's -c command."""
+def modes(compare: Path | None) -> dict[str, tuple[Path, list[str] | None]]:
+    """Each mode's name -> (the tree whose tcpipstat runs, its options)."""
+    out = {name: (ROOT, extra) for name, extra in MODES.items()}
+    if compare is not None:
+        out.update({f"{name} ({compare.name})": (compare, extra)
+                    for name, extra in MODES.items() if extra is not None})
+    return out
+
+
+def run_workload(shell: str, mode: tuple[Path, list[str] | None], lost: list[int]) -> str:
+    """The workload's output, run untraced (no options) or as tcpipstat's -c command (the
+    events its bpftrace lost are added to ``lost``)."""
+    tree, extra = mode
     if extra is None:
         res = subprocess.run(["sh", "-c", shell], capture_output=True, text=True, timeout=600)
         text = res.stdout + res.stderr
     else:   # (-c's output goes to stderr: tcpipstat's stdout is the report)
         res = subprocess.run([*TCPIPSTAT, *extra, "-c", shell], capture_output=True, text=True,
-                             timeout=600, cwd=ROOT)
+                             timeout=600, cwd=tree)
         text = res.stderr
+        lost.append(sum(int(n) for n in LOST.findall(text)))
     if res.returncode != 0:
         raise SystemExit(f"workload failed ({res.returncode}): {text[-2000:]}")
     return text
 
 
-def iperf3_mbits(extra, secs: int) -> float:
-    text = run_workload(IPERF3.format(port=free_port(), secs=secs), extra)
+def iperf3_mbits(mode, secs: int, lost: list[int]) -> float:
+    text = run_workload(IPERF3.format(port=free_port(), secs=secs), mode, lost)
     m = re.search(r"([\d.]+) Mbits/sec .*sender", text)
     if not m:
         raise SystemExit(f"no iperf3 sender line in: {text[-2000:]}")
     return float(m.group(1))
 
 
-def churn_rate(extra, tcpwork: Path, n: int) -> float:
-    text = run_workload(CHURN.format(tcpwork=tcpwork, port=free_port(), n=n), extra)
+def churn_rate(mode, tcpwork: Path, n: int, lost: list[int]) -> float:
+    text = run_workload(CHURN.format(tcpwork=tcpwork, port=free_port(), n=n), mode, lost)
     m = re.search(r"tcpwork client \S+: (\d+) connections, .* (\d+) ms", text)
     if not m:
         raise SystemExit(f"no tcpwork client line in: {text[-2000:]}")
     return int(m.group(1)) / (int(m.group(2)) / 1000)
 
 
-def startup_s(tmp: Path) -> float:
+def startup_s(tmp: Path, tree: Path) -> float:
     mark = tmp / "started"
     mark.unlink(missing_ok=True)
     t0 = time.time()
     subprocess.run([*TCPIPSTAT, "-c", f"date +%s.%N > {mark}"], capture_output=True,
-                   check=True, timeout=120, cwd=ROOT)
+                   check=True, timeout=120, cwd=tree)
     return float(mark.read_text()) - t0
 
 
@@ -94,34 +114,51 @@ def build_tcpwork(tmp: Path) -> Path:
     return out
 
 
-def show(name: str, values: list[float], unit: str, base: list[float] | None = None) -> None:
+def show(name: str, values: list[float], unit: str, base: list[float] | None = None,
+         lost: list[int] | None = None) -> None:
     med = statistics.median(values)
     ratio = f"  {med / statistics.median(base) * 100:5.1f} % of untraced" if base else ""
-    print(f"  {name:<16} {min(values):10.1f} {med:10.1f} {max(values):10.1f} {unit}{ratio}")
+    lost_text = f"  (events lost: {sum(lost)})" if lost and sum(lost) else ""
+    print(f"  {name:<28} {min(values):10.2f} {med:10.2f} {max(values):10.2f} {unit}{ratio}"
+          f"{lost_text}")
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def overhead(args, tmp: Path) -> None:
     tcpwork = build_tcpwork(tmp)
-    thr: dict[str, list[float]] = {m: [] for m in MODES}
-    churn: dict[str, list[float]] = {m: [] for m in MODES}
-    names = list(MODES)
+    all_modes = modes(args.compare)
+    names = list(all_modes)
+    thr: dict[str, list[float]] = {m: [] for m in names}
+    churn: dict[str, list[float]] = {m: [] for m in names}
+    lost: dict[str, list[int]] = {m: [] for m in names}
     for i in range(args.runs):
         for mode in names[i % len(names):] + names[:i % len(names)]:   # (rotated each run)
-            thr[mode].append(iperf3_mbits(MODES[mode], args.secs))
-            churn[mode].append(churn_rate(MODES[mode], tcpwork, args.conns))
-        print(f"  (run {i + 1} of {args.runs} done)", file=sys.stderr)
+            thr[mode].append(iperf3_mbits(all_modes[mode], args.secs, lost[mode]))
+            churn[mode].append(churn_rate(all_modes[mode], tcpwork, args.conns, lost[mode]))
+        print(f"  (overhead run {i + 1} of {args.runs} done, {load()})")
     print(f"iperf3 loopback, one stream, {args.secs} s (min / median / max)")
     for mode in names:
         show(mode, thr[mode], "Mbit/s", thr["untraced"] if mode != "untraced" else None)
-    print(f"connection churn, {args.conns} connections in a row (min / median / max)")
+    print(f"connection churn, {args.conns} connections in a row (min / median / max; "
+          "events lost: over both workloads)")
     for mode in names:
-        show(mode, churn[mode], "conn/s", churn["untraced"] if mode != "untraced" else None)
+        show(mode, churn[mode], "conn/s", churn["untraced"] if mode != "untraced" else None,
+             lost[mode])
 
 
 def startup(args, tmp: Path) -> None:
-    times = [startup_s(tmp) for _ in range(args.runs)]
-    print("start-up to collecting (bpftrace attached, -c command started)")
-    show("default groups", times, "s")
+    trees = [ROOT] + ([args.compare] if args.compare else [])
+    times: dict[Path, list[float]] = {tree: [] for tree in trees}
+    for i in range(args.runs):
+        for tree in trees[i % len(trees):] + trees[:i % len(trees)]:
+            times[tree].append(startup_s(tmp, tree))
+        print(f"  (start-up run {i + 1} of {args.runs} done, {load()})")
+    print("start-up to collecting (bpftrace attached, -c command started; min / median / max)")
+    for tree in trees:
+        show("default groups" + (f" ({tree.name})" if tree != ROOT else ""), times[tree], "s")
 
 
 def main() -> None:
@@ -130,9 +167,15 @@ def main() -> None:
     ap.add_argument("--secs", type=int, default=5)
     ap.add_argument("--conns", type=int, default=3000)
     ap.add_argument("--parts", default="startup,overhead")
+    ap.add_argument("--compare", type=Path, metavar="TREE",
+                    help="another tcpipstat tree (a worktree of an older commit) to measure")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bpf_bench: needs root (bpftrace loads BPF programs)")
+    if args.compare is not None:
+        args.compare = args.compare.resolve()
+        if not (args.compare / "tcpipstat" / "__main__.py").is_file():
+            raise SystemExit(f"bpf_bench: --compare {args.compare}: no tcpipstat tree there")
     cpu = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo")
                 if x.startswith("model name")), "?")
     print(f"native: kernel {platform.release()}, {os.cpu_count()} CPUs ({cpu}), "

@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import ctypes
 import gzip
+import hashlib
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -39,7 +42,7 @@ import jinja2
 
 from . import __version__
 from .backend import CollectorProcess, Log, Prepared, RunOutcome, command_from_env
-from .bt_points import ASKED, Choice, KernelPoints, choose, list_points
+from .bt_points import ASKED, LISTINGS, Choice, KernelPoints, choose, list_points
 from .counters import CA_COUNTERS, CA_TIME_COUNTERS, UNITS, counters_for_units, units_for_groups
 from .errors import EnvironmentNotReady, UsageError
 from .estats import EVARS
@@ -134,6 +137,11 @@ def _env() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
 
 
+@lru_cache(maxsize=1)
+def _template() -> jinja2.Template:
+    return _env().get_template("tcpipstat.bt.j2")
+
+
 def unsupported(plan) -> str:
     """The first option this collector cannot do yet ("" if none)."""
     for what, on in (("--kprobes-only with --cong",
@@ -177,14 +185,15 @@ def _bt_format(spec_format: str) -> str:
     return _bt_string(_long(spec_format))
 
 
-def render_program(plan, choice: Choice | None = None,
-                   estats: EstatsRead | None = None, cgroup: bool = True) -> str:
+def render_program(plan, choice: Choice | None = None, estats: EstatsRead | None = None,
+                   cgroup: bool = True, netns: bool = True) -> str:
     """The bpftrace program for ``plan`` on a kernel with ``choice``'s points (default: a
     current kernel's): its groups, whether -c runs a command and how many filters there
     are shape it; their values are positional parameters. With --rfc4898, ``estats`` says
     which variables this kernel lets it read (None: every one this kernel's HZ allows, as
     --dump-script shows it). ``cgroup``: the kernel's sockets hold their cgroup where the
-    program reads it (:func:`cgroup_readable`)."""
+    program reads it (:func:`cgroup_readable`); ``netns``: their namespace is read
+    (both False: the records say 0, unknown, Plan.places)."""
     choice = choice or choose(KernelPoints.newest())
     available, _ = counters(plan.groups, missing_here(plan, choice))
     cong = "CaChanges" in available
@@ -207,9 +216,9 @@ def render_program(plan, choice: Choice | None = None,
     tuples = [f"t_{c}" for c in available if c in TUPLE_COUNTERS]
     dumped = [*sn, "tup", *_PLACE_MAPS, "pid", "comm", *intree, *counts, *tuples,
               *hist_maps[:1], *(["cs"] if cong else [])]
-    return _env().get_template("tcpipstat.bt.j2").render(
+    return _template().render(
         version=__version__, counters=available, command=bool(plan.command), points=choice,
-        cgroup=cgroup,
+        cgroup=cgroup, netns=netns,
         nfilters=len(plan.filters), per_filter=PER_FILTER, end_mark=END_MARK,
         stop_mark=STOP_MARK,
         fmt={"H": _bt_format(head), "R": _bt_format(SOCKET.printf(**_PLACE_CONVS)),
@@ -789,6 +798,58 @@ def cgroup_readable(cmd: list[str], timeout: float = 600) -> bool:
     return False
 
 
+# What the kernel and bpftrace answered (the points, whether the cgroup reads), kept for
+# the boot: asking takes bpftrace starts, and the dry run's compile alone ~1 s, before the
+# program's own compile can begin. Keyed by the boot, the bpftrace binary and its version,
+# and by what is asked (a tcpipstat that lists more, or reads the cgroup otherwise, asks anew).
+FACTS_DIR = Path("/run/tcpipstat")
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def facts_path(cmd: list[str], version: str) -> Path | None:
+    """Where this boot's answers of ``cmd`` are kept (None: cannot say which boot)."""
+    try:
+        exe = Path(shutil.which(cmd[0]) or cmd[0]).resolve()
+        key = (f"{BOOT_ID.read_text().strip()} {exe} {exe.stat().st_mtime_ns} {version} {cmd}"
+               f" {LISTINGS} {_CGROUP_READ}")
+    except OSError:
+        return None
+    return FACTS_DIR / f"bpftrace-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def _kept_facts(path: Path) -> tuple[KernelPoints, bool] | None:
+    """What an earlier run of this boot kept at ``path`` (None: nothing readable)."""
+    try:
+        kept = json.loads(path.read_text())
+        return KernelPoints({k: frozenset(v) for k, v in kept["points"].items()}), kept["cgroup"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def kernel_facts(cmd: list[str], path: Path | None) -> tuple[KernelPoints, bool]:
+    """This kernel's probe points and whether its sockets' cgroup reads
+    (:func:`cgroup_readable`): kept at ``path`` once asked (None: asked each time)."""
+    kept = _kept_facts(path) if path else None
+    if kept:
+        return kept
+    # (the dry run's BTF parse and the template's compilation: while bpftrace lists)
+    with ThreadPoolExecutor(2) as pool:
+        readable = pool.submit(cgroup_readable, cmd)
+        pool.submit(_template)
+        points = list_points(cmd)
+        cgroup = readable.result()
+    if path and cgroup:     # (a no is asked again: it may be a dry run that failed to start)
+        data = {"points": {k: sorted(v) for k, v in points.fields.items()}, "cgroup": cgroup}
+        try:        # (written whole, then renamed: a reader never sees half of it)
+            path.parent.mkdir(mode=0o755, exist_ok=True)
+            part = path.with_suffix(f".{os.getpid()}")
+            part.write_text(json.dumps(data))
+            part.replace(path)
+        except OSError:
+            pass
+    return points, cgroup
+
+
 def ensure_tracefs(root: Path = TRACEFS) -> None:
     """Tracepoints attach through tracefs: mount it when it is not (root only)."""
     if (root / "events").is_dir():
@@ -907,6 +968,20 @@ class ProgramMisses:
         return total
 
 
+# The perf buffers bpftrace reads the records from: 64 pages per CPU by default, some 1,300
+# close records, which a connection churn fills before a busy host schedules bpftrace to
+# read them ("Lost N events": 3,000 connections made in 0.2 s lost up to half of their
+# records). Pages per CPU: a power of two (the kernel's rule), 4 MiB at most, 64 MiB in all.
+# (bpftrace 0.23 sizes its one ring buffer by it: pages in all, not per CPU.)
+PERF_RB_MAX_PAGES, PERF_RB_TOTAL_PAGES = 1024, 16384
+
+
+def perf_rb_pages(cpus: int) -> int:
+    """BPFTRACE_PERF_RB_PAGES for a host of ``cpus`` CPUs."""
+    pages = min(PERF_RB_MAX_PAGES, PERF_RB_TOTAL_PAGES // max(cpus, 1))
+    return max(64, 1 << (pages.bit_length() - 1))
+
+
 class Runner(CollectorProcess):
     """bpftrace PROGRAM ARGS, its stdout streamed as records."""
     program = "bpftrace"
@@ -917,7 +992,8 @@ class Runner(CollectorProcess):
         super().__init__(cmd, echo_stderr,
                          # (bpftrace 0.21 renamed the variable; the old name still works)
                          {**os.environ, "BPFTRACE_MAP_KEYS_MAX": str(max_sockets),
-                          "BPFTRACE_MAX_MAP_KEYS": str(max_sockets)})
+                          "BPFTRACE_MAX_MAP_KEYS": str(max_sockets),
+                          "BPFTRACE_PERF_RB_PAGES": str(perf_rb_pages(os.cpu_count() or 1))})
         self._available, self._dist = available, dist
         self._place = True              # (the header says otherwise: _closes)
         self._ledger = Ledger(available)
@@ -1142,7 +1218,7 @@ class BpftraceBackend:
             raise UsageError(f"{what} is not supported by the bpftrace backend yet "
                              "(use --backend stap)")
         cmd = command_from_env("TCPIPSTAT_BPFTRACE", "bpftrace", INSTALL_HINT)
-        _, problem = bpftrace_version(cmd)
+        version, problem = bpftrace_version(cmd)
         if problem:
             raise EnvironmentNotReady(problem, VERSION_FIX)
         if os.geteuid() != 0:
@@ -1150,11 +1226,10 @@ class BpftraceBackend:
                                       "run it with sudo, or use --dump-script to see the program")
         ensure_tracefs()
         log("asking bpftrace which probe points this kernel has...")
-        with ThreadPoolExecutor(1) as pool:     # (the dry run's BTF parse: while listing)
-            readable = pool.submit(cgroup_readable, cmd)
-            choice = choose(list_points(cmd))
-            cgroup = readable.result()
-        if not cgroup:
+        # (a stand-in's kernel is not this boot's)
+        points, cgroup = kernel_facts(cmd, facts_path(cmd, version) if self.same_host else None)
+        choice = choose(points)
+        if not cgroup and plan.places:
             log("this kernel's sockets do not say their cgroup where bpftrace can read it: "
                 "cgroups are unknown")
         available, unavailable = counters(plan.groups, missing_here(plan, choice))
@@ -1163,7 +1238,8 @@ class BpftraceBackend:
         estats = host_estats(cmd, hz) if plan.estats else None
         self._tmp = tempfile.TemporaryDirectory(prefix="tcpipstat-")
         program = Path(self._tmp.name) / "tcpipstat.bt"
-        program.write_text(render_program(plan, choice, estats, cgroup))
+        place = plan.places
+        program.write_text(render_program(plan, choice, estats, cgroup and place, place))
         if plan.sample_ms is not None and not hz:
             log("rto_ms will not be sampled: this kernel's CONFIG_HZ is not readable "
                 "(/proc/config.gz, /boot/config-RELEASE)")

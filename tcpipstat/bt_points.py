@@ -118,18 +118,17 @@ def list_points(cmd: list[str], env: dict | None = None, timeout: float = 600) -
     """Ask ``cmd`` (bpftrace or its stand-in) for LISTINGS. A listing that fails (bpftrace
     0.17 aborts listing kfuncs where tracefs is locked) lists nothing: those points are
     not there to use."""
-    def listing(pattern: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*cmd, "-lv", pattern], capture_output=True, text=True,
-                              errors="replace", env=env, timeout=timeout)
+    def listing(pattern: str) -> str:
+        res = subprocess.run([*cmd, "-lv", pattern], capture_output=True, text=True,
+                             errors="replace", env=env, timeout=timeout)
+        return res.stdout if res.returncode == 0 else ""
 
-    # All at once: each is a bpftrace start-up (a BTF parse for the structs), and they
-    # come before the program can be compiled.
+    # (all at once: each is a bpftrace start-up, and the run's start waits for them)
     with ThreadPoolExecutor(len(LISTINGS)) as pool:
-        done = list(pool.map(listing, LISTINGS))
+        texts = list(pool.map(listing, LISTINGS))
     fields: dict[str, frozenset[str]] = {}
-    for res in done:
-        if res.returncode == 0:
-            fields.update(parse_listing(res.stdout))
+    for text in texts:
+        fields.update(parse_listing(text))
     return KernelPoints(fields)
 
 

@@ -84,8 +84,10 @@ class Plan:
 
     @property
     def places(self) -> bool:
-        """Where sockets belong is needed: an attribution index, --cgroup or --netns."""
-        return BY_NAME[self.index].place or self.cgroup is not None or self.netns is not None
+        """Where sockets belong is asked (each socket's cgroup, its namespace): an attribution
+        index, --cgroup, --netns, or records saved for a replay that may ask."""
+        return (BY_NAME[self.index].place or self.cgroup is not None or self.netns is not None
+                or self.save_records is not None)
 
     def compile_flags(self) -> list[str]:
         """stap options that change the module (so they are part of its cache key)."""

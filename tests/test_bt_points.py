@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tcpipstat import bpftrace
-from tcpipstat.bt_points import Choice, KernelPoints, choose, parse_listing
+from tcpipstat.bt_points import LISTINGS, Choice, KernelPoints, choose, parse_listing
 from tcpipstat.plan import build_plan
 
 from .conftest import FIXTURES
@@ -225,3 +225,59 @@ def test_check_says_where_this_kernel_counts(tmp_path, monkeypatch):
     assert ("kretfunc:tcp_sendpage, kretfunc:tcp_splice_read, kretfunc:tcp_zerocopy_receive;"
             in points.detail and " miss " not in points.detail)
     assert "SendBytes" in available and "InSegs" in available and "OutRsts" in available
+
+
+def _stand_in(tmp_path, listing: str, dry_run_rc: int):
+    """A bpftrace that lists ``listing`` for each -lv, answers the cgroup dry run with
+    ``dry_run_rc`` and notes each call in its log."""
+    (tmp_path / "listing.txt").write_text((BT / f"listing-{listing}.txt").read_text())
+    log = tmp_path / "calls"
+    script = tmp_path / "bpftrace"
+    script.write_text(f'#!/bin/sh\necho "$1" >> {log}\ncase "$1" in\n'
+                      f'  -lv) cat {tmp_path / "listing.txt"};;\n'
+                      f'  -d|--dry-run) exit {dry_run_rc};;\nesac\n')
+    script.chmod(0o755)
+    return [str(script)], log
+
+
+def test_kernel_facts_are_asked_once_a_boot(tmp_path, monkeypatch):
+    cmd, log = _stand_in(tmp_path, "native-6.18", 0)
+    kept = tmp_path / "run" / "facts.json"
+    first = bpftrace.kernel_facts(cmd, kept)
+    asked = log.read_text().split()
+    assert sorted(asked) == ["--dry-run", *["-lv"] * len(LISTINGS)]
+    assert bpftrace.kernel_facts(cmd, kept) == first        # (read back: nothing asked)
+    assert log.read_text().split() == asked
+    assert choose(first[0]) == choose(_points("native-6.18")) and first[1] is True
+    kept.write_text("{")        # (a file cut short: asked again, and kept whole again)
+    assert bpftrace.kernel_facts(cmd, kept) == first
+    twice = 2 * len(asked)
+    assert len(log.read_text().split()) == twice and bpftrace.kernel_facts(cmd, kept) == first
+    assert len(log.read_text().split()) == twice
+    # another bpftrace version, or another tcpipstat asking more: another place
+    assert bpftrace.facts_path(cmd, "v0.17.0") != bpftrace.facts_path(cmd, "v0.17.1")
+    before = bpftrace.facts_path(cmd, "v0.17.0")
+    monkeypatch.setattr(bpftrace, "LISTINGS", (*LISTINGS, "struct sock"))
+    assert bpftrace.facts_path(cmd, "v0.17.0") != before
+
+
+def test_kernel_facts_a_no_to_the_cgroup_is_asked_again(tmp_path):
+    cmd, log = _stand_in(tmp_path, "native-6.18", 1)
+    kept = tmp_path / "facts.json"
+    assert bpftrace.kernel_facts(cmd, kept)[1] is False
+    assert not kept.exists()
+    bpftrace.kernel_facts(cmd, kept)
+    assert log.read_text().split().count("-lv") == 2 * len(LISTINGS)
+
+
+@pytest.mark.parametrize("words, place", [
+    ([], False), (["index=lport"], False), (["index=cgroup"], True), (["index=container"], True),
+    (["index=netns"], True), (["--save-records", "run.records"], True)])
+def test_place_is_read_only_where_the_run_asks(words, place):
+    """A socket's cgroup and namespace are read only where the run asks for them: their
+    struct cgroup and struct net cost bpftrace's compile ~0.3 s of the start-up."""
+    plan = build_plan(["--backend", "bpftrace", *words])
+    assert plan.places is place
+    program = bpftrace.render_program(plan, None, None, place, place)
+    assert ("sk_cgrp_data" in program, "skc_net" in program) == (place, place)
+    assert ("@ns[$k] = (uint64)0;" in program) is not place

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -203,6 +204,32 @@ def test_refused_connect_is_an_attempt_fail(tmp_path):
     (row,) = rows
     assert row["counters"]["ActiveOpens"] == 1 and row["counters"]["AttemptFails"] == 1
     assert delta["AttemptFails"] >= 1
+
+
+@pytest.mark.native
+def test_churn_loses_no_record(tmp_path):
+    """3,000 connections made as fast as tcpwork (lab/workload/tcpwork.c) makes them: 6,000
+    close records in a fraction of a second, more than bpftrace's default perf buffers
+    hold while the workload keeps both CPUs busy (bpftrace.perf_rb_pages). Each socket's
+    record is there, none lost."""
+    _native()
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler to build tcpwork")
+    tcpwork, port, conns = tmp_path / "tcpwork", _free_port(), 3000
+    subprocess.run(["cc", "-O2", "-o", str(tcpwork), str(ROOT / "lab/workload/tcpwork.c")],
+                   check=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "tcpipstat", "--backend", "bpftrace", "--json",
+         f"*:*-*:{port}", f"*:{port}-*:*", "-c",
+         f"{tcpwork} server 127.0.0.1 {port} 1 {conns} & "
+         f"{tcpwork} client 127.0.0.1 {port} {conns} 1; wait"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert "Lost" not in res.stderr
+    rows = json_rows(res.stdout)
+    clients = [r["counters"]["ActiveOpens"] for r in rows if r["rport"] == port]
+    servers = [r["counters"]["PassiveOpens"] for r in rows if r["lport"] == port]
+    assert clients == [1] * conns and servers == [1] * conns
 
 
 @pytest.mark.native
