@@ -193,7 +193,7 @@ def render_program(plan, choice: Choice | None = None, estats: EstatsRead | None
     which variables this kernel lets it read (None: every one this kernel's HZ allows, as
     --dump-script shows it). ``cgroup``: the kernel's sockets hold their cgroup where the
     program reads it (:func:`cgroup_readable`); ``netns``: their namespace is read
-    (both False: the records say 0, unknown, Plan.places)."""
+    (both False: the records say 0, unknown, Plan.places_kept)."""
     choice = choice or choose(KernelPoints.newest())
     available, _ = counters(plan.groups, missing_here(plan, choice))
     cong = "CaChanges" in available
@@ -1229,7 +1229,7 @@ class BpftraceBackend:
         # (a stand-in's kernel is not this boot's)
         points, cgroup = kernel_facts(cmd, facts_path(cmd, version) if self.same_host else None)
         choice = choose(points)
-        if not cgroup and plan.places:
+        if not cgroup and plan.places_kept:
             log("this kernel's sockets do not say their cgroup where bpftrace can read it: "
                 "cgroups are unknown")
         available, unavailable = counters(plan.groups, missing_here(plan, choice))
@@ -1238,7 +1238,7 @@ class BpftraceBackend:
         estats = host_estats(cmd, hz) if plan.estats else None
         self._tmp = tempfile.TemporaryDirectory(prefix="tcpipstat-")
         program = Path(self._tmp.name) / "tcpipstat.bt"
-        place = plan.places
+        place = plan.places_kept
         program.write_text(render_program(plan, choice, estats, cgroup and place, place))
         if plan.sample_ms is not None and not hz:
             log("rto_ms will not be sampled: this kernel's CONFIG_HZ is not readable "

@@ -84,10 +84,17 @@ class Plan:
 
     @property
     def places(self) -> bool:
-        """Where sockets belong is asked (each socket's cgroup, its namespace): an attribution
-        index, --cgroup, --netns, or records saved for a replay that may ask."""
-        return (BY_NAME[self.index].place or self.cgroup is not None or self.netns is not None
-                or self.save_records is not None)
+        """Where sockets belong (each socket's cgroup, its namespace) is asked of this run:
+        an attribution index, --cgroup or --netns."""
+        return BY_NAME[self.index].place or self.cgroup is not None or self.netns is not None
+
+    @property
+    def places_kept(self) -> bool:
+        """Where sockets belong is asked, or may be of its records (--save-records: a replay
+        may take an attribution index). The bpftrace collector reads places then: its reads
+        cost its compile, once. The stap collector reads them only when asked (``places``):
+        its reads run in its per-call probes."""
+        return self.places or self.save_records is not None
 
     def compile_flags(self) -> list[str]:
         """stap options that change the module (so they are part of its cache key)."""

@@ -23,8 +23,7 @@ from tcpipstat.indexes import csv_key_fields
 from tcpipstat.model import Collection
 from tcpipstat.plan import PID_MAX_LIMIT, build_plan
 from tcpipstat.records import SOCKET, SocketRecord, parse_text
-from tcpipstat.render import render_script
-from tcpipstat.counters import select
+from tcpipstat.stap import dump_script
 
 from .conftest import FIXTURES, run_cli
 from .test_native_bt_attribution import CONTAINER, _expected
@@ -423,9 +422,14 @@ def test_end_dump_writes_the_place():
     assert (f[SOCKET.at("CGROUP")], f[SOCKET.at("NETNS")]) == ("8321499145", "4026532178")
 
 
-def test_the_stap_collector_says_unknown():
-    """The stap collector does not read the socket's cgroup and netns yet (a read and two
-    statistics on every probe hit cost hundreds of skipped hits in the lab's congestion
-    runs): its records say 0, unknown, never a guess."""
-    text = render_script(select(("socket", "ip", "tcp", "ext", "cong")), 8192, dist=True)
-    assert "sk_cgrp_data" not in text and "t,\n              0, 0)" in text
+@pytest.mark.parametrize("words, place", [
+    ([], False), (["--save-records", "run.records"], False), (["index=cgroup"], True),
+    (["index=netns", "--save-records", "run.records"], True)])
+def test_the_stap_collector_reads_places_only_when_asked(words, place):
+    """The stap collector reads a socket's cgroup and netns only when the run asks for
+    places (its reads run in per-call probes: the lab's congestion runs once skipped
+    hundreds of hits for reads on every probe hit), not for --save-records alone; without,
+    its records say 0, unknown, never a guess."""
+    text = dump_script(build_plan(["--backend", "stap", "--cong", "--dist", *words]))
+    assert ("sk_cgrp_data" in text) is place
+    assert ("t,\n              0, 0)" in text) is not place

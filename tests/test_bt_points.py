@@ -277,7 +277,7 @@ def test_place_is_read_only_where_the_run_asks(words, place):
     """A socket's cgroup and namespace are read only where the run asks for them: their
     struct cgroup and struct net cost bpftrace's compile ~0.3 s of the start-up."""
     plan = build_plan(["--backend", "bpftrace", *words])
-    assert plan.places is place
+    assert plan.places_kept is place
     program = bpftrace.render_program(plan, None, None, place, place)
     assert ("sk_cgrp_data" in program, "skc_net" in program) == (place, place)
     assert ("@ns[$k] = (uint64)0;" in program) is not place
