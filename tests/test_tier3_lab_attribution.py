@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import ROOT, json_rows
-from .test_native_bt_attribution import CONTAINER, LOADS, SIDES, _expected
+from .test_native_bt_attribution import CONTAINER, LOADS, SIDES, _expected, _sums
 from .test_tier3_lab import LabRun, clean_run
 
 pytestmark = pytest.mark.lab
@@ -63,15 +63,6 @@ def _tcpipstat(*args: str) -> list[dict]:
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     return json_rows(res.stdout)
-
-
-def _sums(rows: list[dict]) -> dict[str, int]:
-    out = {"sockets": 0, "SendBytes": 0, "RecvBytes": 0, "ActiveOpens": 0, "PassiveOpens": 0}
-    for r in rows:
-        out["sockets"] += r["sockets"]
-        for k in list(out)[1:]:
-            out[k] += r["counters"][k]
-    return out
 
 
 def _added(*places: dict[str, int]) -> dict[str, int]:
