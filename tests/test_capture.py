@@ -363,6 +363,30 @@ def test_corrupt_record_length_stops_with_an_error(tmp_path):
     assert "3 packets read before" in err
 
 
+@pytest.mark.parametrize("fmt", ["pcap", "pcapng"])
+@pytest.mark.parametrize("reader", ["python", "auto"])
+def test_a_record_longer_than_the_snapshot_length_is_refused(tmp_path, monkeypatch, reader, fmt):
+    """No record may hold more than its capture's snapshot length (the pcap header's, or its
+    pcapng interface's): one that claims more is corrupt, and what was read before it is
+    reported, as before any corrupt record."""
+    raw = bytearray(LO.read_bytes())
+    lens = [n - 16 for _, n in _records(bytes(raw))]
+    snap = lens[0]
+    first_over = next(i for i, n in enumerate(lens) if n > snap)
+    struct.pack_into("<I", raw, 16, snap)
+    bad = tmp_path / "snaplen.pcap"
+    bad.write_bytes(bytes(raw))
+    if fmt == "pcapng":     # (the interface's snapshot length is the pcap header's)
+        to_pcapng(bad, bad.with_suffix(".pcapng"))
+        bad = bad.with_suffix(".pcapng")
+    monkeypatch.setenv("TCPIPSTAT_READER", reader)
+    status, out, err = run_cli("--read", str(bad), "--json")
+    said = (f"packet {first_over + 1} claims {lens[first_over]} captured bytes, more than its "
+            f"capture's snapshot length ({snap})")
+    assert status == ExitStatus.ERROR and said in err, err
+    assert f"{first_over} packets read before" in err and first_over > 0
+
+
 @pytest.mark.parametrize("reader", ["python", "auto"])
 def test_a_huge_claimed_length_costs_only_the_bytes_there(tmp_path, monkeypatch, reader):
     """Found by the property test below: a record of a 350-byte file claiming 100 MiB made
@@ -370,6 +394,7 @@ def test_a_huge_claimed_length_costs_only_the_bytes_there(tmp_path, monkeypatch,
     raw = bytearray(LO.read_bytes())
     off, _ = _records(bytes(raw))[3]
     struct.pack_into("<I", raw, off + 8, 100 * 2**20)
+    struct.pack_into("<I", raw, 16, 0)     # (a header that states no snapshot length)
     bad = tmp_path / "claims-100MiB.pcap"
     bad.write_bytes(bytes(raw[:off + 16 + 12]))
     monkeypatch.setenv("TCPIPSTAT_READER", reader)

@@ -91,7 +91,7 @@ def read_capture(cap, accept, progress, every: int) -> None:
         pcap = None
         if capture_format(cap.path, f, stats) == "pcap":
             h = pcap_header(cap.path, f, stats)
-            pcap = (h.record_len, h.little, h.ticks, h.linktype)
+            pcap = (h.record_len, h.little, h.ticks, h.linktype, h.snaplen)
         eng = _fast.Engine(f.read1, _fallback(cap.decoded), accept, progress, every,
                            tuple(LINKTYPES), MAX_PENDING, MAX_HOLES, MAX_RECORD, pcap)
         try:
@@ -120,7 +120,7 @@ def _pcapng_blocks(eng, path: str, stats) -> None:
             eng.new_section(fmt == "<")
             section += 1
             continue
-        added: list[tuple[int, float, int]] = []
+        added: list[tuple[int, float, int, int]] = []
         if not _add_interface(fmt, raw, added, eng.frames, stats):
             return
         eng.add_interface(*added[0])

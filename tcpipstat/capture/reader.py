@@ -134,6 +134,7 @@ class PcapHeader:
     little: bool             # its byte order
     ticks: float             # sub-second units per second (microseconds or nanoseconds)
     linktype: int
+    snaplen: int             # no record holds more (0: the file does not say)
 
 
 def pcap_header(path: str, f: IO[bytes], stats: ReadStats) -> PcapHeader:
@@ -148,7 +149,8 @@ def pcap_header(path: str, f: IO[bytes], stats: ReadStats) -> PcapHeader:
     stats.linktypes.add(linktype)
     if linktype not in LINKTYPES:
         raise _unsupported(path, linktype)
-    return PcapHeader(record_len, little, 1e9 if nano else 1e6, linktype)
+    snaplen = int.from_bytes(buf[16:20], "little" if little else "big")
+    return PcapHeader(record_len, little, 1e9 if nano else 1e6, linktype, snaplen)
 
 
 # Why reading stopped early, by the code the compiled reader (tcpipstat/capture/fast.py)
@@ -157,6 +159,8 @@ STOPPED = {
     "record-header-cut": "the file ends inside the header of packet {0} (a truncated capture)",
     "impossible-caplen": "packet {0} has an impossible captured length ({1} bytes): the file "
                          "is corrupt from there on",
+    "over-snaplen": "packet {0} claims {1} captured bytes, more than its capture's snapshot "
+                    "length ({2}): the file is corrupt from there on",
     "packet-cut": "the file ends inside packet {0} ({1} of its {2} bytes; a truncated capture)",
     "block-header-cut": "the file ends inside a block header (a truncated capture)",
     "impossible-block": "block after packet {0} has an impossible length ({1} bytes): the file "
@@ -186,7 +190,7 @@ def _pcap(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, in
     head = pcap_header(path, f, stats)
     # a record header's fields: seconds, sub-seconds, captured length, original length (...)
     unpack = struct.Struct(("<" if head.little else ">") + "IIII").unpack_from
-    hlen, div, linktype = head.record_len, head.ticks, head.linktype
+    hlen, div, linktype, snap = head.record_len, head.ticks, head.linktype, head.snaplen
     read = f.read
     n = 0
     cut = 0
@@ -200,6 +204,9 @@ def _pcap(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, in
             sec, sub, caplen, wirelen = unpack(h)
             if caplen > MAX_RECORD:
                 stats.stopped = STOPPED["impossible-caplen"].format(n + 1, caplen)
+                break
+            if 0 < snap < caplen:
+                stats.stopped = STOPPED["over-snaplen"].format(n + 1, caplen, snap)
                 break
             data = _read_up_to(read, caplen)
             if len(data) < caplen:
@@ -218,7 +225,7 @@ def _pcapng(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, 
     from dpkt import pcapng as dpcapng
     read = f.read
     fmt = "<"
-    ifaces: list[tuple[int, float, int]] = []      # (link type, ticks per second, offset seconds)
+    ifaces: list[tuple[int, float, int, int]] = []     # _idb's, one an interface
     n = cut = section = 0
     try:
         while True:
@@ -251,7 +258,10 @@ def _pcapng(path: str, f: IO[bytes], stats: ReadStats) -> Iterator[tuple[float, 
                 if iid >= len(ifaces) or caplen > len(body) - 24:
                     stats.stopped = STOPPED["bad-interface"].format(n + 1, iid)
                     break
-                linktype, tps, off = ifaces[iid]
+                linktype, tps, off, snap = ifaces[iid]
+                if 0 < snap < caplen:
+                    stats.stopped = STOPPED["over-snaplen"].format(n + 1, caplen, snap)
+                    break
                 ts = off + ((hi << 32) | lo) / tps
                 data = body[20:20 + caplen]
             elif btype == dpcapng.PCAPNG_BT_SPB:
@@ -337,9 +347,10 @@ def _section_header(path: str, read, h: bytes, first: bool, stats: ReadStats) ->
     return fmt
 
 
-def _idb(fmt: str, buf: bytes, stats: ReadStats) -> tuple[int, float, int] | None:
-    """An interface's (link type, ticks per second, offset); None when the block is
-    corrupt (what was read before it is kept, like after a corrupt packet)."""
+def _idb(fmt: str, buf: bytes, stats: ReadStats) -> tuple[int, float, int, int] | None:
+    """An interface's (link type, ticks per second, offset, snapshot length: 0 for none);
+    None when the block is corrupt (what was read before it is kept, like after a corrupt
+    packet)."""
     import dpkt
     from dpkt import pcapng as dpcapng
     cls = dpcapng.InterfaceDescriptionBlockLE if fmt == "<" else dpcapng.InterfaceDescriptionBlock
@@ -356,4 +367,4 @@ def _idb(fmt: str, buf: bytes, stats: ReadStats) -> tuple[int, float, int] | Non
             off = struct.unpack_from(fmt + "q", opt.data)[0]
     linktype = idb.linktype
     stats.linktypes.add(linktype)
-    return linktype, tps, off
+    return linktype, tps, off, idb.snaplen

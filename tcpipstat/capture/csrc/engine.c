@@ -25,7 +25,7 @@
 #define PCAPNG_SPB 3u
 #define PCAPNG_EPB 6u
 
-typedef struct { double tps; int64_t off; int linktype; } Iface;
+typedef struct { double tps; int64_t off; int linktype; uint32_t snaplen; } Iface;
 
 typedef struct {
     PyObject_HEAD
@@ -38,6 +38,7 @@ typedef struct {
     Py_ssize_t pos, len, cap;
     int eof, done, pcapng, little;
     int rec_len, linktype;              /* pcap: record header length, the link type */
+    uint32_t snaplen;                   /* pcap: the snapshot length (0: none said) */
     double ticks;                       /* pcap: sub-second units per second */
     Iface *ifaces;                      /* pcapng: the section's interfaces */
     int32_t nifaces, capifaces, sections;
@@ -214,6 +215,8 @@ static int pcap_record(Engine *e)
     uint32_t wirelen = rd32(e, h + 12);
     if (caplen > e->max_record)
         return stopped(e, "impossible-caplen", 2, e->frames + 1, caplen, 0);
+    if (e->snaplen && caplen > e->snaplen)
+        return stopped(e, "over-snaplen", 3, e->frames + 1, caplen, e->snaplen);
     if (want(e, hl + caplen) < 0)
         return -1;
     if (avail(e) < hl + (Py_ssize_t)caplen)
@@ -233,6 +236,8 @@ static int packet_block(Engine *e, const uint8_t *b, Py_ssize_t n)
     if (iid >= (uint32_t)e->nifaces || caplen > n - 24)
         return stopped(e, "bad-interface", 2, e->frames + 1, iid, 0);
     const Iface *f = &e->ifaces[iid];
+    if (f->snaplen && caplen > f->snaplen)
+        return stopped(e, "over-snaplen", 3, e->frames + 1, caplen, f->snaplen);
     /* reader.py: off + ((hi << 32) | lo) / tps, each integer made a double first */
     double ts = (double)f->off + (double)((uint64_t)hi << 32 | lo) / f->tps;
     return packet(e, ts, f->linktype, b + 20, caplen, wirelen);
@@ -332,7 +337,7 @@ static PyObject *Engine_new_section(Engine *e, PyObject *little)
 static PyObject *Engine_add_interface(Engine *e, PyObject *args)
 {
     Iface f;
-    if (!PyArg_ParseTuple(args, "idL", &f.linktype, &f.tps, &f.off))
+    if (!PyArg_ParseTuple(args, "idLI", &f.linktype, &f.tps, &f.off, &f.snaplen))
         return NULL;
     int32_t cap = e->capifaces;
     if (e->nifaces == cap) {
@@ -399,8 +404,8 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
         return -1;
     }
     e->pcapng = pcap == Py_None;
-    if (!e->pcapng && !PyArg_ParseTuple(pcap, "ipdi", &e->rec_len, &e->little, &e->ticks,
-                                        &e->linktype))
+    if (!e->pcapng && !PyArg_ParseTuple(pcap, "ipdiI", &e->rec_len, &e->little, &e->ticks,
+                                        &e->linktype, &e->snaplen))
         return -1;
     e->nlinktypes = (int)PyTuple_GET_SIZE(linktypes);
     e->linktypes = xrealloc(NULL, (size_t)e->nlinktypes * sizeof(int));
