@@ -84,9 +84,8 @@ class Plan:
 
     @property
     def places(self) -> bool:
-        """Where sockets belong (each socket's cgroup, its namespace) is asked of this run:
-        an attribution index, --cgroup or --netns."""
-        return BY_NAME[self.index].place or self.cgroup is not None or self.netns is not None
+        """Where sockets belong (each socket's cgroup, its namespace) is asked of this run."""
+        return asks_places(self.index, self.cgroup, self.netns)
 
     @property
     def places_kept(self) -> bool:
@@ -308,10 +307,15 @@ def _processes(ns, groups: tuple[str, ...]) -> tuple[int | None, bool]:
     return pid, tree
 
 
+def asks_places(index: str, cgroup, netns) -> bool:
+    """Does a run ask where its sockets belong: an attribution index, --cgroup or --netns?"""
+    return BY_NAME[index].place or cgroup is not None or netns is not None
+
+
 def _places(ns) -> tuple[str | None, int | None]:
     """--cgroup and --netns, checked against this host now. A replayed run collected on
     another host carries that host's tables: they name its places, and check these."""
-    needed = BY_NAME[ns.index].place or ns.cgroup is not None or ns.netns is not None
+    needed = asks_places(ns.index, ns.cgroup, ns.netns)
     sent = bool(ns.from_records) and needed and attribution.saved_places(ns.from_records)
     cgroup = None if ns.cgroup is None else attribution.check_cgroup(ns.cgroup)
     netns = None if ns.netns is None else attribution.check_netns(ns.netns, PID_MAX_LIMIT,
