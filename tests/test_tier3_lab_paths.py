@@ -256,7 +256,15 @@ def test_sendfile_web_server_exact(suite, backend, tmp_path):
         # the kernel's own counts at close: the data and the FIN
         assert sc["SendBytes"] == cc["RecvBytes"] == o["rfc4898"]["ThruOctetsAcked"] - 1, why
         assert cc["RecvBytes"] == peer["rfc4898"]["ThruOctetsReceived"] - 1, why
-        assert sc["RecvBytes"] == cc["SendBytes"] == o["rfc4898"]["ThruOctetsReceived"] - 1, why
+        assert sc["RecvBytes"] == cc["SendBytes"], why
+        # httpd closes first, wget's FIN may come after the server's full socket is gone:
+        # wget delays its ACK of httpd's FIN hoping to carry it on its own FIN
+        # (tcp_fin(): pingpong mode); when the delayed ACK fires first (a slow guest), the
+        # orphaned socket in FIN-WAIT-1 becomes a FIN-WAIT-2 timewait socket at that ACK
+        # (tcp_rcv_state_process(): tcp_time_wait(sk, TCP_FIN_WAIT2, tmo)) and the FIN
+        # lands there, after the variables were taken (seen in CI on trixie)
+        fin = o["rfc4898"]["ThruOctetsReceived"] - sc["RecvBytes"]
+        assert fin in (0, 1), why
         heads.add(sc["SendBytes"] - BODY)
     # the body and the same response header on each connection
     (head,) = heads
