@@ -14,8 +14,8 @@ are laid out (like the classic tcpipstat.stp: Socket / Ip / Tcp / TcpExt).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Collection, Iterable
+from dataclasses import dataclass, field
+from typing import Collection, Iterable, Mapping
 
 GROUPS = ("socket", "tcp", "ip", "ext", "cong")
 # cong (--cong) is not a default: without the tracepoint it is a probe on every ACK
@@ -29,10 +29,12 @@ CA_STATES = ("Open", "Disorder", "Cwr", "Recovery", "Loss")
 class Probe:
     """A probe point, whatever the collector: a kernel function's entry (``kprobe``) or
     return (``kretprobe``), or a tracepoint (``tracepoint``, target ``subsystem:event``).
-    ``module``: the function is a module's (tls), not the kernel image's."""
+    ``module``: the function is a module's (tls), not the kernel image's; ``module_file``:
+    where its file is under /lib/modules/RELEASE (without a compression suffix)."""
     kind: str
     target: str
     module: str = ""
+    module_file: str = ""
 
 
 def kprobe(function: str) -> Probe:
@@ -43,8 +45,8 @@ def kretprobe(function: str) -> Probe:
     return Probe("kretprobe", function)
 
 
-def module_kretprobe(module: str, function: str) -> Probe:
-    return Probe("kretprobe", function, module)
+def module_kretprobe(module: str, file: str, function: str) -> Probe:
+    return Probe("kretprobe", function, module, file)
 
 
 def tracepoint(name: str) -> Probe:
@@ -98,10 +100,11 @@ COUNTERS: tuple[Counter, ...] = (
             "the plaintext its users wrote, at the tls module's tls_sw_sendmsg(); the records tls "
             "hands TCP itself (tcp_sendmsg_locked(), before 6.5 do_tcp_sendpages(); 29 bytes more "
             "a record with TLS 1.2 AES-GCM) are not counted again. That needs the tls module's "
-            "debug information (Debian 12, Linux 6.1: there; Debian 13, Linux 6.12: SystemTap 5.1 "
-            "finds none for the compressed tls.ko.xz, and a kTLS socket's bytes are not counted) "
-            "and the module loaded before collection starts (SystemTap 4.8 does not probe a "
-            "module loaded later). The bpftrace collector counts the same plaintext at its "
+            "debug information (linux-image-*-dbg: found by the module's name on Debian 12, "
+            "Linux 6.1; by its debug file's path where the module is compressed, as Debian 13's "
+            "tls.ko.xz) and the module loaded before collection starts (SystemTap 4.8 does not "
+            "probe a module loaded later; the report says when it was not). The bpftrace "
+            "collector counts the same plaintext at its "
             "tracepoint (Linux 6.12), and nothing on kTLS sockets where it probes tcp_sendmsg() "
             "(Linux 6.1). On kTLS sockets sendfile() and splice() count as on others: before "
             "Linux 6.5 at tls_sw_sendpage(), since at tls_sw_sendmsg(). Not counted: kTLS with "
@@ -123,9 +126,9 @@ COUNTERS: tuple[Counter, ...] = (
             "on Linux 6.1 and 6.12. On a kTLS socket: the plaintext its users read, at the tls "
             "module's tls_sw_recvmsg() (tls takes the records from TCP's receive queue itself: "
             "not counted), with SendBytes' conditions (debug information, module loaded first; "
-            "bpftrace: its tracepoint). Not what kernel users read "
-            "with tcp_read_sock() (strparser, NFS), nor splice() out of a kTLS socket "
-            "(tls_sw_splice_read())"),
+            "bpftrace: its tracepoint), and splice() out of a kTLS socket at "
+            "tls_sw_splice_read() (stap; bpftrace: not counted). Not what kernel users read "
+            "with tcp_read_sock() (strparser, NFS)"),
     Counter("RecvMsgs", "Socket", "socket", "receives that moved at least one byte: one per "
             "read(), recv(), recvmsg() or readv() call, per message of recvmmsg(), per io_uring "
             "receive completion (with MSG_WAITALL: per attempt), per splice() "
@@ -191,6 +194,7 @@ CA_TIME_COUNTERS = tuple(f"Ca{s}Us" for s in CA_STATES)
 CA_COUNTERS = CA_TIME_COUNTERS + ("CaChanges",)
 
 _k, _r = kprobe, kretprobe
+_TLS = "kernel/net/tls/tls.ko"      # net/tls/ since Linux 4.13, where kTLS came in
 UNITS: tuple[Unit, ...] = (
     Unit("sendmsg", "socket", (_r("tcp_sendmsg"),), ("SendBytes", "SendMsgs"), proc=True),
     Unit("sendpage", "socket", (_r("tcp_sendpage"),), ("SendBytes", "SendMsgs"), primary=False,
@@ -209,16 +213,19 @@ UNITS: tuple[Unit, ...] = (
     # tcp_sendmsg_locked(), before Linux 6.5 do_tcp_sendpages()) or read from it (its own
     # parser, over tcp_read_sock()) are not counted again. A module's function: the unit
     # resolves where the module's debug information is, and counts once the module loads.
-    Unit("tls_sendmsg", "socket", (module_kretprobe("tls", "tls_sw_sendmsg"),),
+    Unit("tls_sendmsg", "socket", (module_kretprobe("tls", _TLS, "tls_sw_sendmsg"),),
          ("SendBytes", "SendMsgs"), primary=False, proc=True,
          note="kTLS: the plaintext of write()/send()/sendmsg() on a kTLS socket"),
-    Unit("tls_sendpage", "socket", (module_kretprobe("tls", "tls_sw_sendpage"),),
+    Unit("tls_sendpage", "socket", (module_kretprobe("tls", _TLS, "tls_sw_sendpage"),),
          ("SendBytes", "SendMsgs"), primary=False, proc=True,
          note="kTLS before Linux 6.5: sendfile()/splice() into a kTLS socket (from 6.5 they "
          "reach tls_sw_sendmsg(), as MSG_SPLICE_PAGES, and tls_sw_sendpage() is gone)"),
-    Unit("tls_recvmsg", "socket", (module_kretprobe("tls", "tls_sw_recvmsg"),),
+    Unit("tls_recvmsg", "socket", (module_kretprobe("tls", _TLS, "tls_sw_recvmsg"),),
          ("RecvBytes", "RecvMsgs"), primary=False, proc=True,
          note="kTLS: the plaintext read()/recv()/recvmsg() took from a kTLS socket"),
+    Unit("tls_splice_read", "socket", (module_kretprobe("tls", _TLS, "tls_sw_splice_read"),),
+         ("RecvBytes", "RecvMsgs"), primary=False, proc=True,
+         note="kTLS: the plaintext splice() took out of a kTLS socket"),
     Unit("accept", "socket", (_r("inet_csk_accept"),), (), proc=True,
          note="no counter: tells which process owns an accepted socket"),
     Unit("InReceives", "ip", (_k("ip_rcv_core"),), ("InReceives",),
@@ -283,6 +290,8 @@ class Selection:
     available: tuple[str, ...]        # the counters they feed, in catalogue order
     unavailable: tuple[str, ...]      # the groups' counters this kernel cannot feed
     cong: str                         # how congestion states are seen ("": not at all)
+    # how stap names a point where it is not its usual spelling (render.stap_spellings)
+    spelled: Mapping[Probe, str] = field(default_factory=dict)
 
     @property
     def proc(self) -> bool:
@@ -304,7 +313,8 @@ def counters_for_units(units: Iterable[Unit]) -> list[str]:
 def select(groups: Collection[str], tracepoints: bool = True,
            resolved: Collection[Probe] | None = None) -> Selection:
     """The units to run for ``groups`` where the probe points ``resolved`` exist (None:
-    all of them, e.g. for --dump-script); tracepoints=False (--kprobes-only): none that
+    all of them, e.g. for --dump-script; a mapping: each with its spelling in stap's
+    syntax, render.resolve_points); tracepoints=False (--kprobes-only): none that
     needs a tracepoint. A fallback runs only without the unit it stands in for, and a
     secondary unit only with a primary unit of its counter (its array would not exist)."""
     wanted = units_for_groups(groups, tracepoints)
@@ -316,7 +326,8 @@ def select(groups: Collection[str], tracepoints: bool = True,
     available = tuple(counters_for_units(units))
     unavailable = tuple(c for c in counters_for_units(wanted) if c not in available)
     cong = next((u.ca_state for u in units if u.ca_state), "")
-    return Selection(units, available, unavailable, cong)
+    spelled = dict(resolved) if isinstance(resolved, Mapping) else {}
+    return Selection(units, available, unavailable, cong, spelled)
 
 
 def all_points() -> list[Probe]:

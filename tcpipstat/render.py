@@ -37,26 +37,53 @@ def _env() -> jinja2.Environment:
     )
 
 
-def stap_point(p: Probe) -> str:
-    """A probe point in stap's syntax."""
+def stap_point(p: Probe, module: str = "") -> str:
+    """A probe point in stap's syntax; ``module``: how to name its module, if not by name."""
     if p.kind == "tracepoint":
         return f'kernel.trace("{p.target}")'
-    where = f'module("{p.module}")' if p.module else "kernel"
+    where = f'module("{module or p.module}")' if p.module else "kernel"
     return f'{where}.function("{p.target}")' + (".return" if p.kind == "kretprobe" else "")
 
 
-def render_probe_check(points: Iterable[Probe]) -> str:
-    """A script whose pass 2 tells which of ``points`` resolve on a kernel."""
-    return _env().get_template("probe_check.stp.j2").render(
-        points=[stap_point(p) for p in points])
+def stap_spellings(p: Probe, kver: str) -> list[str]:
+    """The ways to name ``p`` on kernel ``kver``, best first.
+
+    Quirk (Debian and Ubuntu kernels with compressed modules, e.g. Debian 13's 6.12): the
+    module is tls.ko.xz, its debug information (linux-image-*-dbg) is
+    /usr/lib/debug/lib/modules/RELEASE/kernel/net/tls/tls.ko, and there are no build-id links
+    for modules: stap's search by the module's own file name finds no DWARF ("cannot find
+    module tls debuginfo"). Naming the debug file itself works: stap takes the module's
+    name from it and checks its build id against the loaded module's when it loads."""
+    first = stap_point(p)
+    if not p.module_file:
+        return [first]
+    return [first, stap_point(p, f"/usr/lib/debug/lib/modules/{kver}/{p.module_file}")]
 
 
-def resolve_points(tc, points: Iterable[Probe], kver: str) -> frozenset[Probe]:
-    """Which of ``points`` exist on kernel ``kver``: the probe check, run by the
-    toolchain ``tc`` (stap.Toolchain), which answers in stap's syntax."""
-    by_text = {stap_point(p): p for p in points}
-    resolved = tc.resolve(list(by_text), kver, render_probe_check(by_text.values()))
-    return frozenset(by_text[t] for t in resolved)
+def render_probe_check(points: Iterable[str]) -> str:
+    """A script whose pass 2 tells which of ``points`` (stap's syntax) resolve on a
+    kernel."""
+    return _env().get_template("probe_check.stp.j2").render(points=list(points))
+
+
+def probe_check_points(points: Iterable[Probe], kver: str) -> list[str]:
+    """What the probe check asks about: every spelling of every point."""
+    return [t for p in points for t in stap_spellings(p, kver)]
+
+
+def resolve_points(tc, points: Iterable[Probe], kver: str) -> dict[Probe, str]:
+    """Which of ``points`` exist on kernel ``kver``, each with its first spelling that
+    resolves: the probe check, run by the toolchain ``tc`` (stap.Toolchain), which
+    answers in stap's syntax."""
+    points = list(points)
+    texts = probe_check_points(points, kver)
+    resolved = tc.resolve(texts, kver, render_probe_check(texts))
+    found = {}
+    for p in points:
+        spelled = next((t for t in stap_spellings(p, kver) if t in resolved), None)
+        if spelled:
+            found[p] = spelled
+    return found
 
 
 # ---- the stap expressions of the fields read from a struct tcp_sock (t_t) ----
@@ -165,7 +192,8 @@ def render_script(sel: Selection, max_sockets: int, dist: bool = False,
         format_version=FORMAT_VERSION,
         fmt=record_formats(sel.available, int(max_sockets)),
         units=sel.units,
-        points={u.name: [stap_point(p) for p in u.points] for u in sel.units},
+        points={u.name: [sel.spelled.get(p) or stap_point(p) for p in u.points]
+                for u in sel.units},
         counters=sel.available,
         proc=sel.proc,
         place=bool(place),

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .backend import CollectorProcess, Log, Prepared, RunOutcome, command_from_env
-from .counters import points_for_groups, select
+from .counters import Selection, points_for_groups, select
 from .errors import EnvironmentNotReady, StapFailed
-from .render import module_args, render_probe_check, render_script, resolve_points
+from .render import (module_args, probe_check_points, render_probe_check, render_script,
+                     resolve_points)
 
 INSTALL_HINT = ("install SystemTap: 'apt-get install systemtap' (Debian/Ubuntu) or "
                 "'dnf install systemtap' (Fedora/RHEL)")
@@ -268,7 +269,8 @@ DRAIN_MS = 500
 PROCFS_ROOT = Path("/proc/systemtap")
 
 
-_POINT_LINE = re.compile(r'^(kernel|module\("[A-Za-z0-9_]+"\))\.function\("([A-Za-z0-9_.]+)'
+# a module by its name or by its debug file's path (render.stap_spellings)
+_POINT_LINE = re.compile(r'^(kernel|module\("[A-Za-z0-9_./+~-]+"\))\.function\("([A-Za-z0-9_.]+)'
                          r'(@[^"]*)?"\)(\.return|\.call)?')
 _TRACE_LINE = re.compile(r'^kernel\.trace\("([A-Za-z0-9_]+:[A-Za-z0-9_]+)"\)')
 
@@ -381,16 +383,31 @@ def kernel_release(plan) -> str:
     return plan.kernel_release or os.uname().release
 
 
-def prepare(plan, tc: Toolchain, log: Log) -> tuple[str, list[str], list[str], str]:
-    """Resolve probe points on the target kernel; returns (script, available, unavailable,
-    how congestion states are seen: "" without the cong group)."""
+def selection(plan, tc: Toolchain, log: Log) -> Selection:
+    """The units to run: probe points resolved on the target kernel."""
     kver = kernel_release(plan)
     points = points_for_groups(plan.groups, plan.tracepoints)   # --kprobes-only: no tracepoint
     log(f"checking which probe points exist on kernel {kver}...")
-    sel = select(plan.groups, plan.tracepoints, resolve_points(tc, points, kver))
-    return (render_script(sel, plan.max_sockets, plan.dist, plan.estats,
-                          plan.sample_ms is not None, plan.places),
-            list(sel.available), list(sel.unavailable), sel.cong)
+    return select(plan.groups, plan.tracepoints, resolve_points(tc, points, kver))
+
+
+def script_for(plan, sel: Selection) -> str:
+    return render_script(sel, plan.max_sockets, plan.dist, plan.estats,
+                         plan.sample_ms is not None, plan.places)
+
+
+def prepare(plan, tc: Toolchain, log: Log) -> tuple[str, list[str], list[str], str]:
+    """Resolve probe points on the target kernel; returns (script, available, unavailable,
+    how congestion states are seen: "" without the cong group)."""
+    sel = selection(plan, tc, log)
+    return script_for(plan, sel), list(sel.available), list(sel.unavailable), sel.cong
+
+
+def unloaded_modules(sel: Selection, sysfs: Path = Path("/sys/module")) -> list[str]:
+    """The modules ``sel`` probes that this host has not loaded: SystemTap 4.8 does not
+    probe a module loaded after the collector started (seen with tls on Linux 6.1)."""
+    names = dict.fromkeys(p.module for u in sel.units for p in u.points if p.module)
+    return [m for m in names if not (sysfs / m).is_dir()]
 
 
 # stap -t (STP_TIMING) at module exit: "'__global_NAME' lock contention occurred N times"
@@ -424,29 +441,35 @@ class StapBackend:
             raise EnvironmentNotReady("collecting needs root (staprun loads a kernel module)",
                                       "run it with sudo, or use --dump-script to see the script")
         kver = kernel_release(plan)
-        script, available, unavailable, cong = self._checked_script(log, kver)
-        ko = self._module(script, kver, log)
+        sel = self._checked_selection(log, kver)
+        ko = self._module(script_for(plan, sel), kver, log)
         drain = tc.drain_ms()
         args = module_args(list(plan.filters), plan.timeout_s, plan.interval_s, plan.count,
                            plan.sample_ms, plan.on_cwnd_change, drain)
         self._collector = Collector(tc, ko, args, plan.command, echo_stderr=self._echo,
                                     drain_ms=drain)
         self.outcome = self._collector.outcome
-        return Prepared(kver, tuple(available), tuple(unavailable), cong)
+        for m in unloaded_modules(sel) if self.same_host else ():
+            note = (f"the {m} module was not loaded when collection started: its sockets "
+                    f"(kTLS) may not be counted (modprobe {m} first)")
+            log(note)
+            self.outcome.warnings.append(note)
+        return Prepared(kver, sel.available, sel.unavailable, sel.cong)
 
-    def _checked_script(self, log: Log, kver: str):
+    def _checked_selection(self, log: Log, kver: str) -> Selection:
         """The probe check, with the usual script compiled meanwhile on a cold cache."""
         plan, tc = self.plan, self.tc
         first = dump_script(plan)            # the script when every probe point exists
         flags = plan.compile_flags()
-        check = render_probe_check(points_for_groups(plan.groups))
+        check = render_probe_check(probe_check_points(
+            points_for_groups(plan.groups, plan.tracepoints), kver))
         if (not plan.verbose and not tc.resolved_cached(kver, check)
                 and not tc.module_path(first, kver, flags).is_file()):
             log(f"compiling the collector for {kver} while checking its probe points "
                 "(cached after the first run)...")
             self._guess = SpeculativeCompile(tc, first, kver, flags)
         try:
-            return prepare(plan, tc, log)
+            return selection(plan, tc, log)
         except BaseException:
             if self._guess:
                 self._guess.cancel()

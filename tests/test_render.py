@@ -7,7 +7,8 @@ from hypothesis import given, settings, strategies as st
 from tcpipstat.counters import (CA_TIME_COUNTERS, DEFAULT_GROUPS, GROUPS, UNITS, all_points,
                                 counters_for_units, points_for_groups, select, tracepoint)
 from tcpipstat.plan import build_plan
-from tcpipstat.render import _env, module_args, render_probe_check, render_script, stap_point
+from tcpipstat.render import (_env, module_args, probe_check_points, render_probe_check,
+                              render_script, resolve_points, stap_point, stap_spellings)
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "tcpipstat" / "stp_templates"
 CONG_TP = tracepoint("tcp:tcp_cong_state_set")
@@ -145,10 +146,38 @@ def test_the_probe_check_asks_only_about_the_groups_chosen():
 
 
 def test_probe_check_lists_every_point_optionally():
-    text = render_probe_check(all_points())
+    text = render_probe_check(probe_check_points(all_points(), "6.12.0-1-amd64"))
     for p in all_points():
         assert f"probe {stap_point(p)} ?" in text
     assert stap_point(CONG_TP) == 'kernel.trace("tcp:tcp_cong_state_set")'
+    # a module's function also by its debug file, for stap's search by name misses it
+    # where the module is compressed
+    dbg = '/usr/lib/debug/lib/modules/6.12.0-1-amd64/kernel/net/tls/tls.ko'
+    assert f'probe module("{dbg}").function("tls_sw_recvmsg").return ?' in text
+
+
+class _Toolchain:
+    """stap's answer to a probe check: the points it names (in stap's syntax) resolve."""
+    def __init__(self, answer):
+        self.answer = answer
+
+    def resolve(self, points, kver, script):
+        return frozenset(p for p in points if p in self.answer)
+
+
+def test_a_module_function_is_spelled_as_it_resolves():
+    kver = "6.12.0-1-amd64"
+    tls = next(u for u in UNITS if u.name == "tls_recvmsg").points[0]
+    by_file = stap_spellings(tls, kver)[1]
+    others = [p for p in all_points() if not p.module]
+    for answer, spelled in ((stap_spellings(tls, kver), stap_point(tls)),
+                            ([by_file], by_file), ([], None)):
+        answer = answer + [stap_point(p) for p in others]
+        resolved = resolve_points(_Toolchain(answer), [*others, tls], kver)
+        assert resolved.get(tls) == spelled
+        text = render_script(select(("socket",), resolved=resolved), 1024)
+        assert (f"probe {spelled} " in text) == bool(spelled)
+        assert ('.function("tls_sw_recvmsg")' in text) == bool(spelled)
 
 
 _word = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30)

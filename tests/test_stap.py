@@ -2,11 +2,15 @@
 `stap -p2` output, error diagnosis, the module cache."""
 import pytest
 
-from tcpipstat.counters import all_points
-from tcpipstat.render import stap_point
-from tcpipstat.stap import diagnose, parse_resolved
+from tcpipstat.counters import all_points, select
+from tcpipstat.render import resolve_points, stap_point, stap_spellings
+from tcpipstat.stap import diagnose, parse_resolved, unloaded_modules
 
 from .conftest import FIXTURES
+
+
+# the lab kernels the probe checks were recorded on (lab.sh stap -p2)
+RECORDED_ON = {"bookworm": "6.1.0-50-cloud-amd64", "trixie": "6.12.117+deb13-cloud-amd64"}
 
 
 @pytest.mark.parametrize("suite", ["bookworm", "trixie"])
@@ -22,6 +26,40 @@ def test_parse_resolved_on_recorded_pass2(suite):
     # (there the kprobe fallback's points are what resolves)
     assert ('kernel.trace("tcp:tcp_cong_state_set")' in resolved) == (suite == "bookworm")
     assert 'kernel.function("tcp_ack").return' in resolved
+
+
+@pytest.mark.parametrize("suite", ["bookworm", "trixie"])
+def test_a_compressed_modules_functions_resolve_by_its_debug_file(suite):
+    """trixie's stap 5.1 finds the tls module's functions by name in its symbol table only
+    (tls.ko.xz), and with their debug information by the debug file's path."""
+    kver = RECORDED_ON[suite]
+    text = (FIXTURES / f"{suite}-probe-check.p2").read_text()
+    tls = [p for p in all_points() if p.module == "tls"]
+    by_name, by_file = zip(*(stap_spellings(p, kver) for p in tls))
+    resolved = parse_resolved(text, list(by_name + by_file))
+    # tls_sw_sendpage() went with tcp_sendpage() in Linux 6.5
+    present = {p.target for p in tls} - ({"tls_sw_sendpage"} if suite == "trixie" else set())
+    assert {p.target for p, t in zip(tls, by_file) if t in resolved} == present
+    assert bool(set(by_name) & resolved) == (suite == "bookworm")
+    sel = select(("socket",), resolved=resolve_points(_Recorded(text), all_points(), kver))
+    assert {u.name for u in sel.units} >= {"tls_sendmsg", "tls_recvmsg", "tls_splice_read"}
+
+
+class _Recorded:
+    """A toolchain whose probe check answers with a recorded pass 2."""
+    def __init__(self, text: str):
+        self.text = text
+
+    def resolve(self, points, kver, script):
+        return parse_resolved(self.text, points)
+
+
+def test_unloaded_modules_are_named(tmp_path):
+    sel = select(("socket",))
+    assert unloaded_modules(sel, tmp_path) == ["tls"]
+    (tmp_path / "tls").mkdir()
+    assert unloaded_modules(sel, tmp_path) == []
+    assert unloaded_modules(select(("tcp",)), tmp_path / "none") == []
 
 
 def test_parse_resolved_only_reads_the_probes_section():

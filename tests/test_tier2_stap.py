@@ -13,7 +13,8 @@ import pytest
 from tcpipstat.stap import prepare
 from tcpipstat.counters import GROUPS, all_points, kprobe, select
 from tcpipstat.plan import build_plan
-from tcpipstat.render import render_probe_check, render_script, stap_point
+from tcpipstat.render import (probe_check_points, render_probe_check, render_script,
+                              stap_point, stap_spellings)
 from tcpipstat.stap import Toolchain, parse_resolved
 
 from .conftest import LAB, lab_kver, run_cli
@@ -26,16 +27,19 @@ pytestmark = pytest.mark.stap
 EXPECTED_UNAVAILABLE = {"bookworm": [], "trixie": []}
 # Probe points that do not resolve: trixie's stap 5.1 cannot use Linux 6.12's tracepoints
 # (congestion states then come from the kprobe fallback, same counters), and Linux 6.12 has
-# no tcp_sendpage() (gone in 6.5: sendfile() and splice() reach tcp_sendmsg() there). The
-# tls module's functions need its debug information, which stap 5.1 does not find for the
-# compressed tls.ko.xz (it resolves them from the symbol table only: not counted as resolved);
-# tls_sw_sendpage() is gone since Linux 6.5, as tcp_sendpage().
+# no tcp_sendpage() (gone in 6.5: sendfile() and splice() reach tcp_sendmsg() there), nor
+# tls_sw_sendpage().
+_ABSENT_612 = {'kernel.trace("tcp:tcp_cong_state_set")', 'kernel.function("tcp_sendpage").return',
+               'module("tls").function("tls_sw_sendpage").return'}
+EXPECTED_ABSENT = {"bookworm": set(), "trixie": _ABSENT_612}
+# By their usual names: the tls module's functions need its debug information, which stap 5.1
+# does not find by name for the compressed tls.ko.xz (it resolves them from the symbol table
+# only: not counted as resolved); they resolve by the debug file's path
+# (render.stap_spellings).
 EXPECTED_UNRESOLVED = {"bookworm": set(),
-                       "trixie": {'kernel.trace("tcp:tcp_cong_state_set")',
-                                  'kernel.function("tcp_sendpage").return',
-                                  'module("tls").function("tls_sw_sendmsg").return',
-                                  'module("tls").function("tls_sw_sendpage").return',
-                                  'module("tls").function("tls_sw_recvmsg").return'}}
+                       "trixie": _ABSENT_612 | {
+                           'module("tls").function("tls_sw_sendmsg").return',
+                           'module("tls").function("tls_sw_recvmsg").return'}}
 EXPECTED_CONG = {"bookworm": "tracepoint", "trixie": "kprobes"}
 
 
@@ -78,17 +82,27 @@ def test_congestion_states_come_from_the_tracepoint_or_the_fallback(lab_toolchai
 def test_an_absent_probe_point_is_detected(lab_toolchain, suite):
     tc, kver = lab_toolchain
     points = all_points() + [kprobe("tcpipstat_no_such_function")]
-    res = _stap(tc, ["-p2", "-r", kver], render_probe_check(points))
+    texts = probe_check_points(points, kver)
+    res = _stap(tc, ["-p2", "-r", kver], render_probe_check(texts))
     assert res.returncode == 0, res.stderr
-    resolved = parse_resolved(res.stdout, [stap_point(p) for p in points])
+    resolved = parse_resolved(res.stdout, texts)
     assert 'kernel.function("tcpipstat_no_such_function")' not in resolved
     assert {stap_point(p) for p in all_points()} - resolved == EXPECTED_UNRESOLVED[suite]
+    # the module's functions resolve by its debug file's path on both kernels
+    modular = [p for p in all_points() if p.module]
+    by_file = {stap_point(p) for p in modular if stap_spellings(p, kver)[1] in resolved}
+    assert by_file == {stap_point(p) for p in modular} - EXPECTED_ABSENT[suite]
 
 
 def _resolved_units(combo, suite, tracepoints: bool = True):
     """The units tcpipstat would choose on this lab kernel (fallbacks where needed;
-    tracepoints=False: as with --kprobes-only)."""
-    resolved = {p for p in all_points() if stap_point(p) not in EXPECTED_UNRESOLVED[suite]}
+    tracepoints=False: as with --kprobes-only), each point spelled as it resolves."""
+    kver = lab_kver(suite)
+    resolved = {}
+    for p in all_points():
+        if stap_point(p) not in EXPECTED_ABSENT[suite]:
+            by_name = stap_point(p) not in EXPECTED_UNRESOLVED[suite]
+            resolved[p] = stap_spellings(p, kver)[0 if by_name else 1]
     return select(combo, tracepoints, resolved=resolved)
 
 

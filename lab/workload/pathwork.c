@@ -15,6 +15,7 @@
  *       leftovers; what it does not take, its recv_skip_hint, is read with recv())
  *       uring_recv uring_recvmsg (io_uring IORING_OP_RECV, _RECVMSG, without MSG_WAITALL)
  *       ktls (read() on a kTLS socket, TLS_RX with the same keys: only with SEND ktls*)
+ *       ktls_splice (splice() out of such a socket)
  *
  * The client (a child process) sends SIZE bytes in calls of at most CHUNK bytes (one call
  * hands the kernel at most 16 pages: one message on every path and kernel), waits for the
@@ -325,7 +326,7 @@ static void recv_all(const char *path, int c, long size, struct side *s) {
     int pp[2];
     if (pipe(pp)) die("pipe");
     if (!strcmp(path, "zerocopy")) { recv_zerocopy(c, size, s); return; }
-    if (!strcmp(path, "ktls")) ktls(c, TLS_RX);
+    if (!strncmp(path, "ktls", 4)) ktls(c, TLS_RX);
     while (s->received < size) {
         long n = want(size, s->received);
         struct iovec iv[2] = {{buf, n / 3}, {buf + n / 3, n - n / 3}};
@@ -335,7 +336,7 @@ static void recv_all(const char *path, int c, long size, struct side *s) {
         else if (!strcmp(path, "recvmsg")) got(s, recvmsg(c, &m, 0));
         else if (!strcmp(path, "readv")) got(s, readv(c, iv, 2));
         else if (!strcmp(path, "recvmmsg")) recv_mmsg(c, buf, n, s);
-        else if (!strcmp(path, "splice")) {
+        else if (!strcmp(path, "splice") || !strcmp(path, "ktls_splice")) {
             long k = splice(c, NULL, pp[1], NULL, n, 0);
             got(s, k);
             for (long r; k > 0; k -= r)     /* (the pipe is emptied with read()) */
