@@ -1,4 +1,10 @@
-"""Workloads run inside the lab guest, with the counts they must produce."""
+"""Workloads run inside the lab guest, with the counts they must produce, and the files
+they need there (the tests' and bench/'s)."""
+import lzma
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 # Two servers, two clients, all on loopback: every connection's bytes are known.
 # port 7001: 3 connections, 1000 bytes up / 100 down each; port 7002: 2 connections,
@@ -76,3 +82,50 @@ RFC4898_HOLD = (f"{NETEM}; tcpwork server 127.0.0.1 7012 1000 1 >/dev/null & "
                 f"echo \"@@SS $({_SS} | tr '\\n\\t' '  ')\"; wait; "
                 f"i=0; while [ $i -lt 1500 ] && [ -n \"$({_SS_OPEN})\" ]; do "
                 "sleep 0.02; i=$((i + 1)); done")
+
+
+def lab_root(suite: str) -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(os.environ.get("LAB_DIR") or Path(cache) / "tcpipstat-lab") / suite
+
+
+def pathwork_files(suite: str, tmp: Path, *extra: Path) -> dict:
+    """pathwork reaches the guest in the run's own overlay, as /pathwork (lab.sh's
+    LAB_EXTRA_FILES), not in the shared initramfs. It is built here, static, from the
+    source being tested: the lab root's copy is the source as it was at the last setup."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler to build lab/workload/pathwork.c (apt-get install gcc)")
+    binary = tmp / "pathwork"
+    source = Path(__file__).resolve().parent.parent / "lab/workload/pathwork.c"
+    subprocess.run([cc, "-O2", "-Wall", "-Werror", "-static", "-o", str(binary), str(source)],
+                   check=True)
+    return {"LAB_EXTRA_FILES": " ".join(map(str, (binary, *extra)))}
+
+
+# the tls module and the crypto TLS 1.2 AES-GCM-128 needs (gcm(aes): gcm, ctr, ghash), as
+# modprobe would load them: the guest has no modprobe, and the kernel's request_module()
+# for a missing algorithm fails there. AES itself is built in on both suites.
+TLS_MODULES = ("kernel/crypto/ghash-generic", "kernel/crypto/ctr", "kernel/crypto/gcm",
+               "kernel/net/tls/tls")
+
+
+def tls_modules(suite: str, tmp: Path) -> list[Path]:
+    """TLS_MODULES and what they depend on (modules.dep), dependencies first, as plain .ko
+    files (busybox insmod takes no .ko.xz); a module built into the kernel is left out."""
+    root = lab_root(suite)
+    mods = root / "lib/modules" / (root / ".lab-kver").read_text().strip()
+    deps = {}
+    for line in (mods / "modules.dep").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        deps[name.split(".ko")[0]] = [d.split(".ko")[0] for d in rest.split()]
+    order: list[str] = []
+    for m in (m for m in TLS_MODULES if m in deps):
+        order += [d for d in (*reversed(deps[m]), m) if d not in order]
+    out = []
+    for m in order:
+        (packed,) = mods.glob(m + ".ko*")
+        data = packed.read_bytes()
+        out.append(tmp / (Path(m).name + ".ko"))
+        out[-1].write_bytes(lzma.decompress(data) if packed.suffix == ".xz" else data)
+    return out

@@ -39,7 +39,8 @@ EXPECTED_ABSENT = {"bookworm": set(), "trixie": _ABSENT_612}
 EXPECTED_UNRESOLVED = {"bookworm": set(),
                        "trixie": _ABSENT_612 | {
                            'module("tls").function("tls_sw_sendmsg").return',
-                           'module("tls").function("tls_sw_recvmsg").return'}}
+                           'module("tls").function("tls_sw_recvmsg").return',
+                           'module("tls").function("tls_sw_splice_read").return'}}
 EXPECTED_CONG = {"bookworm": "tracepoint", "trixie": "kprobes"}
 
 

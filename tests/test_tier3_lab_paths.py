@@ -14,14 +14,11 @@ Lab runs are slow: one collector run (one guest boot) runs pathwork once per pai
 """
 from __future__ import annotations
 
-import lzma
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from . import lab_workloads as W
 from .test_tier3_lab import clean_run
 
 pytestmark = pytest.mark.lab
@@ -31,53 +28,6 @@ SIZE = 100_001            # (not a multiple of any buffer or page size)
 PAIRS = (("write", "read"), ("sendmsg", "recvmsg"), ("sendmmsg", "recvmmsg"),
          ("writev", "readv"), ("sendfile", "splice"), ("splice", "zerocopy"),
          ("vmsplice", "read"), ("zerocopy", "zerocopy"))
-
-
-def _lab_root(suite: str) -> Path:
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(os.environ.get("LAB_DIR") or Path(cache) / "tcpipstat-lab") / suite
-
-
-def _pathwork(suite: str, tmp: Path, *extra: Path) -> dict:
-    """pathwork reaches the guest in the run's own overlay, as /pathwork (lab.sh's
-    LAB_EXTRA_FILES), not in the shared initramfs. It is built here, static, from the
-    source being tested: the lab root's copy is the source as it was at the last setup."""
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.fail("no C compiler to build lab/workload/pathwork.c (apt-get install gcc)")
-    binary = tmp / "pathwork"
-    source = Path(__file__).resolve().parent.parent / "lab/workload/pathwork.c"
-    subprocess.run([cc, "-O2", "-Wall", "-Werror", "-static", "-o", str(binary), str(source)],
-                   check=True)
-    return {"LAB_EXTRA_FILES": " ".join(map(str, (binary, *extra)))}
-
-
-# the tls module and the crypto TLS 1.2 AES-GCM-128 needs (gcm(aes): gcm, ctr, ghash), as
-# modprobe would load them: the guest has no modprobe, and the kernel's request_module()
-# for a missing algorithm fails there. AES itself is built in on both suites.
-TLS_MODULES = ("kernel/crypto/ghash-generic", "kernel/crypto/ctr", "kernel/crypto/gcm",
-               "kernel/net/tls/tls")
-
-
-def _tls_modules(suite: str, tmp: Path) -> list[Path]:
-    """TLS_MODULES and what they depend on (modules.dep), dependencies first, as plain .ko
-    files (busybox insmod takes no .ko.xz); a module built into the kernel is left out."""
-    root = _lab_root(suite)
-    mods = root / "lib/modules" / (root / ".lab-kver").read_text().strip()
-    deps = {}
-    for line in (mods / "modules.dep").read_text().splitlines():
-        name, _, rest = line.partition(":")
-        deps[name.split(".ko")[0]] = [d.split(".ko")[0] for d in rest.split()]
-    order: list[str] = []
-    for m in (m for m in TLS_MODULES if m in deps):
-        order += [d for d in (*reversed(deps[m]), m) if d not in order]
-    out = []
-    for m in order:
-        (packed,) = mods.glob(m + ".ko*")
-        data = packed.read_bytes()
-        out.append(tmp / (Path(m).name + ".ko"))
-        out[-1].write_bytes(lzma.decompress(data) if packed.suffix == ".xz" else data)
-    return out
 
 
 def _said(meta: str) -> dict[tuple[str, str, str], dict]:
@@ -119,7 +69,7 @@ def test_every_path_exact_against_tcp_info_and_the_workload(suite, backend, tmp_
     # exact counts need a run in which the collector skipped no probe hit: the Socket
     # group only (the per-packet probes are where emulation makes kprobes miss)
     r = clean_run(suite, tmp_path, "--backend", backend, "--json", "--groups", "socket",
-                  "--all-processes", "*:*-*:*", "-c", cmd, env=_pathwork(suite, tmp_path))
+                  "--all-processes", "*:*-*:*", "-c", cmd, env=W.pathwork_files(suite, tmp_path))
     why = r.explain()
     assert r.rc == 0 and "@@PATHWORK_FAILED" not in r.meta, why
     assert r.skipped() + r.faults() == 0, why
@@ -157,7 +107,7 @@ KtlsEnds = dict[tuple[str, str], tuple[dict, dict, dict, dict]]
 def _uring_ktls_run(suite: str, tmp: Path, *backend: str) -> tuple[KtlsEnds, str]:
     """The io_uring pairs and the kTLS connections in one collector run: io_uring's rows
     are checked here, exact; the kTLS connections' rows are returned, by their paths."""
-    mods = _tls_modules(suite, tmp)
+    mods = W.tls_modules(suite, tmp)
     # the modules are loaded before the collector starts (lab.sh's LAB_BEFORE): stap 4.8
     # on Linux 6.1 does not probe a module loaded after it started (seen in the lab)
     insmod = "; ".join(f"insmod /{m.name} || echo @@INSMOD_FAILED {m.name}" for m in mods)
@@ -165,7 +115,7 @@ def _uring_ktls_run(suite: str, tmp: Path, *backend: str) -> tuple[KtlsEnds, str
                     for a, b in (*URING_PAIRS, *KTLS_PAIRS))
     r = clean_run(suite, tmp, *backend, "--json", "--groups", "socket", "--all-processes",
                   "*:*-*:*", "-c", cmd,
-                  env={**_pathwork(suite, tmp, *mods), "LAB_BEFORE": insmod})
+                  env={**W.pathwork_files(suite, tmp, *mods), "LAB_BEFORE": insmod})
     why = r.explain()
     assert r.rc == 0 and "_FAILED" not in r.meta, why
     assert r.skipped() + r.faults() == 0, why
