@@ -245,8 +245,7 @@ def _take(line: str, cgroups_: SentCgroups, netns: SentNetns) -> None:
 def sent_places(lines: Iterable[str]) -> Iterator[str]:
     """``lines`` as they are, their place lines taken into new tables, which replace this
     host's from now on (even before a line comes: nothing of this host's is read)."""
-    global _cgroups, _netns
-    cg, ns = _cgroups, _netns = SentCgroups(), SentNetns()
+    cg, ns = _sent_tables()
 
     def feed() -> Iterator[str]:
         for line in lines:
@@ -254,6 +253,13 @@ def sent_places(lines: Iterable[str]) -> Iterator[str]:
                 _take(line, cg, ns)
             yield line
     return feed()
+
+
+def _sent_tables() -> tuple[SentCgroups, SentNetns]:
+    """New, empty tables of places another host sent, in place of this host's."""
+    global _cgroups, _netns
+    cg, ns = _cgroups, _netns = SentCgroups(), SentNetns()
+    return cg, ns
 
 
 def saved_places(path: str) -> bool:
@@ -267,8 +273,9 @@ def saved_places(path: str) -> bool:
         return False
     if not found:
         return False
-    for _ in sent_places(found):
-        pass
+    cg, ns = _sent_tables()
+    for line in found:
+        _take(line, cg, ns)
     return True
 
 
