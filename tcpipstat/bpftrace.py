@@ -817,37 +817,47 @@ def facts_path(cmd: list[str], version: str) -> Path | None:
     return FACTS_DIR / f"bpftrace-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
-def _kept_facts(path: Path) -> tuple[KernelPoints, bool] | None:
-    """What an earlier run of this boot kept at ``path`` (None: nothing readable)."""
+def _kept_facts(path: Path) -> tuple[KernelPoints | None, bool | None]:
+    """What an earlier run of this boot kept at ``path``: its points (None: nothing
+    readable) and whether the cgroup reads (None: not asked)."""
     try:
         kept = json.loads(path.read_text())
-        return KernelPoints({k: frozenset(v) for k, v in kept["points"].items()}), kept["cgroup"]
+        points = KernelPoints({k: frozenset(v) for k, v in kept["points"].items()})
+        return points, kept["cgroup"] and True
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+        return None, None
 
 
-def kernel_facts(cmd: list[str], path: Path | None) -> tuple[KernelPoints, bool]:
+def kernel_facts(cmd: list[str], path: Path | None,
+                 cgroup_wanted: bool = True) -> tuple[KernelPoints, bool]:
     """This kernel's probe points and whether its sockets' cgroup reads
-    (:func:`cgroup_readable`): kept at ``path`` once asked (None: asked each time)."""
-    kept = _kept_facts(path) if path else None
-    if kept:
-        return kept
+    (:func:`cgroup_readable`, asked only if ``cgroup_wanted``: its dry run's BTF parse
+    takes a CPU from the listings): kept at ``path`` once asked (None: asked each time)."""
+    points, cgroup = _kept_facts(path) if path else (None, None)
+    if points is not None and (cgroup or not cgroup_wanted):
+        return points, bool(cgroup)
     # (the dry run's BTF parse and the template's compilation: while bpftrace lists)
     with ThreadPoolExecutor(2) as pool:
-        readable = pool.submit(cgroup_readable, cmd)
+        readable = pool.submit(cgroup_readable, cmd) if cgroup_wanted else None
         pool.submit(_template)
-        points = list_points(cmd)
-        cgroup = readable.result()
-    if path and cgroup:     # (a no is asked again: it may be a dry run that failed to start)
-        data = {"points": {k: sorted(v) for k, v in points.fields.items()}, "cgroup": cgroup}
-        try:        # (written whole, then renamed: a reader never sees half of it)
-            path.parent.mkdir(mode=0o755, exist_ok=True)
-            part = path.with_suffix(f".{os.getpid()}")
-            part.write_text(json.dumps(data))
-            part.replace(path)
-        except OSError:
-            pass
-    return points, cgroup
+        points = points if points is not None else list_points(cmd)
+        cgroup = readable.result() if readable else None
+    if path:
+        _keep_facts(path, points, cgroup)
+    return points, bool(cgroup)
+
+
+def _keep_facts(path: Path, points: KernelPoints, cgroup: bool | None) -> None:
+    """Keep the answers at ``path``; a no to the cgroup is kept as not asked: it is asked
+    again (it may be a dry run that failed to start)."""
+    data = {"points": {k: sorted(v) for k, v in points.fields.items()}, "cgroup": cgroup or None}
+    try:        # (written whole, then renamed: a reader never sees half of it)
+        path.parent.mkdir(mode=0o755, exist_ok=True)
+        part = path.with_suffix(f".{os.getpid()}")
+        part.write_text(json.dumps(data))
+        part.replace(path)
+    except OSError:
+        pass
 
 
 def ensure_tracefs(root: Path = TRACEFS) -> None:
@@ -1227,7 +1237,8 @@ class BpftraceBackend:
         ensure_tracefs()
         log("asking bpftrace which probe points this kernel has...")
         # (a stand-in's kernel is not this boot's)
-        points, cgroup = kernel_facts(cmd, facts_path(cmd, version) if self.same_host else None)
+        points, cgroup = kernel_facts(cmd, facts_path(cmd, version) if self.same_host else None,
+                                      plan.places_kept)
         choice = choose(points)
         if not cgroup and plan.places_kept:
             log("this kernel's sockets do not say their cgroup where bpftrace can read it: "

@@ -265,9 +265,23 @@ def test_kernel_facts_a_no_to_the_cgroup_is_asked_again(tmp_path):
     cmd, log = _stand_in(tmp_path, "native-6.18", 1)
     kept = tmp_path / "facts.json"
     assert bpftrace.kernel_facts(cmd, kept)[1] is False
-    assert not kept.exists()
     bpftrace.kernel_facts(cmd, kept)
-    assert log.read_text().split().count("-lv") == 2 * len(LISTINGS)
+    # the points are kept (listed once), the no is not (the dry run asked by both runs)
+    asked = log.read_text().split()
+    assert asked.count("-lv") == len(LISTINGS) and asked.count("--dry-run") == 2
+
+
+def test_kernel_facts_the_cgroup_is_asked_only_when_wanted(tmp_path):
+    cmd, log = _stand_in(tmp_path, "native-6.18", 0)
+    kept = tmp_path / "facts.json"
+    assert bpftrace.kernel_facts(cmd, kept, cgroup_wanted=False)[1] is False
+    assert sorted(log.read_text().split()) == ["-lv"] * len(LISTINGS)
+    assert bpftrace.kernel_facts(cmd, kept, cgroup_wanted=False)[1] is False   # (kept)
+    # a run that reads places asks the dry run alone, then keeps its yes
+    assert bpftrace.kernel_facts(cmd, kept)[1] is True
+    assert bpftrace.kernel_facts(cmd, kept, cgroup_wanted=False)[1] is True
+    assert bpftrace.kernel_facts(cmd, kept)[1] is True
+    assert sorted(log.read_text().split()) == ["--dry-run", *["-lv"] * len(LISTINGS)]
 
 
 @pytest.mark.parametrize("words, place", [
