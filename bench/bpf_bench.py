@@ -46,8 +46,14 @@ LOST = re.compile(r"Lost (\d+) events")
 WAIT_LISTEN = "until ss -Hltn 'sport = :{port}' | grep -q .; do sleep 0.02; done"
 IPERF3 = ("iperf3 -s -1 -p {port} >/dev/null & " + WAIT_LISTEN + "; "
           "iperf3 -4 -c 127.0.0.1 -p {port} -t {secs} -f m 2>&1 | grep -m1 sender; wait")
-CHURN = ("{tcpwork} server 127.0.0.1 {port} 1 {n} & "
-         "{tcpwork} client 127.0.0.1 {port} {n} 1; wait")
+# a client that fails (it names the errno) takes its server with it: the server would wait
+# in accept() for connections that never come
+CHURN = ("{tcpwork} server 127.0.0.1 {port} 1 {n} & s=$!; "
+         "{tcpwork} client 127.0.0.1 {port} {n} 1 || {{ kill $s; exit 1; }}; wait")
+# A churn leaves its client's ports in TIME-WAIT for 60 s; the next one waits until fewer
+# than this many remain, so that connect() finds a free ephemeral port (EADDRNOTAVAIL ended
+# a 10-run measure in its 9th run)
+TIME_WAIT_MAX = 8000
 
 
 def free_port() -> int:
@@ -90,7 +96,26 @@ def iperf3_mbits(mode, secs: int, lost: list[int]) -> float:
     return float(m.group(1))
 
 
+def time_wait_sockets() -> int:
+    out = subprocess.run(["ss", "-Htan", "state", "time-wait"], capture_output=True,
+                         text=True).stdout
+    return out.count("\n")
+
+
+def wait_for_ports(limit: int = TIME_WAIT_MAX, timeout: float = 120) -> None:
+    """Wait until fewer than ``limit`` sockets are in TIME-WAIT (at most ``timeout`` s)."""
+    t0 = time.monotonic()
+    while (n := time_wait_sockets()) >= limit:
+        if time.monotonic() - t0 > timeout:
+            raise SystemExit(f"{n} sockets still in TIME-WAIT after {timeout:.0f} s")
+        time.sleep(1)
+    if time.monotonic() - t0 > 1:
+        print(f"  (waited {time.monotonic() - t0:.0f} s for TIME-WAIT sockets to expire)",
+              file=sys.stderr)
+
+
 def churn_rate(mode, tcpwork: Path, n: int, lost: list[int]) -> float:
+    wait_for_ports()
     text = run_workload(CHURN.format(tcpwork=tcpwork, port=free_port(), n=n), mode, lost)
     m = re.search(r"tcpwork client \S+: (\d+) connections, .* (\d+) ms", text)
     if not m:
