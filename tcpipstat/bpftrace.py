@@ -42,7 +42,8 @@ import jinja2
 
 from . import __version__
 from .backend import CollectorProcess, Log, Prepared, RunOutcome, command_from_env
-from .bt_points import ASKED, LISTINGS, Choice, KernelPoints, choose, list_points
+from .bt_points import (ASKED, LISTINGS, Choice, KernelPoints, choose, ktls_missed,
+                        list_points)
 from .counters import CA_COUNTERS, CA_TIME_COUNTERS, UNITS, counters_for_units, units_for_groups
 from .errors import EnvironmentNotReady, UsageError
 from .estats import EVARS
@@ -1194,13 +1195,28 @@ def _choice_text(choice: Choice) -> str:
 def missed_notes(choice: Choice, available) -> list[str]:
     """What the ``available`` counters miss on this kernel (bt_points.Choice.missed): one
     sentence per pair of counters, for --check and the report's notes."""
-    by: dict[tuple[str, ...], list[str]] = {}
-    for names, path in choice.missed():
-        if set(names) <= set(available):
-            by.setdefault(names, []).append(path)
     return [f"{' and '.join(names)} miss {' and '.join(paths)} on this kernel: BPF cannot "
             "attach to " + ("that function" if len(paths) == 1 else "those functions") + " here"
-            for names, paths in by.items()]
+            for names, paths in _by_counters(choice.missed(), available).items()]
+
+
+def ktls_notes(choice: Choice, available, sysfs: Path = Path("/sys/module")) -> list[str]:
+    """Where this host has loaded the tls module: the kTLS paths the ``available``
+    counters miss (bt_points.ktls_missed), one sentence per pair of counters."""
+    if not (sysfs / "tls").is_dir():
+        return []
+    return [f"{' and '.join(names)} miss {' and '.join(paths)}: the tls module is loaded "
+            "and this collector does not see those paths (the stap collector does)"
+            for names, paths in _by_counters(ktls_missed(choice), available).items()]
+
+
+def _by_counters(missed, available) -> dict[tuple[str, ...], list[str]]:
+    """``missed`` (counters, path) pairs of the ``available`` counters, paths by counters."""
+    by: dict[tuple[str, ...], list[str]] = {}
+    for names, path in missed:
+        if set(names) <= set(available):
+            by.setdefault(names, []).append(path)
+    return by
 
 
 class BpftraceBackend:
@@ -1273,7 +1289,8 @@ class BpftraceBackend:
         self._runner = Runner(cmd, available, plan.max_sockets, self._echo,
                               plan.dist and "CaChanges" in available)
         self.outcome = self._runner.outcome
-        for note in missed_notes(choice, available):     # (partial, never a silent 0)
+        ktls = ktls_notes(choice, available) if self.same_host else []
+        for note in missed_notes(choice, available) + ktls:     # (partial, never a silent 0)
             log(note)
             self.outcome.warnings.append(note)
         why = WHY_UNAVAILABLE + (", or counted by segment with onclose=1" if plan.onclose

@@ -218,6 +218,23 @@ def _has_path(points: KernelPoints, path: str) -> bool:
     return points.has("kfunc:tcp_sendpage") or points.has_field("struct:proto", "sendpage")
 
 
+# kTLS (the tls module's sockets, software crypto): its functions move the plaintext and
+# hand TCP records below tcp_sendmsg()/tcp_recvmsg(); the sock_*_length tracepoints see
+# its sends and receives (in sock_sendmsg()/sock_recvmsg()), the kfuncs listed here do not,
+# and no point here sees splice() out of a kTLS socket (tls_sw_splice_read())
+KTLS_SENDS = ("SendBytes", "SendMsgs"), "kTLS sockets' sends (tls_sw_sendmsg())"
+KTLS_RECVS = ("RecvBytes", "RecvMsgs"), "kTLS sockets' receives (tls_sw_recvmsg())"
+KTLS_SPLICE = ("RecvBytes", "RecvMsgs"), "splice() out of kTLS sockets (tls_sw_splice_read())"
+
+
+def ktls_missed(choice: Choice) -> list[tuple[tuple[str, ...], str]]:
+    """(counters, path) of the kTLS paths ``choice`` does not see, for a host whose tls
+    module is loaded (bpftrace cannot tell which sockets use it)."""
+    out = [] if choice.send.startswith("tracepoint:") else [KTLS_SENDS]
+    out += [] if choice.recv.startswith("tracepoint:") else [KTLS_RECVS]
+    return out + [KTLS_SPLICE]
+
+
 def _rsts(points: KernelPoints) -> str:
     """tcp:tcp_send_reset fires at every reset the kernel counts in OutRsts since Linux
     6.10 (commit 19822a980e19 "trace: tcp: fully support trace_tcp_send_reset"): the same

@@ -104,11 +104,11 @@ COUNTERS: tuple[Counter, ...] = (
             "Linux 6.1; by its debug file's path where the module is compressed, as Debian 13's "
             "tls.ko.xz) and the module loaded before collection starts (SystemTap 4.8 does not "
             "probe a module loaded later; the report says when it was not). The bpftrace "
-            "collector counts the same plaintext at its "
-            "tracepoint (Linux 6.12), and nothing on kTLS sockets where it probes tcp_sendmsg() "
-            "(Linux 6.1). On kTLS sockets sendfile() and splice() count as on others: before "
-            "Linux 6.5 at tls_sw_sendpage(), since at tls_sw_sendmsg(). Not counted: kTLS with "
-            "NIC offload (tls_device_sendmsg())"),
+            "collector counts the same plaintext at its tracepoint (Linux 6.12), and nothing "
+            "on kTLS sockets where it probes tcp_sendmsg() (Linux 6.1; its report says so where "
+            "the host has loaded the tls module). On kTLS sockets sendfile() and splice() count "
+            "as on others: before Linux 6.5 at tls_sw_sendpage(), since at tls_sw_sendmsg(). "
+            "Not counted: kTLS with NIC offload (tls_device_sendmsg())"),
     Counter("SendMsgs", "Socket", "socket", "sends that moved at least one byte: one per write(), "
             "send(), sendmsg() or writev() call, per message of sendmmsg() and per io_uring send "
             "completion (a SEND_ZC once, not its notification; with MSG_WAITALL io_uring resends "

@@ -42,6 +42,24 @@ def test_choice_per_kernel(kernel, want):
     assert choose(_points(kernel)) == want
 
 
+@pytest.mark.parametrize("kernel, sees", [("bookworm", False), ("trixie", True),
+                                           ("native-6.18", True)])
+def test_ktls_paths_missed_are_said_where_tls_is_loaded(kernel, sees, tmp_path):
+    """Where the sock_*_length tracepoints count, kTLS sends and receives are seen; where
+    fexit on tcp_sendmsg()/tcp_recvmsg() counts, they are not; splice() out of a kTLS
+    socket nowhere. Said only where the tls module is loaded (no kTLS socket without it)."""
+    choice = choose(_points(kernel))
+    available = ("SendBytes", "SendMsgs", "RecvBytes", "RecvMsgs")
+    assert bpftrace.ktls_notes(choice, available, tmp_path) == []
+    (tmp_path / "tls").mkdir()
+    notes = bpftrace.ktls_notes(choice, available, tmp_path)
+    assert len(notes) == 2 - sees
+    assert ("SendBytes and SendMsgs miss kTLS sockets' sends" in notes[0]) == (not sees)
+    assert "RecvBytes and RecvMsgs miss " in notes[-1] and "tls_sw_splice_read()" in notes[-1]
+    assert ("kTLS sockets' receives (tls_sw_recvmsg()) and splice()" in notes[-1]) == (not sees)
+    assert bpftrace.ktls_notes(choice, ("SendBytes", "SendMsgs"), tmp_path) == notes[:1 - sees]
+
+
 @pytest.mark.parametrize("kernel, missing", [
     ("bookworm", set()), ("trixie", {"ListenOverflows", "ListenDrops"}),
     ("native-6.18", {"InSegs", "DelayedACKs", "ListenOverflows", "ListenDrops"})])
