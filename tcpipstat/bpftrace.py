@@ -1049,6 +1049,9 @@ class Runner(CollectorProcess):
         held: list[str] = []            # close records read during a printout
         trailer = ""
         for line in self._ordered(stdout):
+            if dump is None and line.startswith("R\t"):   # (most lines: as they are)
+                yield line
+                continue
             text = line.rstrip("\n")
             if text == STOP_MARK:
                 self._ended()
@@ -1116,6 +1119,9 @@ class Runner(CollectorProcess):
         """The program's lines less bpftrace's runtime warnings, each connection's samples
         in the order they were taken (SampleOrder: all of them before END's printout)."""
         for line in stdout:
+            if line.startswith("R\t") and not self._context:    # (most lines)
+                yield from self._order.feed(line)
+                continue
             if self._runtime_warning(line):
                 continue
             if _LOST.match(line):        # (0.17 says it on stdout, amid the records)
