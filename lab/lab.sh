@@ -261,13 +261,18 @@ bpftrace_cmd() {
 }
 
 # `bpftrace -l[v] PATTERN` in the guest. Its answer depends on the guest's kernel only: kept
-# per suite until the next setup (a guest boot per listing costs ~10 s).
+# per suite until the next setup (a guest boot per listing costs ~10 s). A module's functions
+# (kfunc:MODULE:...) are there only once the module is loaded: such a listing runs after
+# LAB_BEFORE (which loads it, from LAB_EXTRA_FILES) and is kept per LAB_BEFORE too.
 bpftrace_list() {
   [ $# -eq 2 ] && [[ $2 =~ ^[A-Za-z0-9_:*\ ]+$ ]] || { echo "usage: $0 bpftrace -l[v] PATTERN" >&2; exit 2; }
-  local c="$LAB/bt-list-$SUITE/$1-${2//[:* ]/_}"
+  local c="$LAB/bt-list-$SUITE/$1-${2//[:* ]/_}" before=""
+  if [[ $2 =~ ^kfunc:[A-Za-z0-9_]+: ]] && [ -n "${LAB_BEFORE:-}" ]; then
+    before=$LAB_BEFORE; c="$c-$(printf '%s' "$before" | md5sum | cut -c1-12)"
+  fi
   if [ ! -s "$c" ]; then
     mkdir -p "$(dirname "$c")"
-    LAB_BEFORE= LAB_BT_LIST="$1 '$2'" LAB_STAPRUN_RC_ONLY=1 LAB_META_OUT=/dev/null run - > "$c.tmp" && mv "$c.tmp" "$c"
+    LAB_BEFORE=$before LAB_BT_LIST="$1 '$2'" LAB_STAPRUN_RC_ONLY=1 LAB_META_OUT=/dev/null run - > "$c.tmp" && mv "$c.tmp" "$c"
   fi
   cat "$c"
 }

@@ -88,12 +88,16 @@ _PATHS_NOTE = ("; where the kernel does not let BPF attach to {}, the report and
 BPF_NOTES = {**dict.fromkeys(("SendBytes", "SendMsgs"), (
                  ", or kretfunc:tcp_sendmsg on a kernel without it; and kretfunc:tcp_sendpage "
                  "on a kernel that has it (sendfile(), splice() and vmsplice() into the "
-                 "socket, before Linux 6.5; since 6.5 they pass the tracepoint)"
+                 "socket, before Linux 6.5; since 6.5 they pass the tracepoint); on kTLS "
+                 "sockets kretfunc:tls:tls_sw_sendmsg and kretfunc:tls:tls_sw_sendpage where "
+                 "the tracepoint is missing"
                  + _PATHS_NOTE.format("it", "those calls"))),
              **dict.fromkeys(("RecvBytes", "RecvMsgs"), (
                  ", or kretfunc:tcp_recvmsg on a kernel without it; and kretfunc:tcp_splice_read "
                  "(splice() out of the socket) and kretfunc:tcp_zerocopy_receive "
-                 "(TCP_ZEROCOPY_RECEIVE), on Linux 6.1 and 6.12 alike"
+                 "(TCP_ZEROCOPY_RECEIVE), on Linux 6.1 and 6.12 alike; on kTLS sockets "
+                 "kretfunc:tls:tls_sw_recvmsg where the tracepoint is missing and "
+                 "kretfunc:tls:tls_sw_splice_read"
                  + _PATHS_NOTE.format("them", "those paths"))),
              "OutRsts": ", or kfunc:tcp_v4_send_reset, kfunc:tcp_v6_send_reset and "
                         "kfunc:tcp_send_active_reset on a kernel where it misses the resets "

@@ -20,7 +20,7 @@ from .counters import CA_COUNTERS
 # which every kernel with BTF lists: whether struct proto still has the sendpage method
 # (PATHS) and whether TCP_ZEROCOPY_RECEIVE has a copy buffer (copybuf_len, Linux 5.11)
 LISTINGS = ("tracepoint:sock:*", "tracepoint:tcp:*", "kfunc:tcp_*", "struct proto",
-            "struct tcp_zerocopy_receive")
+            "struct tcp_zerocopy_receive", "kfunc:tls:tls_sw_*")
 # kfuncs each counter needs, all of them (bt_templates/tcpipstat.bt.j2 says what each does)
 KFUNCS = {
     "insegs": ("tcp_v4_rcv", "tcp_v6_rcv"),
@@ -38,6 +38,18 @@ PATHS = {"sendpage": ("tcp_sendpage", "sendfile(), splice() and vmsplice() into 
                      "(tcp_zerocopy_receive())")}
 PATH_COUNTERS = {"sendpage": ("SendBytes", "SendMsgs"), "splice_read": ("RecvBytes", "RecvMsgs"),
                  "zc_recv": ("RecvBytes", "RecvMsgs")}
+# kTLS (software crypto): the tls module's functions that move a kTLS socket's plaintext,
+# below sock_sendmsg()/sock_recvmsg() only for sendpage (before Linux 6.5) and splice();
+# listed (and attached) where the module is loaded and has BTF: the counters they feed and
+# what the path is, as notes name it
+TLS_PATHS = {"tls:tls_sw_sendmsg": (("SendBytes", "SendMsgs"), "kTLS sockets' sends "
+                                    "(tls_sw_sendmsg())"),
+             "tls:tls_sw_sendpage": (("SendBytes", "SendMsgs"), "sendfile() and splice() into "
+                                     "kTLS sockets (tls_sw_sendpage(), before Linux 6.5)"),
+             "tls:tls_sw_recvmsg": (("RecvBytes", "RecvMsgs"), "kTLS sockets' receives "
+                                    "(tls_sw_recvmsg())"),
+             "tls:tls_sw_splice_read": (("RecvBytes", "RecvMsgs"), "splice() out of kTLS "
+                                        "sockets (tls_sw_splice_read())")}
 # What each choice below feeds (missing where the kernel gives it no point)
 _FEEDS = {"insegs": ("InSegs",), "rsts": ("OutRsts",), "dack": ("DelayedACKs",),
           "listen": ("ListenOverflows", "ListenDrops")}
@@ -89,7 +101,8 @@ def parse_listing(text: str) -> dict[str, frozenset[str]]:
     """``bpftrace -lv`` output: a probe a line, then its fields indented ("__u8 saddr[4]"),
     or a struct ("struct NAME {", its members indented, "};"): ``struct:NAME``.
     bpftrace 0.17 lists ``kfunc:vmlinux:NAME``, later ones ``fentry:vmlinux:NAME``: both are
-    kept as ``kfunc:NAME``, the spelling every version accepts."""
+    kept as ``kfunc:NAME``, the spelling every version accepts; a module's function as
+    ``kfunc:MODULE:NAME``."""
     out: dict[str, set[str]] = {}
     current = None
     for line in text.splitlines():
@@ -108,7 +121,7 @@ def parse_listing(text: str) -> dict[str, frozenset[str]]:
             out.setdefault(current, set())
         elif m:
             kind, _, rest = m.group(1).partition(":")
-            current = (f"kfunc:{rest.rpartition(':')[2]}" if kind in ("kfunc", "fentry")
+            current = (f"kfunc:{rest.removeprefix('vmlinux:')}" if kind in ("kfunc", "fentry")
                        else m.group(1))
             out.setdefault(current, set())
     return {k: frozenset(v) for k, v in out.items()}
@@ -149,6 +162,7 @@ class Choice:
     splice_read: str = ""
     zc_recv: str = ""
     unseen: tuple[str, ...] = ()    # PATHS this kernel has that no point here counts
+    tls: tuple[str, ...] = ()       # TLS_PATHS counted at their kretfuncs
 
     def missed(self) -> list[tuple[tuple[str, ...], str]]:
         """(counters, path) for each path of an available counter that this kernel has and
@@ -195,7 +209,18 @@ def choose(points: KernelPoints) -> Choice:
         listen=points.has_all(KFUNCS["listen"]),
         sendpage=paths.get("sendpage", ""), splice_read=paths.get("splice_read", ""),
         zc_recv=paths.get("zc_recv", ""), unseen=tuple(p for p in PATHS if p not in paths
-                                                       and _has_path(points, p)))
+                                                       and _has_path(points, p)),
+        tls=_tls_paths(points))
+
+
+def _tls_paths(points: KernelPoints) -> tuple[str, ...]:
+    """The TLS_PATHS counted at their kretfuncs here: those listed, less the sends and
+    receives the sock_*_length tracepoints count (they fire in sock_sendmsg() and
+    sock_recvmsg(), above the tls module's functions: counted once)."""
+    above = {"tls:tls_sw_sendmsg": "tracepoint:sock:sock_send_length",
+             "tls:tls_sw_recvmsg": "tracepoint:sock:sock_recv_length"}
+    return tuple(f for f in TLS_PATHS if points.has(f"kfunc:{f}")
+                 and not points.has(above.get(f, "")))
 
 
 def _paths(points: KernelPoints) -> dict[str, str]:
@@ -218,21 +243,19 @@ def _has_path(points: KernelPoints, path: str) -> bool:
     return points.has("kfunc:tcp_sendpage") or points.has_field("struct:proto", "sendpage")
 
 
-# kTLS (the tls module's sockets, software crypto): its functions move the plaintext and
-# hand TCP records below tcp_sendmsg()/tcp_recvmsg(); the sock_*_length tracepoints see
-# its sends and receives (in sock_sendmsg()/sock_recvmsg()), the kfuncs listed here do not,
-# and no point here sees splice() out of a kTLS socket (tls_sw_splice_read())
-KTLS_SENDS = ("SendBytes", "SendMsgs"), "kTLS sockets' sends (tls_sw_sendmsg())"
-KTLS_RECVS = ("RecvBytes", "RecvMsgs"), "kTLS sockets' receives (tls_sw_recvmsg())"
-KTLS_SPLICE = ("RecvBytes", "RecvMsgs"), "splice() out of kTLS sockets (tls_sw_splice_read())"
-
-
 def ktls_missed(choice: Choice) -> list[tuple[tuple[str, ...], str]]:
     """(counters, path) of the kTLS paths ``choice`` does not see, for a host whose tls
-    module is loaded (bpftrace cannot tell which sockets use it)."""
-    out = [] if choice.send.startswith("tracepoint:") else [KTLS_SENDS]
-    out += [] if choice.recv.startswith("tracepoint:") else [KTLS_RECVS]
-    return out + [KTLS_SPLICE]
+    module is loaded (bpftrace cannot tell which sockets use it). The tracepoints see kTLS
+    sends and receives; tls_sw_sendpage() exists only with tcp_sendpage() (gone in Linux
+    6.5 with struct proto's sendpage, which tells)."""
+    seen = set(choice.tls)
+    if choice.send.startswith("tracepoint:"):
+        seen.add("tls:tls_sw_sendmsg")
+    if choice.recv.startswith("tracepoint:"):
+        seen.add("tls:tls_sw_recvmsg")
+    if not choice.sendpage and "sendpage" not in choice.unseen:
+        seen.add("tls:tls_sw_sendpage")
+    return [TLS_PATHS[f] for f in TLS_PATHS if f not in seen]
 
 
 def _rsts(points: KernelPoints) -> str:

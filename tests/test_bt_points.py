@@ -60,6 +60,25 @@ def test_ktls_paths_missed_are_said_where_tls_is_loaded(kernel, sees, tmp_path):
     assert bpftrace.ktls_notes(choice, ("SendBytes", "SendMsgs"), tmp_path) == notes[:1 - sees]
 
 
+@pytest.mark.parametrize("kernel, tls", [
+    # 6.1: fexit on the tls module's functions, as on tcp_sendmsg() and tcp_sendpage()
+    ("bookworm", ("tls:tls_sw_sendmsg", "tls:tls_sw_sendpage", "tls:tls_sw_recvmsg",
+                  "tls:tls_sw_splice_read")),
+    # 6.12: the tracepoints see kTLS sends and receives; no tls_sw_sendpage() (Linux 6.5)
+    ("trixie", ("tls:tls_sw_splice_read",))])
+def test_ktls_at_the_tls_modules_functions_where_it_is_listed(kernel, tls, tmp_path):
+    """The lab guests' listings with the tls module loaded (bpftrace 0.17 names its
+    functions kfunc:tls:NAME, 0.23 fentry:tls:NAME); without it, no tls path."""
+    listing = "".join((BT / f"listing-{k}.txt").read_text() for k in (kernel, f"{kernel}-tls"))
+    choice = choose(KernelPoints(parse_listing(listing)))
+    assert choice.tls == tls and choose(_points(kernel)).tls == ()
+    (tmp_path / "tls").mkdir()
+    assert bpftrace.ktls_notes(choice, bpftrace.BPF_COUNTERS, tmp_path) == []
+    program = bpftrace.render_program(build_plan(["--backend", "bpftrace"]), choice)
+    assert [f"kretfunc:{f} " in program for f in tls] == [True] * len(tls)
+    assert program.count("kretfunc:tls:") == len(tls)
+
+
 @pytest.mark.parametrize("kernel, missing", [
     ("bookworm", set()), ("trixie", {"ListenOverflows", "ListenDrops"}),
     ("native-6.18", {"InSegs", "DelayedACKs", "ListenOverflows", "ListenDrops"})])
