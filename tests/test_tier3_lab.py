@@ -437,9 +437,11 @@ def test_samples_after_every_ack_against_ss(suite, tmp_path):
     """--sample 0 on the held connection: the sample of the ACK that acknowledged the
     last of the 300000 bytes is what `ss -tin` shows of the idle connection afterwards."""
     series, picture = tmp_path / "s.csv", tmp_path / "s.png"
-    r = LabRun(suite, tmp_path, "--json", "--sample", "0", "--series", str(series),
-               "--plot", str(picture), "--groups", "tcp", "--all-processes",
-               "*:7012-*:*", "*:*-*:7012", "-c", W.RFC4898_HOLD)
+    # (a run in which stap skipped a probe hit may miss the samples checked here: another
+    # try, as for the exact counts; CI on a loaded host saw one skip 16)
+    r = clean_run(suite, tmp_path, "--json", "--sample", "0", "--series", str(series),
+                  "--plot", str(picture), "--groups", "tcp", "--all-processes",
+                  "*:7012-*:*", "*:*-*:7012", "-c", W.RFC4898_HOLD)
     why = r.explain()
     assert r.rc == 0, why
     ss_line = next((line for line in r.meta.splitlines()
