@@ -46,9 +46,11 @@ LOST = re.compile(r"Lost (\d+) events")
 WAIT_LISTEN = "until ss -Hltn 'sport = :{port}' | grep -q .; do sleep 0.02; done"
 IPERF3 = ("iperf3 -s -1 -p {port} >/dev/null & " + WAIT_LISTEN + "; "
           "iperf3 -4 -c 127.0.0.1 -p {port} -t {secs} -f m 2>&1 | grep -m1 sender; wait")
-# a client that fails (it names the errno) takes its server with it: the server would wait
-# in accept() for connections that never come
-CHURN = ("{tcpwork} server 127.0.0.1 {port} 1 {n} & s=$!; "
+# The client starts once the server listens (ss: tcpwork's ready file may be an earlier
+# churn's on the same port, and a connect refused then ended a measure); a client that fails
+# (it names the errno) takes its server with it: the server would wait in accept() for ever
+CHURN = ("rm -f /tmp/tcpwork-ready-{port}; {tcpwork} server 127.0.0.1 {port} 1 {n} & s=$!; "
+         + WAIT_LISTEN + "; "
          "{tcpwork} client 127.0.0.1 {port} {n} 1 || {{ kill $s; exit 1; }}; wait")
 # A churn leaves its client's ports in TIME-WAIT for 60 s; the next one waits until fewer
 # than this many remain, so that connect() finds a free ephemeral port (EADDRNOTAVAIL ended
