@@ -42,8 +42,8 @@ import jinja2
 
 from . import __version__
 from .backend import CollectorProcess, Log, Prepared, RunOutcome, command_from_env
-from .bt_points import (ASKED, LISTINGS, Choice, KernelPoints, choose, ktls_missed,
-                        list_points)
+from .bt_points import (ASKED, LISTINGS, TLS_PATHS, Choice, KernelPoints, choose,
+                        ktls_missed, list_points)
 from .counters import CA_COUNTERS, CA_TIME_COUNTERS, UNITS, counters_for_units, units_for_groups
 from .errors import EnvironmentNotReady, UsageError
 from .estats import EVARS
@@ -223,6 +223,7 @@ def render_program(plan, choice: Choice | None = None, estats: EstatsRead | None
               *hist_maps[:1], *(["cs"] if cong else [])]
     return _template().render(
         version=__version__, counters=available, command=bool(plan.command), points=choice,
+        tls_paths=TLS_PATHS,
         cgroup=cgroup, netns=netns,
         nfilters=len(plan.filters), per_filter=PER_FILTER, end_mark=END_MARK,
         stop_mark=STOP_MARK,
