@@ -71,13 +71,20 @@ def probe_check_points(points: Iterable[Probe], kver: str) -> list[str]:
     return [t for p in points for t in stap_spellings(p, kver)]
 
 
+def probe_check(points: Iterable[Probe], kver: str) -> tuple[list[str], str]:
+    """The probe check of ``points`` on ``kver``: what it asks about, and its script (also
+    the key under which the toolchain keeps its answer)."""
+    texts = probe_check_points(points, kver)
+    return texts, render_probe_check(texts)
+
+
 def resolve_points(tc, points: Iterable[Probe], kver: str) -> dict[Probe, str]:
     """Which of ``points`` exist on kernel ``kver``, each with its first spelling that
     resolves: the probe check, run by the toolchain ``tc`` (stap.Toolchain), which
     answers in stap's syntax."""
     points = list(points)
-    texts = probe_check_points(points, kver)
-    resolved = tc.resolve(texts, kver, render_probe_check(texts))
+    texts, script = probe_check(points, kver)
+    resolved = tc.resolve(texts, kver, script)
     found = {}
     for p in points:
         spelled = next((t for t in stap_spellings(p, kver) if t in resolved), None)

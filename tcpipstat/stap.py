@@ -25,8 +25,7 @@ from typing import Callable, Iterator
 from .backend import CollectorProcess, Log, Prepared, RunOutcome, command_from_env
 from .counters import Selection, points_for_groups, select
 from .errors import EnvironmentNotReady, StapFailed
-from .render import (module_args, probe_check_points, render_probe_check, render_script,
-                     resolve_points)
+from .render import module_args, probe_check, render_script, resolve_points
 
 INSTALL_HINT = ("install SystemTap: 'apt-get install systemtap' (Debian/Ubuntu) or "
                 "'dnf install systemtap' (Fedora/RHEL)")
@@ -374,21 +373,23 @@ class Collector(CollectorProcess):
 def dump_script(plan) -> str:
     """The script for the chosen groups, before probe resolution (every unit; with
     --kprobes-only, none that needs a tracepoint)."""
-    sel = select(plan.groups, plan.tracepoints)
-    return render_script(sel, plan.max_sockets, plan.dist, plan.estats, plan.sample_ms is not None,
-                         plan.places)
+    return script_for(plan, select(plan.groups, plan.tracepoints))
 
 
 def kernel_release(plan) -> str:
     return plan.kernel_release or os.uname().release
 
 
+def check_points(plan) -> list:
+    """The probe points the run's probe check asks about (--kprobes-only: no tracepoint)."""
+    return points_for_groups(plan.groups, plan.tracepoints)
+
+
 def selection(plan, tc: Toolchain, log: Log) -> Selection:
     """The units to run: probe points resolved on the target kernel."""
     kver = kernel_release(plan)
-    points = points_for_groups(plan.groups, plan.tracepoints)   # --kprobes-only: no tracepoint
     log(f"checking which probe points exist on kernel {kver}...")
-    return select(plan.groups, plan.tracepoints, resolve_points(tc, points, kver))
+    return select(plan.groups, plan.tracepoints, resolve_points(tc, check_points(plan), kver))
 
 
 def script_for(plan, sel: Selection) -> str:
@@ -461,8 +462,7 @@ class StapBackend:
         plan, tc = self.plan, self.tc
         first = dump_script(plan)            # the script when every probe point exists
         flags = plan.compile_flags()
-        check = render_probe_check(probe_check_points(
-            points_for_groups(plan.groups, plan.tracepoints), kver))
+        _, check = probe_check(check_points(plan), kver)
         if (not plan.verbose and not tc.resolved_cached(kver, check)
                 and not tc.module_path(first, kver, flags).is_file()):
             log(f"compiling the collector for {kver} while checking its probe points "
