@@ -77,12 +77,19 @@ def near(value, want, slack):
 
 def clean_run(suite: str, tmp: Path, *args: str, env: dict | None = None,
               tries: int = 3) -> LabRun:
-    """A run in which stap skipped no probe hit, in at most ``tries``; else the last one.
-    What a skipped hit loses is not only counts: a skipped fork leaves a process out of
-    the -c tree (told in the notes). Skips come from lock waits on a guest whose CPUs the
-    host takes away: a loaded host makes them, and the run says so when it happens."""
+    """A run in which the collector skipped no probe hit, for tests whose checks are exact.
+    It runs on one emulated CPU: stap gives up on a global's lock after 1 ms (MAXTRYLOCK
+    tries 10 us apart) and skips that probe hit, and on two emulated CPUs of a loaded host a
+    lock holder is often descheduled for longer (CI: three runs in a row with a skip; -t
+    named them: lock timeouts on tis_done, the timer's tick while the run's end was written
+    out, and on tis_events, an event's); with one CPU no probe ever waits for a lock. A run
+    that skipped hits anyway (a kprobe hit in a softirq that ran as another kprobe's handler
+    ended) is tried again, at most ``tries`` times; else the last one is returned.
+    What a skipped hit loses is not only counts: a skipped fork leaves a process out of the
+    -c tree (told in the notes)."""
+    one_cpu = {**(env or {}), "LAB_SMP": "1"}
     for _ in range(tries):
-        r = LabRun(suite, tmp, *args, env=env)
+        r = LabRun(suite, tmp, *args, env=one_cpu)
         if r.rc != 0 or r.skipped() + r.faults() == 0:
             break
     return r
@@ -379,8 +386,8 @@ def test_rfc4898_at_close_against_ss_and_the_workload(suite, tmp_path):
     """300000 bytes under netem loss; `ss -tin` in the guest once they are all
     acknowledged, then the client closes: the variables at close equal ss's where nothing
     can change after the snapshot, and the workload's totals."""
-    r = LabRun(suite, tmp_path, "--json", "--rfc4898", "--groups", "tcp", "--all-processes",
-               "*:7012-*:*", "*:*-*:7012", "-c", W.RFC4898_HOLD)
+    r = clean_run(suite, tmp_path, "--json", "--rfc4898", "--groups", "tcp", "--all-processes",
+                  "*:7012-*:*", "*:*-*:7012", "-c", W.RFC4898_HOLD)
     why = r.explain()
     assert r.rc == 0, why
     ss_line = next((line for line in r.meta.splitlines()
@@ -397,7 +404,7 @@ def test_rfc4898_at_close_against_ss_and_the_workload(suite, tmp_path):
         if "rfc4898" not in o:
             assert "still open at the end: RFC 4898 variables" in " ".join(r.stderr.split()), why
             # the workload waited until it closed: its close was among the probe hits stap
-            # skipped, and none skipped means a real loss
+            # skipped (in three runs on one CPU), and none skipped means a real loss
             assert r.skipped(), why
             pytest.skip(f"{o['lport']}->{o['rport']}: its close was not seen (stap skipped "
                         f"{r.skipped()} probe hits)")
@@ -437,8 +444,8 @@ def test_samples_after_every_ack_against_ss(suite, tmp_path):
     """--sample 0 on the held connection: the sample of the ACK that acknowledged the
     last of the 300000 bytes is what `ss -tin` shows of the idle connection afterwards."""
     series, picture = tmp_path / "s.csv", tmp_path / "s.png"
-    # (a run in which stap skipped a probe hit may miss the samples checked here: another
-    # try, as for the exact counts; CI on a loaded host saw one skip 16)
+    # (a run in which stap skipped a probe hit may miss the samples checked here: CI on a
+    # loaded host saw two emulated CPUs skip 16 and 21)
     r = clean_run(suite, tmp_path, "--json", "--sample", "0", "--series", str(series),
                   "--plot", str(picture), "--groups", "tcp", "--all-processes",
                   "*:7012-*:*", "*:*-*:7012", "-c", W.RFC4898_HOLD)
@@ -453,7 +460,7 @@ def test_samples_after_every_ack_against_ss(suite, tmp_path):
     ends = [x["event"] for x in client].count("end")
     if client and not ends and r.skipped():
         # the workload waits until the socket has closed; a close the collector did not
-        # see is one of the probe hits stap skipped (and said so)
+        # see is one of the probe hits stap skipped (and said so), in three runs
         pytest.skip(f"no end sample; stap skipped {r.skipped()} probe hits")
     assert client and client[-1]["event"] == "end" and ends == 1, (r.outcome, rows[-4:])
     first = int(client[0]["snd_una"])
@@ -501,10 +508,10 @@ def test_sampling_modes(suite, tmp_path, mode):
     # the end marker comes last (connections still open when collection stops have none)
     assert all(x["event"] != "end" for c in by_conn.values() for x in c[:-1]), why
     # the data connection closed (iperf3 resets it): its end sample, unless its close was
-    # among the probe hits stap skipped (and said so)
-    if sender[-1]["event"] != "end" and r.skipped():
-        pytest.skip(f"no end sample; stap skipped {r.skipped()} probe hits")
-    assert sender[-1]["event"] == "end", why
+    # among the probe hits stap skipped, and said so. (Under netem, even on one CPU, stap
+    # skips some: a packet netem releases in a softirq that runs as a kprobe handler ends
+    # hits tcp_v4_rcv's kprobe while the first is still marked running, and kprobes skip it.)
+    assert sender[-1]["event"] == "end" or r.skipped(), why
     row = next(o for o in r.json()
                if (o["lport"], o["rport"]) == (sender[0]["lport"], sender[0]["rport"]))
     assert (row["series"]["samples"] == len(acks)
