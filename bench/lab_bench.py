@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 from classic import classic_script, default_seed  # noqa: E402
 from tcpipstat.records import ENDED_BY, Parser  # noqa: E402
+from tests.lab_workloads import lab_root  # noqa: E402
 
 GROUPS = ("socket", "tcp", "ip", "ext")
 IPERF3 = ("iperf3 -s -1 >/dev/null & sleep 1; "
@@ -58,14 +59,8 @@ CLASSIC_FLAGS = ["-DSTP_NO_OVERLOAD", "-DMAXTRYLOCK=1000"]   # what lab/run pass
 CLASSIC_FILTER = "*.*.*.*:*-*.*.*.*:*"
 
 
-def lab_dir() -> Path:
-    if os.environ.get("LAB_DIR"):
-        return Path(os.environ["LAB_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tcpipstat-lab"
-
-
 def stap_cache(suite: str) -> Path:
-    return lab_dir() / suite / "root" / ".systemtap" / "cache"
+    return lab_root(suite) / "root" / ".systemtap" / "cache"
 
 
 def kver(suite: str) -> str:
@@ -166,7 +161,7 @@ def compile_classic(suite: str, workdir: Path, fixed: bool = False) -> tuple[Pat
     script.write_text(classic_script(SEED))
     env = {**os.environ, "LAB_SUITE": suite}
     if fixed:
-        root = lab_dir() / suite
+        root = lab_root(suite)
         copy = root / "tmp" / "tapset-nodefault"
         if not copy.is_dir():
             shutil.copytree(root / "usr/share/systemtap/tapset", copy, symlinks=True)
