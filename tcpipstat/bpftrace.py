@@ -906,8 +906,14 @@ def _header_format(line: str) -> int:
 def boot_to_wall_ms() -> int:
     """What turns bpftrace's ``nsecs / 1000000`` (CLOCK_BOOTTIME since bpftrace 0.12) into
     the wall-clock milliseconds the records' times are (stap's gettimeofday_ms): -T and
-    the JSON and CSV snapshots print them as times of day."""
-    return time.time_ns() // 1_000_000 - time.clock_gettime_ns(time.CLOCK_BOOTTIME) // 1_000_000
+    the JSON and CSV snapshots print them as times of day. The clocks' difference is taken
+    in ns, the boot clock read on both sides of the wall clock, and only then cut to a ms:
+    the same number on every call of a boot (a difference of two ms readings was one ms
+    more or less by the instant of the call, so a run's times moved by it)."""
+    boot = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+    wall = time.time_ns()
+    boot = (boot + time.clock_gettime_ns(time.CLOCK_BOOTTIME)) // 2
+    return (wall - boot) // 1_000_000
 
 
 def shift_ms(line: str, at: int, offset: int) -> str:

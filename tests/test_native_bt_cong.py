@@ -354,8 +354,8 @@ def _check_row(row: dict, o: Oracle, end_us: int, skipped: int, end_slack_us: in
 def _tcpipstat(args: list[str], tmp_path: Path) -> tuple[list[dict], int, dict]:
     """tcpipstat --backend bpftrace --cong --dist --json ARGS: its rows, the ms its run
     ended on the kernel's clock (the trailer's END_MS is wall-clock time: tcpipstat shifts
-    bpftrace's boot-clock ms by boot_to_wall_ms(), which this takes back, to within a ms of
-    rounding) and its --outcome-json."""
+    bpftrace's boot-clock ms by boot_to_wall_ms(), the same number for every call of a boot,
+    which this takes back) and its --outcome-json."""
     saved, outcome = tmp_path / "records", tmp_path / "outcome.json"
     res = subprocess.run([sys.executable, "-m", "tcpipstat", "--backend", "bpftrace", "--cong",
                           "--dist", "--json", "--save-records", str(saved), "--outcome-json",

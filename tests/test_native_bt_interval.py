@@ -41,6 +41,13 @@ def test_formats_print_64_bits():
 def test_times_move_to_the_wall_clock():
     offset = bpftrace.boot_to_wall_ms()
     assert abs(time.time() * 1000 - (time.clock_gettime(time.CLOCK_BOOTTIME) * 1000 + offset)) < 50
+    # the same offset whenever it is asked, within a ms's phase or not (so a test can take
+    # a run's shift back exactly): 200 calls spread over about 20 ms
+    seen = set()
+    for _ in range(200):
+        seen.add(bpftrace.boot_to_wall_ms())
+        time.sleep(0.0001)
+    assert seen == {offset}
     line = "H\ttcpipstat\t2\t0.3\t1500\t0\t64\tSendBytes\n"
     assert bpftrace.shift_ms(line, 4, 1000) == line.replace("1500", "2500")
     assert bpftrace.shift_ms("H\tx\n", 4, 1000) == "H\tx\n"     # (the parser names it)
