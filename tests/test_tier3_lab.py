@@ -78,11 +78,12 @@ def near(value, want, slack):
 def clean_run(suite: str, tmp: Path, *args: str, env: dict | None = None,
               tries: int = 3) -> LabRun:
     """A run in which the collector skipped no probe hit, for tests whose checks are exact.
-    It runs on one emulated CPU: stap gives up on a global's lock after 1 ms (MAXTRYLOCK
-    tries 10 us apart) and skips that probe hit, and on two emulated CPUs of a loaded host a
-    lock holder is often descheduled for longer (CI: three runs in a row with a skip; -t
-    named them: lock timeouts on tis_done, the timer's tick while the run's end was written
-    out, and on tis_events, an event's); with one CPU no probe ever waits for a lock. A run
+    It runs on one emulated CPU: stap gives up on a global's lock after MAXTRYLOCK tries
+    10 us apart (lab/run raises it to 1000: 10 ms) and skips that probe hit, and on two
+    emulated CPUs a lock holder is sometimes descheduled for longer (CI: three runs in a row
+    with a skip; -t named them: lock timeouts on tis_done, the timer's tick while the run's
+    end was written out, and on tis_events, an event's); with one CPU no probe ever waits for
+    a lock. A run
     that skipped hits anyway (a kprobe hit in a softirq that ran as another kprobe's handler
     ended) is tried again, at most ``tries`` times; else the last one is returned.
     What a skipped hit loses is not only counts: a skipped fork leaves a process out of the
