@@ -107,7 +107,7 @@ def run_workload(shell: str, mode: Mode, lost: list[int]) -> str:
     command (the events its bpftrace lost are added to ``lost``)."""
     tree, extra, program = mode
     if program is not None:     # (bpftrace splits -c at spaces: the shell goes in a file)
-        script = program.with_suffix(".sh")
+        script = Path(tempfile.gettempdir()) / f"bpf-bench-{os.getpid()}.sh"
         script.write_text(shell + "\n")
         res = subprocess.run(["bpftrace", "-q", str(program), "-c", f"/bin/sh {script}"],
                              capture_output=True, text=True, timeout=600, env=BT_ENV)
