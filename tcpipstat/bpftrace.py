@@ -60,6 +60,18 @@ INSTALL_HINT = "install bpftrace: 'apt-get install bpftrace' or 'dnf install bpf
 MIN_VERSION = (0, 12, 0)
 _NEED = ".".join(map(str, MIN_VERSION))
 VERSION_FIX = f"install bpftrace {_NEED} or later"
+# A snapshot (--interval, --serve) prints maps the probes still change. bpftrace before 0.19
+# ends the run when a socket closing meanwhile deletes a key between the print's next-key
+# and its lookup: it took libbpf 1.x's -ENOENT for an error (src/bpftrace.cpp, print_map;
+# fixed by bpftrace commit 6edb98028). No program-side way round it: the print is walked in
+# user space, later than the probe that asks for it. END prints after the probes detach.
+PRINT_RACE_FIXED = (0, 19, 0)
+_PRINT_RACE = re.compile(r"(ERROR: )?failed to look up elem: -?\d+\Z")
+_PRINT_RACE_AFTER = ("terminate called after throwing", "  what():  Could not print map")
+PRINT_RACE = ("bpftrace stopped as it printed a snapshot: a socket that closed meanwhile took "
+              "its entry away, which bpftrace before 0.19 takes for an error",
+              "bpftrace 0.19 or later reads past it; without --interval the maps are printed "
+              "once, at the end, with the probes detached")
 TRACEFS = Path("/sys/kernel/tracing")
 TRACEFS_FIX = "mount it: 'mount -t tracefs nodev /sys/kernel/tracing' (as root)"
 
@@ -891,9 +903,26 @@ def bpftrace_version(cmd: list[str]) -> tuple[str, str]:
     if m is None:
         return said, (f"cannot tell the bpftrace version from '{said}' (tcpipstat needs "
                       f"{_NEED} or later)")
-    if tuple(int(x or 0) for x in m.groups()) < MIN_VERSION:
+    if version_tuple(m.group(0)) < MIN_VERSION:
         return m.group(0), f"bpftrace {m.group(0)} is too old: tcpipstat needs {_NEED} or later"
     return m.group(0), ""
+
+
+def print_race_note(plan, version: str) -> str:
+    """What a run of ``plan`` risks on bpftrace ``version`` from PRINT_RACE ("": nothing)."""
+    if plan.interval_s is None or version_tuple(version) >= PRINT_RACE_FIXED:
+        return ""
+    return (f"bpftrace {version}: a socket that closes while a snapshot is printed can stop "
+            "this run (bpftrace 0.19 reads past it; the report keeps what came before)")
+
+
+def version_tuple(version: str) -> tuple[int, int, int]:
+    """(major, minor, patch) of a version bpftrace_version() found ("v0.17.0", "0.20")."""
+    m = re.match(r"v?(\d+)\.(\d+)(?:\.(\d+))?", version)
+    if m is None:
+        raise ValueError(f"not a bpftrace version: {version!r}")
+    major, minor, patch = m.groups()
+    return int(major), int(minor), int(patch or 0)
 
 
 def _header_format(line: str) -> int:
@@ -1029,13 +1058,17 @@ class Runner(CollectorProcess):
         self.on_end: Callable[[], None] | None = None   # told where END begins
 
     def classify(self, line: str) -> bool:
-        """bpftrace's memlock warning (said on every start: dropped) and lost events."""
+        """bpftrace's memlock warning (said on every start: dropped), lost events, and a
+        snapshot that bpftrace before 0.19 could not print (its error, the run's problem)."""
         if "RLIMIT_MEMLOCK" in line or "BPFTRACE_MAP_KEYS_MAX is deprecated" in line:
             return True
         if _LOST.match(line):
             self.outcome.warnings.append(line.removeprefix("WARNING: "))
             return True
-        return False
+        if _PRINT_RACE.match(line):     # (the error names the cause and the fix)
+            self.outcome.problem = PRINT_RACE
+            return True
+        return self.outcome.problem is PRINT_RACE and line.startswith(_PRINT_RACE_AFTER)
 
     def lines(self) -> Iterator[str]:
         """The records; the programs' misses, at the end, as skipped probe hits."""
@@ -1268,6 +1301,8 @@ class BpftraceBackend:
             raise EnvironmentNotReady("collecting needs root (bpftrace loads BPF programs)",
                                       "run it with sudo, or use --dump-script to see the program")
         ensure_tracefs()
+        if note := print_race_note(plan, version):
+            log(note)
         log("asking bpftrace which probe points this kernel has...")
         # (a stand-in's kernel is not this boot's)
         points, cgroup = kernel_facts(cmd, facts_path(cmd, version) if self.same_host else None,

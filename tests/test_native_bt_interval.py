@@ -7,7 +7,9 @@ loopback workloads whose bytes and sockets are known.
 """
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -219,6 +221,36 @@ def test_check_names_the_bpftrace_version(tmp_path, monkeypatch, says, ok, detai
         assert bpf["ready"] is False and status == (0 if json.loads(out)["ready"] else 1)
 
 
+# What bpftrace 0.17 wrote when a key left a map that print() walked (recorded on this host
+# by fixtures/bpftrace/refresh-print-race.sh): a snapshot meeting a closing socket
+PRINT_RACE_ERR = FIXTURES / "print-race-0.17.0.stderr"
+
+
+def test_a_snapshot_bpftrace_could_not_print_is_the_runs_problem():
+    """bpftrace 0.17's own words for it become the run's problem, with the fix; the C++
+    abort's lines and the memlock warning are not echoed, other errors still are."""
+    echoed: list[str] = []
+    r = bpftrace.Runner(["true"], ("SendBytes",), 10, echoed.append)
+    text = PRINT_RACE_ERR.read_text()
+    r._read_stderr(io.StringIO(text + "ERROR: something else\n"))
+    assert "failed to look up elem" in text and "Could not print map" in text
+    assert echoed == ["ERROR: something else"]
+    assert r.outcome.problem == bpftrace.PRINT_RACE
+    assert "before 0.19" in r.outcome.problem[0] and "0.19 or later" in r.outcome.problem[1]
+    r = bpftrace.Runner(["true"], ("SendBytes",), 10, echoed.append)
+    r._read_stderr(io.StringIO(text.replace("failed to look up elem: -2", "other")))
+    assert r.outcome.problem is None            # (the abort's lines alone say nothing)
+
+
+@pytest.mark.parametrize("args, version, warned", [
+    (["--interval", "1"], "v0.17.0", True), (["--interval", "1"], "0.18.1", True),
+    (["--interval", "1"], "v0.19.0", False), (["--interval", "1"], "v0.23.2", False),
+    (["timeout=1"], "v0.17.0", False), (["--serve", "9999", "index=lport"], "v0.17.0", True)])
+def test_a_snapshot_run_on_an_old_bpftrace_is_told_of_the_risk(args, version, warned):
+    note = bpftrace.print_race_note(build_plan(["--backend", "bpftrace", *args]), version)
+    assert bool(note) == warned and (not note or version in note and "0.19" in note)
+
+
 # ---- tier 3n: real runs on this kernel ----
 @pytest.mark.native
 def test_ipv4_mapped_addresses_and_wall_clock_times(tmp_path):
@@ -384,3 +416,42 @@ def test_full_tables_count_the_sockets_left_out(tmp_path):
                for r in clients)
     assert all(r["counters"]["RecvBytes"] == 1000 and r["counters"]["PassiveOpens"] == 1
                for r in servers)
+
+
+# A bpftrace that runs the real one and, after the program's second snapshot, ends it as
+# bpftrace before 0.19 ends a run whose print lost a key: its recorded words, SIGABRT
+ABORTING = """case " $* " in *".bt "*) ;; *) exec bpftrace "$@" ;; esac
+fifo={fifo}; rm -f $fifo; mkfifo $fifo
+bpftrace "$@" > $fifo & pid=$!
+n=0
+while IFS= read -r line; do
+  printf '%s\\n' "$line"
+  case $line in {snapshot}) n=$((n + 1))
+    if [ $n = 2 ]; then cat {err} >&2; kill -ABRT $pid; wait $pid; exit 134; fi ;; esac
+done < $fifo
+wait $pid
+"""
+
+
+@pytest.mark.native
+def test_a_run_bpftrace_ends_at_a_snapshot_keeps_its_windows(tmp_path):
+    """Ended at the second snapshot as bpftrace 0.17 ends one that met a closing socket:
+    both windows are reported, the exit status is 1, and the last words name the cause
+    and the fix, in place of bpftrace's C++ abort."""
+    _native()
+    wrapper = tmp_path / "bpftrace"
+    wrapper.write_text(ABORTING.format(fifo=tmp_path / "out", err=PRINT_RACE_ERR,
+                                       snapshot=bpftrace.MARKS["end"]))
+    res = subprocess.run([sys.executable, "-m", "tcpipstat", "--backend", "bpftrace",
+                          "--interval", "1", "--count", "5", f"*:{_free_port()}-*:*"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**os.environ, "TCPIPSTAT_BPFTRACE": f"/bin/sh {wrapper}"})
+    assert res.returncode == 1, res.stderr
+    assert re.findall(r"^interval (\d+),", res.stdout, re.M) == ["1", "2"], res.stdout
+    err = res.stderr.splitlines()
+    assert err[-2].startswith("tcpipstat: collection ended abnormally: bpftrace stopped as it "
+                              "printed a snapshot"), err
+    assert err[-1].startswith("tcpipstat: fix: bpftrace 0.19 or later reads past it"), err
+    assert not [x for x in err if "terminate called" in x or "look up elem" in x]
+    old = bpftrace.version_tuple(bpftrace.bpftrace_version(["bpftrace"])[0]) < (0, 19, 0)
+    assert any("can stop this run" in x for x in err) == old
