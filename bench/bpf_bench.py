@@ -21,7 +21,7 @@ Parts:
   floor     the same two workloads untraced, under bpftrace running empty programs on the
             collector's own probe points (what attaching costs: captured from the program
             tcpipstat runs on this host), under bench/bt_floor.bt (the least a per-socket
-            counting program does: one lookup and one update a event, no record until
+            counting program does: one lookup and one update an event, no record until
             END) and under tcpipstat (default groups): where the goals are out of reach
             of any such program on this host, and where of the collector's design.
 
@@ -265,8 +265,8 @@ def floor(args, tmp: Path) -> None:
     print("the collector's probes on this host, emptied:\n  "
           + empty.read_text().strip().replace("\n", "\n  "))
     traffic(args, tmp, {"untraced": Mode(ROOT, None),
-                        "empty programs": Mode(ROOT, [], empty),
-                        "bt_floor.bt": Mode(ROOT, [], ROOT / "bench" / "bt_floor.bt"),
+                        "empty programs": Mode(ROOT, None, empty),
+                        "bt_floor.bt": Mode(ROOT, None, ROOT / "bench" / "bt_floor.bt"),
                         "default groups": Mode(ROOT, [])})
 
 
@@ -282,16 +282,23 @@ def startup(args, tmp: Path) -> None:
         show("default groups" + (f" ({tree.name})" if tree != ROOT else ""), times[tree], "s")
 
 
+PARTS = {"startup": startup, "overhead": overhead, "floor": floor}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--secs", type=int, default=5)
     ap.add_argument("--conns", type=int, default=3000)
     ap.add_argument("--parts", default="startup,overhead",
-                    help="startup, overhead, floor (comma-separated)")
+                    help=f"{', '.join(PARTS)} (comma-separated)")
     ap.add_argument("--compare", type=Path, metavar="TREE",
                     help="another tcpipstat tree (a worktree of an older commit) to measure")
     args = ap.parse_args()
+    parts = args.parts.split(",")
+    if set(parts) - set(PARTS):
+        ap.error(f"--parts: {', '.join(sorted(set(parts) - set(PARTS)))}: not one of "
+                 f"{', '.join(PARTS)}")
     if os.geteuid() != 0:
         raise SystemExit("bpf_bench: needs root (bpftrace loads BPF programs)")
     missing = [tool for tool in ("bpftrace", "iperf3", "cc", "ss") if not shutil.which(tool)]
@@ -306,8 +313,8 @@ def main() -> None:
     print(f"native: kernel {platform.release()}, {os.cpu_count()} CPUs ({cpu}), "
           f"runs {args.runs}, load average at start {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory(prefix="bpf-bench-") as tmp:
-        for part in args.parts.split(","):
-            {"startup": startup, "overhead": overhead, "floor": floor}[part](args, Path(tmp))
+        for part in parts:
+            PARTS[part](args, Path(tmp))
 
 
 if __name__ == "__main__":
