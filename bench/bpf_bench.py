@@ -156,8 +156,7 @@ def busy_ticks(path: Path) -> int:
     return sum(ticks) - ticks[3] - ticks[4]
 
 
-def churn_rate(mode, tcpwork: Path, n: int, lost: list[int],
-               cpu: list[float] | None = None) -> float:
+def churn_rate(mode, tcpwork: Path, n: int, lost: list[int], cpu: list[float]) -> float:
     """Connections a second; the host's CPU microseconds a connection go to ``cpu``."""
     wait_for_ports()
     before, after = tcpwork.with_name("busy-before"), tcpwork.with_name("busy-after")
@@ -168,9 +167,8 @@ def churn_rate(mode, tcpwork: Path, n: int, lost: list[int],
     m = re.search(r"tcpwork client \S+: (\d+) connections, .* (\d+) ms", text)
     if not m:
         raise SystemExit(f"no tcpwork client line in: {text[-2000:]}")
-    if cpu is not None:
-        ticks = busy_ticks(after) - busy_ticks(before)
-        cpu.append(ticks * 1e6 / USER_HZ / int(m.group(1)))
+    ticks = busy_ticks(after) - busy_ticks(before)
+    cpu.append(ticks * 1e6 / USER_HZ / int(m.group(1)))
     return int(m.group(1)) / (int(m.group(2)) / 1000)
 
 

@@ -453,5 +453,6 @@ def test_a_run_bpftrace_ends_at_a_snapshot_keeps_its_windows(tmp_path):
                               "printed a snapshot"), err
     assert err[-1].startswith("tcpipstat: fix: bpftrace 0.19 or later reads past it"), err
     assert not [x for x in err if "terminate called" in x or "look up elem" in x]
-    old = bpftrace.version_tuple(bpftrace.bpftrace_version(["bpftrace"])[0]) < (0, 19, 0)
+    version = bpftrace.bpftrace_version(["bpftrace"])[0]
+    old = bpftrace.version_tuple(version) < bpftrace.PRINT_RACE_FIXED
     assert any("can stop this run" in x for x in err) == old
