@@ -42,6 +42,17 @@ def json_rows(text: str) -> list[dict]:
     return [o for o in objs if "reconciliation" not in o]
 
 
+def data_connection(samples: list[dict], port: int) -> tuple[int, int]:
+    """(lport, rport) of the series' bulk sender to PORT: of the connections to it, the one
+    whose snd_una advanced most (mod 2**32). Not the one with most samples: when the
+    transfer starves, iperf3's control connection can have more (fixtures/lab)."""
+    ends: dict[tuple[int, int], list[int]] = {}
+    for x in samples:
+        if x["rport"] == port:
+            ends.setdefault((x["lport"], x["rport"]), []).append(x["snd_una"])
+    return max(ends, key=lambda k: (ends[k][-1] - ends[k][0]) % (1 << 32))
+
+
 def lab_kver(suite: str) -> str:
     """The lab kernel of ``suite``; skips (no TCPIPSTAT_LAB) or fails (lab missing)."""
     if os.environ.get("TCPIPSTAT_LAB") != "1":

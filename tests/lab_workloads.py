@@ -59,10 +59,36 @@ TABLE_TOO_SMALL = ("iperf3 -s -1 >/dev/null & "
                    "iperf3 -4 -c 127.0.0.1 -P 80 -n 8M >/dev/null 2>&1; wait")
 
 # Delay and loss on loopback (netem, in the lab guest): real fast retransmits, recoveries
-# and congestion-state changes in a 2 s iperf3 run (the client sends).
+# and congestion-state changes (RFC4898_HOLD below).
 NETEM = "/usr/sbin/tc qdisc add dev lo root netem delay 5ms loss 2%"
-CONG_IPERF3 = (f"{NETEM}; iperf3 -s -1 >/dev/null & "
-               "iperf3 -4 -c 127.0.0.1 -t 2 >/dev/null 2>&1; wait")
+_LISTENING = "/usr/bin/ss -Htln '( sport = :5201 )' | grep -q ."
+_CONNECTED = ("[ \"$(/usr/bin/ss -Htn state established '( dport = :5201 )' | wc -l)\" "
+              "-ge 2 ]")
+
+
+def _until(condition: str) -> str:
+    """Shell: poll CONDITION every 20 ms until it holds, at most 10 s."""
+    return f"i=0; until {condition} || [ $i -ge 500 ]; do sleep 0.02; i=$((i + 1)); done"
+
+
+def iperf3_netem_once_connected(netem: str) -> str:
+    """A 2 s iperf3 run (the client sends, once the server listens) with `tc qdisc ...
+    netem NETEM` put on loopback once both of its connections (control and data) are
+    established. With the loss there from the start, a CI run lost SYNs (1 s each) and
+    then timed out once more (the guest's TCPSynRetrans=2, TCPTimeouts=1): 25 data segments
+    in all, where other runs send 900-2000 with 16-22 recoveries, and the tests that need
+    recoveries or samples had none. Now no SYN can be lost."""
+    return (f"iperf3 -s -1 >/dev/null & {_until(_LISTENING)}; "
+            f"iperf3 -4 -c 127.0.0.1 -t 2 >/dev/null 2>&1 & {_until(_CONNECTED)}; "
+            f"/usr/sbin/tc qdisc add dev lo root netem {netem}; wait")
+
+
+# real recoveries and congestion-state changes in the whole 2 s
+CONG_IPERF3 = iperf3_netem_once_connected("delay 5ms loss 2%")
+# delay alone, in a queue too long to drop (netem's default holds 1000 packets): nothing is
+# lost, so no timeout leaves a gap in the ACKs (the sampling-period test). Fast retransmits
+# remain, spurious: netem on the 2-CPU guest's loopback reorders (TCPSACKReorder, undone).
+DELAY_IPERF3 = iperf3_netem_once_connected("delay 5ms limit 100000")
 
 # One connection under netem loss whose client holds it once all 300000 bytes are sent;
 # as soon as the peer has acknowledged them all (ss shows bytes_acked:300001, the SYN

@@ -12,7 +12,7 @@ from tcpipstat.records import Parser
 from tcpipstat.render import module_args
 from tcpipstat.series import FIELD_NAMES, sparkline
 
-from .conftest import FIXTURES, run_cli
+from .conftest import FIXTURES, data_connection, run_cli
 
 RUN = FIXTURES / "bookworm-sample50.records"
 
@@ -104,3 +104,23 @@ def test_bad_sample_records_are_named():
     with pytest.raises(RecordParseError) as e:
         list(Parser("run.records").parse(lines))
     assert "malformed sample record" in str(e.value)
+
+
+def test_the_bulk_sender_is_the_connection_that_moved_data():
+    """A lab CI run's --series (fixtures/trixie-sample50-starved.ndjson, netem loss from the
+    start: the data connection lost its SYN and then timed out): iperf3's data connection
+    advanced 127653 bytes in 3 samples, its control connection 492 in 6. The sampling test
+    took the connection with most samples for the sender, and failed on the control one."""
+    path = FIXTURES / "trixie-sample50-starved.ndjson"
+    samples = [json.loads(line) for line in path.read_text().splitlines()]
+    counts = {}
+    for x in samples:
+        counts[(x["lport"], x["rport"])] = counts.get((x["lport"], x["rport"]), 0) + 1
+    assert data_connection(samples, 5201) == (35550, 5201)
+    assert max(counts, key=counts.get) == (35546, 5201)
+    # snd_una wraps at 2**32: a connection that crossed it still counts what it sent
+    wrapped = [{"lport": 1, "rport": 5201, "snd_una": (1 << 32) - 10},
+               {"lport": 1, "rport": 5201, "snd_una": 90},
+               {"lport": 2, "rport": 5201, "snd_una": 0},
+               {"lport": 2, "rport": 5201, "snd_una": 50}]
+    assert data_connection(wrapped, 5201) == (1, 5201)

@@ -12,7 +12,7 @@ from tcpipstat.model import INDEXES
 from tcpipstat.records import ENDED_BY, Parser, Trailer
 
 from . import lab_workloads as W
-from .conftest import LAB, lab_kver, run_cli, json_rows
+from .conftest import LAB, data_connection, lab_kver, run_cli, json_rows
 
 pytestmark = pytest.mark.lab
 
@@ -487,20 +487,21 @@ def test_samples_after_every_ack_against_ss(suite, tmp_path):
 
 @pytest.mark.parametrize("mode", ["period", "cwnd"])
 def test_sampling_modes(suite, tmp_path, mode):
-    """iperf3 under netem: with --sample 50 a connection's samples are >= 50 ms apart;
-    with --on-cwnd-change too, each differs from the previous one in cwnd."""
+    """iperf3 under netem: with --sample 50 a connection's samples are >= 50 ms apart
+    (delay alone: ACKs all along); with --on-cwnd-change too (delay and loss), each differs
+    from the previous one in cwnd."""
     series = tmp_path / "s.ndjson"
     extra = ["--on-cwnd-change"] if mode == "cwnd" else []
     r = LabRun(suite, tmp_path, "--json", "--sample", "50", *extra, "--series", str(series),
                "--groups", "tcp", "--all-processes", "*:5201-*:*", "*:*-*:5201",
-               "-c", W.CONG_IPERF3)
+               "-c", W.CONG_IPERF3 if mode == "cwnd" else W.DELAY_IPERF3)
     why = r.explain()
     assert r.rc == 0, why
     samples = [json.loads(line) for line in series.read_text().splitlines()]
     by_conn = {}
     for x in samples:
         by_conn.setdefault((x["lport"], x["rport"]), []).append(x)
-    sender = max(by_conn.values(), key=len)
+    sender = by_conn[data_connection(samples, 5201)]
     acks = [x for x in sender if x["event"] == "ack"]
     assert len(acks) >= (3 if mode == "cwnd" else 10), why     # a 2 s transfer
     assert all(b["t_s"] - a["t_s"] >= 0.050 for a, b in zip(acks, acks[1:])), acks
