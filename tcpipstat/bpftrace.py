@@ -70,8 +70,8 @@ _PRINT_RACE = re.compile(r"(ERROR: )?failed to look up elem: -?\d+\Z")
 _PRINT_RACE_AFTER = ("terminate called after throwing", "  what():  Could not print map")
 PRINT_RACE = ("bpftrace stopped as it printed a snapshot: a socket that closed meanwhile took "
               "its entry away, which bpftrace before 0.19 takes for an error",
-              "bpftrace 0.19 or later reads past it; without --interval the maps are printed "
-              "once, at the end, with the probes detached")
+              "bpftrace 0.19 or later reads past it; a run with neither --interval nor "
+              "--serve prints the maps once, at the end, with the probes detached")
 TRACEFS = Path("/sys/kernel/tracing")
 TRACEFS_FIX = "mount it: 'mount -t tracefs nodev /sys/kernel/tracing' (as root)"
 
