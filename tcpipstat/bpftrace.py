@@ -60,6 +60,7 @@ INSTALL_HINT = "install bpftrace: 'apt-get install bpftrace' or 'dnf install bpf
 MIN_VERSION = (0, 12, 0)
 _NEED = ".".join(map(str, MIN_VERSION))
 VERSION_FIX = f"install bpftrace {_NEED} or later"
+_VERSION = re.compile(r"\bv?(\d+)\.(\d+)(?:\.(\d+))?")     # "v0.17.0", "0.20", "bpftrace v0.23.5"
 # A snapshot (--interval, --serve) prints maps the probes still change. bpftrace before 0.19
 # ends the run when a socket closing meanwhile deletes a key between the print's next-key
 # and its lookup: it took libbpf 1.x's -ENOENT for an error (src/bpftrace.cpp, print_map;
@@ -899,7 +900,7 @@ def bpftrace_version(cmd: list[str]) -> tuple[str, str]:
     except (OSError, subprocess.TimeoutExpired) as e:
         return "", f"cannot run '{' '.join(cmd)} --version': {e}"
     said = (res.stdout.strip() or res.stderr.strip() or "nothing").splitlines()[0][:80]
-    m = re.search(r"\bv?(\d+)\.(\d+)(?:\.(\d+))?", said)
+    m = _VERSION.search(said)
     if m is None:
         return said, (f"cannot tell the bpftrace version from '{said}' (tcpipstat needs "
                       f"{_NEED} or later)")
@@ -918,7 +919,7 @@ def print_race_note(plan, version: str) -> str:
 
 def version_tuple(version: str) -> tuple[int, int, int]:
     """(major, minor, patch) of a version bpftrace_version() found ("v0.17.0", "0.20")."""
-    m = re.match(r"v?(\d+)\.(\d+)(?:\.(\d+))?", version)
+    m = _VERSION.match(version)
     if m is None:
         raise ValueError(f"not a bpftrace version: {version!r}")
     major, minor, patch = m.groups()
