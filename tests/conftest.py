@@ -42,15 +42,14 @@ def json_rows(text: str) -> list[dict]:
     return [o for o in objs if "reconciliation" not in o]
 
 
-def data_connection(samples: list[dict], port: int) -> tuple[int, int]:
-    """(lport, rport) of the series' bulk sender to PORT: of the connections to it, the one
-    whose snd_una advanced most (mod 2**32). Not the one with most samples: when the
-    transfer starves, iperf3's control connection can have more (fixtures/lab)."""
-    ends: dict[tuple[int, int], list[int]] = {}
-    for x in samples:
-        if x["rport"] == port:
-            ends.setdefault((x["lport"], x["rport"]), []).append(x["snd_una"])
-    return max(ends, key=lambda k: (ends[k][-1] - ends[k][0]) % (1 << 32))
+def data_connection(by_conn: dict[tuple[int, int], list[dict]], port: int) -> tuple[int, int]:
+    """The (lport, rport) key of BY_CONN (a series' samples by connection) of the bulk sender
+    to PORT: of the connections to it, the one whose snd_una advanced most (mod 2**32). Not
+    the one with most samples: when the transfer starves, iperf3's control connection can
+    have more (fixtures/trixie-sample50-starved.ndjson)."""
+    def sent(key: tuple[int, int]) -> int:
+        return (by_conn[key][-1]["snd_una"] - by_conn[key][0]["snd_una"]) % (1 << 32)
+    return max((k for k in by_conn if k[1] == port), key=sent)
 
 
 def lab_kver(suite: str) -> str:

@@ -66,9 +66,10 @@ _CONNECTED = ("[ \"$(/usr/bin/ss -Htn state established '( dport = :5201 )' | wc
               "-ge 2 ]")
 
 
-def _until(condition: str) -> str:
-    """Shell: poll CONDITION every 20 ms until it holds, at most 10 s."""
-    return f"i=0; until {condition} || [ $i -ge 500 ]; do sleep 0.02; i=$((i + 1)); done"
+def _until(condition: str, seconds: int = 10) -> str:
+    """Shell: poll CONDITION every 20 ms until it holds, at most SECONDS."""
+    return (f"i=0; until {condition} || [ $i -ge {seconds * 50} ]; do sleep 0.02; "
+            "i=$((i + 1)); done")
 
 
 def iperf3_netem_once_connected(netem: str) -> str:
@@ -101,13 +102,12 @@ DELAY_IPERF3 = iperf3_netem_once_connected("delay 5ms limit 100000")
 _SS = "/usr/bin/ss -Htin '( dport = :7012 )'"
 _SS_OPEN = ("/usr/bin/ss -Htn exclude time-wait exclude listening "
             "'( sport = :7012 or dport = :7012 )'")
+_ALL_ACKED = f"{_SS} | grep -q 'bytes_acked:300001 '"
+_ALL_CLOSED = f"[ -z \"$({_SS_OPEN})\" ]"
 RFC4898_HOLD = (f"{NETEM}; tcpwork server 127.0.0.1 7012 1000 1 >/dev/null & "
                 "TCPWORK_HOLD_MS=3000 tcpwork client 127.0.0.1 7012 1 300000 >/dev/null & "
-                f"i=0; while [ $i -lt 250 ] && ! {_SS} | grep -q 'bytes_acked:300001 '; do "
-                "sleep 0.02; i=$((i + 1)); done; "
-                f"echo \"@@SS $({_SS} | tr '\\n\\t' '  ')\"; wait; "
-                f"i=0; while [ $i -lt 1500 ] && [ -n \"$({_SS_OPEN})\" ]; do "
-                "sleep 0.02; i=$((i + 1)); done")
+                f"{_until(_ALL_ACKED, 5)}; echo \"@@SS $({_SS} | tr '\\n\\t' '  ')\"; wait; "
+                f"{_until(_ALL_CLOSED, 30)}")
 
 
 def lab_root(suite: str) -> Path:

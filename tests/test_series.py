@@ -112,15 +112,14 @@ def test_the_bulk_sender_is_the_connection_that_moved_data():
     advanced 127653 bytes in 3 samples, its control connection 492 in 6. The sampling test
     took the connection with most samples for the sender, and failed on the control one."""
     path = FIXTURES / "trixie-sample50-starved.ndjson"
-    samples = [json.loads(line) for line in path.read_text().splitlines()]
-    counts = {}
-    for x in samples:
-        counts[(x["lport"], x["rport"])] = counts.get((x["lport"], x["rport"]), 0) + 1
-    assert data_connection(samples, 5201) == (35550, 5201)
-    assert max(counts, key=counts.get) == (35546, 5201)
+    by_conn = {}
+    for line in path.read_text().splitlines():
+        x = json.loads(line)
+        by_conn.setdefault((x["lport"], x["rport"]), []).append(x)
+    assert data_connection(by_conn, 5201) == (35550, 5201)
+    assert max(by_conn, key=lambda k: len(by_conn[k])) == (35546, 5201)
     # snd_una wraps at 2**32: a connection that crossed it still counts what it sent
-    wrapped = [{"lport": 1, "rport": 5201, "snd_una": (1 << 32) - 10},
-               {"lport": 1, "rport": 5201, "snd_una": 90},
-               {"lport": 2, "rport": 5201, "snd_una": 0},
-               {"lport": 2, "rport": 5201, "snd_una": 50}]
+    wrapped = {(1, 5201): [{"snd_una": (1 << 32) - 10}, {"snd_una": 90}],
+               (2, 5201): [{"snd_una": 0}, {"snd_una": 50}],
+               (5201, 2): [{"snd_una": 0}, {"snd_una": 5000}]}
     assert data_connection(wrapped, 5201) == (1, 5201)

@@ -501,7 +501,7 @@ def test_sampling_modes(suite, tmp_path, mode):
     by_conn = {}
     for x in samples:
         by_conn.setdefault((x["lport"], x["rport"]), []).append(x)
-    sender = by_conn[data_connection(samples, 5201)]
+    sender = by_conn[data_connection(by_conn, 5201)]
     acks = [x for x in sender if x["event"] == "ack"]
     assert len(acks) >= (3 if mode == "cwnd" else 10), why     # a 2 s transfer
     assert all(b["t_s"] - a["t_s"] >= 0.050 for a, b in zip(acks, acks[1:])), acks
