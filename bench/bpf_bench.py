@@ -109,8 +109,11 @@ def run_workload(shell: str, mode: Mode, lost: list[int]) -> str:
     if program is not None:     # (bpftrace splits -c at spaces: the shell goes in a file)
         script = Path(tempfile.gettempdir()) / f"bpf-bench-{os.getpid()}.sh"
         script.write_text(shell + "\n")
-        res = subprocess.run(["bpftrace", "-q", str(program), "-c", f"/bin/sh {script}"],
-                             capture_output=True, text=True, timeout=600, env=BT_ENV)
+        try:
+            res = subprocess.run(["bpftrace", "-q", str(program), "-c", f"/bin/sh {script}"],
+                                 capture_output=True, text=True, timeout=600, env=BT_ENV)
+        finally:
+            script.unlink()
         text = res.stdout + res.stderr
     elif extra is None:
         res = subprocess.run(["sh", "-c", shell], capture_output=True, text=True, timeout=600)
