@@ -205,6 +205,7 @@ def _outcome(plan: Plan, src: _Source, collection: Collection) -> Outcome:
         first_unreadable=ro.first_bad, faults=tr.faults if tr else 0,
         dropped=tr.dropped if tr else 0, pfull=tr.pfull if tr else 0,
         untracked=ro.untracked, untracked_events=ro.untracked_events,
+        lost_writes=ro.transport_failures,
         max_sockets=header.max_sockets if header else plan.max_sockets,
         warnings=list(ro.warnings), finished=tr is not None,
         collector="bpftrace" if ro.program == "bpftrace" else "stap",
@@ -280,6 +281,10 @@ def _exit_status(ro: RunOutcome, o: Outcome) -> int:
         raise TcpipstatError(f"{o.untracked} sockets and {o.untracked_events} more events "
                              "were lost to full tables (the report above holds everything "
                              "else)", f"raise --max-sockets (now {o.max_sockets})")
+    if o.lost_writes:
+        raise TcpipstatError(f"stap's transport lost {o.lost_writes} of the module's writes "
+                             "(the report above holds the rest; its counts may be low)",
+                             "run again: staprun did not read the module's full buffers in time")
     if o.unreadable and not ro.interrupted:
         raise TcpipstatError(f"{o.unreadable} unreadable lines from the collector (the report "
                              "above holds everything else)",

@@ -37,6 +37,7 @@ class RunOutcome:
     skipped: int = 0                    # probe hits the collector could not run
     untracked: int = 0                  # bpftrace: sockets its full tables left out
     untracked_events: int = 0           # bpftrace: events lost to them beyond those sockets
+    transport_failures: int = 0         # stap: module writes its transport could not take
     warnings: list[str] = field(default_factory=list)
     error_lines: list[str] = field(default_factory=list)
     stderr: str = ""

@@ -37,6 +37,8 @@ class Outcome:
     untracked_events: int = _f(0, "bpftrace: events its full tables lost besides: of more "
                                "sockets left out at once than --max-sockets, or a -c "
                                "command's process not followed")
+    lost_writes: int = _f(0, "stap: the module's writes its transport could not take (the "
+                          "records in them are lost: counts may be low)")
     max_sockets: int = _f(0, "the collector's table size (--max-sockets)")
     warnings: list[str] = _f(list, "the collector's own warnings")
     collector: str = _f("stap", "the collector that ran (stap or bpftrace), as its warnings "
@@ -129,6 +131,9 @@ def _collector_notes(o: Outcome) -> list[str]:
         notes.append(f"{o.untracked_events} more events were lost to bpftrace's full tables "
                      f"(--max-sockets {size}): of more sockets left out at once than they "
                      "hold, or of a -c command's process they could not follow")
+    if o.lost_writes:
+        notes.append(f"stap's transport lost {o.lost_writes} of the module's writes: the "
+                     "records in them are missing, so counts may be low")
     notes += [f"{o.collector}: {w}" for w in o.warnings]
     if not o.finished:
         notes.append("the collector did not finish normally: the report holds what was "

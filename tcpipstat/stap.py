@@ -61,7 +61,8 @@ _DIAG = (
      "the kernel refused to load the module",
      "loadable modules must be enabled and unsigned modules allowed (Secure Boot / lockdown off, "
      "or sign stap modules: see stap's --use-server and mokutil)"),
-    (re.compile(r"Cannot attach to module control channel|transport failure", re.I),
+    # ("transport failures", plural, is the count of lost writes at exit: _TRANSPORT below)
+    (re.compile(r"Cannot attach to module control channel|transport failure(?!s)", re.I),
      "stap's transport to the module failed",
      "check dmesg; another stap session or a stale module may be loaded (staprun -d NAME)"),
 )
@@ -301,6 +302,9 @@ def parse_resolved(p2_stdout: str, points: list[str]) -> frozenset[str]:
 
 # ---- collection ----
 _SKIPPED = re.compile(r"Number of errors: (\d+), skipped probes: (\d+)")
+# The module's count, at exit, of print-buffer flushes its relay buffer could not take
+# (runtime/print_flush.c): the records in them never reached staprun.
+_TRANSPORT = re.compile(r"There were (\d+) transport failures")
 
 
 def finish_path(ko: Path, root: Path = PROCFS_ROOT) -> Path:
@@ -337,10 +341,14 @@ class Collector(CollectorProcess):
                          echo_stderr or (lambda line: print(line, file=sys.stderr)))
 
     def classify(self, line: str) -> bool:
-        """stapio's skipped-probe count, WARNING: and ERROR: lines."""
+        """stapio's skipped-probe count, the module's transport failures, WARNING: and
+        ERROR: lines."""
         m = _SKIPPED.search(line)
+        t = _TRANSPORT.search(line)
         if m:
             self.outcome.errors, self.outcome.skipped = int(m.group(1)), int(m.group(2))
+        elif t:
+            self.outcome.transport_failures = int(t.group(1))
         elif line.startswith("WARNING:"):
             self.outcome.warnings.append(line[len("WARNING:"):].strip())
         elif line.startswith("ERROR:"):

@@ -299,20 +299,25 @@ def test_full_tables_are_counted_and_told(suite, tmp_path):
     depends on how many of them are active within one 10 ms check, which the emulated
     guest does not make deterministic; either way nothing may go missing unsaid: lost
     events are counted, told (exit 1) and account for the whole shortfall, or there are
-    none and the sums are exact."""
+    none and the sums are exact. (Writes that stap's transport lost, once under load, are
+    told too, but hold an unknown number of records.)"""
     r = LabRun(suite, tmp_path, "--json", "--max-sockets", "64", "--all-processes",
                "-c", W.TABLE_TOO_SMALL)
     why = r.explain()
     drops, slack = r.outcome["dropped"], r.skipped()
+    lost = r.outcome["lost_writes"]        # how many records each held is not known
     objs = r.json()
     d = r.snmp_delta()
     tot = sum(o["counters"]["InSegs"] for o in objs)
     if drops:
         assert r.rc == 1 and "raise --max-sockets (now 64)" in r.stderr, why
-    else:
+    if lost:
+        assert r.rc == 1 and f"transport lost {lost} of the module's writes" in r.stderr, why
+    if not drops and not lost:
         assert r.rc == 0 and "lost" not in r.stderr, why
     # every InSegs the kernel counted is either in the report or among the lost/skipped
-    assert 0 < tot <= d["Tcp.InSegs"] <= tot + drops + slack, why
+    assert 0 < tot <= d["Tcp.InSegs"], why
+    assert lost or d["Tcp.InSegs"] <= tot + drops + slack, why
     assert sum(o["counters"]["ActiveOpens"] for o in objs) <= d["Tcp.ActiveOpens"], why
 
 
