@@ -284,7 +284,8 @@ def _exit_status(ro: RunOutcome, o: Outcome) -> int:
     if o.lost_writes:
         raise TcpipstatError(f"stap's transport lost {o.lost_writes} of the module's writes "
                              "(the report above holds the rest; its counts may be low)",
-                             "run again: staprun did not read the module's full buffers in time")
+                             "run again (SystemTap before 5.1 drops a write that finds its relay "
+                             "sub-buffer all but full; 5.1 does not)")
     if o.unreadable and not ro.interrupted:
         raise TcpipstatError(f"{o.unreadable} unreadable lines from the collector (the report "
                              "above holds everything else)",

@@ -9,7 +9,7 @@ FAKE_RECORDS (a real lab recording) without its trailer, then, by FAKE_STAPRUN_M
   timing         as end, then the per-probe report that `stap -t` modules write to
                  stdout at exit (FAKE_TIMING: a report recorded in the lab)
   transport      as end, but one socket record never arrives, and the module warns of it
-                 at exit as stap 4.8 did in a loaded lab run (its relay buffer was full)
+                 at exit as stap 4.8 did in a loaded lab run
   timing-early   as timing, but the report's lock contention lines come first, before
                  the records (seen on 6.12: another CPU's buffer reached stapio first)
 FAKE_STAPRUN_MARK_S: seconds to wait after each interval mark (I record), so that a reader
