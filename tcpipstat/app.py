@@ -281,7 +281,7 @@ def _exit_status(ro: RunOutcome, o: Outcome) -> int:
         raise TcpipstatError(f"{o.untracked} sockets and {o.untracked_events} more events "
                              "were lost to full tables (the report above holds everything "
                              "else)", f"raise --max-sockets (now {o.max_sockets})")
-    if o.lost_writes:
+    if o.lost_writes and not ro.interrupted:
         raise TcpipstatError(f"stap's transport lost {o.lost_writes} of the module's writes "
                              "(the report above holds the rest; its counts may be low)",
                              "run again (SystemTap before 5.1 drops a write that finds its relay "
