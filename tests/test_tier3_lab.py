@@ -302,8 +302,8 @@ def test_full_tables_are_counted_and_told(suite, tmp_path):
     depends on how many of them are active within one 10 ms check, which the emulated
     guest does not make deterministic; either way nothing may go missing unsaid: lost
     events are counted, told (exit 1) and account for the whole shortfall, or there are
-    none and the sums are exact. (Writes that stap's transport lost, once under load, are
-    told too, but hold an unknown number of records.)"""
+    none and the sums are exact. (Writes that stap 4.8's transport dropped are told too,
+    but hold an unknown number of records: see clean_run.)"""
     r = LabRun(suite, tmp_path, "--json", "--max-sockets", "64", "--all-processes",
                "-c", W.TABLE_TOO_SMALL)
     why = r.explain()
