@@ -343,11 +343,9 @@ class Collector(CollectorProcess):
     def classify(self, line: str) -> bool:
         """stapio's skipped-probe count, the module's transport failures, WARNING: and
         ERROR: lines."""
-        m = _SKIPPED.search(line)
-        t = _TRANSPORT.search(line)
-        if m:
+        if m := _SKIPPED.search(line):
             self.outcome.errors, self.outcome.skipped = int(m.group(1)), int(m.group(2))
-        elif t:
+        elif t := _TRANSPORT.search(line):
             self.outcome.transport_failures = int(t.group(1))
         elif line.startswith("WARNING:"):
             self.outcome.warnings.append(line[len("WARNING:"):].strip())
