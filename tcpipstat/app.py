@@ -206,6 +206,8 @@ def _outcome(plan: Plan, src: _Source, collection: Collection) -> Outcome:
         dropped=tr.dropped if tr else 0, pfull=tr.pfull if tr else 0,
         untracked=ro.untracked, untracked_events=ro.untracked_events,
         lost_writes=ro.transport_failures,
+        # (a record that arrived unreadable is told as such, not again as lost)
+        lost_records=tr.lost_records(collection.socket_records + ro.bad_lines) if tr else 0,
         max_sockets=header.max_sockets if header else plan.max_sockets,
         warnings=list(ro.warnings), finished=tr is not None,
         collector="bpftrace" if ro.program == "bpftrace" else "stap",
@@ -290,6 +292,11 @@ def _exit_status(ro: RunOutcome, o: Outcome) -> int:
         raise TcpipstatError(f"{o.unreadable} unreadable lines from the collector (the report "
                              "above holds everything else)",
                              "please report it, with --save-records output")
+    if o.lost_records and not ro.interrupted:
+        raise TcpipstatError(f"{o.lost_records} socket records the collector wrote did not "
+                             "arrive (the report above holds the rest; its counts may be low)",
+                             "run again; if it recurs, please report it, with --save-records "
+                             "output")
     if o.unwritten:
         raise TcpipstatError(f"{o.unwritten[0]} (the report above is complete)")
     return ExitStatus.INTERRUPTED if ro.interrupted else ExitStatus.OK

@@ -141,9 +141,11 @@ class Collection:
     # tree. (A socket with samples stays: --series and --plot write them at the end.)
     forget_closed: bool = False
     outside_tree_dropped: int = 0
+    socket_records: int = 0         # added (to set against the trailer's count of those written)
 
     def add(self, rec: Record) -> None:
         if isinstance(rec, SocketRecord):       # nearly every record: first
+            self.socket_records += 1
             # a closed tuple seen again is a new socket (or late segments after
             # close); for the summary it adds to the same tuple
             st = self.sockets.get(rec.tuple)

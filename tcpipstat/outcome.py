@@ -39,6 +39,8 @@ class Outcome:
                                "command's process not followed")
     lost_writes: int = _f(0, "stap: the module's writes its transport could not take (the "
                           "records in them are lost: counts may be low)")
+    lost_records: int = _f(0, "socket records the collector wrote (its trailer counts them) "
+                           "that did not arrive, whatever lost them: counts may be low")
     max_sockets: int = _f(0, "the collector's table size (--max-sockets)")
     warnings: list[str] = _f(list, "the collector's own warnings")
     collector: str = _f("stap", "the collector that ran (stap or bpftrace), as its warnings "
@@ -134,6 +136,9 @@ def _collector_notes(o: Outcome) -> list[str]:
     if o.lost_writes:
         notes.append(f"stap's transport lost {o.lost_writes} of the module's writes: the "
                      "records in them are missing, so counts may be low")
+    if o.lost_records:
+        notes.append(f"{o.lost_records} socket records the {o.collector} collector wrote did "
+                     "not arrive (its trailer counts them): counts may be low")
     notes += [f"{o.collector}: {w}" for w in o.warnings]
     if not o.finished:
         notes.append("the collector did not finish normally: the report holds what was "

@@ -29,12 +29,13 @@ printf formats are made from them, the parser finds each field by its name):
     collection began, after an ACK (EVENT ack) or as it closed (EVENT end); names in
     tcpipstat/series.py.
 ``T  END_MS  IDS  SPILLS  DROPPED  FAULTS  PFULL  ENDED``
-    once, when the run finishes. IDS: records written (tcpipstat 0.1: socket ids
-    handed out). SPILLS: times the tables were emptied to make room. DROPPED: events
+    once, when the run finishes. IDS: socket records (R) written (tcpipstat 0.1:
+    socket ids handed out). SPILLS: times the tables were emptied to make room. DROPPED: events
     lost because a table was full (more sockets busy between two checks than half of
     MAX_SOCKETS). FAULTS: events a probe could not read. PFULL: times the process
     table was found full, so some records may lack their process. ENDED: what ended
-    the run (``ENDED_BY``). Older recordings lack ENDED, or PFULL and ENDED: read as 0.
+    the run (``ENDED_BY``). Older recordings lack ENDED, or PFULL and ENDED: read as 0;
+    in those without PFULL, IDS counted socket ids, not records.
 ``N  VERSION  WHEN  SOURCE``
     then ``MIB.NAME=VALUE`` fields: the host's own MIB counters (``Tcp.ActiveOpens``,
     ``Ip6.Ip6InReceives``, ...) as collection began (WHEN ``start``) or ended (``end``),
@@ -224,6 +225,14 @@ class Trailer:
     faults: int           # events a probe could not read
     pfull: int = 0        # times the process table was full (attribution may be missing)
     ended: int = 0        # what ended the run: a key of ENDED_BY (0: not recorded)
+    # (not a field of the line: what its width says) IDS counts the socket records written
+    # since the trailer has PFULL (the collector of one print per record); before, it
+    # counted socket ids handed out, fewer than the records
+    counts_records: bool = field(default=False, kw_only=True)
+
+    def lost_records(self, arrived: int) -> int:
+        """Socket records the collector wrote that were not among the ``arrived``."""
+        return max(0, self.ids - arrived) if self.counts_records else 0
 
 
 # The trailer's last field (tcpipstat.stp.j2, tis_finish): what ended the run. Only "stap"
@@ -459,7 +468,9 @@ class Parser:
     def _trailer(self, f: list[str], lineno: int, line: str) -> Trailer:
         if not TRAILER.min_width <= len(f) <= TRAILER.width:
             raise self._err(lineno, line, "malformed trailer")
-        trailer = Trailer(*(int(x) for x in f[1:]))     # Trailer's fields are TRAILER's
+        # (Trailer's fields are TRAILER's, in its order)
+        trailer = Trailer(*(int(x) for x in f[1:]),
+                          counts_records=len(f) > TRAILER.at("PFULL"))
         if trailer.ended and trailer.ended not in ENDED_BY:
             raise self._err(lineno, line, f"trailer: unknown end {trailer.ended}")
         self.trailer = trailer

@@ -93,6 +93,28 @@ def test_end_dump_writes_records():
     assert [x for x in recs if isinstance(x, Trailer)][0].ids == 4
 
 
+PRINTOUTS = ROOT / "tests" / "fixtures" / "bpftrace"
+
+
+@pytest.mark.parametrize("name, lose", [
+    ("cong.stdout", False), ("cong-dist.stdout", False), ("interval-phased.out", False),
+    ("full-table.out", True), ("sample0-rst.out", True), ("rfc4898.bpftrace.out", True)])
+def test_trailer_counts_the_records_of_a_recorded_printout(name, lose):
+    """bpftrace's stdout recorded on this host (close records, END's and each interval's
+    printouts): the trailer's count, END's records added, is what arrives; a close record
+    that never arrives (as perf buffer losses lose them) is a lost record."""
+    lines = (PRINTOUTS / name).read_text().splitlines(keepends=True)
+    if lose:
+        lines.remove(next(x for x in lines if x.startswith("R\tclose\t")))
+    available = tuple(lines[0].rstrip("\n").split("\t")[-1].split(","))
+    runner = bpftrace.Runner(["bpftrace"], available, 8192, print, "dist" in name)
+    recs = parse_text("".join(runner._records(runner._ordered(iter(lines)))))
+    (trailer,) = [r for r in recs if isinstance(r, Trailer)]
+    arrived = sum(isinstance(r, SocketRecord) for r in recs)
+    assert trailer.counts_records and arrived >= 1
+    assert trailer.lost_records(arrived) == int(lose)
+
+
 def test_auto_prefers_stap_then_bpftrace(monkeypatch):
     for var in ("TCPIPSTAT_STAP", "TCPIPSTAT_STAPRUN", "TCPIPSTAT_BPFTRACE"):
         monkeypatch.delenv(var, raising=False)

@@ -13,6 +13,7 @@ from .conftest import FIXTURES, ROOT
 
 FAKES = ROOT / "tests" / "fakes"
 RECORDS = FIXTURES / "bookworm-tcpwork-v4.records"
+ENDED_RECORDS = FIXTURES / "bookworm-tcpwork-v4.ended.records"  # (its trailer counts records)
 
 
 def tcpipstat(args, tmp_path, **env):
@@ -150,6 +151,24 @@ def test_records_lost_in_stap_transport_are_told(tmp_path):
     assert "stap's transport lost 1 of the module's writes" in err
     assert "SystemTap before 5.1 drops a write" in err
     assert "another stap session" not in err            # not the control channel's failure
+
+
+@pytest.mark.parametrize("mode", ["transport", "vanish"])
+def test_a_record_the_trailer_counts_but_never_came_is_told(tmp_path, mode):
+    """The trailer counts the socket records the module wrote: one that did not arrive is
+    a loss (exit 1), told or not by the runtime (the transport's count comes first, as the
+    cause; the records' count says how many)."""
+    outcome = tmp_path / "outcome.json"
+    p = tcpipstat(["--json", "index=lport", "--outcome-json", str(outcome)], tmp_path,
+                  FAKE_STAPRUN_MODE=mode, FAKE_RECORDS=str(ENDED_RECORDS))
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 1, err
+    o = json.loads(outcome.read_text())
+    assert (o["lost_records"], o["lost_writes"]) == (1, 1 if mode == "transport" else 0)
+    assert "1 socket records the stap collector wrote did not arrive" in err
+    first = "stap's transport lost 1" if mode == "transport" else "1 socket records the"
+    assert err.splitlines()[-2].startswith(f"tcpipstat: {first}"), err
+    assert len(out.splitlines()) == 6     # the rest: 7 ports less the one whose record was lost
 
 
 @pytest.mark.parametrize("mode", ["timing", "timing-early"])
