@@ -18,8 +18,22 @@ pytestmark = pytest.mark.lab
 
 
 class LabRun:
+    """One tcpipstat run in a lab guest (lab/run): its exit status, output, the guest's log
+    (meta) and the run's --outcome-json. A run whose module lost a write is run again, at
+    most ``TRIES`` times: stap 4.8's runtime (bookworm) drops a write that finds its relay
+    sub-buffer with no room beyond the write's header, by chance, where 5.1's pads the
+    sub-buffer and goes on. tcpipstat tells that loss (exit 1: tests/test_process_handling.py);
+    the tests here are about the runs, so they get a whole one when there is one."""
+    TRIES = 3
+
     def __init__(self, suite: str, tmp: Path, *args: str, env: dict | None = None):
         lab_kver(suite)
+        for _ in range(self.TRIES):
+            self._run(suite, tmp, args, env)
+            if not self.outcome.get("lost_writes"):
+                break
+
+    def _run(self, suite: str, tmp: Path, args: tuple[str, ...], env: dict | None) -> None:
         meta = tmp / f"meta-{len(list(tmp.iterdir()))}"
         cache = os.environ.get("TCPIPSTAT_TEST_CACHE")
         outcome = meta.with_name(meta.name + ".outcome.json")
@@ -87,14 +101,11 @@ def clean_run(suite: str, tmp: Path, *args: str, env: dict | None = None,
     that skipped hits anyway (a kprobe hit in a softirq that ran as another kprobe's handler
     ended) is tried again, at most ``tries`` times; else the last one is returned.
     What a skipped hit loses is not only counts: a skipped fork leaves a process out of the
-    -c tree (told in the notes). So is a run whose module lost a write (exit 1, told):
-    stap 4.8's runtime (bookworm) drops a write that finds its relay sub-buffer with no
-    room beyond the write's header, where 5.1's pads the sub-buffer and goes on."""
+    -c tree (told in the notes)."""
     one_cpu = {**(env or {}), "LAB_SMP": "1"}
     for _ in range(tries):
         r = LabRun(suite, tmp, *args, env=one_cpu)
-        lost = r.outcome.get("lost_writes", 0)
-        if (r.rc != 0 and not lost) or r.skipped() + r.faults() + lost == 0:
+        if r.rc != 0 or r.skipped() + r.faults() == 0:
             break
     return r
 
@@ -302,8 +313,8 @@ def test_full_tables_are_counted_and_told(suite, tmp_path):
     depends on how many of them are active within one 10 ms check, which the emulated
     guest does not make deterministic; either way nothing may go missing unsaid: lost
     events are counted, told (exit 1) and account for the whole shortfall, or there are
-    none and the sums are exact. (Writes that stap 4.8's transport dropped are told too,
-    but hold an unknown number of records: see clean_run.)"""
+    none and the sums are exact. (Writes that stap 4.8's transport dropped, where LabRun's
+    tries all met one, are told too, but hold an unknown number of records.)"""
     r = LabRun(suite, tmp_path, "--json", "--max-sockets", "64", "--all-processes",
                "-c", W.TABLE_TOO_SMALL)
     why = r.explain()
