@@ -29,13 +29,13 @@ printf formats are made from them, the parser finds each field by its name):
     collection began, after an ACK (EVENT ack) or as it closed (EVENT end); names in
     tcpipstat/series.py.
 ``T  END_MS  IDS  SPILLS  DROPPED  FAULTS  PFULL  ENDED``
-    once, when the run finishes. IDS: socket records (R) written (tcpipstat 0.1:
-    socket ids handed out). SPILLS: times the tables were emptied to make room. DROPPED: events
-    lost because a table was full (more sockets busy between two checks than half of
-    MAX_SOCKETS). FAULTS: events a probe could not read. PFULL: times the process
-    table was found full, so some records may lack their process. ENDED: what ended
-    the run (``ENDED_BY``). Older recordings lack ENDED, or PFULL and ENDED: read as 0;
-    in those without PFULL, IDS counted socket ids, not records.
+    once, when the run finishes. IDS: socket records (R) written (in a trailer without
+    PFULL: socket ids handed out). SPILLS: times the tables were emptied to make room.
+    DROPPED: events lost because a table was full (more sockets busy between two checks
+    than half of MAX_SOCKETS). FAULTS: events a probe could not read. PFULL: times the
+    process table was found full, so some records may lack their process. ENDED: what
+    ended the run (``ENDED_BY``). Older recordings lack ENDED, or PFULL and ENDED: read
+    as 0.
 ``N  VERSION  WHEN  SOURCE``
     then ``MIB.NAME=VALUE`` fields: the host's own MIB counters (``Tcp.ActiveOpens``,
     ``Ip6.Ip6InReceives``, ...) as collection began (WHEN ``start``) or ended (``end``),
