@@ -433,3 +433,37 @@ def test_the_stap_collector_reads_places_only_when_asked(words, place):
     text = dump_script(build_plan(["--backend", "stap", "--cong", "--dist", *words]))
     assert ("sk_cgrp_data" in text) is place
     assert ("t,\n              0, 0)" in text) is not place
+
+
+def test_a_child_socket_the_kernel_freed_is_its_servers_passive_open():
+    """Recorded in the lab (bookworm's guest, the bpftrace collector, two CPUs, a loaded
+    host): for one of n2's two connections the kernel built two child sockets (the last ACK
+    and the first data segment handled on two CPUs at once) and freed the loser at once. The
+    kernel counts a passive open for each (tcp_create_openreq_child()), and so does the
+    report: n2 has 3 for its 2 connections, the extra one in the server's cgroup (b) and
+    in its connection's row; the freed child never had a process."""
+    race = FIXTURES / "bpftrace" / "attribution-lab-race.records"
+    freed = [r for r in parse_text(race.read_text())
+             if isinstance(r, SocketRecord) and r.reason == "close" and not r.pid]
+    assert [(r.counters["PassiveOpens"], r.counters["RecvBytes"]) for r in freed] == [(1, 0)]
+    want = _expected({"n1": 3, "n2": 3})
+    replay = ["-m", "tcpipstat", "--json", "--from-records", str(race)]
+    by_ns = {r["netns_name"]: r for r in _replayed(*replay, "index=netns")}
+    assert {n: _sums([r]) for n, r in by_ns.items()} == {n: want[n] for n in ("n1", "n2")}
+    by_cgroup = {r["cgroup"]: r for r in _replayed(*replay, "index=cgroup")}
+    assert {c.removeprefix("/T/"): _sums([r]) for c, r in by_cgroup.items()} == {
+        c: want[c] for c in ("a", "b", f"a/{CONTAINER}")}
+    (row,) = [r for r in _replayed(*replay, f"*:*-*:{freed[0].tuple.rport}")
+              if r["lport"] == freed[0].tuple.lport]
+    assert row["counters"]["PassiveOpens"] == 2 and row["sockets"] == 1
+    assert [p["comm"] for p in row["processes"]] == ["tcpwork"]   # (none from the freed)
+
+
+def _replayed(*argv: str) -> list[dict]:
+    """A replay in a subprocess: the guest's tables a lab recording installs stay there."""
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120,
+                         cwd=FIXTURES.parent.parent)
+    assert res.returncode == 0, res.stderr
+    return [json.loads(x) for x in res.stdout.splitlines() if '"reconciliation"' not in x]

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from tcpipstat.reconcile import parse_tables
+
 from .conftest import ROOT, json_rows
 from .test_native_bt_attribution import CONTAINER, LOADS, SIDES, _expected, _sums
 from .test_tier3_lab import LabRun, clean_run
@@ -34,6 +36,7 @@ pytestmark = pytest.mark.lab
 CG = "/sys/fs/cgroup"
 PORTS = {"n1": 7101, "n2": 7102}
 PLACE = "@@PLACE"               # the workload's "@@PLACE PID CGROUP NETNS" lines (meta)
+NSTCP = "@@NSTCP"               # "@@NSTCP NETNS Tcp: ..." lines: its own Tcp table at the end
 
 
 def _side(ns: str, side: str, cgroup: str) -> str:
@@ -54,7 +57,9 @@ WORKLOAD = "\n".join([
     *(f"touch /run/netns/{n} && unshare --net=/run/netns/{n} true && "
       f"nsenter --net=/run/netns/{n} ip link set lo up" for n in LOADS),
     *(_side(ns, side, cg) for (ns, side), cg in SIDES.items()),
-    "wait"])
+    "wait",
+    *(f"nsenter --net=/run/netns/{n} grep ^Tcp: /proc/net/snmp | sed 's/^/{NSTCP} {n} /'"
+      for n in LOADS)])
 
 
 def _tcpipstat(*args: str) -> list[dict]:
@@ -78,6 +83,16 @@ def _sent(saved: Path, kind: str) -> dict[str, int]:
                                       if x.startswith(head))}
 
 
+def _passive_opens(meta: str) -> dict[str, int]:
+    """Each namespace's own Tcp.PassiveOpens, as the workload read it at its end."""
+    lines: dict[str, list[str]] = {}
+    for x in meta.splitlines():
+        if x.startswith(NSTCP + " "):
+            ns, _, table = x[len(NSTCP) + 1:].partition(" ")
+            lines.setdefault(ns, []).append(table)
+    return {ns: parse_tables(t)["Tcp.PassiveOpens"] for ns, t in lines.items()}
+
+
 def _placed_pids(meta: str) -> dict[int, tuple[str, str]]:
     """The workload's processes: pid -> (cgroup below T, namespace)."""
     return {int(w[1]): (w[2], w[3]) for w in (x.split() for x in meta.splitlines())
@@ -92,7 +107,10 @@ def test_sockets_in_their_cgroups_and_namespaces(suite, backend, tmp_path):
            else LabRun(suite, tmp_path, "--backend", "bpftrace", *args))
     assert run.rc == 0, run.explain()
     assert run.outcome["skipped"] + run.outcome["faults"] == 0, run.explain()
-    want, why = _expected(), run.explain()
+    why = run.explain()
+    passive = _passive_opens(run.meta)
+    assert set(passive) == set(LOADS), why
+    want = _expected(passive)
     # the live report: the -c tree's sockets by container (the client in n2's, the host's)
     live = {r["container"]: r for r in run.json()}
     assert set(live) == {"5eed" * 16, "-"}, why
