@@ -165,8 +165,8 @@ def _workload(host: str, port: int, conns: int, send: int, reply: int) -> str:
 def _free_port(host: str = "127.0.0.1") -> int:
     """A port free now, below the kernel's ephemeral range (fixed ports collide when two
     suites run at once). bind(0) and connect() take their ports from that range, so one
-    picked there can be taken before the workload binds it (it was, under load, by some
-    connection of the lab's); below it only an explicit bind can."""
+    picked there can be taken before the workload binds it (it was, under load: the
+    Prometheus test makes many connections); below it only an explicit bind can."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for port in random.sample(range(10000, low), min(200, max(0, low - 10000))):
