@@ -43,6 +43,18 @@ PROCESS_GRACE_S = 120
 RESTART_DELAY_S = 1.0
 RESTART_SPAN_S = 600.0
 _WORD = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z]{2,})")
+# The collector's health counters (name, help), in Exporter._own_health's order: each is a
+# run's loss that a report tells as a note and an exit status; the exporter has only these.
+# The collector tells all but unreadable lines as it ends; a restarted collector's add to
+# those of the collectors before it.
+_HEALTH = (
+    ("skipped_probe_hits", "probe hits the collector skipped (told as it ends)"),
+    ("lost_events", "events lost to full collector tables (told as it ends)"),
+    ("lost_records", "socket records the collector wrote that did not arrive (told as it "
+     "ends)"),
+    ("lost_writes", "collector writes stap's transport lost (SystemTap before 5.1; told as it "
+     "ends)"),
+    ("unreadable_lines", "collector lines that were not records"))
 
 
 def metric_name(counter: str) -> str:
@@ -81,7 +93,7 @@ class Exporter(Sink):
         self._outcome = None
         self.restarts = 0
         self._first_window = 1      # the windows count once the collector's first is added
-        self._past = [0, 0, 0]      # skipped hits, lost events, bad lines of earlier collectors
+        self._past = [0] * len(_HEALTH)     # health counts of the collectors before
 
     def start(self, available: tuple[str, ...], collection: Collection, outcome) -> None:
         """A collector runs: its counters, the model it feeds, how its run goes. A restarted
@@ -162,15 +174,19 @@ class Exporter(Sink):
             yield metric
 
     def _own_health(self) -> list[int]:
-        """The current collector's skipped probe hits, lost events and unreadable lines."""
+        """The current collector's counts of _HEALTH, in its order."""
         ro, col = self._outcome, self._collection
-        trailer = col.trailer if col else None
-        return [ro.skipped if ro else 0, trailer.dropped if trailer else 0,
-                ro.bad_lines if ro else 0]
+        if ro is None or col is None:
+            return [0] * len(_HEALTH)
+        tr = col.trailer
+        # (a record that arrived unreadable is counted as such, not again as lost)
+        lost_records = tr.lost_records(col.socket_records + ro.bad_lines) if tr else 0
+        return [ro.skipped, tr.dropped if tr else 0, lost_records, ro.transport_failures,
+                ro.bad_lines]
 
     def _health(self, gauge, counter) -> list:
         """The exporter's and the collector's state (called with the lock held)."""
-        skipped, lost, bad = (a + b for a, b in zip(self._past, self._own_health()))
+        counts = [a + b for a, b in zip(self._past, self._own_health())]
         # (up from the collector's first window, which comes --serve-interval after every
         # probe was attached. bpftrace 0.17 runs BEGIN before it attaches the others, but
         # reads BEGIN's output, the header, only once all are attached (BPFtrace::run); up
@@ -189,12 +205,9 @@ class Exporter(Sink):
                 (gauge, "max_series", "--max-series: the label sets that may have series of "
                  "their own", self.max_series),
                 (counter, "folded_label_sets", "label sets folded into the other series (one "
-                 "that returns after all its sockets closed counts again)", self.folded),
-                (counter, "skipped_probe_hits", "probe hits the collector skipped (told as it "
-                 "ends)", skipped),
-                (counter, "lost_events", "events lost to full collector tables (told as it "
-                 "ends)", lost),
-                (counter, "unreadable_lines", "collector lines that were not records", bad))]
+                 "that returns after all its sockets closed counts again)", self.folded))] + [
+                counter(f"{PROG}_{name}", text, value=value)
+                for (name, text), value in zip(_HEALTH, counts)]
 
 
 class _Server(ThreadingMixIn, WSGIServer):

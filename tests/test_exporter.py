@@ -21,7 +21,7 @@ from tcpipstat.plan import build_plan
 from tcpipstat.records import IntervalMark, Parser
 
 from .conftest import FIXTURES, run_cli
-from .test_process_handling import tcpipstat
+from .test_process_handling import ENDED_RECORDS, tcpipstat
 
 pytest.importorskip("prometheus_client")
 from prometheus_client.openmetrics.parser import (  # noqa: E402
@@ -256,6 +256,24 @@ def test_a_collector_that_fails_is_a_metric_and_the_exit_status(tmp_path):
     assert status == 1
     assert "the collector ended while serving: stap stopped collection" in err
     assert "fix: run again with --no-overload-guard" in err
+
+
+@pytest.mark.parametrize("mode", ["transport", "vanish"])
+def test_a_record_that_never_came_is_a_health_count(tmp_path, mode):
+    """What a report tells as lost (records its trailer counts that never arrived; the
+    writes stap's transport dropped, which it says as it ends) is a health counter here."""
+    p, url = start(["index=lport", "--serve-restarts", "0"], tmp_path, ENDED_RECORDS,
+                   FAKE_STAPRUN_MODE=mode)
+    try:
+        fams = scrape_when(url, ended)
+        health = {name: one(fams, f"tcpipstat_{name}") for name in (
+            "lost_records", "lost_writes", "lost_events", "unreadable_lines")}
+        assert health == {"lost_records": 1, "lost_writes": 1 if mode == "transport" else 0,
+                          "lost_events": 0, "unreadable_lines": 0}
+        served = {labels for samples in counter_families(fams).values() for labels in samples}
+        assert len(served) == 6         # the rest: the 7 ports less the one whose record was lost
+    finally:
+        stop(p)
 
 
 def test_a_collector_that_ends_is_restarted_and_the_counters_keep_growing(tmp_path):
