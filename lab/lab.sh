@@ -11,7 +11,8 @@
 #   lab.sh staprun [-c CMD] MODULE.ko [modargs]   # stand-in for `staprun` (TCPIPSTAT_STAPRUN): in the guest
 #   lab.sh bpftrace [-q] PROGRAM.bt [args] [-c CMD]  # stand-in for `bpftrace` (TCPIPSTAT_BPFTRACE):
 #                            # in the guest (the kernel's BTF; kprobes, unlike this host's kernel);
-#                            # also -l[v] PATTERN and --dry-run|-d -e PROGRAM there
+#                            # also -l[v] PATTERN and --dry-run|-d -e PROGRAM there;
+#                            # --version, and --info's OS line (the guest's kernel)
 #
 # run: module output -> stdout; /proc/net/snmp, netstat, snmp6 snapshots before/after,
 # staprun/workload messages -> stderr; exit = staprun rc, else workload rc,
@@ -236,6 +237,9 @@ bpftrace_cmd() {
     -l|-lv) bpftrace_list "$@"; return ;;
     --dry-run|-d) bpftrace_dry "$@"; return ;;
     --version|-V) in_root bpftrace --version; return ;;   # (the guest runs the root's bpftrace)
+    # (tcpipstat reads only the kernel's release, the guest's: the root's bpftrace would
+    # describe the host's kernel)
+    --info) printf 'System\n  OS: Linux %s (the lab guest)\n' "$(kver)"; return ;;
   esac
   local prog="" workload="" args=() flags=()
   while [ $# -gt 0 ]; do

@@ -46,6 +46,7 @@ class _Source:
     first_lineno: int = 1                     # (a saved file's header comment is line 1)
     why_unavailable: str = ""                 # the collector's reason ("": stap's)
     snapshots: bool = False                   # the host's counters are expected (reconcile)
+    kernel: str = ""                          # the release the collector ran on
 
 
 def _log(plan: Plan, errc: Console):
@@ -66,7 +67,7 @@ def _live(plan: Plan, errc: Console, err: IO[str]) -> _Source:
     return _Source(snaps.stream(lines), backend.outcome.program, prepared.available,
                    prepared.unavailable, plan.tree, prepared.cong, plan.dist, plan.estats,
                    backend, backend.outcome, why_unavailable=prepared.why_unavailable,
-                   snapshots=snaps.local)
+                   snapshots=snaps.local, kernel=prepared.kernel)
 
 
 def _saved(plan: Plan) -> _Source:
@@ -154,7 +155,7 @@ def _collect_into(plan: Plan, src: _Source, collection: Collection, ctx: ReportC
         return
     saved = open(plan.save_records, "w") if plan.save_records else None
     if saved:
-        saved.write(SaveHeader(kernel_release(plan), src.unavailable, src.tree, src.cong,
+        saved.write(SaveHeader(src.kernel, src.unavailable, src.tree, src.cong,
                                src.dist, src.estats, src.why_unavailable).line())
     backend = src.backend
     previous = signal.signal(signal.SIGINT, lambda *_: backend.interrupt())

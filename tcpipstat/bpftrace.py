@@ -60,6 +60,7 @@ INSTALL_HINT = "install bpftrace: 'apt-get install bpftrace' or 'dnf install bpf
 MIN_VERSION = (0, 12, 0)
 _NEED = ".".join(map(str, MIN_VERSION))
 VERSION_FIX = f"install bpftrace {_NEED} or later"
+_OS_LINE = re.compile(r"^\s*OS: Linux ([\w.+~-]+)", re.M)    # bpftrace --info: uname's
 _VERSION = re.compile(r"\bv?(\d+)\.(\d+)(?:\.(\d+))?")     # "v0.17.0", "0.20", "bpftrace v0.23.5"
 # A snapshot (--interval, --serve) prints maps the probes still change. bpftrace before 0.19
 # ends the run when a socket closing meanwhile deletes a key between the print's next-key
@@ -909,6 +910,19 @@ def bpftrace_version(cmd: list[str]) -> tuple[str, str]:
     return m.group(0), ""
 
 
+def kernel_of(cmd: list[str]) -> str:
+    """The release of the kernel ``cmd`` runs its programs on, from the "OS: Linux RELEASE"
+    line of its --info (a stand-in's, whose kernel is not this host's); "" when it does not
+    say (a saved run then names no kernel rather than a wrong one)."""
+    try:
+        res = subprocess.run([*cmd, "--info"], capture_output=True, text=True,
+                             errors="replace", timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    m = _OS_LINE.search(res.stdout + res.stderr)
+    return m.group(1) if m else ""
+
+
 def print_race_note(plan, version: str) -> str:
     """What a run of ``plan`` risks on bpftrace ``version`` from PRINT_RACE ("": nothing)."""
     if plan.interval_s is None or version_tuple(version) >= PRINT_RACE_FIXED:
@@ -1298,6 +1312,7 @@ class BpftraceBackend:
         version, problem = bpftrace_version(cmd)
         if problem:
             raise EnvironmentNotReady(problem, VERSION_FIX)
+        kernel = os.uname().release if self.same_host else kernel_of(cmd)
         if os.geteuid() != 0:
             raise EnvironmentNotReady("collecting needs root (bpftrace loads BPF programs)",
                                       "run it with sudo, or use --dump-script to see the program")
@@ -1348,7 +1363,7 @@ class BpftraceBackend:
             self.outcome.warnings.append(note)
         why = WHY_UNAVAILABLE + (", or counted by segment with onclose=1" if plan.onclose
                                  else "")
-        return Prepared(os.uname().release, available, unavailable,
+        return Prepared(kernel, available, unavailable,
                         CONG_HOW if "CaChanges" in available else "", why)
 
     def lines(self) -> Iterator[str]:

@@ -4,6 +4,8 @@ the lab's 6.1 guest with bpftrace 0.17, its 6.12 guest with 0.23, this CI host's
 0.17), and its runtime warnings as bpftrace 0.23 wrote them."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tcpipstat import bpftrace
@@ -332,3 +334,46 @@ def test_place_is_read_only_where_the_run_asks(words, place):
     program = bpftrace.render_program(plan, None, None, place, place)
     assert ("sk_cgrp_data" in program, "skc_net" in program) == (place, place)
     assert ("@ns[$k] = (uint64)0;" in program) is not place
+
+
+# bpftrace 0.17's --info on this suite's native host (Linux 6.18), and the lab's stand-in's
+INFO_NATIVE = (BT / "info-0.17.0.txt").read_text()
+INFO_LAB = "System\n  OS: Linux 6.1.0-50-cloud-amd64 (the lab guest)\n"
+
+
+@pytest.mark.parametrize("says, kernel", [
+    (INFO_NATIVE, "6.18.44-fc-v973"), (INFO_LAB, "6.1.0-50-cloud-amd64"),
+    ("bpftrace: unrecognized option '--info'\n", ""),         # (says nothing: no kernel)
+    ("  OS: Linux 6.1; tree=1\n", "6.1")])     # (a release only: no field of a saved header)
+def test_a_stand_ins_kernel_is_the_one_its_info_names(tmp_path, says, kernel):
+    (tmp_path / "says").write_text(says)
+    fake = tmp_path / "bpftrace"
+    fake.write_text(f'cat "{tmp_path / "says"}" >&2\n')        # (0.17 writes it to stderr)
+    assert bpftrace.kernel_of(["/bin/sh", str(fake)]) == kernel
+    assert bpftrace.kernel_of([str(tmp_path / "missing")]) == ""
+
+
+def test_prepare_names_the_kernel_the_program_runs_on(tmp_path, monkeypatch):
+    """A replaced bpftrace (the lab's) runs the program on another kernel: prepare() names
+    that one (--save-records's header says it), this host's only for this host's bpftrace."""
+    (tmp_path / "info").write_text(INFO_LAB)
+    stand_in = tmp_path / "bpftrace"
+    stand_in.write_text(f'#!/bin/sh\necho "$1" >> {tmp_path / "calls"}\n'
+                        f'if [ "$1" = --info ]; then cat {tmp_path / "info"}; fi\n')
+    stand_in.chmod(0o755)
+    monkeypatch.setattr(bpftrace.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(bpftrace, "ensure_tracefs", lambda: None)
+    monkeypatch.setattr(bpftrace, "bpftrace_version", lambda cmd: ("0.17.0", ""))
+    monkeypatch.setattr(bpftrace, "kernel_facts", lambda cmd, path, wanted: (
+        _points("bookworm"), True))
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")   # (this host's, too)
+    kernels = []
+    for replaced in (str(stand_in), ""):
+        monkeypatch.setenv("TCPIPSTAT_BPFTRACE", replaced)
+        be = bpftrace.BpftraceBackend(build_plan(["--backend", "bpftrace"]), print)
+        try:
+            kernels.append(be.prepare(lambda msg: None).kernel)
+        finally:
+            be._tmp.cleanup()
+    assert kernels == ["6.1.0-50-cloud-amd64", bpftrace.os.uname().release]
+    assert (tmp_path / "calls").read_text() == "--info\n"     # (this host's: not asked)

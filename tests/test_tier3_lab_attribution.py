@@ -26,8 +26,9 @@ from pathlib import Path
 import pytest
 
 from tcpipstat.reconcile import parse_tables
+from tcpipstat.records import SaveHeader
 
-from .conftest import ROOT, json_rows
+from .conftest import ROOT, json_rows, lab_kver
 from .test_native_bt_attribution import CONTAINER, LOADS, SIDES, _expected, _sums
 from .test_tier3_lab import LabRun, clean_run
 
@@ -123,8 +124,10 @@ def test_sockets_in_their_cgroups_and_namespaces(suite, backend, tmp_path):
     assert rec["source"] == "collector", why
     assert (rec["counters"]["ActiveOpens"]["host"],
             rec["counters"]["ActiveOpens"]["attributed"]) == (0, 5), why
-    # the same records by cgroup and by namespace, named by the guest's tables
+    # the same records by cgroup and by namespace, named by the guest's tables; their header
+    # names the guest's kernel (stap's: its -r; bpftrace's: the stand-in's --info)
     replay = ("--from-records", str(saved))
+    assert SaveHeader.read(saved.read_text().splitlines()[0]).kernel == lab_kver(suite), why
     cgroups, netns = _sent(saved, "cgroup"), _sent(saved, "netns")
     assert set(netns) == set(LOADS) and "/T/a" in cgroups, why
     by_cgroup = {r["cgroup"]: r for r in _tcpipstat(*replay, "index=cgroup")}
