@@ -162,14 +162,21 @@ def _workload(host: str, port: int, conns: int, send: int, reply: int) -> str:
     return f"{sys.executable} {WORKLOAD} {host} {port} {conns} {send} {reply}"
 
 
+_HANDED_OUT: set[int] = set()     # (two picks in one test must not be the same free port)
+
+
 def _free_port(host: str = "127.0.0.1") -> int:
     """A port free now, below the kernel's ephemeral range (fixed ports collide when two
-    suites run at once). bind(0) and connect() take their ports from that range, so one
-    picked there can be taken before the workload binds it (it was, under load: the
-    Prometheus test makes many connections); below it only an explicit bind can."""
+    suites run at once), and not handed out before in this pytest run. bind(0) and connect()
+    take their ports from that range, so one picked there can be taken before the workload
+    binds it (it was, under load: the Prometheus test makes many connections); below it
+    only an explicit bind can."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for port in random.sample(range(10000, low), min(200, max(0, low - 10000))):
+        if port in _HANDED_OUT:
+            continue
+        _HANDED_OUT.add(port)
         with socket.socket(family) as s:
             try:
                 s.bind((host, port))
