@@ -12,7 +12,8 @@ those of docs/prometheus.md, read from it: the cookbook is what this test ran.
 
 The retransmission ratio needs OutSegs, which only the stap collector counts: its query
 runs against two exporters replaying lab recordings of the stap collector (the fake
-staprun of tier 1), whose ratio the recordings' own reports give.
+staprun of tier 1), whose ratio the recordings' own reports give; so does the query that
+finds exporters whose counts may be low, against a replay whose collector lost a record.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from tcpipstat.exporter import metric_name
 
 from .test_native_bpftrace import ROOT, WORKLOAD, _free_port, _native
 from .test_native_bt_attribution import remove_cgroup
-from .test_process_handling import FAKES
+from .test_process_handling import ENDED_RECORDS, FAKES
 
 pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -91,22 +92,23 @@ def _terminate(proc: subprocess.Popen) -> int:
         proc.wait()
     return proc.returncode
 
-def _replaying(tmp: Path, records: Path) -> dict[str, str]:
+def _replaying(tmp: Path, records: Path, mode: str = "wait-int") -> dict[str, str]:
     """The environment of a run whose stap and staprun are tier 1's fakes, replaying
-    ``records`` (tests/fakes)."""
+    ``records`` (tests/fakes; ``mode``: how the fake staprun ends)."""
     return {**os.environ, "TCPIPSTAT_STAP": f"{sys.executable} {FAKES / 'fake_stap.py'}",
             "TCPIPSTAT_STAPRUN": f"{sys.executable} {FAKES / 'fake_staprun.py'}",
             "TCPIPSTAT_CACHE": str(tmp / "cache"), "FAKE_RECORDS": str(records),
-            "FAKE_STAPRUN_MODE": "wait-int", "PYTHONPATH": str(ROOT)}
+            "FAKE_STAPRUN_MODE": mode, "PYTHONPATH": str(ROOT)}
 
 
 class Exporter:
     """``tcpipstat --serve`` on a free loopback port (its stderr in a file)."""
 
-    def __init__(self, tmp: Path, name: str, args: list[str], fake_records: Path | None = None):
+    def __init__(self, tmp: Path, name: str, args: list[str], fake_records: Path | None = None,
+                 mode: str = "wait-int"):
         self.log = tmp / f"{name}.stderr"
         argv = ["--serve", "127.0.0.1:0", "--serve-interval", "1", *args]
-        env = None if fake_records is None else _replaying(tmp, fake_records)
+        env = None if fake_records is None else _replaying(tmp, fake_records, mode)
         if fake_records is None:
             argv = ["--backend", "bpftrace", *argv]
         else:       # (one replay: a restarted fake collector would replay it again)
@@ -281,6 +283,7 @@ def _check_the_cookbook(prom: Prometheus, queries: dict[str, str]) -> None:
                      {(): float(sum(2 * n for n, _, _ in LOADS.values()))})
     prom.query_until(queries["collectors up, of all"], {(): 2.0})
     assert prom.query(queries["exporters whose collector is down"]) == {}
+    assert prom.query(queries["exporters whose counts may be low"]) == {}
     # a rate: a series for each container (once it has two samples), at most what the
     # container's total would make in the second or so between the first two samples
     rates = _until("a rate per container", lambda: (
@@ -311,6 +314,26 @@ def test_the_retransmission_ratio_per_remote_network(tmp_path):
         prom = Prometheus(tmp_path, [e.address for e in exporters])
         prom.wait_targets()
         prom.query_until(query, {(("network", "127.0.0.0/24"),): retrans / out})
+    finally:
+        if prom is not None:
+            prom.stop()
+        for e in exporters:
+            e.stop()
+
+
+def test_an_exporter_whose_collector_lost_a_record_is_found(tmp_path):
+    """Two exporters replaying a lab recording, both scraped: one whose collector's trailer
+    counts a socket record that never arrived. The cookbook's query finds that one alone
+    (the other's health counters are there, all 0)."""
+    query = cookbook()["exporters whose counts may be low"]
+    exporters = [Exporter(tmp_path, mode, ["index=lport"], ENDED_RECORDS, mode)
+                 for mode in ("wait-int", "vanish")]
+    prom = None
+    try:
+        prom = Prometheus(tmp_path, [e.address for e in exporters])
+        prom.wait_targets()
+        prom.query_until(query, {(("instance", exporters[1].address),
+                                  ("job", "tcpipstat")): 1.0})
     finally:
         if prom is not None:
             prom.stop()
