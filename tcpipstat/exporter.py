@@ -44,7 +44,7 @@ RESTART_DELAY_S = 1.0
 RESTART_SPAN_S = 600.0
 _WORD = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z]{2,})")
 # The collector's health counters (name, help), in Exporter._own_health's order: each is a
-# run's loss that a report tells as a note and an exit status; the exporter has only these.
+# loss that a report tells in its notes; the exporter has no notes, only these.
 # The collector tells all but unreadable lines as it ends; a restarted collector's add to
 # those of the collectors before it.
 _HEALTH = (
