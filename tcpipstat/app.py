@@ -207,8 +207,7 @@ def _outcome(plan: Plan, src: _Source, collection: Collection) -> Outcome:
         dropped=tr.dropped if tr else 0, pfull=tr.pfull if tr else 0,
         untracked=ro.untracked, untracked_events=ro.untracked_events,
         lost_writes=ro.transport_failures,
-        # (a record that arrived unreadable is told as such, not again as lost)
-        lost_records=tr.lost_records(collection.socket_records + ro.bad_lines) if tr else 0,
+        lost_records=collection.lost_records(ro.bad_lines),
         max_sockets=header.max_sockets if header else plan.max_sockets,
         warnings=list(ro.warnings), finished=tr is not None,
         collector="bpftrace" if ro.program == "bpftrace" else "stap",

@@ -179,10 +179,8 @@ class Exporter(Sink):
         if ro is None or col is None:
             return [0] * len(_HEALTH)
         tr = col.trailer
-        # (a record that arrived unreadable is counted as such, not again as lost)
-        lost_records = tr.lost_records(col.socket_records + ro.bad_lines) if tr else 0
-        return [ro.skipped, tr.dropped if tr else 0, lost_records, ro.transport_failures,
-                ro.bad_lines]
+        return [ro.skipped, tr.dropped if tr else 0, col.lost_records(ro.bad_lines),
+                ro.transport_failures, ro.bad_lines]
 
     def _health(self, gauge, counter) -> list:
         """The exporter's and the collector's state (called with the lock held)."""

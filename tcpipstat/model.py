@@ -195,6 +195,12 @@ class Collection:
         return self.outside_tree_dropped + sum(1 for s in self.sockets.values()
                                                if s.has_activity and not s.in_tree)
 
+    def lost_records(self, unreadable: int) -> int:
+        """Socket records the trailer counts that did not arrive (0 before it): of the
+        ``unreadable`` lines, each one is told as such, not again as lost."""
+        tr = self.trailer
+        return tr.lost_records(self.socket_records + unreadable) if tr else 0
+
     def kept(self, st: SocketTotals) -> bool:
         """Is this socket in the report (-x PID, -c tree)?"""
         return self.keep is None or self.keep(st)
